@@ -1,0 +1,199 @@
+//! `kappa-sim`: command-line entry point (the binary is a thin wrapper).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::{self, FleetConfig, FleetStats};
+
+/// Simulate a fleet of IoT devices publishing telemetry over MQTT (QoS 1).
+///
+/// Each device is a firmware model with its own MQTT connection. Readings go
+/// to `{topic-prefix}devices/{id}/telemetry` as CBOR (or JSON). With --truth,
+/// every reading a broker acknowledged is written to a ground-truth file.
+///
+/// Examples:
+///   kappa-sim --broker 127.0.0.1:1883 --devices 100 --rate 1
+///   kappa-sim --devices 50 --readings 600 --rate 20 --event-interval 1s --seed 7 --truth truth.json
+#[derive(Debug, Parser)]
+#[command(name = "kappa-sim", version, verbatim_doc_comment)]
+pub struct Args {
+    /// MQTT broker address, HOST:PORT.
+    #[arg(long, env = "KAPPA_SIM_BROKER", default_value = "127.0.0.1:1883")]
+    pub broker: String,
+    /// Number of devices.
+    #[arg(long, default_value_t = 100)]
+    pub devices: u32,
+    /// Readings per second per device (wall clock).
+    #[arg(long, default_value_t = 1.0)]
+    pub rate: f64,
+    /// Stop after this many readings per device.
+    #[arg(long)]
+    pub readings: Option<u64>,
+    /// Stop after this long (e.g. 90s, 10m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Seed for every signal: the same seed gives the same readings.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Event time of the first reading, Unix milliseconds (default: now).
+    #[arg(long)]
+    pub start_ms: Option<i64>,
+    /// Event time between two readings of a device (default: 1/rate, i.e. real time).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub event_interval: Option<Duration>,
+    /// Prefix before `devices/{id}/telemetry`, e.g. `site-a/`.
+    #[arg(long, default_value = "")]
+    pub topic_prefix: String,
+    /// Device ids are this prefix plus a five-digit index.
+    #[arg(long, default_value = "sim-")]
+    pub id_prefix: String,
+    /// Share of devices (0..1) that publish JSON instead of CBOR.
+    #[arg(long, default_value_t = 0.0)]
+    pub json_share: f64,
+    /// Share of devices (0..1) running schema-1 firmware (`temp`, `hum`, ...).
+    #[arg(long, default_value_t = 0.0)]
+    pub v1_share: f64,
+    /// Write the ground truth (acknowledged readings per device-minute) here.
+    #[arg(long)]
+    pub truth: Option<PathBuf>,
+    /// After sampling stops, wait this long for outstanding acknowledgements.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    pub log_format: String,
+}
+
+impl Args {
+    fn fleet_config(&self) -> anyhow::Result<FleetConfig> {
+        let (host, port) = self.broker.rsplit_once(':').context("--broker must be HOST:PORT")?;
+        let port: u16 = port.parse().with_context(|| format!("--broker port {port:?} is not a port number"))?;
+        if !(self.rate > 0.0 && self.rate.is_finite()) {
+            bail!("--rate must be a positive number, got {}", self.rate);
+        }
+        for (name, share) in [("--json-share", self.json_share), ("--v1-share", self.v1_share)] {
+            if !(0.0..=1.0).contains(&share) {
+                bail!("{name} must be between 0 and 1, got {share}");
+            }
+        }
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default();
+        Ok(FleetConfig {
+            broker_host: host.to_string(),
+            broker_port: port,
+            devices: self.devices,
+            rate: self.rate,
+            readings: self.readings,
+            duration: self.duration,
+            seed: self.seed,
+            start_ms: self.start_ms.unwrap_or(now_ms),
+            event_interval: self.event_interval.unwrap_or_else(|| Duration::from_secs_f64(1.0 / self.rate)),
+            topic_prefix: self.topic_prefix.clone(),
+            id_prefix: self.id_prefix.clone(),
+            json_share: self.json_share,
+            v1_share: self.v1_share,
+            drain_timeout: self.drain_timeout,
+        })
+    }
+}
+
+/// Exit code when readings were still unacknowledged at the end of the run.
+pub const EXIT_UNDELIVERED: u8 = 3;
+
+/// Runs `kappa-sim` with the process arguments.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(&args.log_format);
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kappa-sim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let cfg = args.fleet_config()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let stop = CancellationToken::new();
+        let stats = Arc::new(FleetStats::default());
+        tracing::info!(
+            devices = cfg.devices,
+            rate = cfg.rate,
+            broker = %args.broker,
+            readings = ?cfg.readings,
+            seed = cfg.seed,
+            "Fleet starting."
+        );
+        let fleet = tokio::spawn(fleet::run(cfg, stop.clone(), stats.clone()));
+        let progress = tokio::spawn(report_progress(stats.clone()));
+        let signals = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    tracing::info!(
+                        "Interrupted: stopping sampling and draining acknowledgements (Ctrl-C again to quit now)."
+                    );
+                    stop.cancel();
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        std::process::exit(130);
+                    }
+                }
+            }
+        });
+        let truth = fleet.await?;
+        progress.abort();
+        signals.abort();
+        tracing::info!(
+            sampled = truth.sampled,
+            acked = truth.acked,
+            dropped_on_device = truth.dropped_on_device,
+            undelivered = truth.undelivered,
+            reconnects = stats.reconnects.load(Ordering::Relaxed),
+            "Fleet finished."
+        );
+        if let Some(path) = &args.truth {
+            truth.write(path).with_context(|| format!("cannot write ground truth to {}", path.display()))?;
+            tracing::info!(path = %path.display(), rows = truth.rows.len(), "Ground truth written.");
+        }
+        Ok(if truth.undelivered > 0 { ExitCode::from(EXIT_UNDELIVERED) } else { ExitCode::SUCCESS })
+    })
+}
+
+async fn report_progress(stats: Arc<FleetStats>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.tick().await;
+    let mut last = 0;
+    loop {
+        tick.tick().await;
+        let acked = stats.acked.load(Ordering::Relaxed);
+        tracing::info!(
+            sampled = stats.sampled.load(Ordering::Relaxed),
+            published = stats.published.load(Ordering::Relaxed),
+            acked,
+            acked_per_s = (acked - last) / 5,
+            reconnects = stats.reconnects.load(Ordering::Relaxed),
+            "Fleet progress."
+        );
+        last = acked;
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttc=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,274 @@
+//! Runs a fleet of firmware models, each with its own MQTT connection.
+//!
+//! Every device is two tasks: the rumqttc event loop (which owns the socket
+//! and reconnects) and the device loop (which samples on a timer and sends its
+//! oldest unacknowledged sample). A device keeps exactly one QoS 1 publish in
+//! flight, like small firmware does; the sample leaves the outbox, and enters
+//! the ground truth, only when its PUBACK arrives. After a reconnect without a
+//! session the in-flight sample is sent again, so the broker may see a reading
+//! twice (the edge stores it once) but never loses one it acknowledged.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::firmware::{Encoding, Firmware, Schema};
+use crate::signal::device_seed;
+use crate::truth::{DeviceTruth, GroundTruth};
+
+/// What the fleet does.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub broker_host: String,
+    pub broker_port: u16,
+    pub devices: u32,
+    /// Readings per second per device (wall clock).
+    pub rate: f64,
+    /// Stop sampling after this many readings per device.
+    pub readings: Option<u64>,
+    /// Stop sampling after this long.
+    pub duration: Option<Duration>,
+    pub seed: u64,
+    /// Event time of every device's first reading, Unix ms.
+    pub start_ms: i64,
+    /// Event time between two readings of a device.
+    pub event_interval: Duration,
+    pub topic_prefix: String,
+    pub id_prefix: String,
+    /// Share of devices that send JSON instead of CBOR.
+    pub json_share: f64,
+    /// Share of devices that run schema-1 firmware.
+    pub v1_share: f64,
+    /// How long to wait for outstanding acknowledgements after sampling stops.
+    pub drain_timeout: Duration,
+}
+
+impl FleetConfig {
+    /// Device id of device `index`.
+    pub fn device_id(&self, index: u32) -> String {
+        format!("{}{index:05}", self.id_prefix)
+    }
+}
+
+/// Live counters, shared by all device tasks.
+#[derive(Debug, Default)]
+pub struct FleetStats {
+    pub sampled: AtomicU64,
+    pub published: AtomicU64,
+    pub acked: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+/// What one device reports when it stops.
+struct DeviceOutcome {
+    id: String,
+    truth: DeviceTruth,
+    sampled: u64,
+    dropped: u64,
+    undelivered: u64,
+}
+
+/// Runs the fleet until every device has sampled its run length (or `stop`
+/// fires) and drained its outbox (or the drain timeout passes).
+pub async fn run(cfg: FleetConfig, stop: CancellationToken, stats: Arc<FleetStats>) -> GroundTruth {
+    let cfg = Arc::new(cfg);
+    let abort = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    for index in 0..cfg.devices {
+        tasks.spawn(run_device(index, cfg.clone(), stop.clone(), abort.clone(), stats.clone()));
+    }
+    if let Some(d) = cfg.duration {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            stop.cancel();
+        });
+    }
+    let mut truth = GroundTruth::new(cfg.seed, cfg.devices);
+    let mut drain_deadline: Option<Instant> = None;
+    loop {
+        let deadline = drain_deadline;
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(Ok(outcome)) => {
+                    truth.sampled += outcome.sampled;
+                    truth.dropped_on_device += outcome.dropped;
+                    truth.undelivered += outcome.undelivered;
+                    truth.absorb(&outcome.id, outcome.truth);
+                }
+                Some(Err(e)) => tracing::error!(error = %e, "A device task failed."),
+                None => break,
+            },
+            _ = stop.cancelled(), if drain_deadline.is_none() => {
+                drain_deadline = Some(Instant::now() + cfg.drain_timeout);
+            }
+            _ = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
+                tracing::warn!("Drain timeout passed; stopping devices with readings still unacknowledged.");
+                abort.cancel();
+                drain_deadline = Some(Instant::now() + Duration::from_secs(3600));
+            }
+        }
+    }
+    truth.finish();
+    truth
+}
+
+/// Events the device loop cares about.
+enum NetEvent {
+    Connected { session_present: bool },
+    Sent(u16),
+    Acked(u16),
+    Disconnected,
+}
+
+async fn run_device(
+    index: u32,
+    cfg: Arc<FleetConfig>,
+    stop: CancellationToken,
+    abort: CancellationToken,
+    stats: Arc<FleetStats>,
+) -> DeviceOutcome {
+    let id = cfg.device_id(index);
+    let seed = device_seed(cfg.seed, index);
+    let schema = if pick(seed, 1, cfg.v1_share) { Schema::V1 } else { Schema::V2 };
+    let encoding = if pick(seed, 2, cfg.json_share) { Encoding::Json } else { Encoding::Cbor };
+    let user = format!("u-{:05}", index / 4);
+    let mut outcome =
+        DeviceOutcome { id: id.clone(), truth: DeviceTruth::default(), sampled: 0, dropped: 0, undelivered: 0 };
+    let mut fw = match Firmware::new(&id, &user, 1, seed, schema, encoding) {
+        Ok(fw) => fw,
+        Err(e) => {
+            tracing::error!(device = %id, error = %e, "Device cannot start.");
+            return outcome;
+        }
+    };
+
+    let mut opts = MqttOptions::new(&id, &cfg.broker_host, cfg.broker_port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_clean_session(true);
+    opts.set_inflight(4);
+    let (client, mut eventloop) = AsyncClient::new(opts, 4);
+    let (tx, mut rx) = mpsc::channel(16);
+    let net_abort = abort.child_token();
+    let net_stats = stats.clone();
+    let net = tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let ev = tokio::select! {
+                _ = net_abort.cancelled() => break,
+                ev = eventloop.poll() => ev,
+            };
+            let msg = match ev {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    backoff = Duration::from_millis(50);
+                    NetEvent::Connected { session_present: ack.session_present }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => NetEvent::Acked(ack.pkid),
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => NetEvent::Sent(pkid),
+                Ok(_) => continue,
+                Err(_) => {
+                    net_stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                    if tx.send(NetEvent::Disconnected).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            if tx.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let topic = format!("{}devices/{id}/telemetry", cfg.topic_prefix);
+    let period = Duration::from_secs_f64(1.0 / cfg.rate.max(1e-6));
+    // Spread devices over the first period so they do not all sample at once.
+    let offset = period.mul_f64(f64::from(index % 1000) / 1000.0);
+    let mut ticker = tokio::time::interval_at(Instant::now() + offset, period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let interval_ms = cfg.event_interval.as_millis() as i64;
+    let limit = cfg.readings.unwrap_or(u64::MAX);
+
+    let mut sampling = !stop.is_cancelled();
+    let mut connected = false;
+    // The in-flight sample's sequence number and, once the client sent it, its packet id.
+    let mut inflight: Option<(u64, Option<u16>)> = None;
+    loop {
+        if connected && inflight.is_none() {
+            match fw.next_to_send() {
+                Ok(Some((seq, bytes))) => {
+                    if client.try_publish(topic.as_str(), QoS::AtLeastOnce, false, bytes.to_vec()).is_ok() {
+                        inflight = Some((seq, None));
+                        stats.published.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        fw.resend();
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(device = %id, error = %e, "Cannot encode a sample; dropped it."),
+            }
+        }
+        if !sampling && fw.pending() == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = abort.cancelled() => break,
+            _ = stop.cancelled(), if sampling => sampling = false,
+            _ = ticker.tick(), if sampling => {
+                fw.sample(cfg.start_ms + outcome.sampled as i64 * interval_ms);
+                outcome.sampled += 1;
+                stats.sampled.fetch_add(1, Ordering::Relaxed);
+                if outcome.sampled >= limit {
+                    sampling = false;
+                }
+            }
+            ev = rx.recv() => match ev {
+                Some(NetEvent::Connected { session_present }) => {
+                    connected = true;
+                    // Without a session the client dropped what was in flight: send it again.
+                    if !session_present && inflight.take().is_some() {
+                        fw.resend();
+                    }
+                }
+                Some(NetEvent::Sent(pkid)) => {
+                    if let Some((_, p)) = inflight.as_mut() {
+                        *p = Some(pkid);
+                    }
+                }
+                Some(NetEvent::Acked(pkid)) => {
+                    if let Some((seq, Some(p))) = inflight
+                        && p == pkid
+                    {
+                        if let Some(sample) = fw.acknowledge(seq) {
+                            outcome.truth.record(&sample, encoding);
+                            stats.acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        inflight = None;
+                    }
+                }
+                Some(NetEvent::Disconnected) => connected = false,
+                None => break,
+            },
+        }
+    }
+    outcome.dropped = fw.dropped();
+    outcome.undelivered = fw.pending() as u64;
+    let _ = client.try_disconnect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    net.abort();
+    outcome
+}
+
+/// Deterministically picks a `share` of devices, independently per `salt`.
+fn pick(seed: u64, salt: u64, share: f64) -> bool {
+    let h = crate::signal::Rng::new(seed ^ salt.wrapping_mul(0xA24B_AED4_963E_E407)).unit();
+    h < share
+}
