@@ -1,1 +1,31 @@
+//! The Kappa IoT cloud tier.
+//!
+//! * [`ingest`]: `POST /v1/ingest` takes edge batches and appends their
+//!   readings to the [`eventlog`], answering 2xx only once they are durable.
+//! * [`eventlog`]: the immutable, partitioned source of truth (embedded
+//!   SQLite; the interface is shaped for Kafka).
+//! * [`processor`]: consumes the log, tracks event time and watermarks and
+//!   maintains the views, checkpointing rows and log positions together.
+//! * [`store`]: the serving store; [`api`]: the JSON query API over it.
+//! * [`node`]: all of it in one process.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kappa_cloud::node::NodeError> {
+//! let cfg = kappa_cloud::config::CloudConfig::from_toml("data_dir = \"data/cloud\"")
+//!     .map_err(|e| kappa_cloud::node::NodeError::Config(e.to_string()))?;
+//! let node = kappa_cloud::node::Node::start(cfg).await?;
+//! println!("serving on http://{}", node.http_addr());
+//! node.shutdown();
+//! node.wait().await
+//! # }
+//! ```
 
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod eventlog;
+pub mod ingest;
+pub mod metrics;
+pub mod node;
+pub mod processor;
+pub mod store;

@@ -60,6 +60,17 @@ impl Reading {
         self.metrics.get(name).copied().flatten()
     }
 
+    /// Packed CBOR (integer field keys): the compact form logs store.
+    pub fn to_packed_cbor(&self) -> Vec<u8> {
+        // Plain data into a Vec: serialization cannot fail.
+        serde_cbor::ser::to_vec_packed(self).unwrap_or_default()
+    }
+
+    /// Reads back [`Reading::to_packed_cbor`] (or the named-field form).
+    pub fn from_cbor(bytes: &[u8]) -> Result<Reading, serde_cbor::Error> {
+        serde_cbor::from_slice(bytes)
+    }
+
     /// Checks every rule a reading must satisfy to enter a log.
     pub fn validate(&self, limits: &ReadingLimits) -> Result<(), ValidationError> {
         validate_device_id(&self.device)?;

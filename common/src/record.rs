@@ -22,9 +22,9 @@ pub struct LogRecord {
     pub event: LogEvent,
 }
 
-/// The kinds of event the log holds.
+/// The kinds of event the log holds. Exhaustive on purpose: a new kind must
+/// be handled by every consumer before it compiles.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum LogEvent {
     Reading(Reading),
 }

@@ -1,1 +1,32 @@
+//! The Kappa IoT edge agent: the field gateway's part of the pipeline.
+//!
+//! Devices publish readings over MQTT (to an embedded rumqttd broker or to
+//! the gateway's own broker). The agent validates each one, group-commits it
+//! to a SQLite log and only then acknowledges it; a forwarder builds CBOR +
+//! zstd batches from the log and POSTs them to the cloud, moving its cursor
+//! only when the cloud confirms a durable append.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kappa_edge::agent::AgentError> {
+//! let cfg = kappa_edge::config::EdgeConfig::load("deploy/edge/gateway.toml".as_ref())
+//!     .map_err(|e| kappa_edge::agent::AgentError::Config(e.to_string()))?;
+//! let agent = kappa_edge::agent::Agent::start(cfg).await?;
+//! agent.shutdown();
+//! agent.wait().await
+//! # }
+//! ```
 
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod forward;
+pub mod http;
+pub mod ingest;
+pub mod log;
+pub mod metrics;
+pub mod mqtt;
+
+/// Wall clock, Unix milliseconds.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

@@ -108,7 +108,12 @@ pub const EXIT_UNDELIVERED: u8 = 3;
 
 /// Runs `kappa-sim` with the process arguments.
 pub fn main() -> ExitCode {
-    let args = Args::parse();
+    main_from(std::env::args_os())
+}
+
+/// Runs `kappa-sim` with `args` (the first is the program name).
+pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    let args = Args::parse_from(args);
     init_logging(&args.log_format);
     match run(args) {
         Ok(code) => code,

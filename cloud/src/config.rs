@@ -1,0 +1,275 @@
+//! Cloud configuration: a TOML file; see `deploy/cloud/single-node.toml`.
+//!
+//! Unknown keys are refused and every problem is reported at once, with its
+//! key path, before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kappa_common::batch::BatchLimits;
+use kappa_common::frame::FrameLimits;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Where the embedded event log and the serving store live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub processor: ProcessorConfig,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data/cloud")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Ingest, query API, `/metrics` and health endpoints.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: default_listen() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Largest compressed request body.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Largest body after decompression.
+    #[serde(default = "default_max_decompressed")]
+    pub max_decompressed_bytes: usize,
+    /// Largest decompression ratio.
+    #[serde(default = "default_max_ratio")]
+    pub max_ratio: usize,
+    /// Most readings in one batch.
+    #[serde(default = "default_max_readings")]
+    pub max_readings: usize,
+    /// Appends waiting for the log before ingest answers 503.
+    #[serde(default = "default_queue")]
+    pub queue_capacity: usize,
+}
+
+fn default_max_body() -> usize {
+    4 << 20
+}
+fn default_max_decompressed() -> usize {
+    32 << 20
+}
+fn default_max_ratio() -> usize {
+    100
+}
+fn default_max_readings() -> usize {
+    100_000
+}
+fn default_queue() -> usize {
+    256
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body(),
+            max_decompressed_bytes: default_max_decompressed(),
+            max_ratio: default_max_ratio(),
+            max_readings: default_max_readings(),
+            queue_capacity: default_queue(),
+        }
+    }
+}
+
+impl IngestConfig {
+    pub fn batch_limits(&self) -> BatchLimits {
+        BatchLimits {
+            frame: FrameLimits {
+                max_compressed: self.max_body_bytes,
+                max_decompressed: self.max_decompressed_bytes,
+                max_ratio: self.max_ratio,
+            },
+            max_readings: self.max_readings,
+        }
+    }
+}
+
+/// Which event log backend holds the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    /// SQLite in the data directory: one machine, no other service.
+    Sqlite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `synchronous=FULL`: an acknowledged batch survives power loss.
+    Full,
+    /// `synchronous=NORMAL`: survives a process crash only.
+    Normal,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_backend")]
+    pub backend: LogBackend,
+    /// Partitions of the embedded log (fixed when the log is created).
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    #[serde(default = "default_durability")]
+    pub durability: Durability,
+}
+
+fn default_backend() -> LogBackend {
+    LogBackend::Sqlite
+}
+fn default_partitions() -> u32 {
+    8
+}
+fn default_durability() -> Durability {
+    Durability::Full
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { backend: default_backend(), partitions: default_partitions(), durability: default_durability() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessorConfig {
+    /// How often operator state and log positions are committed together.
+    #[serde(default = "default_checkpoint", with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    /// Bound on out-of-order event time: watermark = max event time - this.
+    #[serde(default = "default_ooo", with = "humantime_serde")]
+    pub max_out_of_orderness: Duration,
+    /// Records read from the log per step.
+    #[serde(default = "default_poll")]
+    pub poll_records: usize,
+    /// Width of the per-device window view.
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub window: Duration,
+}
+
+fn default_checkpoint() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_ooo() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_poll() -> usize {
+    5000
+}
+fn default_window() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: default_checkpoint(),
+            max_out_of_orderness: default_ooo(),
+            poll_records: default_poll(),
+            window: default_window(),
+        }
+    }
+}
+
+impl CloudConfig {
+    /// Parses and checks a configuration, reporting every problem at once.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: CloudConfig = toml::from_str(text).map_err(|e| ConfigError(vec![e.to_string()]))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
+        Self::from_toml(&text)
+            .map_err(|e| ConfigError(e.0.into_iter().map(|m| format!("{}: {m}", path.display())).collect()))
+    }
+
+    /// Semantic checks the types cannot express.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        if !(1..=1024).contains(&self.log.partitions) {
+            errors.push(format!("log.partitions: {} is outside 1..=1024", self.log.partitions));
+        }
+        if self.ingest.max_body_bytes == 0 || self.ingest.max_decompressed_bytes == 0 {
+            errors.push("ingest.max_body_bytes, ingest.max_decompressed_bytes: must be positive".into());
+        }
+        if self.ingest.max_ratio == 0 {
+            errors.push("ingest.max_ratio: must be at least 1".into());
+        }
+        if self.ingest.queue_capacity == 0 {
+            errors.push("ingest.queue_capacity: must be at least 1".into());
+        }
+        if self.processor.window.as_millis() == 0 || !self.processor.window.as_millis().is_multiple_of(1000) {
+            errors.push(format!(
+                "processor.window: {:?} must be a positive whole number of seconds",
+                self.processor.window
+            ));
+        }
+        if self.processor.poll_records == 0 {
+            errors.push("processor.poll_records: must be at least 1".into());
+        }
+        if self.processor.checkpoint_interval.is_zero() {
+            errors.push("processor.checkpoint_interval: must be positive".into());
+        }
+        if errors.is_empty() { Ok(()) } else { Err(ConfigError(errors)) }
+    }
+}
+
+/// Every problem found in a configuration, one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_config_is_a_working_single_node() {
+        let cfg = CloudConfig::from_toml("").unwrap();
+        assert_eq!(cfg.log.backend, LogBackend::Sqlite);
+        assert_eq!(cfg.log.partitions, 8);
+        assert_eq!(cfg.processor.window, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_key() {
+        let err = CloudConfig::from_toml("[log]\npartitions = 0\n[processor]\nwindow = \"1500ms\"\npoll_records = 0\n")
+            .unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|m| m.split(':').next().unwrap_or_default()).collect();
+        assert_eq!(keys, ["log.partitions", "processor.window", "processor.poll_records"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(CloudConfig::from_toml("[log]\npartitons = 4\n").unwrap_err().to_string().contains("partitons"));
+    }
+}

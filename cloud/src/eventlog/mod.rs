@@ -1,0 +1,91 @@
+//! The event log: the immutable, partitioned source of truth.
+//!
+//! One interface, several backends. Ingest appends through a [`LogAppender`];
+//! the processor (and later the archiver and replay) read through a
+//! [`LogSource`]. The embedded backend is SQLite ([`sqlite`]); the interface
+//! is shaped after Kafka's, so a Kafka backend fits behind it:
+//!
+//! * records are keyed by device id, and the partition is
+//!   [`kappa_common::partition::partition_for`] of the key, so one device's
+//!   records stay in order in one partition;
+//! * offsets are per partition, dense from 0, and never reused;
+//! * an append resolves only when every record is durable;
+//! * a source is *assigned* partitions (all of them for the embedded log, a
+//!   consumer-group share for Kafka), is told where to start with
+//!   [`LogSource::seek`], and polls records in offset order per partition.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// A partition number.
+pub type Partition = u32;
+/// A record's position within its partition.
+pub type Offset = u64;
+
+/// One record to append.
+#[derive(Debug, Clone)]
+pub struct AppendRecord {
+    /// The partitioning key: the device id.
+    pub key: String,
+    /// The encoded [`kappa_common::record::LogRecord`].
+    pub value: Vec<u8>,
+}
+
+/// Everything one gateway batch contributes to the log.
+#[derive(Debug, Clone)]
+pub struct AppendBatch {
+    pub gateway: String,
+    pub batch_id: u64,
+    pub records: Vec<AppendRecord>,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// The records are durably in the log.
+    Appended { records: usize },
+    /// This `(gateway, batch_id)` was appended before; nothing was added.
+    Duplicate,
+}
+
+/// Appends batches durably.
+pub trait LogAppender: Send + Sync + 'static {
+    /// Resolves when the batch is durable (or known to be a duplicate).
+    fn append(&self, batch: AppendBatch) -> impl Future<Output = Result<AppendOutcome, EventLogError>> + Send;
+}
+
+/// A record read from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumedRecord {
+    pub partition: Partition,
+    pub offset: Offset,
+    pub value: Vec<u8>,
+}
+
+/// Reads assigned partitions in offset order. Blocking: sources run on the
+/// processor's own thread.
+pub trait LogSource: Send {
+    /// The partitions this source currently reads.
+    fn assigned(&self) -> Vec<Partition>;
+    /// The next poll returns `partition`'s records from `offset` on.
+    fn seek(&mut self, partition: Partition, offset: Offset);
+    /// Up to `max` records across assigned partitions, waiting at most
+    /// `timeout` when none are available (then returns an empty list).
+    fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<ConsumedRecord>, EventLogError>;
+    /// The offset the next appended record of each assigned partition will get.
+    fn end_offsets(&mut self) -> Result<Vec<(Partition, Offset)>, EventLogError>;
+}
+
+/// Event log failures, classified for the caller.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum EventLogError {
+    /// Temporarily unable to take or serve records: ingest answers 503.
+    #[error("event log unavailable: {0}")]
+    Unavailable(String),
+    /// The stored log disagrees with the configuration or is damaged.
+    #[error("event log is inconsistent: {0}")]
+    Inconsistent(String),
+}

@@ -1,0 +1,421 @@
+//! The embedded event log: one SQLite database, group-committed by one writer thread.
+//!
+//! On-disk format (schema version 1):
+//!
+//! * `log(partition, offset, value)`, primary key `(partition, offset)`:
+//!   the records; offsets dense from 0 per partition.
+//! * `batches(gateway, batch_id, appended_ms, records)`: every gateway batch
+//!   ever appended, written in the same transaction as its records, so a
+//!   resent batch is recognised and not appended twice.
+//! * `meta(key, value)`: `schema_version`, `partitions` (fixed at creation).
+//!
+//! The writer takes every append request waiting, commits them in one
+//! transaction (one fsync under `durability = "full"`), and only then answers
+//! each request. A failed commit answers every request in it with
+//! [`EventLogError::Unavailable`] and appends nothing.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use kappa_common::partition::partition_for;
+use rusqlite::{Connection, OpenFlags, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{AppendBatch, AppendOutcome, ConsumedRecord, EventLogError, LogAppender, LogSource, Offset, Partition};
+use crate::config::Durability;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS log (
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (partition, offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    gateway TEXT NOT NULL,
+    batch_id INTEGER NOT NULL,
+    appended_ms INTEGER NOT NULL,
+    records INTEGER NOT NULL,
+    PRIMARY KEY (gateway, batch_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+";
+
+/// Most append requests folded into one transaction.
+const MAX_REQUESTS_PER_COMMIT: usize = 256;
+
+/// Wakes sources when new records are committed.
+#[derive(Debug, Default)]
+struct Signal {
+    version: Mutex<u64>,
+    cond: Condvar,
+}
+
+impl Signal {
+    fn bump(&self) {
+        if let Ok(mut v) = self.version.lock() {
+            *v += 1;
+            self.cond.notify_all();
+        }
+    }
+
+    fn current(&self) -> u64 {
+        self.version.lock().map(|v| *v).unwrap_or_default()
+    }
+
+    /// Waits until the version moves past `seen` or `timeout` passes.
+    fn wait_past(&self, seen: u64, timeout: Duration) {
+        if let Ok(guard) = self.version.lock() {
+            let _ = self.cond.wait_timeout_while(guard, timeout, |v| *v == seen);
+        }
+    }
+}
+
+/// An opened embedded log: hands out one appender and any number of sources.
+#[derive(Debug)]
+pub struct SqliteLog {
+    path: PathBuf,
+    partitions: u32,
+    durability: Durability,
+    signal: Arc<Signal>,
+}
+
+impl SqliteLog {
+    /// Opens (creating if needed) the log at `path` with `partitions` partitions.
+    pub fn open(path: &Path, partitions: u32, durability: Durability) -> Result<Self, EventLogError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| EventLogError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let conn = connect(path, durability)?;
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', 1), ('partitions', ?1)",
+            [partitions],
+        )
+        .map_err(unavailable)?;
+        let stored: u32 =
+            conn.query_row("SELECT value FROM meta WHERE key = 'partitions'", [], |r| r.get(0)).map_err(unavailable)?;
+        if stored != partitions {
+            return Err(EventLogError::Inconsistent(format!(
+                "the log at {} was created with {stored} partitions but log.partitions is {partitions}; \
+                 partitions of an existing log cannot change",
+                path.display()
+            )));
+        }
+        Ok(Self { path: path.to_path_buf(), partitions, durability, signal: Arc::default() })
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// Starts the writer thread; at most `queue` appends wait for it.
+    pub fn start_writer(&self, queue: usize) -> Result<SqliteAppender, EventLogError> {
+        let mut conn = connect(&self.path, self.durability)?;
+        let next = next_offsets(&conn, self.partitions)?;
+        let (tx, rx) = mpsc::channel(queue);
+        let (signal, partitions) = (self.signal.clone(), self.partitions);
+        std::thread::Builder::new()
+            .name("eventlog-writer".into())
+            .spawn(move || writer_loop(&mut conn, rx, next, partitions, &signal))
+            .map_err(|e| EventLogError::Unavailable(format!("cannot start the log writer: {e}")))?;
+        Ok(SqliteAppender { tx })
+    }
+
+    /// A source over every partition, starting at offset 0.
+    pub fn source(&self) -> Result<SqliteSource, EventLogError> {
+        let conn =
+            Connection::open_with_flags(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(unavailable)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(unavailable)?;
+        Ok(SqliteSource {
+            conn,
+            positions: (0..self.partitions).map(|p| (p, 0)).collect(),
+            next_partition: 0,
+            signal: self.signal.clone(),
+        })
+    }
+}
+
+fn connect(path: &Path, durability: Durability) -> Result<Connection, EventLogError> {
+    let conn = Connection::open(path).map_err(unavailable)?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(unavailable)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(unavailable)?;
+    let sync = match durability {
+        Durability::Full => "FULL",
+        Durability::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync).map_err(unavailable)?;
+    Ok(conn)
+}
+
+fn unavailable(e: rusqlite::Error) -> EventLogError {
+    EventLogError::Unavailable(e.to_string())
+}
+
+fn next_offsets(conn: &Connection, partitions: u32) -> Result<Vec<Offset>, EventLogError> {
+    let mut stmt = conn.prepare("SELECT max(offset) FROM log WHERE partition = ?1").map_err(unavailable)?;
+    (0..partitions)
+        .map(|p| {
+            let max: Option<i64> = stmt.query_row([p], |r| r.get(0)).map_err(unavailable)?;
+            Ok(max.map_or(0, |m| m as u64 + 1))
+        })
+        .collect()
+}
+
+struct AppendRequest {
+    batch: AppendBatch,
+    reply: oneshot::Sender<Result<AppendOutcome, EventLogError>>,
+}
+
+/// The ingest side of the embedded log.
+#[derive(Debug, Clone)]
+pub struct SqliteAppender {
+    tx: mpsc::Sender<AppendRequest>,
+}
+
+impl std::fmt::Debug for AppendRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppendRequest")
+            .field("gateway", &self.batch.gateway)
+            .field("batch_id", &self.batch.batch_id)
+            .finish()
+    }
+}
+
+impl LogAppender for SqliteAppender {
+    async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, EventLogError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .try_send(AppendRequest { batch, reply })
+            .map_err(|_| EventLogError::Unavailable("the log writer is saturated; retry shortly".into()))?;
+        answer.await.map_err(|_| EventLogError::Unavailable("the log writer stopped".into()))?
+    }
+}
+
+fn writer_loop(
+    conn: &mut Connection,
+    mut rx: mpsc::Receiver<AppendRequest>,
+    mut next: Vec<Offset>,
+    partitions: u32,
+    signal: &Signal,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut requests = vec![first];
+        while requests.len() < MAX_REQUESTS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(r) => requests.push(r),
+                Err(_) => break,
+            }
+        }
+        match commit(conn, &requests, &next, partitions) {
+            Ok((outcomes, new_next)) => {
+                next = new_next;
+                signal.bump();
+                for (req, outcome) in requests.into_iter().zip(outcomes) {
+                    let _ = req.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, requests = requests.len(), "Event log commit failed; the batches were not appended.");
+                for req in requests {
+                    let _ = req.reply.send(Err(EventLogError::Unavailable(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for all `requests`. Offsets advance only if it commits.
+fn commit(
+    conn: &mut Connection,
+    requests: &[AppendRequest],
+    next: &[Offset],
+    partitions: u32,
+) -> Result<(Vec<AppendOutcome>, Vec<Offset>), rusqlite::Error> {
+    let mut next = next.to_vec();
+    let mut outcomes = Vec::with_capacity(requests.len());
+    let mut seen: HashSet<(&str, u64)> = HashSet::new();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut exists = tx.prepare_cached("SELECT 1 FROM batches WHERE gateway = ?1 AND batch_id = ?2")?;
+        let mut record_batch =
+            tx.prepare_cached("INSERT INTO batches (gateway, batch_id, appended_ms, records) VALUES (?1, ?2, ?3, ?4)")?;
+        let mut insert = tx.prepare_cached("INSERT INTO log (partition, offset, value) VALUES (?1, ?2, ?3)")?;
+        for req in requests {
+            let b = &req.batch;
+            let key = (b.gateway.as_str(), b.batch_id);
+            if seen.contains(&key) || exists.exists(params![b.gateway, b.batch_id as i64])? {
+                outcomes.push(AppendOutcome::Duplicate);
+                continue;
+            }
+            seen.insert(key);
+            for rec in &b.records {
+                let p = partition_for(&rec.key, partitions);
+                let offset = next[p as usize];
+                insert.execute(params![p, offset as i64, rec.value])?;
+                next[p as usize] = offset + 1;
+            }
+            record_batch.execute(params![b.gateway, b.batch_id as i64, now, b.records.len() as i64])?;
+            outcomes.push(AppendOutcome::Appended { records: b.records.len() });
+        }
+    }
+    tx.commit()?;
+    Ok((outcomes, next))
+}
+
+/// The read side of the embedded log: every partition is assigned.
+#[derive(Debug)]
+pub struct SqliteSource {
+    conn: Connection,
+    positions: Vec<(Partition, Offset)>,
+    next_partition: usize,
+    signal: Arc<Signal>,
+}
+
+impl SqliteSource {
+    fn read(&mut self, max: usize) -> Result<Vec<ConsumedRecord>, EventLogError> {
+        let n = self.positions.len().max(1);
+        // Fair share per partition, starting from a rotating partition.
+        let share = max.div_ceil(n).max(1);
+        let mut out = Vec::new();
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT offset, value FROM log WHERE partition = ?1 AND offset >= ?2 ORDER BY offset LIMIT ?3",
+            )
+            .map_err(unavailable)?;
+        for i in 0..n {
+            let idx = (self.next_partition + i) % n;
+            let (p, from) = self.positions[idx];
+            let mut rows = stmt.query(params![p, from as i64, share as i64]).map_err(unavailable)?;
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                let offset = row.get::<_, i64>(0).map_err(unavailable)? as u64;
+                let value: Vec<u8> = row.get(1).map_err(unavailable)?;
+                self.positions[idx].1 = offset + 1;
+                out.push(ConsumedRecord { partition: p, offset, value });
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        self.next_partition = (self.next_partition + 1) % n;
+        Ok(out)
+    }
+}
+
+impl LogSource for SqliteSource {
+    fn assigned(&self) -> Vec<Partition> {
+        self.positions.iter().map(|(p, _)| *p).collect()
+    }
+
+    fn seek(&mut self, partition: Partition, offset: Offset) {
+        if let Some(slot) = self.positions.iter_mut().find(|(p, _)| *p == partition) {
+            slot.1 = offset;
+        }
+    }
+
+    fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<ConsumedRecord>, EventLogError> {
+        let seen = self.signal.current();
+        let out = self.read(max)?;
+        if !out.is_empty() {
+            return Ok(out);
+        }
+        self.signal.wait_past(seen, timeout);
+        self.read(max)
+    }
+
+    fn end_offsets(&mut self) -> Result<Vec<(Partition, Offset)>, EventLogError> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT max(offset) FROM log WHERE partition = ?1").map_err(unavailable)?;
+        self.positions
+            .iter()
+            .map(|(p, _)| {
+                let max: Option<i64> = stmt.query_row([p], |r| r.get(0)).map_err(unavailable)?;
+                Ok((*p, max.map_or(0, |m| m as u64 + 1)))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eventlog::AppendRecord;
+
+    fn batch(gw: &str, id: u64, keys: &[&str]) -> AppendBatch {
+        AppendBatch {
+            gateway: gw.into(),
+            batch_id: id,
+            records: keys.iter().map(|k| AppendRecord { key: k.to_string(), value: k.as_bytes().to_vec() }).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn appended_records_come_back_in_offset_order_per_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SqliteLog::open(&dir.path().join("log.sqlite"), 4, Durability::Normal).unwrap();
+        let appender = log.start_writer(8).unwrap();
+        let keys: Vec<String> = (0..50).map(|i| format!("dev-{}", i % 7)).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        assert_eq!(appender.append(batch("gw", 1, &keys)).await.unwrap(), AppendOutcome::Appended { records: 50 });
+        let mut src = log.source().unwrap();
+        let recs =
+            tokio::task::spawn_blocking(move || src.poll(1000, Duration::from_millis(10)).unwrap()).await.unwrap();
+        assert_eq!(recs.len(), 50);
+        for p in 0..4 {
+            let offs: Vec<u64> = recs.iter().filter(|r| r.partition == p).map(|r| r.offset).collect();
+            assert_eq!(offs, (0..offs.len() as u64).collect::<Vec<_>>(), "partition {p}");
+        }
+        for r in &recs {
+            assert_eq!(r.partition, partition_for(std::str::from_utf8(&r.value).unwrap(), 4));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resent_batch_is_not_appended_twice_even_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.sqlite");
+        {
+            let log = SqliteLog::open(&path, 2, Durability::Full).unwrap();
+            let a = log.start_writer(8).unwrap();
+            assert_eq!(a.append(batch("gw", 7, &["x", "y"])).await.unwrap(), AppendOutcome::Appended { records: 2 });
+            assert_eq!(a.append(batch("gw", 7, &["x", "y"])).await.unwrap(), AppendOutcome::Duplicate);
+        }
+        let log = SqliteLog::open(&path, 2, Durability::Full).unwrap();
+        let a = log.start_writer(8).unwrap();
+        assert_eq!(a.append(batch("gw", 7, &["x", "y"])).await.unwrap(), AppendOutcome::Duplicate);
+        assert_eq!(a.append(batch("other", 7, &["x"])).await.unwrap(), AppendOutcome::Appended { records: 1 });
+        let mut src = log.source().unwrap();
+        let ends = src.end_offsets().unwrap();
+        assert_eq!(ends.iter().map(|(_, o)| o).sum::<u64>(), 3);
+    }
+
+    #[test]
+    fn the_partition_count_of_an_existing_log_cannot_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.sqlite");
+        SqliteLog::open(&path, 4, Durability::Normal).unwrap();
+        let err = SqliteLog::open(&path, 8, Durability::Normal).unwrap_err();
+        assert!(matches!(err, EventLogError::Inconsistent(_)), "{err}");
+    }
+
+    #[test]
+    fn seek_rewinds_a_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SqliteLog::open(&dir.path().join("log.sqlite"), 1, Durability::Normal).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let a = log.start_writer(8).unwrap();
+        rt.block_on(a.append(batch("gw", 1, &["a", "b", "c"]))).unwrap();
+        let mut src = log.source().unwrap();
+        assert_eq!(src.poll(10, Duration::ZERO).unwrap().len(), 3);
+        assert!(src.poll(10, Duration::ZERO).unwrap().is_empty());
+        src.seek(0, 1);
+        let offs: Vec<u64> = src.poll(10, Duration::ZERO).unwrap().iter().map(|r| r.offset).collect();
+        assert_eq!(offs, [1, 2]);
+    }
+}

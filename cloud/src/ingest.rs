@@ -1,0 +1,191 @@
+//! `POST /v1/ingest`: an edge batch into the event log.
+//!
+//! The request body is an edge batch (packed CBOR in one zstd frame,
+//! `content-encoding: zstd`). Ingest caps the body before reading it, caps
+//! decompression by size and ratio, decodes, validates every reading, and
+//! appends the valid ones keyed by device id. It answers 200 only after the
+//! log has durably accepted them; a batch seen before (same gateway and batch
+//! id) is answered 200 with `"duplicate": true` and not appended again.
+//!
+//! | status | meaning | the edge should |
+//! |---|---|---|
+//! | 200 | appended (or a duplicate of an appended batch) | advance its cursor |
+//! | 400 | the batch is malformed | dead-letter it |
+//! | 413 | too large, compressed or decompressed | dead-letter it |
+//! | 415 | not `content-encoding: zstd` | dead-letter it |
+//! | 503 | the log cannot take it now (`Retry-After`) | retry |
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use kappa_common::batch::{self, BatchError, BatchLimits};
+use kappa_common::frame::FrameError;
+use kappa_common::record::{self, LogEvent, LogRecord};
+use serde::Serialize;
+
+use crate::eventlog::{AppendBatch, AppendOutcome, AppendRecord, EventLogError, LogAppender};
+use crate::metrics::CloudMetrics;
+
+/// What the ingest handler needs.
+#[derive(Debug)]
+pub struct IngestState<A> {
+    pub appender: A,
+    pub limits: BatchLimits,
+    pub reading_limits: kappa_common::reading::ReadingLimits,
+    pub metrics: Arc<CloudMetrics>,
+}
+
+/// The answer to an accepted batch.
+#[derive(Debug, Serialize)]
+pub struct IngestReply {
+    pub gateway: String,
+    pub batch_id: u64,
+    pub accepted: usize,
+    pub rejected: usize,
+    pub duplicate: bool,
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IngestError {
+    #[error("content-encoding must be zstd")]
+    UnsupportedEncoding,
+    #[error("body exceeds the {max}-byte limit")]
+    BodyTooLarge { max: usize },
+    #[error("cannot read the request body: {0}")]
+    BodyRead(String),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error("x-kappa-gateway header {header:?} does not match the batch's gateway {batch:?}")]
+    GatewayMismatch { header: String, batch: String },
+    #[error(transparent)]
+    Log(#[from] EventLogError),
+}
+
+impl IngestError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BodyTooLarge { .. }
+            | Self::Batch(BatchError::Frame(
+                FrameError::CompressedTooLarge { .. } | FrameError::DecompressedTooLarge { .. },
+            ))
+            | Self::Batch(BatchError::TooManyReadings { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyRead(_) | Self::Batch(_) | Self::GatewayMismatch { .. } => StatusCode::BAD_REQUEST,
+            Self::Log(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A short, stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnsupportedEncoding => "unsupported_encoding",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::BodyRead(_) => "body_read",
+            Self::Batch(e) => e.reason(),
+            Self::GatewayMismatch { .. } => "gateway_mismatch",
+            Self::Log(_) => "log_unavailable",
+        }
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = serde_json::json!({ "error": self.to_string(), "reason": self.reason() }).to_string();
+        let mut resp = (status, [("content-type", "application/json")], body).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE
+            && let Ok(v) = "1".parse()
+        {
+            resp.headers_mut().insert("retry-after", v);
+        }
+        resp
+    }
+}
+
+/// The handler.
+pub async fn ingest<A: LogAppender>(
+    State(st): State<Arc<IngestState<A>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<axum::Json<IngestReply>, IngestError> {
+    let result = handle(&st, &headers, body).await;
+    let label = match &result {
+        Ok(r) if r.duplicate => "duplicate",
+        Ok(_) => "accepted",
+        Err(IngestError::Log(_)) => "unavailable",
+        Err(_) => "refused",
+    };
+    st.metrics.ingest_requests.get_or_create(&[("result", label)]).inc();
+    if let Err(e) = &result {
+        st.metrics.ingest_rejected.get_or_create(&[("reason", e.reason())]).inc();
+        let gateway = headers.get("x-kappa-gateway").and_then(|v| v.to_str().ok()).unwrap_or("?");
+        if matches!(e, IngestError::Log(_)) {
+            tracing::warn!(gateway, error = %e, "Ingest cannot append now; answered 503.");
+        } else {
+            tracing::warn!(gateway, reason = e.reason(), error = %e, "Refused an ingest request.");
+        }
+    }
+    result.map(axum::Json)
+}
+
+async fn handle<A: LogAppender>(
+    st: &IngestState<A>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<IngestReply, IngestError> {
+    let encoding = headers.get("content-encoding").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !encoding.eq_ignore_ascii_case("zstd") {
+        return Err(IngestError::UnsupportedEncoding);
+    }
+    let max = st.limits.frame.max_compressed;
+    let declared = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(IngestError::BodyTooLarge { max });
+    }
+    let bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some())
+            || e.to_string().contains("length limit");
+        if too_large { IngestError::BodyTooLarge { max } } else { IngestError::BodyRead(e.to_string()) }
+    })?;
+    st.metrics.ingest_bytes.inc_by(bytes.len() as u64);
+    let batch = batch::decode(&bytes, &st.limits)?;
+    if let Some(header) = headers.get("x-kappa-gateway").and_then(|v| v.to_str().ok())
+        && header != batch.gateway
+    {
+        return Err(IngestError::GatewayMismatch { header: header.to_string(), batch: batch.gateway });
+    }
+    let ingest_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let mut records = Vec::with_capacity(batch.readings.len());
+    let mut rejected = 0;
+    for reading in batch.readings {
+        if let Err(e) = reading.validate(&st.reading_limits) {
+            rejected += 1;
+            st.metrics.readings_rejected.get_or_create(&[("reason", e.reason())]).inc();
+            tracing::warn!(gateway = %batch.gateway, batch_id = batch.batch_id, device = %reading.device, seq = reading.seq, error = %e, "Refused a reading inside a batch.");
+            continue;
+        }
+        let key = reading.device.clone();
+        let value = record::encode(&LogRecord {
+            gateway: batch.gateway.clone(),
+            batch_id: batch.batch_id,
+            ingest_ms,
+            event: LogEvent::Reading(reading),
+        });
+        records.push(AppendRecord { key, value });
+    }
+    let accepted = records.len();
+    let outcome =
+        st.appender.append(AppendBatch { gateway: batch.gateway.clone(), batch_id: batch.batch_id, records }).await?;
+    let duplicate = outcome == AppendOutcome::Duplicate;
+    if !duplicate {
+        st.metrics.readings_ingested.inc_by(accepted as u64);
+    }
+    Ok(IngestReply { gateway: batch.gateway, batch_id: batch.batch_id, accepted, rejected, duplicate })
+}

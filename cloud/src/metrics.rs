@@ -1,0 +1,83 @@
+//! Every metric the cloud exports, defined in one place (see `docs/metrics.md`).
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A single-label set, e.g. `reason="decompression_bomb"`.
+pub type Label = [(&'static str, &'static str); 1];
+/// A `partition` label.
+pub type PartitionLabel = [(&'static str, u32); 1];
+
+#[derive(Debug)]
+pub struct CloudMetrics {
+    pub ingest_requests: Family<Label, Counter>,
+    pub ingest_rejected: Family<Label, Counter>,
+    pub ingest_bytes: Counter,
+    pub readings_ingested: Counter,
+    pub readings_rejected: Family<Label, Counter>,
+    pub readings_processed: Counter,
+    pub records_undecodable: Counter,
+    pub null_metric_values: Counter,
+    pub checkpoints: Counter,
+    pub checkpoint_seconds: Histogram,
+    pub checkpoint_rows: Histogram,
+    pub lag_records: Family<PartitionLabel, Gauge>,
+    pub watermark_ms: Gauge,
+    pub state_rows: Gauge,
+}
+
+impl CloudMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            ingest_requests: Family::default(),
+            ingest_rejected: Family::default(),
+            ingest_bytes: Counter::default(),
+            readings_ingested: Counter::default(),
+            readings_rejected: Family::default(),
+            readings_processed: Counter::default(),
+            records_undecodable: Counter::default(),
+            null_metric_values: Counter::default(),
+            checkpoints: Counter::default(),
+            checkpoint_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
+            checkpoint_rows: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
+            lag_records: Family::default(),
+            watermark_ms: Gauge::default(),
+            state_rows: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("kappa_cloud");
+        r.register("ingest_requests", "Ingest requests by result", m.ingest_requests.clone());
+        r.register("ingest_rejected", "Ingest requests refused, by reason", m.ingest_rejected.clone());
+        r.register("ingest_bytes", "Compressed request bytes received", m.ingest_bytes.clone());
+        r.register("readings_ingested", "Readings durably appended to the event log", m.readings_ingested.clone());
+        r.register(
+            "readings_rejected",
+            "Readings refused inside accepted batches, by reason",
+            m.readings_rejected.clone(),
+        );
+        r.register("readings_processed", "Readings applied to views by the processor", m.readings_processed.clone());
+        r.register(
+            "log_records_undecodable",
+            "Log records the processor could not decode (skipped)",
+            m.records_undecodable.clone(),
+        );
+        r.register(
+            "null_metric_values",
+            "Metric values that were null (skipped by aggregates)",
+            m.null_metric_values.clone(),
+        );
+        r.register("checkpoints", "Checkpoints committed (view rows with log positions)", m.checkpoints.clone());
+        r.register("checkpoint_seconds", "Time to commit one checkpoint", m.checkpoint_seconds.clone());
+        r.register("checkpoint_rows", "View rows written per checkpoint", m.checkpoint_rows.clone());
+        r.register(
+            "processor_lag_records",
+            "Records in the log not yet processed, per partition",
+            m.lag_records.clone(),
+        );
+        r.register("watermark_ms", "The processor's event-time watermark, Unix ms", m.watermark_ms.clone());
+        r.register("state_rows", "View rows held in processor memory", m.state_rows.clone());
+        m
+    }
+}

@@ -1,0 +1,213 @@
+//! A single-node cloud: embedded event log, processor, serving store and HTTP
+//! (ingest, query API, metrics), supervised together.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::{get, post};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState};
+use crate::config::{CloudConfig, LogBackend};
+use crate::eventlog::sqlite::SqliteLog;
+use crate::eventlog::{EventLogError, LogAppender};
+use crate::ingest::{self, IngestState};
+use crate::metrics::CloudMetrics;
+use crate::processor::{Processor, ProcessorError, ProcessorSettings};
+use crate::store::{StoreError, ViewStore};
+
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
+
+/// A running cloud node.
+#[derive(Debug)]
+pub struct Node {
+    http_addr: SocketAddr,
+    cancel: CancellationToken,
+    supervisor: tokio::task::JoinHandle<Result<(), NodeError>>,
+}
+
+impl Node {
+    /// Opens the log and the store, restores the processor and starts serving.
+    pub async fn start(cfg: CloudConfig) -> Result<Node, NodeError> {
+        cfg.check().map_err(|e| NodeError::Config(e.to_string()))?;
+        let mut registry = Registry::default();
+        let metrics = Arc::new(CloudMetrics::new(&mut registry));
+        let LogBackend::Sqlite = cfg.log.backend;
+        let log = SqliteLog::open(&cfg.data_dir.join("eventlog.sqlite"), cfg.log.partitions, cfg.log.durability)?;
+        let appender = log.start_writer(cfg.ingest.queue_capacity)?;
+        let store_path = cfg.data_dir.join("views.sqlite");
+        let store = ViewStore::open(&store_path)?;
+        let reader = ViewStore::open_read_only(&store_path)?;
+        let settings = ProcessorSettings {
+            window_ms: cfg.processor.window.as_millis() as i64,
+            checkpoint_interval: cfg.processor.checkpoint_interval,
+            max_out_of_orderness_ms: cfg.processor.max_out_of_orderness.as_millis() as i64,
+            poll_records: cfg.processor.poll_records,
+        };
+        let processor = Processor::new(log.source()?, store, settings, metrics.clone())?;
+
+        let listener = TcpListener::bind(cfg.http.listen)
+            .await
+            .map_err(|e| NodeError::Bind(format!("cannot listen on {}: {e}", cfg.http.listen)))?;
+        let http_addr = listener.local_addr().map_err(|e| NodeError::Bind(e.to_string()))?;
+        let cancel = CancellationToken::new();
+
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let c = cancel.clone();
+        std::thread::Builder::new()
+            .name("processor".into())
+            .spawn(move || {
+                let _ = done_tx.send(processor.run(c));
+            })
+            .map_err(|e| NodeError::Bind(format!("cannot start the processor thread: {e}")))?;
+
+        let router = router(
+            IngestState {
+                appender,
+                limits: cfg.ingest.batch_limits(),
+                reading_limits: kappa_common::reading::ReadingLimits::default(),
+                metrics: metrics.clone(),
+            },
+            ApiState { store: Arc::new(Mutex::new(reader)), window_ms: settings.window_ms },
+            Arc::new(registry),
+        );
+        let c = cancel.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(c.cancelled_owned())
+                .await
+                .map_err(|e| NodeError::Bind(e.to_string()))
+        });
+
+        tracing::info!(
+            http = %http_addr,
+            data_dir = %cfg.data_dir.display(),
+            partitions = cfg.log.partitions,
+            "Cloud node started."
+        );
+        let supervisor = tokio::spawn(supervise(server, done_rx, cancel.clone()));
+        Ok(Node { http_addr, cancel, supervisor })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Resolves once the node begins stopping.
+    pub async fn stopping(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// Starts a graceful shutdown: stop taking requests, checkpoint, exit.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits until the node has stopped; an error if a part failed.
+    pub async fn wait(self) -> Result<(), NodeError> {
+        self.supervisor.await.map_err(|e| NodeError::Task(format!("supervisor: {e}")))?
+    }
+}
+
+async fn supervise(
+    mut server: tokio::task::JoinHandle<Result<(), NodeError>>,
+    mut processor: tokio::sync::oneshot::Receiver<Result<(), ProcessorError>>,
+    cancel: CancellationToken,
+) -> Result<(), NodeError> {
+    let mut result = Ok(());
+    let (mut server_done, mut processor_done) = (false, false);
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        r = &mut server => {
+            server_done = true;
+            result = Err(r.map_err(|e| NodeError::Task(e.to_string())).and_then(|r| r).err().unwrap_or(NodeError::Task("HTTP server stopped unexpectedly".into())));
+        }
+        r = &mut processor => {
+            processor_done = true;
+            result = Err(match r {
+                Ok(Err(e)) => NodeError::Processor(e),
+                _ => NodeError::Task("processor stopped unexpectedly".into()),
+            });
+        }
+    }
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "A part of the node failed; shutting down.");
+    }
+    cancel.cancel();
+    let drain = async {
+        if !server_done {
+            let _ = (&mut server).await;
+        }
+        if !processor_done && let Ok(Err(e)) = (&mut processor).await {
+            tracing::error!(error = %e, "The processor failed while stopping.");
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, drain).await.is_err() {
+        tracing::warn!("Shutdown deadline passed; exiting without a final checkpoint.");
+    }
+    tracing::info!("Cloud node stopped.");
+    result
+}
+
+/// Every HTTP route of a node.
+pub fn router<A: LogAppender>(ingest: IngestState<A>, api: ApiState, registry: Arc<Registry>) -> Router {
+    let ingest = Router::new().route("/v1/ingest", post(ingest::ingest::<A>)).with_state(Arc::new(ingest));
+    let api = Router::new()
+        .route("/v1/devices", get(api::devices))
+        .route("/v1/devices/{id}/windows", get(api::device_windows))
+        .route("/v1/views", get(api::views))
+        .route("/v1/views/{view}/rows", get(api::view_rows))
+        .with_state(Arc::new(api));
+    let ops = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ok\n" }))
+        .route("/", get(index))
+        .with_state(registry);
+    ingest.merge(api).merge(ops)
+}
+
+async fn metrics(State(registry): State<Arc<Registry>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &registry) {
+        Ok(()) => {
+            ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+        }
+        Err(_) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response(),
+    }
+}
+
+async fn index() -> &'static str {
+    "Kappa IoT cloud node\n\n\
+     POST /v1/ingest                      edge batches (zstd + CBOR)\n\
+     GET  /v1/devices                     devices with running totals\n\
+     GET  /v1/devices/{id}/windows        one device's windows (?from=&to=&limit=&after=)\n\
+     GET  /v1/views                       views\n\
+     GET  /v1/views/{view}/rows           any view's rows (?key=&from=&to=&limit=&after=)\n\
+     GET  /metrics                        Prometheus metrics\n\
+     GET  /healthz, /readyz               health\n"
+}
+
+/// Why the node could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Log(#[from] EventLogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Processor(#[from] ProcessorError),
+    #[error("{0}")]
+    Bind(String),
+    #[error("{0}")]
+    Task(String),
+}

@@ -1,0 +1,131 @@
+//! The group-commit writer: the only task that writes readings to the log.
+//!
+//! It takes the first waiting message, gathers more for at most the commit
+//! linger (or until the commit is full), commits them in one transaction and
+//! only then releases their acknowledgements, in arrival order. While a commit
+//! runs, new messages queue, so under load each fsync carries many readings.
+//! A failed commit acknowledges nothing: the batch is retried with backoff,
+//! and meanwhile the bounded queue pushes back on the sources.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::{Ack, Incoming};
+use crate::log::{Entry, LogError, SharedLog};
+use crate::metrics::EdgeMetrics;
+use crate::now_ms;
+
+/// Group-commit settings.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    pub linger: Duration,
+    pub max_entries: usize,
+}
+
+/// Where committed MQTT messages go to be acknowledged.
+pub type AckSender = mpsc::UnboundedSender<Vec<rumqttc::Publish>>;
+
+/// Runs the writer until every source has stopped and the queue is drained.
+/// `cancel` only interrupts retries of a failing commit.
+pub async fn run(
+    log: SharedLog,
+    mut rx: mpsc::Receiver<Incoming>,
+    acks: Option<AckSender>,
+    committed: Arc<Notify>,
+    cfg: WriterConfig,
+    metrics: Arc<EdgeMetrics>,
+    cancel: CancellationToken,
+) {
+    let mut entries: Vec<Entry> = Vec::with_capacity(cfg.max_entries);
+    let mut pending_acks: Vec<Ack> = Vec::with_capacity(cfg.max_entries);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if entries.is_empty() {
+            // Ends when every source has stopped and the queue is empty: a
+            // graceful shutdown commits everything the sources handed over.
+            let Some(first) = rx.recv().await else { break };
+            entries.push(first.entry);
+            pending_acks.push(first.ack);
+            gather(&mut rx, &mut entries, &mut pending_acks, cfg).await;
+        }
+
+        let started = Instant::now();
+        let batch = std::mem::take(&mut entries);
+        let result = log
+            .call(move |l| {
+                let res = l.append(&batch, now_ms());
+                Ok((batch, res))
+            })
+            .await;
+        let (batch, res) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "The log writer failed; acknowledging nothing and stopping.");
+                return;
+            }
+        };
+        match res {
+            Ok(out) => {
+                backoff = Duration::from_millis(50);
+                metrics.commits.inc();
+                metrics.commit_readings.observe(batch.len() as f64);
+                metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+                metrics.readings_committed.inc_by(out.inserted);
+                metrics.readings_duplicate.inc_by(out.duplicates);
+                if let Some(acks) = &acks {
+                    let publishes: Vec<_> = pending_acks
+                        .drain(..)
+                        .filter_map(|a| match a {
+                            Ack::Mqtt(p) => Some(p),
+                            Ack::None => None,
+                        })
+                        .collect();
+                    if !publishes.is_empty() {
+                        // The source may be gone at shutdown; the broker then redelivers, and the log dedups.
+                        let _ = acks.send(publishes);
+                    }
+                }
+                pending_acks.clear();
+                committed.notify_one();
+            }
+            Err(e) => {
+                let kind = match e {
+                    LogError::Full(_) => "full",
+                    LogError::Busy(_) => "busy",
+                    LogError::Io(_) => "io",
+                    LogError::Corrupt(_) => "corrupt",
+                    _ => "sqlite",
+                };
+                metrics.log_write_errors.get_or_create(&[("kind", kind)]).inc();
+                tracing::error!(error = %e, entries = batch.len(), retry_in = ?backoff, "Log commit failed; nothing acknowledged, retrying.");
+                entries = batch;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = cancel.cancelled() => {
+                        tracing::warn!(entries = entries.len(), "Shutting down with uncommitted entries; none was acknowledged.");
+                        return;
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Adds whatever is waiting, then lingers for more until the commit is full or the linger passes.
+async fn gather(rx: &mut mpsc::Receiver<Incoming>, entries: &mut Vec<Entry>, acks: &mut Vec<Ack>, cfg: WriterConfig) {
+    let deadline = tokio::time::Instant::now() + cfg.linger;
+    while entries.len() < cfg.max_entries {
+        let next = match rx.try_recv() {
+            Ok(item) => Some(item),
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+            Err(mpsc::error::TryRecvError::Empty) => tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten(),
+        };
+        let Some(item) = next else { break };
+        entries.push(item.entry);
+        acks.push(item.ack);
+    }
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real binaries as separate processes over real
+//! sockets, a simulated fleet with ground truth, and real brokers.
+//!
+//! Every test takes its own ephemeral ports and temporary directories, so
+//! tests run side by side. Process logs are kept under the test's directory
+//! and printed when a test fails.
+
+mod pipeline;
+mod util;

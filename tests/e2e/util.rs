@@ -1,0 +1,409 @@
+//! Shared helpers: processes, ports, configs, the fleet, and the comparison
+//! of views against ground truth.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use kappa_cloud::api::{RowOut, RowsPage};
+use kappa_sim::truth::GroundTruth;
+
+/// `kappa-proc`: the edge, cloud and sim binaries in one executable.
+pub const BIN: &str = env!("CARGO_BIN_EXE_kappa-proc");
+
+/// A port nobody is listening on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+}
+
+/// A child process whose output goes to a log file; killed when dropped.
+pub struct Proc {
+    pub name: String,
+    child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `kappa-proc ROLE ARGS`.
+    pub fn spawn(name: &str, role: &str, args: &[&str], dir: &Path) -> Proc {
+        Self::spawn_cmd(name, BIN, &[&[role], args].concat(), dir)
+    }
+
+    /// Starts any program.
+    pub fn spawn_cmd(name: &str, program: &str, args: &[&str], dir: &Path) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = tokio::process::Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info,rumqttd=warn,rumqttc=warn")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Proc { name: name.to_string(), child, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().map_or(0, |p| p as i32)
+    }
+
+    /// SIGKILL, then reap.
+    pub async fn kill9(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.child.wait().await.expect("wait")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("wait"),
+            Err(_) => panic!("{} did not exit within {timeout:?}\n{}", self.name, self.tail()),
+        }
+    }
+
+    /// The last lines of the process's log.
+    pub fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<_> = text.lines().collect();
+        format!(
+            "--- {} ({}) ---\n{}",
+            self.name,
+            self.log.display(),
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        )
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub async fn wait_for_port(port: u16) {
+    wait_for(&format!("port {port}"), Duration::from_secs(30), || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
+    })
+    .await
+}
+
+/// A cloud node process with its own data directory and port.
+pub struct Cloud {
+    pub port: u16,
+    pub config: PathBuf,
+    pub proc: Proc,
+    dir: PathBuf,
+}
+
+impl Cloud {
+    pub async fn start(dir: &Path) -> Cloud {
+        let port = free_port();
+        let config = dir.join("cloud.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[processor]\ncheckpoint_interval = \"500ms\"\n",
+                dir.join("cloud-data")
+            ),
+        )
+        .expect("write cloud config");
+        let proc = Proc::spawn("cloud", "cloud", &["run", "--config", config.to_str().unwrap_or_default()], dir);
+        wait_for_port(port).await;
+        Cloud { port, config, proc, dir: dir.to_path_buf() }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the same node again (same data, same port).
+    pub async fn restart(&mut self) {
+        self.proc =
+            Proc::spawn("cloud", "cloud", &["run", "--config", self.config.to_str().unwrap_or_default()], &self.dir);
+        wait_for_port(self.port).await;
+    }
+}
+
+/// How the edge agent reaches devices.
+#[derive(Debug, Clone)]
+pub enum Mqtt {
+    /// Its own embedded broker on this port.
+    Embedded(u16),
+    /// An external broker on this port.
+    External { port: u16, topic_prefix: String, client_id: String },
+}
+
+/// An edge agent process.
+pub struct Edge {
+    pub mqtt_port: u16,
+    pub http_port: u16,
+    pub config: PathBuf,
+    pub proc: Proc,
+    dir: PathBuf,
+}
+
+impl Edge {
+    pub async fn start(dir: &Path, mqtt: Mqtt, cloud_url: &str) -> Edge {
+        let http_port = free_port();
+        let config = dir.join("edge.toml");
+        let (mqtt_port, mqtt_section) = match &mqtt {
+            Mqtt::Embedded(port) => (*port, format!("mode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n")),
+            Mqtt::External { port, topic_prefix, client_id } => (
+                *port,
+                format!(
+                    "mode = \"external\"\nbroker_url = \"mqtt://127.0.0.1:{port}\"\ntopic_prefix = {topic_prefix:?}\nclient_id = {client_id:?}\n"
+                ),
+            ),
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "gateway_id = \"gw-test\"\ndata_dir = {:?}\n[mqtt]\n{mqtt_section}[forward]\ncloud_url = {cloud_url:?}\nmax_batch_readings = 2000\nmax_batch_age = \"200ms\"\nretry_min = \"100ms\"\nretry_max = \"1s\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+                dir.join("edge-data")
+            ),
+        )
+        .expect("write edge config");
+        let proc = Self::spawn(&config, dir);
+        let edge = Edge { mqtt_port, http_port, config, proc, dir: dir.to_path_buf() };
+        edge.wait_ready(matches!(mqtt, Mqtt::Embedded(_))).await;
+        edge
+    }
+
+    fn spawn(config: &Path, dir: &Path) -> Proc {
+        Proc::spawn("edge", "edge", &["run", "--config", config.to_str().unwrap_or_default()], dir)
+    }
+
+    async fn wait_ready(&self, embedded: bool) {
+        wait_for_port(self.http_port).await;
+        if embedded {
+            wait_for_port(self.mqtt_port).await;
+        }
+    }
+
+    /// Starts the agent again with the same configuration and data.
+    pub async fn restart(&mut self, embedded: bool) {
+        self.proc = Self::spawn(&self.config, &self.dir);
+        self.wait_ready(embedded).await;
+    }
+
+    /// One counter or gauge from the agent's `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        metric(&format!("http://127.0.0.1:{}/metrics", self.http_port), name).await
+    }
+}
+
+/// A private Mosquitto on its own port, configured as a gateway should be
+/// for the agent's external mode (queues deep enough to hold a backlog while
+/// the agent restarts).
+pub struct Mosquitto {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl Mosquitto {
+    pub async fn start(dir: &Path) -> Mosquitto {
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\n"
+            ),
+        )
+        .expect("write mosquitto config");
+        let proc = Proc::spawn_cmd("mosquitto", "mosquitto", &["-c", conf.to_str().unwrap_or_default()], dir);
+        wait_for_port(port).await;
+        Mosquitto { port, proc }
+    }
+}
+
+/// A fleet run.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    pub devices: u32,
+    pub readings: u64,
+    pub rate: f64,
+    pub seed: u64,
+    pub topic_prefix: String,
+    pub id_prefix: String,
+}
+
+impl Fleet {
+    pub fn new(devices: u32, readings: u64, rate: f64) -> Fleet {
+        Fleet { devices, readings, rate, seed: 7, topic_prefix: String::new(), id_prefix: "sim-".into() }
+    }
+
+    /// Starts the simulator against a broker on `port`; [`Fleet::finish`] waits for its truth.
+    pub fn start(&self, port: u16, dir: &Path) -> Proc {
+        let truth = dir.join("truth.json");
+        let args = [
+            "--broker".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--devices".into(),
+            self.devices.to_string(),
+            "--readings".into(),
+            self.readings.to_string(),
+            "--rate".into(),
+            self.rate.to_string(),
+            "--seed".into(),
+            self.seed.to_string(),
+            "--event-interval".into(),
+            "1s".into(),
+            "--start-ms".into(),
+            "1767225600000".into(),
+            "--topic-prefix".into(),
+            self.topic_prefix.clone(),
+            "--id-prefix".into(),
+            self.id_prefix.clone(),
+            "--drain-timeout".into(),
+            "90s".into(),
+            "--truth".into(),
+            truth.to_str().unwrap_or_default().to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::spawn("sim", "sim", &args, dir)
+    }
+
+    /// Waits for the simulator to finish and reads its ground truth.
+    pub async fn finish(sim: &mut Proc, dir: &Path) -> GroundTruth {
+        let status = sim.wait(Duration::from_secs(240)).await;
+        assert!(status.success(), "the simulator failed: {status}\n{}", sim.tail());
+        let truth = GroundTruth::read(&dir.join("truth.json")).expect("ground truth");
+        assert_eq!(truth.undelivered, 0, "the simulator ended with unacknowledged readings");
+        truth
+    }
+}
+
+/// A counter or gauge value from a Prometheus text page (summing label sets).
+pub async fn metric(url: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(url).await.ok()?.text().await.ok()?;
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ')?;
+        let base = series.split('{').next().unwrap_or(series);
+        if base == name {
+            *found.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+        }
+    }
+    found
+}
+
+/// Every row of a view, through the paginated API.
+pub async fn fetch_rows(cloud_url: &str, view: &str) -> Vec<RowOut> {
+    let client = reqwest::Client::new();
+    let mut rows = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut req = client.get(format!("{cloud_url}/v1/views/{view}/rows")).query(&[("limit", "5000")]);
+        if let Some(a) = &after {
+            req = req.query(&[("after", a)]);
+        }
+        let page: RowsPage = req.send().await.expect("query API").json().await.expect("rows page");
+        rows.extend(page.rows);
+        match page.next {
+            Some(n) => after = Some(n),
+            None => return rows,
+        }
+    }
+}
+
+/// Waits until the views have absorbed `expected` readings in total.
+pub async fn wait_for_readings(cloud_url: &str, expected: u64, timeout: Duration) {
+    let mut last = 0;
+    let result = tokio::time::timeout(timeout, async {
+        loop {
+            let total: u64 = fetch_rows(cloud_url, "device_totals").await.iter().map(|r| r.count).sum();
+            last = total;
+            if total >= expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await;
+    if result.is_err() {
+        eprintln!("views hold {last} readings after {timeout:?}; expected {expected}");
+    }
+}
+
+/// Every difference between the `device_windows` view and the ground truth;
+/// empty when every acknowledged reading is counted exactly once.
+pub fn diff_against_truth(truth: &GroundTruth, rows: &[RowOut]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut by_key: BTreeMap<(&str, i64), &RowOut> =
+        rows.iter().map(|r| ((r.key.as_str(), r.window_start_ms), r)).collect();
+    for t in &truth.rows {
+        let Some(row) = by_key.remove(&(t.device.as_str(), t.window_start_ms)) else {
+            problems.push(format!("{} @ {}: missing ({} readings)", t.device, t.window_start_ms, t.count));
+            continue;
+        };
+        if row.count != t.count {
+            problems.push(format!("{} @ {}: count {} != truth {}", t.device, t.window_start_ms, row.count, t.count));
+        }
+        for (name, m) in &t.metrics {
+            let Some(v) = row.metrics.get(name) else {
+                problems.push(format!("{} @ {}: metric {name} missing", t.device, t.window_start_ms));
+                continue;
+            };
+            let sum_ok = (v.sum - m.sum).abs() <= 1e-9 * m.sum.abs().max(1.0);
+            if v.count != m.count || v.min != Some(m.min) || v.max != Some(m.max) || !sum_ok {
+                problems.push(format!(
+                    "{} @ {} {name}: view (n={}, sum={}, min={:?}, max={:?}) != truth (n={}, sum={}, min={}, max={})",
+                    t.device, t.window_start_ms, v.count, v.sum, v.min, v.max, m.count, m.sum, m.min, m.max
+                ));
+            }
+        }
+    }
+    for ((device, start), row) in by_key {
+        problems.push(format!("{device} @ {start}: in the view ({} readings) but not in the truth", row.count));
+    }
+    problems
+}
+
+/// Asserts the view equals the ground truth exactly, printing process logs if not.
+pub fn assert_exact(truth: &GroundTruth, rows: &[RowOut], procs: &[&Proc]) {
+    let problems = diff_against_truth(truth, rows);
+    let view_total: u64 = rows.iter().map(|r| r.count).sum();
+    if !problems.is_empty() {
+        let logs: Vec<String> = procs.iter().map(|p| p.tail()).collect();
+        panic!(
+            "view != ground truth: {} problems (view {} readings, truth {} acknowledged); first ones:\n  {}\n{}",
+            problems.len(),
+            view_total,
+            truth.acked,
+            problems.iter().take(15).cloned().collect::<Vec<_>>().join("\n  "),
+            logs.join("\n")
+        );
+    }
+    assert_eq!(view_total, truth.acked);
+}
