@@ -122,17 +122,19 @@ async fn supervise(
     let mut result = Ok(());
     let (mut server_done, mut processor_done) = (false, false);
     tokio::select! {
+        biased;
         _ = cancel.cancelled() => {}
         r = &mut server => {
             server_done = true;
-            result = Err(r.map_err(|e| NodeError::Task(e.to_string())).and_then(|r| r).err().unwrap_or(NodeError::Task("HTTP server stopped unexpectedly".into())));
+            result = if cancel.is_cancelled() { Ok(()) } else { Err(r.map_err(|e| NodeError::Task(e.to_string())).and_then(|r| r).err().unwrap_or(NodeError::Task("HTTP server stopped unexpectedly".into()))) };
         }
         r = &mut processor => {
             processor_done = true;
-            result = Err(match r {
-                Ok(Err(e)) => NodeError::Processor(e),
-                _ => NodeError::Task("processor stopped unexpectedly".into()),
-            });
+            result = match r {
+                Ok(Ok(())) if cancel.is_cancelled() => Ok(()),
+                Ok(Err(e)) => Err(NodeError::Processor(e)),
+                _ => Err(NodeError::Task("processor stopped unexpectedly".into())),
+            };
         }
     }
     if let Err(e) = &result {

@@ -155,8 +155,13 @@ async fn supervise(mut tasks: Tasks, cancel: CancellationToken) -> Result<(), Ag
     let mut result = Ok(());
     while !cancel.is_cancelled() {
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => {}
             joined = tasks.join_next() => {
+                if cancel.is_cancelled() {
+                    // Stopping anyway: this task just got there first.
+                    break;
+                }
                 result = match joined {
                     Some(Ok((task, Ok(())))) => Err(AgentError::Task { task, detail: "stopped unexpectedly".into() }),
                     Some(Ok((task, Err(e)))) => Err(AgentError::Task { task, detail: e.to_string() }),

@@ -5,5 +5,7 @@
 //! tests run side by side. Process logs are kept under the test's directory
 //! and printed when a test fails.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 mod pipeline;
 mod util;

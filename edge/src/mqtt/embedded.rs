@@ -72,8 +72,26 @@ pub fn start(
             }
         })
         .map_err(|e| format!("cannot start the embedded broker thread: {e}"))?;
+    wait_until_listening(listen)?;
     tracing::info!(%listen, filter, "Embedded MQTT broker listening.");
     Ok(EmbeddedBroker { link_tx, link_rx })
+}
+
+/// rumqttd binds on its own thread; the agent is ready only once devices can connect.
+fn wait_until_listening(listen: SocketAddr) -> Result<(), String> {
+    let target = if listen.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())
+    } else {
+        listen
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_millis(200)).is_err() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("embedded MQTT broker did not start listening on {listen} within 10 s"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 /// Feeds broker messages to the writer until `cancel` fires.

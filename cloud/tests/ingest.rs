@@ -1,0 +1,156 @@
+//! The cloud node in-process over real HTTP: every kind of bad request is
+//! refused with its status and counted by reason, and good batches around
+//! them are appended once and reach the views.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use std::time::Duration;
+
+use kappa_cloud::config::CloudConfig;
+use kappa_cloud::node::Node;
+use kappa_common::batch::{self, EdgeBatch};
+use kappa_common::{Reading, frame};
+
+fn reading(device: &str, seq: u64) -> Reading {
+    Reading {
+        device: device.into(),
+        boot: 1,
+        seq,
+        ts_ms: 1_767_225_600_000 + seq as i64 * 1000,
+        schema: 2,
+        metrics: [("temperature".to_string(), Some(20.0 + seq as f64))].into(),
+        tags: Default::default(),
+    }
+}
+
+async fn start(dir: &std::path::Path) -> Node {
+    let cfg = CloudConfig::from_toml(&format!(
+        "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[ingest]\nmax_body_bytes = 65536\n[processor]\ncheckpoint_interval = \"100ms\"\n",
+        dir.join("data")
+    ))
+    .unwrap();
+    Node::start(cfg).await.unwrap()
+}
+
+async fn post(node: &Node, body: Vec<u8>, encoding: &str) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/ingest", node.http_addr()))
+        .header("content-encoding", encoding)
+        .header("x-kappa-gateway", "gw-1")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+async fn get(node: &Node, path: &str) -> String {
+    reqwest::get(format!("http://{}{path}", node.http_addr())).await.unwrap().text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_batches_are_refused_by_reason_and_good_ones_still_land_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path()).await;
+
+    let good = batch::encode(&EdgeBatch::new("gw-1", 1, (1..=10).map(|s| reading("dev-a", s)).collect()), 3);
+    let mut invalid_inside = (11..=14).map(|s| reading("dev-a", s)).collect::<Vec<_>>();
+    invalid_inside[1].device = "bad/device".into();
+    let invalid_inside = batch::encode(&EdgeBatch::new("gw-1", 2, invalid_inside), 3);
+    let mut future_format = EdgeBatch::new("gw-1", 3, vec![reading("dev-a", 20)]);
+    future_format.format = 99;
+    let bomb = frame::compress(&vec![0u8; 64 << 20], 19);
+    let oversized: Vec<u8> = (0..200_000u32).flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()).collect();
+
+    let cases: Vec<(&str, Vec<u8>, &str, u16, &str)> = vec![
+        ("good batch", good.clone(), "zstd", 200, "\"accepted\":10"),
+        ("the same batch again", good.clone(), "zstd", 200, "\"duplicate\":true"),
+        ("one invalid reading inside", invalid_inside, "zstd", 200, "\"rejected\":1"),
+        ("not zstd at all", b"hello".to_vec(), "zstd", 400, "corrupt_frame"),
+        ("zstd of garbage", frame::compress(b"\xff\xfe not cbor", 1), "zstd", 400, "malformed_batch"),
+        ("unknown batch format", batch::encode(&future_format, 3), "zstd", 400, "unknown_batch_format"),
+        ("a zstd bomb", bomb, "zstd", 413, "decompression_bomb"),
+        ("an oversized body", oversized, "zstd", 413, "body_too_large"),
+        ("wrong content encoding", good, "gzip", 415, "unsupported_encoding"),
+    ];
+    for (what, body, encoding, status, needle) in cases {
+        let (got, text) = post(&node, body, encoding).await;
+        assert_eq!(got, status, "{what}: {text}");
+        assert!(text.contains(needle), "{what}: expected {needle:?} in {text}");
+    }
+
+    let metrics = get(&node, "/metrics").await;
+    for (reason, n) in [
+        ("corrupt_frame", 1),
+        ("malformed_batch", 1),
+        ("unknown_batch_format", 1),
+        ("decompression_bomb", 1),
+        ("body_too_large", 1),
+        ("unsupported_encoding", 1),
+    ] {
+        assert!(
+            metrics.contains(&format!("kappa_cloud_ingest_rejected_total{{reason=\"{reason}\"}} {n}")),
+            "{reason}:\n{metrics}"
+        );
+    }
+    assert!(metrics.contains("kappa_cloud_readings_rejected_total{reason=\"bad_device_id\"} 1"), "{metrics}");
+    assert!(metrics.contains("kappa_cloud_readings_ingested_total 13"), "{metrics}");
+
+    // Exactly the 13 valid readings reach the views, once.
+    let totals = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let body = get(&node, "/v1/devices").await;
+            if body.contains("\"count\":13") {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("13 readings in the views");
+    assert!(totals.contains("\"key\":\"dev-a\""), "{totals}");
+    node.shutdown();
+    node.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_api_pages_windows_and_refuses_bad_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path()).await;
+    // 5 minutes of one reading per second: 5 one-minute windows.
+    let b = batch::encode(&EdgeBatch::new("gw-1", 1, (0..300).map(|s| reading("dev-b", s)).collect()), 3);
+    assert_eq!(post(&node, b, "zstd").await.0, 200);
+
+    let page: serde_json::Value = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let body = get(&node, "/v1/devices/dev-b/windows?limit=2").await;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["rows"].as_array().is_some_and(|r| r.len() == 2) && v["rows"][0]["count"] == 60 {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("windows appear");
+    assert_eq!(page["rows"][0]["window_start_ms"], 1_767_225_600_000i64);
+    assert_eq!(page["rows"][0]["metrics"]["temperature"]["min"], 20.0);
+    assert_eq!(page["rows"][0]["metrics"]["temperature"]["max"], 79.0);
+    let next = page["next"].as_str().unwrap();
+    let rest: serde_json::Value =
+        serde_json::from_str(&get(&node, &format!("/v1/devices/dev-b/windows?after={next}")).await).unwrap();
+    assert_eq!(rest["rows"].as_array().unwrap().len(), 3);
+    assert!(rest["next"].is_null());
+
+    let ranged: serde_json::Value = serde_json::from_str(
+        &get(&node, "/v1/devices/dev-b/windows?from=2026-01-01T00:01:00Z&to=2026-01-01T00:03:00Z").await,
+    )
+    .unwrap();
+    assert_eq!(ranged["rows"].as_array().unwrap().len(), 2);
+
+    let bad =
+        reqwest::get(format!("http://{}/v1/devices/dev-b/windows?from=yesterday", node.http_addr())).await.unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let missing = reqwest::get(format!("http://{}/v1/views/nope/rows", node.http_addr())).await.unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+}
