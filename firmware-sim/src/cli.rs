@@ -45,6 +45,10 @@ pub struct Args {
     /// Event time of the first reading, Unix milliseconds (default: now).
     #[arg(long)]
     pub start_ms: Option<i64>,
+    /// Boot id of every device (default: the start time in seconds, so every
+    /// run is a new boot and sequence numbers can start again at 1).
+    #[arg(long)]
+    pub boot: Option<u32>,
     /// Event time between two readings of a device (default: 1/rate, i.e. real time).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub event_interval: Option<Duration>,
@@ -93,6 +97,7 @@ impl Args {
             duration: self.duration,
             seed: self.seed,
             start_ms: self.start_ms.unwrap_or(now_ms),
+            boot: self.boot.unwrap_or((self.start_ms.unwrap_or(now_ms) / 1000) as u32),
             event_interval: self.event_interval.unwrap_or_else(|| Duration::from_secs_f64(1.0 / self.rate)),
             topic_prefix: self.topic_prefix.clone(),
             id_prefix: self.id_prefix.clone(),

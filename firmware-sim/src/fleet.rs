@@ -37,6 +37,8 @@ pub struct FleetConfig {
     pub seed: u64,
     /// Event time of every device's first reading, Unix ms.
     pub start_ms: i64,
+    /// Boot id of every device in this run (a restarted fleet is a new boot).
+    pub boot: u32,
     /// Event time between two readings of a device.
     pub event_interval: Duration,
     pub topic_prefix: String,
@@ -141,7 +143,7 @@ async fn run_device(
     let user = format!("u-{:05}", index / 4);
     let mut outcome =
         DeviceOutcome { id: id.clone(), truth: DeviceTruth::default(), sampled: 0, dropped: 0, undelivered: 0 };
-    let mut fw = match Firmware::new(&id, &user, 1, seed, schema, encoding) {
+    let mut fw = match Firmware::new(&id, &user, cfg.boot, seed, schema, encoding) {
         Ok(fw) => fw,
         Err(e) => {
             tracing::error!(device = %id, error = %e, "Device cannot start.");

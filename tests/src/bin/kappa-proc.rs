@@ -4,20 +4,13 @@
 //! builds this binary fresh for the tests of this package, which it does not
 //! promise for the binaries of other packages.
 
-use std::ffi::OsString;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     let role = args.next().unwrap_or_default();
-    let with_name = |name: &str| std::iter::once(OsString::from(name)).chain(args);
-    match role.to_str() {
-        Some("edge") => kappa_edge::cli::main_from(with_name("kappa-edge")),
-        Some("cloud") => kappa_cloud::cli::main_from(with_name("kappa-cloud")),
-        Some("sim") => kappa_sim::cli::main_from(with_name("kappa-sim")),
-        _ => {
-            eprintln!("usage: kappa-proc edge|cloud|sim ARGS...");
-            ExitCode::from(2)
-        }
-    }
+    kappa_tests::run_role(&role.to_string_lossy(), args).unwrap_or_else(|| {
+        eprintln!("usage: kappa-proc edge|cloud|sim ARGS...");
+        ExitCode::from(2)
+    })
 }

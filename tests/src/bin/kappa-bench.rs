@@ -1,0 +1,380 @@
+//! `kappa-bench`: baseline throughput and wire-cost figures. It measures and
+//! reports; it asserts nothing about speed.
+//!
+//!   cargo run --release -p kappa-tests --bin kappa-bench            # full run, about 2 minutes
+//!   cargo run --release -p kappa-tests --bin kappa-bench -- --quick # seconds, proves the harness runs
+//!
+//! Figures: the machine (CPU, cores, memory, fsync latency of the data
+//! directory), edge log commit throughput, edge ingest through MQTT per agent
+//! CPU-second, cloud processor throughput, and bytes per reading on the
+//! edge-to-cloud link including HTTP framing. JSON goes to
+//! `target/bench/baseline.json` (or `--out`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a measuring tool: any failure aborts the run loudly
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kappa_cloud::eventlog::sqlite::SqliteLog;
+use kappa_cloud::eventlog::{AppendBatch, AppendRecord, LogAppender};
+use kappa_cloud::metrics::CloudMetrics;
+use kappa_cloud::processor::{Processor, ProcessorSettings};
+use kappa_cloud::store::ViewStore;
+use kappa_common::batch::{self, EdgeBatch};
+use kappa_common::record::{self, LogEvent, LogRecord};
+use kappa_common::{Reading, device};
+use kappa_edge::config::Durability;
+use kappa_edge::forward::client::{CloudClient, PostOutcome};
+use kappa_edge::log::{EdgeLog, Entry};
+use kappa_sim::firmware::{Encoding, Firmware, Schema};
+use kappa_sim::signal::device_seed;
+use serde_json::{Value, json};
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1).peekable();
+    if let Some(role) = args.peek().map(|a| a.to_string_lossy().into_owned())
+        && matches!(role.as_str(), "edge" | "cloud" | "sim")
+    {
+        args.next();
+        return kappa_tests::run_role(&role, args).unwrap_or(ExitCode::FAILURE);
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/bench/baseline.json"));
+    let scale = if quick { 0.05 } else { 1.0 };
+    let dir = tempfile::Builder::new().prefix("kappa-bench-").tempdir_in(std::env::temp_dir()).unwrap();
+
+    let mut report = BTreeMap::new();
+    report.insert("machine", machine(dir.path()));
+    report.insert("edge_log_commit", edge_log_commit(dir.path(), scale));
+    report.insert("edge_ingest_mqtt", edge_ingest_mqtt(dir.path(), scale));
+    report.insert("cloud_processor", cloud_processor(dir.path(), scale));
+    report.insert("wire_bytes", wire_bytes(scale));
+    let json = serde_json::to_string_pretty(&report).unwrap();
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(&out, format!("{json}\n")).unwrap();
+    println!("\nwrote {}", out.display());
+    ExitCode::SUCCESS
+}
+
+/// A fleet's readings as a gateway receives them: every device at t, then at t+1 s, ...
+fn fleet_readings(devices: u32, per_device: u64) -> Vec<Reading> {
+    let mut fws: Vec<Firmware> = (0..devices)
+        .map(|i| {
+            let id = format!("sim-{i:05}");
+            Firmware::new(&id, &format!("u-{:05}", i / 4), 1, device_seed(7, i), Schema::V2, Encoding::Cbor).unwrap()
+        })
+        .collect();
+    let limits = device::Limits::default();
+    let mut out = Vec::with_capacity((devices as u64 * per_device) as usize);
+    for n in 0..per_device {
+        for fw in &mut fws {
+            fw.sample(1_767_225_600_000 + n as i64 * 1000);
+            let id = fw.id().to_string();
+            let (seq, bytes) = fw.next_to_send().unwrap().unwrap();
+            let reading = device::decode(&id, bytes, &limits).unwrap();
+            fw.acknowledge(seq);
+            out.push(reading);
+        }
+    }
+    out
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn machine(dir: &Path) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu =
+        cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kb: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // fsync latency of the data directory's filesystem: 4 KiB append + fdatasync.
+    let mut f = std::fs::File::create(dir.join("fsync-probe")).unwrap();
+    let mut lat = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        f.write_all(&[0u8; 4096]).unwrap();
+        f.sync_data().unwrap();
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lat.sort_by(f64::total_cmp);
+    let v = json!({
+        "cpu": cpu, "cores": cores, "memory_gib": (mem_kb as f64 / 1048576.0 * 10.0).round() / 10.0,
+        "fsync_p50_ms": percentile(&lat, 0.5), "fsync_p99_ms": percentile(&lat, 0.99),
+    });
+    println!(
+        "machine: {cpu}, {cores} cores, {:.1} GiB; fsync p50 {:.3} ms, p99 {:.3} ms",
+        mem_kb as f64 / 1048576.0,
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99)
+    );
+    v
+}
+
+/// The edge log alone: group commits of 1,000 readings with full durability.
+fn edge_log_commit(dir: &Path, scale: f64) -> Value {
+    let readings = fleet_readings(100, (2000.0 * scale).max(20.0) as u64);
+    let mut log = EdgeLog::open(&dir.join("edge-log.sqlite"), Durability::Full).unwrap();
+    let entries: Vec<Entry> = readings.into_iter().map(Entry::Reading).collect();
+    let t = Instant::now();
+    for chunk in entries.chunks(1000) {
+        log.append(chunk, 0).unwrap();
+    }
+    let per_s = entries.len() as f64 / t.elapsed().as_secs_f64();
+    // The same with one reading per commit: what group commit saves.
+    let t = Instant::now();
+    let single = entries.len().min(500);
+    let mut log1 = EdgeLog::open(&dir.join("edge-log-1.sqlite"), Durability::Full).unwrap();
+    for e in &entries[..single] {
+        log1.append(std::slice::from_ref(e), 0).unwrap();
+    }
+    let per_s_single = single as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "edge log, durability=full: {per_s:.0} readings/s in commits of 1,000; {per_s_single:.0} readings/s at one per commit"
+    );
+    json!({ "readings": entries.len(), "readings_per_s_commit_1000": per_s, "readings_per_s_commit_1": per_s_single })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = after.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect();
+    // Fields 14 and 15 (utime, stime) are at 11 and 12 after the ")".
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / tck
+}
+
+fn scrape(port: u16, name: &str) -> f64 {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+fn wait_port(port: u16) {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(30), "port {port} never opened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The agent as a process with its embedded broker, fed by the simulator
+/// (another process), forwarding disabled (the cloud URL is unreachable).
+fn edge_ingest_mqtt(dir: &Path, scale: f64) -> Value {
+    let exe = std::env::current_exe().unwrap();
+    let (mqtt, http) = (free_port(), free_port());
+    let cfg = dir.join("bench-edge.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "gateway_id = \"bench\"\ndata_dir = {:?}\n[mqtt]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[forward]\ncloud_url = \"http://127.0.0.1:9\"\nretry_min = \"10s\"\nretry_max = \"60s\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+            dir.join("bench-edge")
+        ),
+    )
+    .unwrap();
+    let quiet = || std::process::Stdio::null();
+    let mut edge = std::process::Command::new(&exe)
+        .args(["edge", "run", "--config", cfg.to_str().unwrap()])
+        .env("RUST_LOG", "error")
+        .stdout(quiet())
+        .stderr(quiet())
+        .spawn()
+        .unwrap();
+    wait_port(http);
+    wait_port(mqtt);
+    let seconds = (20.0 * scale).max(3.0);
+    let mut sim = std::process::Command::new(&exe)
+        .args(["sim", "--broker", &format!("127.0.0.1:{mqtt}"), "--devices", "500", "--rate", "100"])
+        .args(["--duration", &format!("{}s", seconds + 4.0), "--event-interval", "10ms", "--drain-timeout", "5s"])
+        .env("RUST_LOG", "error")
+        .stdout(quiet())
+        .stderr(quiet())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3)); // connect and warm up
+    let (c0, cpu0, n0, t0) = (
+        scrape(http, "kappa_edge_log_commits_total"),
+        cpu_seconds(edge.id()),
+        scrape(http, "kappa_edge_readings_committed_total"),
+        Instant::now(),
+    );
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let (c1, cpu1, n1, wall) = (
+        scrape(http, "kappa_edge_log_commits_total"),
+        cpu_seconds(edge.id()),
+        scrape(http, "kappa_edge_readings_committed_total"),
+        t0.elapsed().as_secs_f64(),
+    );
+    let _ = sim.wait();
+    let _ = edge.kill();
+    let _ = edge.wait();
+    let readings = n1 - n0;
+    let cpu = (cpu1 - cpu0).max(0.01);
+    let v = json!({
+        "devices": 500, "offered_per_s": 50_000, "seconds": wall,
+        "readings_per_s": readings / wall, "agent_cpu_seconds": cpu,
+        "readings_per_agent_cpu_second": readings / cpu,
+        "readings_per_commit": readings / (c1 - c0).max(1.0),
+    });
+    println!(
+        "edge ingest via MQTT (500 devices, embedded broker, durability=full): {:.0} readings/s, {:.0} readings per agent CPU-second, {:.0} readings per commit",
+        readings / wall,
+        readings / cpu,
+        readings / (c1 - c0).max(1.0)
+    );
+    v
+}
+
+/// The processor over a pre-filled embedded log: decode, window, checkpoint.
+fn cloud_processor(dir: &Path, scale: f64) -> Value {
+    let readings = fleet_readings(1000, (300.0 * scale).max(10.0) as u64);
+    let n = readings.len();
+    let log = SqliteLog::open(&dir.join("eventlog.sqlite"), 8, kappa_cloud::config::Durability::Full).unwrap();
+    let appender = log.start_writer(64).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let t = Instant::now();
+    for (i, chunk) in readings.chunks(2000).enumerate() {
+        let records = chunk
+            .iter()
+            .map(|r| AppendRecord {
+                key: r.device.clone(),
+                value: record::encode(&LogRecord {
+                    gateway: "bench".into(),
+                    batch_id: i as u64,
+                    ingest_ms: 0,
+                    event: LogEvent::Reading(r.clone()),
+                }),
+            })
+            .collect();
+        rt.block_on(appender.append(AppendBatch { gateway: "bench".into(), batch_id: i as u64, records })).unwrap();
+    }
+    let append_per_s = n as f64 / t.elapsed().as_secs_f64();
+    let mut registry = prometheus_client_registry();
+    let metrics = Arc::new(CloudMetrics::new(&mut registry));
+    let store = ViewStore::open(&dir.join("views.sqlite")).unwrap();
+    let settings = ProcessorSettings {
+        window_ms: 60_000,
+        checkpoint_interval: Duration::from_secs(1),
+        max_out_of_orderness_ms: 10_000,
+        poll_records: 5000,
+    };
+    let mut p = Processor::new(log.source().unwrap(), store, settings, metrics).unwrap();
+    let t = Instant::now();
+    let mut done = 0;
+    while done < n {
+        done += p.step(Duration::from_millis(10)).unwrap();
+    }
+    p.checkpoint().unwrap();
+    let per_s = n as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "cloud: embedded log append {append_per_s:.0} readings/s (batches of 2,000, durability=full); processor {per_s:.0} readings/s on one thread (1,000 devices, 1-minute windows + totals)"
+    );
+    json!({ "readings": n, "log_append_readings_per_s": append_per_s, "processor_readings_per_s": per_s })
+}
+
+fn prometheus_client_registry() -> prometheus_client::registry::Registry {
+    prometheus_client::registry::Registry::default()
+}
+
+/// Batches as the forwarder builds them (default 5,000 readings, zstd level
+/// 3), POSTed by the agent's own HTTP client to a socket that counts every
+/// byte it receives, request line and headers included.
+fn wire_bytes(scale: f64) -> Value {
+    let readings = fleet_readings(100, (600.0 * scale).max(50.0) as u64);
+    let batches = readings.len().div_ceil(5000);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Counts every byte of `batches` requests, then stops.
+    let counter = std::thread::spawn(move || {
+        let (mut total, mut requests) = (0usize, 0usize);
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { break };
+            let mut buf = vec![0u8; 1 << 20];
+            let mut req = Vec::new();
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                req.extend_from_slice(&buf[..n]);
+                let Some(end) = find(&req, b"\r\n\r\n") else { continue };
+                let head = String::from_utf8_lossy(&req[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                    .unwrap_or(0);
+                if req.len() >= end + 4 + len {
+                    total += req.len();
+                    requests += 1;
+                    req.clear();
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}");
+                    if requests == batches {
+                        return total;
+                    }
+                }
+            }
+        }
+        total
+    });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = CloudClient::new(&format!("http://127.0.0.1:{port}"), "gw-bench-01", Duration::from_secs(10)).unwrap();
+    let (mut body_bytes, mut cbor_bytes) = (0usize, 0usize);
+    for (i, chunk) in readings.chunks(5000).enumerate() {
+        let b = EdgeBatch::new("gw-bench-01", i as u64 + 1, chunk.to_vec());
+        cbor_bytes += batch::to_cbor(&b).len();
+        let body = batch::encode(&b, 3);
+        body_bytes += body.len();
+        assert_eq!(rt.block_on(client.post(i as u64 + 1, body.into())), PostOutcome::Accepted);
+    }
+    let wire = counter.join().unwrap();
+    let n = readings.len() as f64;
+    let device_cbor: usize = readings.iter().map(|r| device::encode_cbor(r).len()).sum();
+    let device_json: usize = readings.iter().map(|r| device::encode_json(r).len()).sum();
+    println!(
+        "edge->cloud wire: {:.2} bytes/reading including HTTP framing ({:.2} body only; {:.1} as uncompressed batch CBOR; device payloads: {:.1} CBOR, {:.1} JSON)",
+        wire as f64 / n,
+        body_bytes as f64 / n,
+        cbor_bytes as f64 / n,
+        device_cbor as f64 / n,
+        device_json as f64 / n
+    );
+    json!({
+        "readings": readings.len(), "batch_readings": 5000, "zstd_level": 3,
+        "wire_bytes_per_reading": wire as f64 / n, "body_bytes_per_reading": body_bytes as f64 / n,
+        "batch_cbor_bytes_per_reading": cbor_bytes as f64 / n,
+        "device_cbor_bytes_per_reading": device_cbor as f64 / n, "device_json_bytes_per_reading": device_json as f64 / n,
+    })
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}

@@ -1,0 +1,17 @@
+//! Support for the end-to-end tests and the benchmark harness.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+/// Runs one of the product binaries by role: `edge`, `cloud` or `sim` run
+/// exactly what `kappa-edge`, `kappa-cloud` and `kappa-sim` run. `None` for
+/// any other role.
+pub fn run_role(role: &str, args: impl Iterator<Item = OsString>) -> Option<ExitCode> {
+    let with_name = |name: &str| std::iter::once(OsString::from(name)).chain(args);
+    Some(match role {
+        "edge" => kappa_edge::cli::main_from(with_name("kappa-edge")),
+        "cloud" => kappa_cloud::cli::main_from(with_name("kappa-cloud")),
+        "sim" => kappa_sim::cli::main_from(with_name("kappa-sim")),
+        _ => return None,
+    })
+}
