@@ -60,7 +60,7 @@ pub fn main() -> ExitCode {
 /// Runs `kappa-cloud` with `args` (the first is the program name).
 pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let args = Args::parse_from(args);
-    init_logging(&args.log_format);
+    kappa_runtime::logging::init(&args.log_format, "info");
     match run(args) {
         Ok(code) => code,
         Err(e) => {
@@ -76,15 +76,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Run => {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
-                let node = Node::start(cfg).await?;
-                let stop = wait_for_signal();
-                tokio::pin!(stop);
-                tokio::select! {
-                    _ = &mut stop => tracing::info!("Signal received: draining, checkpointing and stopping."),
-                    _ = node.stopping() => {}
-                }
-                node.shutdown();
-                node.wait().await?;
+                Node::start(cfg).await?.run_until_signal().await?;
                 Ok(ExitCode::SUCCESS)
             })
         }
@@ -102,30 +94,4 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 fn load(path: &Path) -> anyhow::Result<CloudConfig> {
     Ok(CloudConfig::load(path)?)
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use kappa_common::batch::BatchLimits;
 use kappa_common::frame::FrameLimits;
+pub use kappa_runtime::config::ConfigError;
+use kappa_runtime::config::{self, Validate};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,21 +201,18 @@ impl Default for ProcessorConfig {
 impl CloudConfig {
     /// Parses and checks a configuration, reporting every problem at once.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: CloudConfig = toml::from_str(text).map_err(|e| ConfigError(vec![e.to_string()]))?;
-        cfg.check()?;
-        Ok(cfg)
+        config::from_toml(text)
     }
 
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
-        Self::from_toml(&text)
-            .map_err(|e| ConfigError(e.0.into_iter().map(|m| format!("{}: {m}", path.display())).collect()))
+        config::load(path)
     }
+}
 
+impl Validate for CloudConfig {
     /// Semantic checks the types cannot express.
-    pub fn check(&self) -> Result<(), ConfigError> {
+    fn problems(&self) -> Vec<String> {
         let mut errors = Vec::new();
         if !(1..=1024).contains(&self.log.partitions) {
             errors.push(format!("log.partitions: {} is outside 1..=1024", self.log.partitions));
@@ -239,14 +238,9 @@ impl CloudConfig {
         if self.processor.checkpoint_interval.is_zero() {
             errors.push("processor.checkpoint_interval: must be positive".into());
         }
-        if errors.is_empty() { Ok(()) } else { Err(ConfigError(errors)) }
+        errors
     }
 }
-
-/// Every problem found in a configuration, one per line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid configuration:\n  {}", .0.join("\n  "))]
-pub struct ConfigError(pub Vec<String>);
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::{get, post};
+use kappa_runtime::config::Validate;
+use kappa_runtime::tasks::{Running, TaskFailed, Tasks};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +20,7 @@ use crate::eventlog::sqlite::SqliteLog;
 use crate::eventlog::{EventLogError, LogAppender};
 use crate::ingest::{self, IngestState};
 use crate::metrics::CloudMetrics;
-use crate::processor::{Processor, ProcessorError, ProcessorSettings};
+use crate::processor::{Processor, ProcessorSettings};
 use crate::store::{StoreError, ViewStore};
 
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
@@ -27,8 +29,7 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
 #[derive(Debug)]
 pub struct Node {
     http_addr: SocketAddr,
-    cancel: CancellationToken,
-    supervisor: tokio::task::JoinHandle<Result<(), NodeError>>,
+    running: Running,
 }
 
 impl Node {
@@ -56,14 +57,10 @@ impl Node {
             .map_err(|e| NodeError::Bind(format!("cannot listen on {}: {e}", cfg.http.listen)))?;
         let http_addr = listener.local_addr().map_err(|e| NodeError::Bind(e.to_string()))?;
         let cancel = CancellationToken::new();
-
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let mut tasks = Tasks::new(cancel.clone());
         let c = cancel.clone();
-        std::thread::Builder::new()
-            .name("processor".into())
-            .spawn(move || {
-                let _ = done_tx.send(processor.run(c));
-            })
+        tasks
+            .spawn_thread("processor", move || processor.run(c).map_err(|e| e.to_string()))
             .map_err(|e| NodeError::Bind(format!("cannot start the processor thread: {e}")))?;
 
         let router = router(
@@ -77,11 +74,8 @@ impl Node {
             Arc::new(registry),
         );
         let c = cancel.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(c.cancelled_owned())
-                .await
-                .map_err(|e| NodeError::Bind(e.to_string()))
+        tasks.spawn("http", async move {
+            axum::serve(listener, router).with_graceful_shutdown(c.cancelled_owned()).await.map_err(|e| e.to_string())
         });
 
         tracing::info!(
@@ -90,70 +84,27 @@ impl Node {
             partitions = cfg.log.partitions,
             "Cloud node started."
         );
-        let supervisor = tokio::spawn(supervise(server, done_rx, cancel.clone()));
-        Ok(Node { http_addr, cancel, supervisor })
+        Ok(Node { http_addr, running: tasks.run_in_background("cloud node", SHUTDOWN_DEADLINE) })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
 
-    /// Resolves once the node begins stopping.
-    pub async fn stopping(&self) {
-        self.cancel.cancelled().await
-    }
-
     /// Starts a graceful shutdown: stop taking requests, checkpoint, exit.
     pub fn shutdown(&self) {
-        self.cancel.cancel();
+        self.running.shutdown();
     }
 
     /// Waits until the node has stopped; an error if a part failed.
     pub async fn wait(self) -> Result<(), NodeError> {
-        self.supervisor.await.map_err(|e| NodeError::Task(format!("supervisor: {e}")))?
+        Ok(self.running.wait().await?)
     }
-}
 
-async fn supervise(
-    mut server: tokio::task::JoinHandle<Result<(), NodeError>>,
-    mut processor: tokio::sync::oneshot::Receiver<Result<(), ProcessorError>>,
-    cancel: CancellationToken,
-) -> Result<(), NodeError> {
-    let mut result = Ok(());
-    let (mut server_done, mut processor_done) = (false, false);
-    tokio::select! {
-        biased;
-        _ = cancel.cancelled() => {}
-        r = &mut server => {
-            server_done = true;
-            result = if cancel.is_cancelled() { Ok(()) } else { Err(r.map_err(|e| NodeError::Task(e.to_string())).and_then(|r| r).err().unwrap_or(NodeError::Task("HTTP server stopped unexpectedly".into()))) };
-        }
-        r = &mut processor => {
-            processor_done = true;
-            result = match r {
-                Ok(Ok(())) if cancel.is_cancelled() => Ok(()),
-                Ok(Err(e)) => Err(NodeError::Processor(e)),
-                _ => Err(NodeError::Task("processor stopped unexpectedly".into())),
-            };
-        }
+    /// Runs until SIGINT/SIGTERM or a failure, then stops gracefully.
+    pub async fn run_until_signal(self) -> Result<(), NodeError> {
+        Ok(self.running.run_until_signal().await?)
     }
-    if let Err(e) = &result {
-        tracing::error!(error = %e, "A part of the node failed; shutting down.");
-    }
-    cancel.cancel();
-    let drain = async {
-        if !server_done {
-            let _ = (&mut server).await;
-        }
-        if !processor_done && let Ok(Err(e)) = (&mut processor).await {
-            tracing::error!(error = %e, "The processor failed while stopping.");
-        }
-    };
-    if tokio::time::timeout(SHUTDOWN_DEADLINE, drain).await.is_err() {
-        tracing::warn!("Shutdown deadline passed; exiting without a final checkpoint.");
-    }
-    tracing::info!("Cloud node stopped.");
-    result
 }
 
 /// Every HTTP route of a node.
@@ -207,9 +158,9 @@ pub enum NodeError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Processor(#[from] ProcessorError),
+    Processor(#[from] crate::processor::ProcessorError),
     #[error("{0}")]
     Bind(String),
-    #[error("{0}")]
-    Task(String),
+    #[error(transparent)]
+    Task(#[from] TaskFailed),
 }

@@ -1,6 +1,6 @@
 //! Wires the agent together and supervises its tasks.
 //!
-//! Tasks: the MQTT source, the group-commit writer, the forwarder, the HTTP
+//! Tasks (supervised by `kappa_runtime::tasks`): the MQTT source, the group-commit writer, the forwarder, the HTTP
 //! endpoint and a metrics refresher. One cancellation token stops them all;
 //! a task that fails, or stops on its own, stops the agent with an error.
 //! Shutdown order: the source stops taking messages, the writer commits what
@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kappa_common::device;
+use kappa_runtime::config::Validate;
+use kappa_runtime::tasks::{Running, TaskFailed, Tasks};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{EdgeConfig, MqttMode};
@@ -32,11 +33,8 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Agent {
     http_addr: SocketAddr,
-    cancel: CancellationToken,
-    supervisor: tokio::task::JoinHandle<Result<(), AgentError>>,
+    running: Running,
 }
-
-type Tasks = JoinSet<(&'static str, Result<(), AgentError>)>;
 
 impl Agent {
     /// Opens the log, binds the listeners and starts every task.
@@ -56,10 +54,10 @@ impl Agent {
         let http_addr = listener.local_addr().map_err(|e| AgentError::Bind(e.to_string()))?;
 
         let cancel = CancellationToken::new();
+        let mut tasks = Tasks::new(cancel.clone());
         let (tx, rx) = mpsc::channel(cfg.mqtt.queue_capacity);
         let committed = Arc::new(Notify::new());
         let limits = device::Limits { max_payload_bytes: cfg.mqtt.max_payload_bytes, ..device::Limits::default() };
-        let mut tasks = Tasks::new();
 
         let acks = match cfg.mqtt.mode {
             MqttMode::Embedded => {
@@ -67,9 +65,9 @@ impl Agent {
                     embedded::start(cfg.mqtt.listen, &cfg.mqtt.telemetry_filter(), cfg.mqtt.max_payload_bytes, 20_000)
                         .map_err(AgentError::Broker)?;
                 let (prefix, m, c) = (cfg.mqtt.topic_prefix.clone(), metrics.clone(), cancel.clone());
-                tasks.spawn(async move {
+                tasks.spawn("mqtt-embedded", async move {
                     embedded::run(broker, tx, prefix, limits, m, c).await;
-                    ("mqtt-embedded", Ok(()))
+                    Ok(())
                 });
                 None
             }
@@ -85,9 +83,9 @@ impl Agent {
                 };
                 let (ack_tx, ack_rx) = mpsc::unbounded_channel();
                 let (m, c) = (metrics.clone(), cancel.clone());
-                tasks.spawn(async move {
+                tasks.spawn("mqtt-external", async move {
                     external::run(src, tx, ack_rx, m, c).await;
-                    ("mqtt-external", Ok(()))
+                    Ok(())
                 });
                 Some(ack_tx)
             }
@@ -95,27 +93,26 @@ impl Agent {
 
         let writer_cfg = WriterConfig { linger: cfg.log.commit_linger, max_entries: cfg.log.max_commit_readings };
         let (m, c, n) = (metrics.clone(), cancel.clone(), committed.clone());
-        tasks.spawn(async move {
+        tasks.spawn("writer", async move {
             writer::run(writer_log, rx, acks, n, writer_cfg, m, c).await;
-            ("writer", Ok(()))
+            Ok(())
         });
 
         let (m, c, n) = (metrics.clone(), cancel.clone(), committed.clone());
         let (fcfg, gateway) = (cfg.forward.clone(), cfg.gateway_id.clone());
-        tasks.spawn(async move {
-            ("forwarder", forward::run(forward_log, fcfg, gateway, n, m, c).await.map_err(AgentError::from))
+        tasks.spawn("forwarder", async move {
+            forward::run(forward_log, fcfg, gateway, n, m, c).await.map_err(|e| e.to_string())
         });
 
         let (m, c) = (metrics.clone(), cancel.clone());
-        tasks.spawn(
-            async move { ("log-metrics", refresh_log_metrics(stats_log, m, c).await.map_err(AgentError::from)) },
-        );
+        tasks
+            .spawn("log-metrics", async move { refresh_log_metrics(stats_log, m, c).await.map_err(|e| e.to_string()) });
 
         let c = cancel.clone();
         let registry = Arc::new(registry);
-        tasks.spawn(async move {
+        tasks.spawn("http", async move {
             http::serve(listener, registry, c).await;
-            ("http", Ok(()))
+            Ok(())
         });
 
         tracing::info!(
@@ -126,8 +123,7 @@ impl Agent {
             metrics = %format!("http://{http_addr}/metrics"),
             "Edge agent started."
         );
-        let supervisor = tokio::spawn(supervise(tasks, cancel.clone()));
-        Ok(Agent { http_addr, cancel, supervisor })
+        Ok(Agent { http_addr, running: tasks.run_in_background("edge agent", SHUTDOWN_DEADLINE) })
     }
 
     /// Where `/metrics` and `/healthz` are served.
@@ -135,64 +131,20 @@ impl Agent {
         self.http_addr
     }
 
-    /// Resolves once the agent begins stopping (asked to, or because a task failed).
-    pub async fn stopping(&self) {
-        self.cancel.cancelled().await
-    }
-
     /// Starts a graceful shutdown.
     pub fn shutdown(&self) {
-        self.cancel.cancel();
+        self.running.shutdown();
     }
 
     /// Waits until the agent has stopped; an error if a task failed.
     pub async fn wait(self) -> Result<(), AgentError> {
-        self.supervisor.await.map_err(|e| AgentError::Task { task: "supervisor", detail: e.to_string() })?
+        Ok(self.running.wait().await?)
     }
-}
 
-async fn supervise(mut tasks: Tasks, cancel: CancellationToken) -> Result<(), AgentError> {
-    let mut result = Ok(());
-    while !cancel.is_cancelled() {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => {}
-            joined = tasks.join_next() => {
-                if cancel.is_cancelled() {
-                    // Stopping anyway: this task just got there first.
-                    break;
-                }
-                result = match joined {
-                    Some(Ok((task, Ok(())))) => Err(AgentError::Task { task, detail: "stopped unexpectedly".into() }),
-                    Some(Ok((task, Err(e)))) => Err(AgentError::Task { task, detail: e.to_string() }),
-                    Some(Err(e)) => Err(AgentError::Task { task: "unknown", detail: e.to_string() }),
-                    None => Ok(()),
-                };
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, "An agent task failed; shutting down.");
-                }
-                cancel.cancel();
-            }
-        }
+    /// Runs until SIGINT/SIGTERM or a failure, then stops gracefully.
+    pub async fn run_until_signal(self) -> Result<(), AgentError> {
+        Ok(self.running.run_until_signal().await?)
     }
-    let deadline = tokio::time::sleep(SHUTDOWN_DEADLINE);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            joined = tasks.join_next() => match joined {
-                None => break,
-                Some(Ok((task, Err(e)))) => tracing::warn!(task, error = %e, "Task failed while stopping."),
-                Some(_) => {}
-            },
-            _ = &mut deadline => {
-                tracing::warn!(remaining = tasks.len(), "Shutdown deadline passed; aborting the remaining tasks.");
-                tasks.abort_all();
-                break;
-            }
-        }
-    }
-    tracing::info!("Edge agent stopped.");
-    result
 }
 
 async fn refresh_log_metrics(
@@ -225,6 +177,6 @@ pub enum AgentError {
     Broker(String),
     #[error("{0}")]
     Bind(String),
-    #[error("task {task} failed: {detail}")]
-    Task { task: &'static str, detail: String },
+    #[error(transparent)]
+    Task(#[from] TaskFailed),
 }

@@ -87,7 +87,7 @@ pub fn main() -> ExitCode {
 /// Runs `kappa-edge` with `args` (the first is the program name).
 pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let args = Args::parse_from(args);
-    init_logging(&args.log_format);
+    kappa_runtime::logging::init(&args.log_format, "info,rumqttd=warn,rumqttc=warn");
     match run(args) {
         Ok(code) => code,
         Err(e) => {
@@ -103,15 +103,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             let cfg = load(&args.config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
-                let agent = Agent::start(cfg).await?;
-                let stop = wait_for_signal();
-                tokio::pin!(stop);
-                tokio::select! {
-                    _ = &mut stop => tracing::info!("Signal received: draining and stopping."),
-                    _ = agent.stopping() => {}
-                }
-                agent.shutdown();
-                agent.wait().await?;
+                Agent::start(cfg).await?.run_until_signal().await?;
                 Ok(ExitCode::SUCCESS)
             })
         }
@@ -191,38 +183,4 @@ fn parse_time(s: &str) -> anyhow::Result<i64> {
     let t =
         humantime::parse_rfc3339_weak(s).with_context(|| format!("{s:?} is neither RFC 3339 nor Unix milliseconds"))?;
     Ok(t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn,rumqttc=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

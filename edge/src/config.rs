@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use kappa_runtime::config::ConfigError;
+use kappa_runtime::config::{self, Validate};
 use serde::Deserialize;
 
 /// The whole agent configuration.
@@ -225,21 +227,28 @@ impl Default for HttpConfig {
 impl EdgeConfig {
     /// Parses and checks a configuration, reporting every problem at once.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: EdgeConfig = toml::from_str(text).map_err(|e| ConfigError(vec![e.to_string()]))?;
-        cfg.check()?;
-        Ok(cfg)
+        config::from_toml(text)
     }
 
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
-        Self::from_toml(&text)
-            .map_err(|e| ConfigError(e.0.into_iter().map(|m| format!("{}: {m}", path.display())).collect()))
+        config::load(path)
     }
 
+    /// The external-broker client id.
+    pub fn client_id(&self) -> String {
+        self.mqtt.client_id.clone().unwrap_or_else(|| format!("kappa-edge-{}", self.gateway_id))
+    }
+
+    /// Path of the SQLite log.
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.join("edge-log.sqlite")
+    }
+}
+
+impl Validate for EdgeConfig {
     /// Semantic checks the types cannot express.
-    pub fn check(&self) -> Result<(), ConfigError> {
+    fn problems(&self) -> Vec<String> {
         let mut errors = Vec::new();
         if kappa_common::reading::validate_device_id(&self.gateway_id).is_err() {
             errors.push(format!("gateway_id: {:?} must be 1-64 characters of A-Z a-z 0-9 _ . -", self.gateway_id));
@@ -270,24 +279,9 @@ impl EdgeConfig {
         if self.log.max_commit_readings == 0 {
             errors.push("log.max_commit_readings: must be at least 1".into());
         }
-        if errors.is_empty() { Ok(()) } else { Err(ConfigError(errors)) }
-    }
-
-    /// The external-broker client id.
-    pub fn client_id(&self) -> String {
-        self.mqtt.client_id.clone().unwrap_or_else(|| format!("kappa-edge-{}", self.gateway_id))
-    }
-
-    /// Path of the SQLite log.
-    pub fn log_path(&self) -> PathBuf {
-        self.data_dir.join("edge-log.sqlite")
+        errors
     }
 }
-
-/// Every problem found in a configuration, one per line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid configuration:\n  {}", .0.join("\n  "))]
-pub struct ConfigError(pub Vec<String>);
 
 #[cfg(test)]
 mod tests {

@@ -119,7 +119,7 @@ pub fn main() -> ExitCode {
 /// Runs `kappa-sim` with `args` (the first is the program name).
 pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let args = Args::parse_from(args);
-    init_logging(&args.log_format);
+    kappa_runtime::logging::init(&args.log_format, "info,rumqttc=warn");
     match run(args) {
         Ok(code) => code,
         Err(e) => {
@@ -194,16 +194,5 @@ async fn report_progress(stats: Arc<FleetStats>) {
             "Fleet progress."
         );
         last = acked;
-    }
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttc=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
