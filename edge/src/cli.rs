@@ -87,7 +87,8 @@ pub fn main() -> ExitCode {
 /// Runs `kappa-edge` with `args` (the first is the program name).
 pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let args = Args::parse_from(args);
-    kappa_runtime::logging::init(&args.log_format, "info,rumqttd=warn,rumqttc=warn");
+    // rumqttd logs every ordinary client disconnect at ERROR from this target.
+    kappa_runtime::logging::init(&args.log_format, "info,rumqttd=warn,rumqttd::server::broker=off,rumqttc=warn");
     match run(args) {
         Ok(code) => code,
         Err(e) => {
@@ -101,6 +102,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Run => {
             let cfg = load(&args.config)?;
+            if let Err(e) = kappa_runtime::limits::raise_open_files() {
+                tracing::warn!(error = %e, "Cannot raise the open-file limit.");
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
                 Agent::start(cfg).await?.run_until_signal().await?;

@@ -131,6 +131,14 @@ pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     let cfg = args.fleet_config()?;
+    let files = kappa_runtime::limits::raise_open_files().unwrap_or(0);
+    if u64::from(cfg.devices) + 64 > files {
+        tracing::warn!(
+            devices = cfg.devices,
+            open_files = files,
+            "The open-file limit is below one connection per device; raise it with ulimit -n."
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let stop = CancellationToken::new();

@@ -17,6 +17,7 @@
 //! ```
 
 pub mod config;
+pub mod limits;
 pub mod logging;
 pub mod signal;
 pub mod tasks;

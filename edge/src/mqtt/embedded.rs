@@ -77,7 +77,9 @@ pub fn start(
     Ok(EmbeddedBroker { link_tx, link_rx })
 }
 
-/// rumqttd binds on its own thread; the agent is ready only once devices can connect.
+/// rumqttd binds on its own thread; the agent is ready only once a device
+/// can connect. The probe is a real MQTT 3.1.1 session: CONNECT, CONNACK,
+/// DISCONNECT.
 fn wait_until_listening(listen: SocketAddr) -> Result<(), String> {
     let target = if listen.ip().is_unspecified() {
         SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())
@@ -85,13 +87,34 @@ fn wait_until_listening(listen: SocketAddr) -> Result<(), String> {
         listen
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_millis(200)).is_err() {
-        if std::time::Instant::now() > deadline {
-            return Err(format!("embedded MQTT broker did not start listening on {listen} within 10 s"));
+    loop {
+        match probe(target) {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() > deadline => {
+                return Err(format!("embedded MQTT broker is not accepting connections on {listen}: {e}"));
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok(())
+}
+
+fn probe(target: SocketAddr) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    const CLIENT_ID: &[u8] = b"kappa-edge-readiness";
+    let timeout = std::time::Duration::from_millis(500);
+    let mut s = std::net::TcpStream::connect_timeout(&target, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    // CONNECT: protocol "MQTT" level 4, clean session, keep-alive 10 s.
+    let mut connect = vec![0x10, (12 + CLIENT_ID.len()) as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0];
+    connect.push(CLIENT_ID.len() as u8);
+    connect.extend_from_slice(CLIENT_ID);
+    s.write_all(&connect)?;
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack)?;
+    if connack[0] != 0x20 || connack[3] != 0 {
+        return Err(std::io::Error::other(format!("unexpected CONNACK {connack:?}")));
+    }
+    s.write_all(&[0xE0, 0])
 }
 
 /// Feeds broker messages to the writer until `cancel` fires.
