@@ -13,6 +13,9 @@ pub use kappa_runtime::config::ConfigError;
 use kappa_runtime::config::{self, Validate};
 use serde::Deserialize;
 
+use crate::views::defaults::default_views_toml;
+use crate::views::spec::{ViewSpec, parse_views};
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudConfig {
@@ -27,6 +30,57 @@ pub struct CloudConfig {
     pub log: LogConfig,
     #[serde(default)]
     pub processor: ProcessorConfig,
+    #[serde(default)]
+    pub schema: SchemaConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// View definitions (see `views::spec`); none means the default views.
+    #[serde(default)]
+    pub views: Vec<toml::Table>,
+}
+
+/// What readings carry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaConfig {
+    /// Metric names views may refer to; a view naming another is refused.
+    #[serde(default = "default_metrics")]
+    pub metrics: Vec<String>,
+}
+
+fn default_metrics() -> Vec<String> {
+    ["temperature", "humidity", "pressure", "battery"].iter().map(|s| s.to_string()).collect()
+}
+
+impl Default for SchemaConfig {
+    fn default() -> Self {
+        Self { metrics: default_metrics() }
+    }
+}
+
+/// Which views the device endpoints of the query API read.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `GET /v1/devices` lists this view's rows (one per device).
+    #[serde(default = "default_devices_view")]
+    pub devices_view: String,
+    /// `GET /v1/devices/{id}/windows` reads this view.
+    #[serde(default = "default_windows_view")]
+    pub windows_view: String,
+}
+
+fn default_devices_view() -> String {
+    "device_totals".into()
+}
+fn default_windows_view() -> String {
+    "device_windows".into()
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { devices_view: default_devices_view(), windows_view: default_windows_view() }
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -169,9 +223,12 @@ pub struct ProcessorConfig {
     /// Records read from the log per step.
     #[serde(default = "default_poll")]
     pub poll_records: usize,
-    /// Width of the per-device window view.
-    #[serde(default = "default_window", with = "humantime_serde")]
-    pub window: Duration,
+    /// A partition with no new record for this long stops holding the watermark back.
+    #[serde(default = "default_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long (in event time) a device's sequence numbers are remembered for dedup.
+    #[serde(default = "default_dedup_horizon", with = "humantime_serde")]
+    pub dedup_horizon: Duration,
 }
 
 fn default_checkpoint() -> Duration {
@@ -183,8 +240,11 @@ fn default_ooo() -> Duration {
 fn default_poll() -> usize {
     5000
 }
-fn default_window() -> Duration {
-    Duration::from_secs(60)
+fn default_idle() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_dedup_horizon() -> Duration {
+    Duration::from_secs(24 * 3600)
 }
 
 impl Default for ProcessorConfig {
@@ -193,7 +253,8 @@ impl Default for ProcessorConfig {
             checkpoint_interval: default_checkpoint(),
             max_out_of_orderness: default_ooo(),
             poll_records: default_poll(),
-            window: default_window(),
+            idle_timeout: default_idle(),
+            dedup_horizon: default_dedup_horizon(),
         }
     }
 }
@@ -207,6 +268,22 @@ impl CloudConfig {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         config::load(path)
+    }
+
+    /// The views to run: the configured ones, or the defaults when none are.
+    pub fn view_specs(&self) -> Result<Vec<ViewSpec>, Vec<String>> {
+        if self.views.is_empty() {
+            let text = default_views_toml(&self.schema.metrics);
+            let doc: toml::Table = toml::from_str(&text).map_err(|e| vec![format!("default views: {e}")])?;
+            let tables: Vec<toml::Table> = doc
+                .get("views")
+                .and_then(toml::Value::as_array)
+                .map(|a| a.iter().filter_map(|v| v.as_table().cloned()).collect())
+                .unwrap_or_default();
+            parse_views(&tables, &self.schema.metrics)
+        } else {
+            parse_views(&self.views, &self.schema.metrics)
+        }
     }
 }
 
@@ -226,17 +303,28 @@ impl Validate for CloudConfig {
         if self.ingest.queue_capacity == 0 {
             errors.push("ingest.queue_capacity: must be at least 1".into());
         }
-        if self.processor.window.as_millis() == 0 || !self.processor.window.as_millis().is_multiple_of(1000) {
-            errors.push(format!(
-                "processor.window: {:?} must be a positive whole number of seconds",
-                self.processor.window
-            ));
-        }
         if self.processor.poll_records == 0 {
             errors.push("processor.poll_records: must be at least 1".into());
         }
         if self.processor.checkpoint_interval.is_zero() {
             errors.push("processor.checkpoint_interval: must be positive".into());
+        }
+        for (i, m) in self.schema.metrics.iter().enumerate() {
+            if m.is_empty() || m.starts_with("tags.") || matches!(m.as_str(), "device" | "event_time") {
+                errors.push(format!("schema.metrics[{i}]: {m:?} is not a usable metric name"));
+            }
+        }
+        match self.view_specs() {
+            Err(problems) => errors.extend(problems),
+            Ok(specs) => {
+                for (key, name) in
+                    [("api.devices_view", &self.api.devices_view), ("api.windows_view", &self.api.windows_view)]
+                {
+                    if !specs.iter().any(|v| &v.name == name) {
+                        errors.push(format!("{key}: no view named {name:?} is defined"));
+                    }
+                }
+            }
         }
         errors
     }
@@ -251,15 +339,19 @@ mod tests {
         let cfg = CloudConfig::from_toml("").unwrap();
         assert_eq!(cfg.log.backend, LogBackend::Sqlite);
         assert_eq!(cfg.log.partitions, 8);
-        assert_eq!(cfg.processor.window, Duration::from_secs(60));
+        let names: Vec<_> = cfg.view_specs().unwrap().into_iter().map(|v| v.id()).collect();
+        assert_eq!(names, ["device_windows@1", "device_totals@1"]);
     }
 
     #[test]
     fn every_problem_is_listed_with_its_key() {
-        let err = CloudConfig::from_toml("[log]\npartitions = 0\n[processor]\nwindow = \"1500ms\"\npoll_records = 0\n")
-            .unwrap_err();
+        let err = CloudConfig::from_toml(
+            "[log]\npartitions = 0\n[processor]\npoll_records = 0\n[api]\nwindows_view = \"nope\"\n\
+             [[views]]\nname = \"v\"\nwindow = { kind = \"tumbling\", size = \"soon\" }\naggregates = [{ name = \"n\", fn = \"count\" }]\n",
+        )
+        .unwrap_err();
         let keys: Vec<_> = err.0.iter().map(|m| m.split(':').next().unwrap_or_default()).collect();
-        assert_eq!(keys, ["log.partitions", "processor.window", "processor.poll_records"]);
+        assert_eq!(keys, ["log.partitions", "processor.poll_records", "views[0].window.size"]);
     }
 
     #[test]

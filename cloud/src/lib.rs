@@ -29,3 +29,4 @@ pub mod metrics;
 pub mod node;
 pub mod processor;
 pub mod store;
+pub mod views;

@@ -10,6 +10,8 @@ use prometheus_client::registry::Registry;
 pub type Label = [(&'static str, &'static str); 1];
 /// A `partition` label.
 pub type PartitionLabel = [(&'static str, u32); 1];
+/// A `view` label (`name@version`).
+pub type ViewLabel = [(&'static str, String); 1];
 
 #[derive(Debug)]
 pub struct CloudMetrics {
@@ -19,6 +21,12 @@ pub struct CloudMetrics {
     pub readings_ingested: Counter,
     pub readings_rejected: Family<Label, Counter>,
     pub readings_processed: Counter,
+    pub readings_duplicate: Counter,
+    pub late_events: Family<ViewLabel, Counter>,
+    pub view_null_inputs: Family<ViewLabel, Counter>,
+    pub view_state_windows: Family<ViewLabel, Gauge>,
+    pub dedup_boots: Gauge,
+    pub idle_partitions: Gauge,
     pub records_undecodable: Counter,
     pub null_metric_values: Counter,
     pub checkpoints: Counter,
@@ -38,6 +46,12 @@ impl CloudMetrics {
             readings_ingested: Counter::default(),
             readings_rejected: Family::default(),
             readings_processed: Counter::default(),
+            readings_duplicate: Counter::default(),
+            late_events: Family::default(),
+            view_null_inputs: Family::default(),
+            view_state_windows: Family::default(),
+            dedup_boots: Gauge::default(),
+            idle_partitions: Gauge::default(),
             records_undecodable: Counter::default(),
             null_metric_values: Counter::default(),
             checkpoints: Counter::default(),
@@ -77,7 +91,7 @@ impl CloudMetrics {
             m.lag_records.clone(),
         );
         r.register("watermark_ms", "The processor's event-time watermark, Unix ms", m.watermark_ms.clone());
-        r.register("state_rows", "View rows held in processor memory", m.state_rows.clone());
+        r.register("state_windows", "Open windows held in processor memory, all views", m.state_rows.clone());
         m
     }
 }

@@ -44,13 +44,21 @@ impl Node {
         let store_path = cfg.data_dir.join("views.sqlite");
         let store = ViewStore::open(&store_path)?;
         let reader = ViewStore::open_read_only(&store_path)?;
+        let specs = cfg.view_specs().map_err(|e| NodeError::Config(e.join("\n  ")))?;
         let settings = ProcessorSettings {
-            window_ms: cfg.processor.window.as_millis() as i64,
             checkpoint_interval: cfg.processor.checkpoint_interval,
             max_out_of_orderness_ms: cfg.processor.max_out_of_orderness.as_millis() as i64,
             poll_records: cfg.processor.poll_records,
+            idle_timeout: cfg.processor.idle_timeout,
+            dedup_horizon_ms: cfg.processor.dedup_horizon.as_millis() as i64,
+            split_checkpoint_for_tests: std::env::var_os("KAPPA_TEST_SPLIT_CHECKPOINT").is_some(),
         };
-        let processor = Processor::new(log.source()?, store, settings, metrics.clone())?;
+        if settings.split_checkpoint_for_tests {
+            tracing::warn!(
+                "KAPPA_TEST_SPLIT_CHECKPOINT is set: checkpoints are NOT atomic. Never use this outside tests."
+            );
+        }
+        let processor = Processor::new(log.source()?, store, specs, settings, metrics.clone())?;
 
         let listener = TcpListener::bind(cfg.http.listen)
             .await
@@ -70,7 +78,11 @@ impl Node {
                 reading_limits: kappa_common::reading::ReadingLimits::default(),
                 metrics: metrics.clone(),
             },
-            ApiState { store: Arc::new(Mutex::new(reader)), window_ms: settings.window_ms },
+            ApiState {
+                store: Arc::new(Mutex::new(reader)),
+                devices_view: cfg.api.devices_view.clone(),
+                windows_view: cfg.api.windows_view.clone(),
+            },
             Arc::new(registry),
         );
         let c = cancel.clone();
@@ -115,6 +127,7 @@ pub fn router<A: LogAppender>(ingest: IngestState<A>, api: ApiState, registry: A
         .route("/v1/devices/{id}/windows", get(api::device_windows))
         .route("/v1/views", get(api::views))
         .route("/v1/views/{view}/rows", get(api::view_rows))
+        .route("/v1/late", get(api::late))
         .with_state(Arc::new(api));
     let ops = Router::new()
         .route("/metrics", get(metrics))
@@ -139,10 +152,11 @@ async fn metrics(State(registry): State<Arc<Registry>>) -> axum::response::Respo
 async fn index() -> &'static str {
     "Kappa IoT cloud node\n\n\
      POST /v1/ingest                      edge batches (zstd + CBOR)\n\
-     GET  /v1/devices                     devices with running totals\n\
-     GET  /v1/devices/{id}/windows        one device's windows (?from=&to=&limit=&after=)\n\
-     GET  /v1/views                       views\n\
+     GET  /v1/devices                     devices (rows of api.devices_view)\n\
+     GET  /v1/devices/{id}/windows        one device's windows (?from=&to=&limit=&after=&view=)\n\
+     GET  /v1/views                       view versions and definitions\n\
      GET  /v1/views/{view}/rows           any view's rows (?key=&from=&to=&limit=&after=)\n\
+     GET  /v1/late                        the late-events log (?view=&device=&from=&to=&limit=&after=)\n\
      GET  /metrics                        Prometheus metrics\n\
      GET  /healthz, /readyz               health\n"
 }

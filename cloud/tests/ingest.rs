@@ -125,7 +125,7 @@ async fn the_query_api_pages_windows_and_refuses_bad_parameters() {
         loop {
             let body = get(&node, "/v1/devices/dev-b/windows?limit=2").await;
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-            if v["rows"].as_array().is_some_and(|r| r.len() == 2) && v["rows"][0]["count"] == 60 {
+            if v["rows"].as_array().is_some_and(|r| r.len() == 2) && v["rows"][0]["values"]["count"] == 60 {
                 return v;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -134,8 +134,9 @@ async fn the_query_api_pages_windows_and_refuses_bad_parameters() {
     .await
     .expect("windows appear");
     assert_eq!(page["rows"][0]["window_start_ms"], 1_767_225_600_000i64);
-    assert_eq!(page["rows"][0]["metrics"]["temperature"]["min"], 20.0);
-    assert_eq!(page["rows"][0]["metrics"]["temperature"]["max"], 79.0);
+    assert_eq!(page["rows"][0]["values"]["temperature_min"], 20.0);
+    assert_eq!(page["rows"][0]["values"]["temperature_max"], 79.0);
+    assert_eq!(page["view"], "device_windows@1");
     let next = page["next"].as_str().unwrap();
     let rest: serde_json::Value =
         serde_json::from_str(&get(&node, &format!("/v1/devices/dev-b/windows?after={next}")).await).unwrap();

@@ -337,14 +337,26 @@ pub async fn fetch_rows(cloud_url: &str, view: &str) -> Vec<RowOut> {
     }
 }
 
+fn count(row: &RowOut, name: &str) -> u64 {
+    row.values.get(name).and_then(serde_json::Value::as_u64).unwrap_or(0)
+}
+
+fn num(row: &RowOut, name: &str) -> Option<f64> {
+    row.values.get(name).and_then(serde_json::Value::as_f64)
+}
+
+/// Readings counted in a view's rows.
+pub fn total(rows: &[RowOut]) -> u64 {
+    rows.iter().map(|r| count(r, "count")).sum()
+}
+
 /// Waits until the views have absorbed `expected` readings in total.
 pub async fn wait_for_readings(cloud_url: &str, expected: u64, timeout: Duration) {
     let mut last = 0;
     let result = tokio::time::timeout(timeout, async {
         loop {
-            let total: u64 = fetch_rows(cloud_url, "device_totals").await.iter().map(|r| r.count).sum();
-            last = total;
-            if total >= expected {
+            last = total(&fetch_rows(cloud_url, "device_totals").await);
+            if last >= expected {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -367,25 +379,30 @@ pub fn diff_against_truth(truth: &GroundTruth, rows: &[RowOut]) -> Vec<String> {
             problems.push(format!("{} @ {}: missing ({} readings)", t.device, t.window_start_ms, t.count));
             continue;
         };
-        if row.count != t.count {
-            problems.push(format!("{} @ {}: count {} != truth {}", t.device, t.window_start_ms, row.count, t.count));
+        if count(row, "count") != t.count {
+            problems.push(format!(
+                "{} @ {}: count {} != truth {}",
+                t.device,
+                t.window_start_ms,
+                count(row, "count"),
+                t.count
+            ));
         }
         for (name, m) in &t.metrics {
-            let Some(v) = row.metrics.get(name) else {
-                problems.push(format!("{} @ {}: metric {name} missing", t.device, t.window_start_ms));
-                continue;
-            };
-            let sum_ok = (v.sum - m.sum).abs() <= 1e-9 * m.sum.abs().max(1.0);
-            if v.count != m.count || v.min != Some(m.min) || v.max != Some(m.max) || !sum_ok {
+            let (n, sum) = (count(row, &format!("{name}_count")), num(row, &format!("{name}_sum")).unwrap_or(f64::NAN));
+            let (min, max) = (num(row, &format!("{name}_min")), num(row, &format!("{name}_max")));
+            let sum_ok = (sum - m.sum).abs() <= 1e-9 * m.sum.abs().max(1.0);
+            if n != m.count || min != Some(m.min) || max != Some(m.max) || !sum_ok {
                 problems.push(format!(
-                    "{} @ {} {name}: view (n={}, sum={}, min={:?}, max={:?}) != truth (n={}, sum={}, min={}, max={})",
-                    t.device, t.window_start_ms, v.count, v.sum, v.min, v.max, m.count, m.sum, m.min, m.max
+                    "{} @ {} {name}: view (n={n}, sum={sum}, min={min:?}, max={max:?}) != truth (n={}, sum={}, min={}, max={})",
+                    t.device, t.window_start_ms, m.count, m.sum, m.min, m.max
                 ));
             }
         }
     }
     for ((device, start), row) in by_key {
-        problems.push(format!("{device} @ {start}: in the view ({} readings) but not in the truth", row.count));
+        problems
+            .push(format!("{device} @ {start}: in the view ({} readings) but not in the truth", count(row, "count")));
     }
     problems
 }
@@ -393,7 +410,7 @@ pub fn diff_against_truth(truth: &GroundTruth, rows: &[RowOut]) -> Vec<String> {
 /// Asserts the view equals the ground truth exactly, printing process logs if not.
 pub fn assert_exact(truth: &GroundTruth, rows: &[RowOut], procs: &[&Proc]) {
     let problems = diff_against_truth(truth, rows);
-    let view_total: u64 = rows.iter().map(|r| r.count).sum();
+    let view_total = total(rows);
     if !problems.is_empty() {
         let logs: Vec<String> = procs.iter().map(|p| p.tail()).collect();
         panic!(

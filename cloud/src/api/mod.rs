@@ -1,8 +1,8 @@
 //! The JSON query API over the serving store. Field names are documented in
 //! `docs/api.md`; times are Unix milliseconds (query parameters also take
-//! RFC 3339).
+//! RFC 3339). A view is named by its name (the version its alias points to)
+//! or as `name@version`.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
@@ -10,10 +10,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use serde_json::Value as Json_;
 
-use crate::processor::window::MetricAgg;
-use crate::processor::{DEVICE_TOTALS, DEVICE_WINDOWS};
-use crate::store::{RowQuery, StoredRow, ViewStore};
+use crate::store::{LateQuery, RowQuery, StoredRow, ViewInfo, ViewStore};
+use crate::views::operator::LateEvent;
 
 /// Largest page.
 pub const MAX_LIMIT: usize = 10_000;
@@ -23,26 +23,10 @@ const DEFAULT_LIMIT: usize = 1000;
 #[derive(Debug)]
 pub struct ApiState {
     pub store: Arc<Mutex<ViewStore>>,
-    pub window_ms: i64,
-}
-
-/// One metric of one row, as served.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MetricOut {
-    pub count: u64,
-    #[serde(default)]
-    pub nulls: u64,
-    pub sum: f64,
-    pub min: Option<f64>,
-    pub max: Option<f64>,
-    pub avg: Option<f64>,
-}
-
-impl From<&MetricAgg> for MetricOut {
-    fn from(m: &MetricAgg) -> Self {
-        let some = |v: f64| (m.count > 0).then_some(v);
-        Self { count: m.count, nulls: m.nulls, sum: m.sum, min: some(m.min), max: some(m.max), avg: m.avg() }
-    }
+    /// The view `GET /v1/devices` lists.
+    pub devices_view: String,
+    /// The view `GET /v1/devices/{id}/windows` reads.
+    pub windows_view: String,
 }
 
 /// One view row, as served.
@@ -50,39 +34,54 @@ impl From<&MetricAgg> for MetricOut {
 pub struct RowOut {
     pub key: String,
     pub window_start_ms: i64,
+    /// Exclusive end; null for a global window.
     pub window_end_ms: Option<i64>,
-    pub count: u64,
-    pub first_ts_ms: i64,
-    pub last_ts_ms: i64,
-    pub metrics: BTreeMap<String, MetricOut>,
+    /// One entry per aggregate, named as in the view definition.
+    pub values: serde_json::Map<String, Json_>,
 }
 
 impl From<StoredRow> for RowOut {
     fn from(r: StoredRow) -> Self {
-        Self {
-            key: r.key,
-            window_start_ms: r.window_start,
-            window_end_ms: (r.window_end != i64::MAX).then_some(r.window_end),
-            count: r.agg.count,
-            first_ts_ms: r.agg.first_ts_ms,
-            last_ts_ms: r.agg.last_ts_ms,
-            metrics: r.agg.metrics.iter().map(|(k, v)| (k.clone(), v.into())).collect(),
-        }
+        let values = match r.values {
+            Json_::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        Self { key: r.key, window_start_ms: r.window_start, window_end_ms: r.window_end, values }
     }
 }
 
 /// A page of rows with the token for the next page.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RowsPage {
+    /// The view version served (`name@version`).
     pub view: String,
     pub rows: Vec<RowOut>,
     /// Pass as `after` to get the next page; absent on the last page.
     pub next: Option<String>,
 }
 
+/// A page of late events.
+#[derive(Debug, Serialize)]
+pub struct LatePage {
+    pub events: Vec<LateEvent>,
+    pub next: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct RowParams {
     pub key: Option<String>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub after: Option<String>,
+    pub limit: Option<usize>,
+    /// `/v1/devices/{id}/windows` only: read another view.
+    pub view: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LateParams {
+    pub view: Option<String>,
+    pub device: Option<String>,
     pub from: Option<String>,
     pub to: Option<String>,
     pub after: Option<String>,
@@ -113,54 +112,80 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
         .map_err(|_| format!("{s:?} is neither RFC 3339 nor Unix milliseconds"))
 }
 
+fn limit(l: Option<usize>) -> Result<usize, ApiError> {
+    let l = l.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&l) {
+        return Err(bad_request(format!("limit must be 1..={MAX_LIMIT}")));
+    }
+    Ok(l)
+}
+
+fn range(from: Option<&str>, to: Option<&str>) -> Result<(i64, i64), ApiError> {
+    Ok((
+        from.map(parse_time).transpose().map_err(bad_request)?.unwrap_or(i64::MIN),
+        to.map(parse_time).transpose().map_err(bad_request)?.unwrap_or(i64::MAX),
+    ))
+}
+
 fn encode_after(key: &str, start: i64) -> String {
     format!("{start}:{key}")
 }
 
 fn decode_after(token: &str) -> Result<(String, i64), ApiError> {
-    let (start, key) =
-        token.split_once(':').ok_or_else(|| bad_request(format!("after token {token:?} is malformed")))?;
-    let start = start.parse().map_err(|_| bad_request(format!("after token {token:?} is malformed")))?;
-    Ok((key.to_string(), start))
+    let malformed = || bad_request(format!("after token {token:?} is malformed"));
+    let (start, key) = token.split_once(':').ok_or_else(malformed)?;
+    Ok((key.to_string(), start.parse().map_err(|_| malformed())?))
 }
 
-async fn query(st: &ApiState, view: &str, p: RowParams) -> Result<RowsPage, ApiError> {
-    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(bad_request(format!("limit must be 1..={MAX_LIMIT}")));
-    }
-    let q = RowQuery {
-        view: view.to_string(),
-        key: p.key,
-        from: p.from.as_deref().map(parse_time).transpose().map_err(bad_request)?.unwrap_or(i64::MIN),
-        to: p.to.as_deref().map(parse_time).transpose().map_err(bad_request)?.unwrap_or(i64::MAX),
-        after: p.after.as_deref().map(decode_after).transpose()?,
-        limit,
-    };
+async fn with_store<T: Send + 'static>(
+    st: &ApiState,
+    f: impl FnOnce(&ViewStore) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
     let store = st.store.clone();
-    let rows = tokio::task::spawn_blocking(move || {
-        let store = store.lock().map_err(|_| "store lock poisoned".to_string())?;
-        store.rows(&q).map_err(|e| e.to_string())
+    tokio::task::spawn_blocking(move || {
+        let store =
+            store.lock().map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "store lock poisoned".into()))?;
+        f(&store)
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+async fn query(st: &ApiState, view: String, key: Option<String>, p: &RowParams) -> Result<RowsPage, ApiError> {
+    let limit = limit(p.limit)?;
+    let (from, to) = range(p.from.as_deref(), p.to.as_deref())?;
+    let after = p.after.as_deref().map(decode_after).transpose()?;
+    let rows_and_id = with_store(st, move |s| {
+        let id = s
+            .resolve_view(&view)
+            .map_err(internal)?
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no view named {view:?}; see /v1/views")))?;
+        let rows = s.rows(&RowQuery { view_id: id.clone(), key, from, to, after, limit }).map_err(internal)?;
+        Ok((id, rows))
+    })
+    .await?;
+    let (view, rows) = rows_and_id;
     let next = (rows.len() == limit).then(|| rows.last().map(|r| encode_after(&r.key, r.window_start))).flatten();
-    Ok(RowsPage { view: view.to_string(), rows: rows.into_iter().map(RowOut::from).collect(), next })
+    Ok(RowsPage { view, rows: rows.into_iter().map(RowOut::from).collect(), next })
 }
 
-/// `GET /v1/devices`: every device with its running totals.
+/// `GET /v1/devices`: one row per device from the devices view.
 pub async fn devices(State(st): State<Arc<ApiState>>, Query(p): Query<RowParams>) -> Result<Json<RowsPage>, ApiError> {
-    query(&st, DEVICE_TOTALS, RowParams { key: None, from: None, to: None, ..p }).await.map(Json)
+    query(&st, st.devices_view.clone(), None, &p).await.map(Json)
 }
 
-/// `GET /v1/devices/{id}/windows?from=&to=`: one device's windows.
+/// `GET /v1/devices/{id}/windows?from=&to=&view=`: one device's windows.
 pub async fn device_windows(
     State(st): State<Arc<ApiState>>,
     Path(id): Path<String>,
     Query(p): Query<RowParams>,
 ) -> Result<Json<RowsPage>, ApiError> {
-    query(&st, DEVICE_WINDOWS, RowParams { key: Some(id), ..p }).await.map(Json)
+    let view = p.view.clone().unwrap_or_else(|| st.windows_view.clone());
+    query(&st, view, Some(id), &p).await.map(Json)
 }
 
 /// `GET /v1/views/{view}/rows?key=&from=&to=&after=&limit=`.
@@ -169,20 +194,57 @@ pub async fn view_rows(
     Path(view): Path<String>,
     Query(p): Query<RowParams>,
 ) -> Result<Json<RowsPage>, ApiError> {
-    if view != DEVICE_WINDOWS && view != DEVICE_TOTALS {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("no view named {view:?}; see /v1/views")));
-    }
-    query(&st, &view, p).await.map(Json)
+    let key = p.key.clone();
+    query(&st, view, key, &p).await.map(Json)
 }
 
-/// `GET /v1/views`: the views and their windows.
-pub async fn views(State(st): State<Arc<ApiState>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "views": [
-            { "name": DEVICE_WINDOWS, "key": "device", "window": "tumbling", "window_ms": st.window_ms },
-            { "name": DEVICE_TOTALS, "key": "device", "window": "global" },
-        ]
-    }))
+/// `GET /v1/views`: every view version, its definition, and which one each name serves.
+pub async fn views(State(st): State<Arc<ApiState>>) -> Result<Json<Json_>, ApiError> {
+    let views: Vec<ViewInfo> = with_store(&st, |s| s.list_views().map_err(internal)).await?;
+    Ok(Json(serde_json::json!({ "views": views })))
+}
+
+/// `GET /v1/late?view=&device=&from=&to=&after=&limit=`: the late-events log.
+pub async fn late(State(st): State<Arc<ApiState>>, Query(p): Query<LateParams>) -> Result<Json<LatePage>, ApiError> {
+    let limit = limit(p.limit)?;
+    let (from, to) = range(p.from.as_deref(), p.to.as_deref())?;
+    let after = p
+        .after
+        .as_deref()
+        .map(|t| {
+            let parts: Vec<&str> = t.splitn(5, ':').collect();
+            let bad = || bad_request(format!("after token {t:?} is malformed"));
+            if parts.len() != 5 {
+                return Err(bad());
+            }
+            Ok((
+                parts[0].parse().map_err(|_| bad())?,
+                parts[4].to_string(),
+                parts[1].parse().map_err(|_| bad())?,
+                parts[2].parse().map_err(|_| bad())?,
+                parts[3].parse().map_err(|_| bad())?,
+            ))
+        })
+        .transpose()?;
+    let (view, device) = (p.view, p.device);
+    let events = with_store(&st, move |s| {
+        let view_id = match view {
+            None => None,
+            Some(v) => Some(
+                s.resolve_view(&v)
+                    .map_err(internal)?
+                    .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no view named {v:?}; see /v1/views")))?,
+            ),
+        };
+        s.late_events(&LateQuery { view_id, device, from, to, after, limit }).map_err(internal)
+    })
+    .await?;
+    let next = (events.len() == limit)
+        .then(|| {
+            events.last().map(|e| format!("{}:{}:{}:{}:{}", e.ts_ms, e.partition, e.offset, e.window_start, e.view))
+        })
+        .flatten();
+    Ok(Json(LatePage { events, next }))
 }
 
 #[cfg(test)]

@@ -1,14 +1,21 @@
 //! The stream processor: log records in, view rows out, exactly once.
 //!
-//! The processor runs on its own thread. Each step polls records from the
-//! assigned partitions (in offset order per partition), decodes them, tracks
-//! event time and the watermark, and applies each reading to every view.
-//! Every `checkpoint_interval` (and on shutdown) it writes the changed rows
-//! and the next offset of every partition in one store transaction. After a
-//! crash it resumes from the stored positions and reloads rows on first
-//! touch, so every record is reflected in the views exactly once.
+//! One thread drives a set of [`Operator`]s (one per view) over the
+//! partitions its source is assigned. For each record, in offset order per
+//! partition: decode; drop a reading whose `(device, boot, seq)` was seen
+//! (counted); hand it to every operator together with its partition's
+//! watermark; then advance that partition's watermark. After each poll the
+//! global watermark is recomputed and operators close what it has passed.
+//!
+//! Every `checkpoint_interval`, and on shutdown, one store transaction
+//! writes every operator's changed rows and state, the dedup state, the late
+//! events, and each partition's next offset and max event time. On start the
+//! processor restores all of it and seeks the source there, so a crash at any
+//! point replays exactly the records after the checkpoint onto exactly the
+//! state that excludes them.
 
-pub mod window;
+pub mod dedup;
+pub mod watermark;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,45 +24,96 @@ use std::time::{Duration, Instant};
 use kappa_common::record::{self, LogEvent};
 use tokio_util::sync::CancellationToken;
 
-use self::window::{RowWrite, WindowView};
+use self::dedup::{Dedup, SeqSet};
+use self::watermark::Watermarks;
 use crate::eventlog::{EventLogError, LogSource, Offset, Partition};
 use crate::metrics::CloudMetrics;
-use crate::store::{StoreError, ViewStore};
+use crate::store::{Checkpoint, StoreError, ViewStore};
+use crate::views::operator::{Event, LateEvent, Tally, ViewOperator};
+use crate::views::spec::ViewSpec;
 
-/// The per-device window view.
-pub const DEVICE_WINDOWS: &str = "device_windows";
-/// Per-device running totals (one row per device).
-pub const DEVICE_TOTALS: &str = "device_totals";
+/// A streaming operator, driven by the processor. Watermarks and checkpoints
+/// reach it in stream order, between records.
+pub trait Operator: Send + std::fmt::Debug {
+    /// Identifies the operator in the store, the late log and metrics.
+    fn id(&self) -> &str;
+    /// Restores state from the last checkpoint.
+    fn on_start(&mut self, _store: &ViewStore) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// One reading (already deduplicated).
+    fn process(&mut self, ev: &Event<'_>, late: &mut Vec<LateEvent>);
+    /// The global watermark moved to `watermark`.
+    fn on_watermark(&mut self, _watermark: i64) {}
+    /// Adds what changed since the last checkpoint.
+    fn on_checkpoint(&mut self, _cp: &mut Checkpoint) {}
+    /// Counters since the last call.
+    fn take_tally(&mut self) -> Tally {
+        Tally::default()
+    }
+    /// Windows held in memory.
+    fn state_len(&self) -> usize {
+        0
+    }
+}
+
+impl Operator for ViewOperator {
+    fn id(&self) -> &str {
+        ViewOperator::id(self)
+    }
+
+    fn on_start(&mut self, store: &ViewStore) -> Result<(), StoreError> {
+        let (closed, states) = store.view_state(ViewOperator::id(self))?;
+        self.restore(closed, states);
+        Ok(())
+    }
+
+    fn process(&mut self, ev: &Event<'_>, late: &mut Vec<LateEvent>) {
+        ViewOperator::process(self, ev, late);
+    }
+
+    fn on_watermark(&mut self, watermark: i64) {
+        ViewOperator::on_watermark(self, watermark);
+    }
+
+    fn on_checkpoint(&mut self, cp: &mut Checkpoint) {
+        let changes = self.take_changes();
+        cp.views.push((ViewOperator::id(self).to_string(), changes, self.closed_through()));
+    }
+
+    fn take_tally(&mut self) -> Tally {
+        std::mem::take(&mut self.tally)
+    }
+
+    fn state_len(&self) -> usize {
+        ViewOperator::state_len(self)
+    }
+}
 
 /// Processor settings.
 #[derive(Debug, Clone, Copy)]
 pub struct ProcessorSettings {
-    pub window_ms: i64,
     pub checkpoint_interval: Duration,
     pub max_out_of_orderness_ms: i64,
     pub poll_records: usize,
+    pub idle_timeout: Duration,
+    pub dedup_horizon_ms: i64,
+    /// TEST ONLY: write view state and log positions in two transactions,
+    /// with a pause between, so a crash can separate them. It exists to show
+    /// that the crash tests catch a processor without atomic checkpoints.
+    pub split_checkpoint_for_tests: bool,
 }
 
-/// Per-partition event-time watermarks: max event time seen minus the out-of-orderness bound.
-#[derive(Debug, Clone, Default)]
-pub struct Watermarks {
-    bound_ms: i64,
-    max_ts: BTreeMap<Partition, i64>,
-}
-
-impl Watermarks {
-    pub fn new(bound_ms: i64) -> Self {
-        Self { bound_ms, max_ts: BTreeMap::new() }
-    }
-
-    pub fn observe(&mut self, partition: Partition, ts_ms: i64) {
-        let e = self.max_ts.entry(partition).or_insert(ts_ms);
-        *e = (*e).max(ts_ms);
-    }
-
-    /// The minimum over partitions that have seen data.
-    pub fn current(&self) -> Option<i64> {
-        self.max_ts.values().min().map(|m| m - self.bound_ms)
+impl Default for ProcessorSettings {
+    fn default() -> Self {
+        Self {
+            checkpoint_interval: Duration::from_secs(1),
+            max_out_of_orderness_ms: 10_000,
+            poll_records: 5000,
+            idle_timeout: Duration::from_secs(30),
+            dedup_horizon_ms: 24 * 3_600_000,
+            split_checkpoint_for_tests: false,
+        }
     }
 }
 
@@ -64,9 +122,11 @@ impl Watermarks {
 pub struct Processor<S: LogSource> {
     source: S,
     store: ViewStore,
-    views: Vec<WindowView>,
+    ops: Vec<Box<dyn Operator>>,
+    dedup: Dedup,
+    marks: Watermarks,
     positions: BTreeMap<Partition, Offset>,
-    watermarks: Watermarks,
+    late: Vec<LateEvent>,
     settings: ProcessorSettings,
     metrics: Arc<CloudMetrics>,
     since_checkpoint: usize,
@@ -75,27 +135,56 @@ pub struct Processor<S: LogSource> {
 }
 
 impl<S: LogSource> Processor<S> {
-    /// Restores the last checkpoint's positions and positions the source there.
+    /// Registers the views, restores the last checkpoint and seeks the source there.
     pub fn new(
         mut source: S,
-        store: ViewStore,
+        mut store: ViewStore,
+        specs: Vec<ViewSpec>,
         settings: ProcessorSettings,
         metrics: Arc<CloudMetrics>,
     ) -> Result<Self, ProcessorError> {
-        let stored = store.positions()?;
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        store.register_views(&specs, now_ms)?;
+        let restored = store.restore()?;
+        let now = Instant::now();
+        let mut marks = Watermarks::new(settings.max_out_of_orderness_ms, settings.idle_timeout);
         let mut positions = BTreeMap::new();
         for p in source.assigned() {
-            let offset = stored.get(&p).copied().unwrap_or(0);
+            let (offset, max_ts) = restored.partitions.get(&p).copied().unwrap_or((0, None));
             source.seek(p, offset);
             positions.insert(p, offset);
+            if let Some(ts) = max_ts {
+                marks.restore(p, ts, now);
+            }
         }
-        tracing::info!(?positions, "Processor restored its checkpoint.");
+        marks.restore_global(restored.global_watermark);
+        let mut dedup = Dedup::new(settings.dedup_horizon_ms);
+        for (device, boot, blob) in restored.dedup {
+            let set: SeqSet = serde_cbor::from_slice(&blob)
+                .map_err(|e| StoreError(format!("dedup state of {device} boot {boot} does not decode: {e}")))?;
+            dedup.restore(device, boot, set);
+        }
+        let mut ops: Vec<Box<dyn Operator>> = Vec::new();
+        for spec in specs {
+            let mut op = ViewOperator::new(spec);
+            Operator::on_start(&mut op, &store)?;
+            ops.push(Box::new(op));
+        }
+        tracing::info!(
+            ?positions,
+            global_watermark = ?marks.global(),
+            views = ?ops.iter().map(|o| o.id().to_string()).collect::<Vec<_>>(),
+            "Processor restored its checkpoint."
+        );
         Ok(Self {
             source,
             store,
-            views: vec![WindowView::tumbling(DEVICE_WINDOWS, settings.window_ms), WindowView::global(DEVICE_TOTALS)],
+            ops,
+            dedup,
+            marks,
             positions,
-            watermarks: Watermarks::new(settings.max_out_of_orderness_ms),
+            late: Vec::new(),
             settings,
             metrics,
             since_checkpoint: 0,
@@ -112,70 +201,106 @@ impl<S: LogSource> Processor<S> {
         self.checkpoint()
     }
 
-    /// One poll and apply; checkpoints when the interval has passed. Returns records handled.
+    /// One poll; checkpoints when the interval has passed. Returns records handled.
     pub fn step(&mut self, wait: Duration) -> Result<usize, ProcessorError> {
         let records = self.source.poll(self.settings.poll_records, wait)?;
         let n = records.len();
+        let now = Instant::now();
         for rec in records {
-            match record::decode(&rec.value) {
+            self.positions.insert(rec.partition, rec.offset + 1);
+            let reading = match record::decode(&rec.value) {
                 Ok(r) => match r.event {
-                    LogEvent::Reading(reading) => {
-                        self.watermarks.observe(rec.partition, reading.ts_ms);
-                        let nulls = reading.metrics.values().filter(|v| v.is_none()).count();
-                        self.metrics.null_metric_values.inc_by(nulls as u64);
-                        let store = &self.store;
-                        for view in &mut self.views {
-                            view.apply(&reading, |name, key| store.load_row(name, key))?;
-                        }
-                        self.metrics.readings_processed.inc();
-                    }
+                    LogEvent::Reading(reading) => reading,
                 },
                 Err(e) => {
                     self.metrics.records_undecodable.inc();
                     tracing::error!(partition = rec.partition, offset = rec.offset, error = %e, "Skipping an undecodable log record.");
+                    continue;
                 }
+            };
+            if !self.dedup.first_sighting(&reading) {
+                self.metrics.readings_duplicate.inc();
+                continue;
             }
-            self.positions.insert(rec.partition, rec.offset + 1);
+            let nulls = reading.metrics.values().filter(|v| v.is_none()).count();
+            self.metrics.null_metric_values.inc_by(nulls as u64);
+            let ev = Event {
+                partition: rec.partition,
+                offset: rec.offset,
+                reading: &reading,
+                watermark: self.marks.partition(rec.partition),
+            };
+            for op in &mut self.ops {
+                op.process(&ev, &mut self.late);
+            }
+            self.marks.observe(rec.partition, reading.ts_ms, now);
+            self.metrics.readings_processed.inc();
+        }
+        let before = self.marks.global();
+        if let Some(g) = self.marks.advance(now)
+            && before != Some(g)
+        {
+            for op in &mut self.ops {
+                op.on_watermark(g);
+            }
+            self.dedup.prune(g);
+            self.metrics.watermark_ms.set(g);
         }
         self.since_checkpoint += n;
-        if self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval {
+        if self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval
+            && (self.since_checkpoint > 0 || before != self.marks.global())
+        {
             self.checkpoint()?;
         }
         if self.last_lag.elapsed() >= Duration::from_secs(2) {
-            self.report_lag()?;
+            self.report_lag(now)?;
         }
         Ok(n)
     }
 
-    /// Writes changed rows and positions atomically, then forgets closed windows.
+    /// Writes everything changed since the last checkpoint, atomically.
     pub fn checkpoint(&mut self) -> Result<(), ProcessorError> {
         let started = Instant::now();
-        let mut rows: Vec<RowWrite> = Vec::new();
-        for view in &mut self.views {
-            view.take_dirty(&mut rows);
+        let mut cp = Checkpoint::default();
+        for op in &mut self.ops {
+            op.on_checkpoint(&mut cp);
+            let t = op.take_tally();
+            let label = [("view", op.id().to_string())];
+            self.metrics.late_events.get_or_create(&label).inc_by(t.late);
+            self.metrics.view_null_inputs.get_or_create(&label).inc_by(t.null_inputs);
+            self.metrics.view_state_windows.get_or_create(&label).set(op.state_len() as i64);
         }
-        let watermark = self.watermarks.current();
-        self.store.checkpoint(&rows, &self.positions, watermark)?;
-        if let Some(w) = watermark {
-            for view in &mut self.views {
-                view.evict_closed(w);
-            }
-            self.metrics.watermark_ms.set(w);
+        let (up, del) = self.dedup.take_changes();
+        cp.dedup_upserts = up;
+        cp.dedup_deletes = del;
+        cp.late = std::mem::take(&mut self.late);
+        cp.partitions = self.positions.iter().map(|(p, o)| (*p, *o, self.marks.max_ts(*p))).collect();
+        cp.global_watermark = self.marks.global();
+        let rows = cp.rows_written();
+        if self.settings.split_checkpoint_for_tests {
+            let positions = std::mem::take(&mut cp.partitions);
+            self.store.checkpoint(&cp)?;
+            std::thread::sleep(Duration::from_millis(50));
+            self.store.checkpoint(&Checkpoint { partitions: positions, ..Checkpoint::default() })?;
+        } else {
+            self.store.checkpoint(&cp)?;
         }
         self.metrics.checkpoints.inc();
         self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
-        self.metrics.checkpoint_rows.observe(rows.len() as f64);
-        self.metrics.state_rows.set(self.views.iter().map(|v| v.len() as i64).sum());
+        self.metrics.checkpoint_rows.observe(rows as f64);
+        self.metrics.state_rows.set(self.ops.iter().map(|o| o.state_len() as i64).sum());
+        self.metrics.dedup_boots.set(self.dedup.len() as i64);
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         Ok(())
     }
 
-    fn report_lag(&mut self) -> Result<(), ProcessorError> {
+    fn report_lag(&mut self, now: Instant) -> Result<(), ProcessorError> {
         for (p, end) in self.source.end_offsets()? {
             let done = self.positions.get(&p).copied().unwrap_or(0);
             self.metrics.lag_records.get_or_create(&[("partition", p)]).set(end.saturating_sub(done) as i64);
         }
+        self.metrics.idle_partitions.set(self.marks.idle(now) as i64);
         self.last_lag = Instant::now();
         Ok(())
     }
@@ -183,6 +308,11 @@ impl<S: LogSource> Processor<S> {
     /// Positions processed so far (not necessarily checkpointed).
     pub fn positions(&self) -> &BTreeMap<Partition, Offset> {
         &self.positions
+    }
+
+    /// The global watermark.
+    pub fn watermark(&self) -> Option<i64> {
+        self.marks.global()
     }
 }
 
@@ -194,19 +324,4 @@ pub enum ProcessorError {
     Log(#[from] EventLogError),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_watermark_is_the_slowest_partition_minus_the_bound() {
-        let mut w = Watermarks::new(10);
-        assert_eq!(w.current(), None);
-        w.observe(0, 100);
-        w.observe(1, 50);
-        w.observe(0, 90);
-        assert_eq!(w.current(), Some(40));
-    }
 }

@@ -1,49 +1,110 @@
-//! The serving store: view rows and the processor's checkpoint, in SQLite.
+//! The serving store and checkpoint store, in SQLite.
 //!
-//! On-disk format (schema version 1):
+//! On-disk format (`PRAGMA user_version = 2`):
 //!
-//! * `view_rows(view, key, window_start, window_end, row)`: `row` is the
-//!   [`WindowAgg`] as JSON (floats written in shortest round-trip form, so a
-//!   reloaded row is bit-identical);
-//! * `positions(partition, next_offset)`: where the processor resumes;
-//! * `processor_meta(key, value)`: `watermark_ms`.
+//! | table | holds |
+//! |---|---|
+//! | `views(view_id, name, version, definition, created_ms)` | every view version ever run, with its canonical definition |
+//! | `view_aliases(name, version)` | which version the API serves for a name |
+//! | `view_rows(view_id, key, window_start, window_end, row)` | output rows; `row` is JSON; `window_end` NULL for global windows |
+//! | `view_state(view_id, key, window_start, state)` | open windows (CBOR), for restore |
+//! | `view_meta(view_id, closed_through)` | the watermark up to which windows are closed |
+//! | `dedup(device, boot, state)` | sequence numbers seen per device boot (CBOR) |
+//! | `partitions(partition, next_offset, max_ts)` | where processing resumes, and each partition's max event time |
+//! | `processor_meta(key, value)` | `global_watermark` |
+//! | `late_events(view_id, partition, offset, window_start, ...)` | readings too late for a window, with the reason |
 //!
-//! [`ViewStore::checkpoint`] writes changed rows and positions in one
-//! transaction: the store never holds rows that include a record its
-//! positions say is still to be processed, nor the reverse.
+//! [`ViewStore::checkpoint`] writes everything a checkpoint holds in one
+//! transaction: rows, state, dedup, late events and log positions always
+//! agree. Deleting the file makes the next start rebuild every view from
+//! offset 0 of the event log.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde_json::Value as Json;
 
 use crate::eventlog::{Offset, Partition};
-use crate::processor::window::{RowKey, RowWrite, WindowAgg};
+use crate::views::operator::{Changes, LateEvent, WinState};
+use crate::views::spec::ViewSpec;
+
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS views (
+    view_id TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL,
+    definition TEXT NOT NULL, created_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS view_aliases (name TEXT PRIMARY KEY, version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS view_rows (
-    view TEXT NOT NULL,
-    key TEXT NOT NULL,
-    window_start INTEGER NOT NULL,
-    window_end INTEGER NOT NULL,
-    row TEXT NOT NULL,
-    PRIMARY KEY (view, key, window_start)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS positions (partition INTEGER PRIMARY KEY, next_offset INTEGER NOT NULL);
+    view_id TEXT NOT NULL, key TEXT NOT NULL, window_start INTEGER NOT NULL, window_end INTEGER,
+    row TEXT NOT NULL, PRIMARY KEY (view_id, key, window_start)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS view_state (
+    view_id TEXT NOT NULL, key TEXT NOT NULL, window_start INTEGER NOT NULL, state BLOB NOT NULL,
+    PRIMARY KEY (view_id, key, window_start)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS view_meta (view_id TEXT PRIMARY KEY, closed_through INTEGER);
+CREATE TABLE IF NOT EXISTS dedup (
+    device TEXT NOT NULL, boot INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY (device, boot)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS partitions (partition INTEGER PRIMARY KEY, next_offset INTEGER NOT NULL, max_ts INTEGER);
 CREATE TABLE IF NOT EXISTS processor_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS late_events (
+    view_id TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL, window_start INTEGER NOT NULL,
+    device TEXT NOT NULL, boot INTEGER NOT NULL, seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL,
+    watermark_ms INTEGER NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (view_id, partition, offset, window_start)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS late_events_by_time ON late_events (ts_ms);
 ";
 
-/// One stored row, as the API returns it.
+/// One row as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredRow {
     pub key: String,
     pub window_start: i64,
-    pub window_end: i64,
-    pub agg: WindowAgg,
+    pub window_end: Option<i64>,
+    pub values: Json,
 }
 
-/// A connection to the serving store.
+/// A view version known to the store.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ViewInfo {
+    pub name: String,
+    pub version: u32,
+    pub id: String,
+    /// The version the API serves for this name.
+    pub current: bool,
+    pub definition: Json,
+}
+
+/// Everything one checkpoint writes.
+#[derive(Debug, Default)]
+pub struct Checkpoint {
+    pub views: Vec<(String, Changes, Option<i64>)>,
+    pub dedup_upserts: Vec<(String, u32, Vec<u8>)>,
+    pub dedup_deletes: Vec<(String, u32)>,
+    pub partitions: Vec<(Partition, Offset, Option<i64>)>,
+    pub global_watermark: Option<i64>,
+    pub late: Vec<LateEvent>,
+}
+
+impl Checkpoint {
+    pub fn rows_written(&self) -> usize {
+        self.views.iter().map(|(_, c, _)| c.row_upserts.len()).sum()
+    }
+}
+
+/// What the processor restores.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub partitions: BTreeMap<Partition, (Offset, Option<i64>)>,
+    pub global_watermark: Option<i64>,
+    pub dedup: Vec<(String, u32, Vec<u8>)>,
+}
+
+/// A view's restored state: the watermark it closed through, and its open windows.
+pub type ViewState = (Option<i64>, Vec<(String, WinState)>);
+
+/// A connection to the store.
 #[derive(Debug)]
 pub struct ViewStore {
     conn: Connection,
@@ -59,7 +120,18 @@ impl ViewStore {
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let tables: i64 =
+            conn.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
+        if tables > 0 && version != SCHEMA_VERSION {
+            return Err(StoreError(format!(
+                "the serving store at {} has schema version {version}, this version needs {SCHEMA_VERSION}; \
+                 move it aside and start again: every view is rebuilt from the event log",
+                path.display()
+            )));
+        }
         conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self { conn })
     }
 
@@ -71,58 +143,156 @@ impl ViewStore {
         Ok(Self { conn })
     }
 
-    /// Where to resume each partition (absent: from offset 0).
-    pub fn positions(&self) -> Result<BTreeMap<Partition, Offset>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT partition, next_offset FROM positions")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    /// Records the views about to run. A view whose definition changed under
+    /// the same version is refused: its rows and state would mean something
+    /// else. A name without an alias gets this version as its alias.
+    pub fn register_views(&mut self, specs: &[ViewSpec], now_ms: i64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for spec in specs {
+            let id = spec.id();
+            let def = spec.fingerprint();
+            let stored: Option<String> =
+                tx.query_row("SELECT definition FROM views WHERE view_id = ?1", [&id], |r| r.get(0)).optional()?;
+            match stored {
+                Some(old) if old != def => {
+                    return Err(StoreError(format!(
+                        "view {id} was built with a different definition; give the changed view a new version \
+                         (version = {}) so both can be compared",
+                        spec.version + 1
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    tx.execute(
+                        "INSERT INTO views (view_id, name, version, definition, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![id, spec.name, spec.version, def, now_ms],
+                    )?;
+                }
+            }
+            tx.execute(
+                "INSERT OR IGNORE INTO view_aliases (name, version) VALUES (?1, ?2)",
+                params![spec.name, spec.version],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
-    /// The watermark saved with the last checkpoint.
-    pub fn watermark(&self) -> Result<Option<i64>, StoreError> {
-        Ok(self
+    /// Positions, watermarks and dedup state from the last checkpoint.
+    pub fn restore(&self) -> Result<Restored, StoreError> {
+        let mut out = Restored::default();
+        let mut stmt = self.conn.prepare("SELECT partition, next_offset, max_ts FROM partitions")?;
+        for row in
+            stmt.query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, Option<i64>>(2)?)))?
+        {
+            let (p, o, m) = row?;
+            out.partitions.insert(p, (o, m));
+        }
+        out.global_watermark = self
             .conn
-            .query_row("SELECT value FROM processor_meta WHERE key = 'watermark_ms'", [], |r| r.get(0))
-            .optional()?)
-    }
-
-    /// The stored copy of one row.
-    pub fn load_row(&self, view: &str, key: &RowKey) -> Result<Option<WindowAgg>, StoreError> {
-        let json: Option<String> = self
-            .conn
-            .prepare_cached("SELECT row FROM view_rows WHERE view = ?1 AND key = ?2 AND window_start = ?3")?
-            .query_row(params![view, key.key, key.window_start], |r| r.get(0))
+            .query_row("SELECT value FROM processor_meta WHERE key = 'global_watermark'", [], |r| r.get(0))
             .optional()?;
-        json.map(|j| parse_row(&j)).transpose()
+        let mut stmt = self.conn.prepare("SELECT device, boot, state FROM dedup")?;
+        for row in stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))? {
+            out.dedup.push(row?);
+        }
+        Ok(out)
     }
 
-    /// Writes changed rows and the positions they reflect, atomically.
-    pub fn checkpoint(
-        &mut self,
-        rows: &[RowWrite],
-        positions: &BTreeMap<Partition, Offset>,
-        watermark_ms: Option<i64>,
-    ) -> Result<(), StoreError> {
+    /// One view's open windows and the watermark it closed through.
+    pub fn view_state(&self, view_id: &str) -> Result<ViewState, StoreError> {
+        let closed: Option<i64> = self
+            .conn
+            .query_row("SELECT closed_through FROM view_meta WHERE view_id = ?1", [view_id], |r| r.get(0))
+            .optional()?
+            .flatten();
+        let mut stmt =
+            self.conn.prepare("SELECT key, state FROM view_state WHERE view_id = ?1 ORDER BY key, window_start")?;
+        let mut states = Vec::new();
+        for row in stmt.query_map([view_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))? {
+            let (key, blob) = row?;
+            let win: WinState = serde_cbor::from_slice(&blob)
+                .map_err(|e| StoreError(format!("state of {view_id} key {key:?} does not decode: {e}")))?;
+            states.push((key, win));
+        }
+        Ok((closed, states))
+    }
+
+    /// Writes a checkpoint atomically.
+    pub fn checkpoint(&mut self, cp: &Checkpoint) -> Result<(), StoreError> {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO view_rows (view, key, window_start, window_end, row) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (view, key, window_start) DO UPDATE SET window_end = excluded.window_end, row = excluded.row",
+            let mut row_up = tx.prepare_cached(
+                "INSERT INTO view_rows (view_id, key, window_start, window_end, row) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (view_id, key, window_start) DO UPDATE SET window_end = excluded.window_end, row = excluded.row",
             )?;
-            for r in rows {
-                let json = serde_json::to_string(&r.agg).map_err(|e| StoreError(e.to_string()))?;
-                upsert.execute(params![r.view, r.key.key, r.key.window_start, r.window_end, json])?;
+            let mut row_del =
+                tx.prepare_cached("DELETE FROM view_rows WHERE view_id = ?1 AND key = ?2 AND window_start = ?3")?;
+            let mut st_up = tx.prepare_cached(
+                "INSERT INTO view_state (view_id, key, window_start, state) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (view_id, key, window_start) DO UPDATE SET state = excluded.state",
+            )?;
+            let mut st_del =
+                tx.prepare_cached("DELETE FROM view_state WHERE view_id = ?1 AND key = ?2 AND window_start = ?3")?;
+            let mut meta = tx.prepare_cached(
+                "INSERT INTO view_meta (view_id, closed_through) VALUES (?1, ?2)
+                 ON CONFLICT (view_id) DO UPDATE SET closed_through = excluded.closed_through",
+            )?;
+            for (view, ch, closed) in &cp.views {
+                for (k, s) in &ch.row_deletes {
+                    row_del.execute(params![view, k, s])?;
+                }
+                for r in &ch.row_upserts {
+                    row_up.execute(params![view, r.key, r.window_start, r.window_end, r.values.to_string()])?;
+                }
+                for (k, s) in &ch.state_deletes {
+                    st_del.execute(params![view, k, s])?;
+                }
+                for (k, s, blob) in &ch.state_upserts {
+                    st_up.execute(params![view, k, s, blob])?;
+                }
+                meta.execute(params![view, closed])?;
+            }
+            let mut d_up = tx.prepare_cached(
+                "INSERT INTO dedup (device, boot, state) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device, boot) DO UPDATE SET state = excluded.state",
+            )?;
+            for (d, b, blob) in &cp.dedup_upserts {
+                d_up.execute(params![d, b, blob])?;
+            }
+            let mut d_del = tx.prepare_cached("DELETE FROM dedup WHERE device = ?1 AND boot = ?2")?;
+            for (d, b) in &cp.dedup_deletes {
+                d_del.execute(params![d, b])?;
+            }
+            let mut late = tx.prepare_cached(
+                "INSERT OR REPLACE INTO late_events
+                 (view_id, partition, offset, window_start, device, boot, seq, ts_ms, watermark_ms, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            for l in &cp.late {
+                late.execute(params![
+                    l.view,
+                    l.partition,
+                    l.offset as i64,
+                    l.window_start,
+                    l.device,
+                    l.boot,
+                    l.seq as i64,
+                    l.ts_ms,
+                    l.watermark_ms,
+                    l.reason
+                ])?;
             }
             let mut pos = tx.prepare_cached(
-                "INSERT INTO positions (partition, next_offset) VALUES (?1, ?2)
-                 ON CONFLICT (partition) DO UPDATE SET next_offset = excluded.next_offset",
+                "INSERT INTO partitions (partition, next_offset, max_ts) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (partition) DO UPDATE SET next_offset = excluded.next_offset, max_ts = excluded.max_ts",
             )?;
-            for (p, o) in positions {
-                pos.execute(params![p, *o as i64])?;
+            for (p, o, m) in &cp.partitions {
+                pos.execute(params![p, *o as i64, m])?;
             }
-            if let Some(w) = watermark_ms {
+            if let Some(w) = cp.global_watermark {
                 tx.execute(
-                    "INSERT INTO processor_meta (key, value) VALUES ('watermark_ms', ?1)
+                    "INSERT INTO processor_meta (key, value) VALUES ('global_watermark', ?1)
                      ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     [w],
                 )?;
@@ -132,48 +302,140 @@ impl ViewStore {
         Ok(())
     }
 
-    /// Rows of `view`, optionally for one key, with `from <= window_start < to`,
-    /// ordered by key then window, starting after `after` (for pagination).
-    pub fn rows(&self, q: &RowQuery) -> Result<Vec<StoredRow>, StoreError> {
-        let (after_key, after_start) = q.after.clone().unwrap_or((String::new(), i64::MIN));
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT key, window_start, window_end, row FROM view_rows
-             WHERE view = ?1 AND (?2 IS NULL OR key = ?2) AND window_start >= ?3 AND window_start < ?4
-               AND (key > ?5 OR (key = ?5 AND window_start > ?6))
-             ORDER BY key, window_start LIMIT ?7",
+    /// The view id a name (through its alias) or `name@version` refers to.
+    pub fn resolve_view(&self, name: &str) -> Result<Option<String>, StoreError> {
+        if name.contains('@') {
+            return Ok(self
+                .conn
+                .query_row("SELECT view_id FROM views WHERE view_id = ?1", [name], |r| r.get(0))
+                .optional()?);
+        }
+        Ok(self
+            .conn
+            .query_row("SELECT version FROM view_aliases WHERE name = ?1", [name], |r| r.get::<_, u32>(0))
+            .optional()?
+            .map(|v| format!("{name}@{v}")))
+    }
+
+    /// Every view version the store knows.
+    pub fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT v.name, v.version, v.view_id, v.definition, a.version IS NOT NULL
+             FROM views v LEFT JOIN view_aliases a ON a.name = v.name AND a.version = v.version
+             ORDER BY v.name, v.version",
         )?;
-        let rows = stmt
-            .query_map(params![q.view, q.key, q.from, q.to, after_key, after_start, q.limit as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?))
-            })?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get(4)?))
+        })?;
         let mut out = Vec::new();
         for row in rows {
-            let (key, window_start, window_end, json) = row?;
-            out.push(StoredRow { key, window_start, window_end, agg: parse_row(&json)? });
+            let (name, version, id, def, current) = row?;
+            out.push(ViewInfo {
+                name,
+                version,
+                id,
+                current,
+                definition: serde_json::from_str(&def).unwrap_or(Json::Null),
+            });
         }
         Ok(out)
     }
 
-    /// Every row of every view, ordered: a canonical dump for comparisons.
+    /// A page of rows, ordered by key then window start.
+    pub fn rows(&self, q: &RowQuery) -> Result<Vec<StoredRow>, StoreError> {
+        let (after_key, after_start) = q.after.clone().unwrap_or((String::new(), i64::MIN));
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key, window_start, window_end, row FROM view_rows
+             WHERE view_id = ?1 AND (?2 IS NULL OR key = ?2) AND window_start >= ?3 AND window_start < ?4
+               AND (key > ?5 OR (key = ?5 AND window_start > ?6))
+             ORDER BY key, window_start LIMIT ?7",
+        )?;
+        let rows = stmt
+            .query_map(params![q.view_id, q.key, q.from, q.to, after_key, after_start, q.limit as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<i64>>(2)?, r.get::<_, String>(3)?))
+            })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (key, window_start, window_end, json) = row?;
+            let values =
+                serde_json::from_str(&json).map_err(|e| StoreError(format!("stored row does not parse: {e}")))?;
+            out.push(StoredRow { key, window_start, window_end, values });
+        }
+        Ok(out)
+    }
+
+    /// A page of late events, ordered by event time then position.
+    pub fn late_events(&self, q: &LateQuery) -> Result<Vec<LateEvent>, StoreError> {
+        let (a_ts, a_view, a_p, a_o, a_w) = q.after.clone().unwrap_or((i64::MIN, String::new(), 0, 0, i64::MIN));
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT view_id, partition, offset, window_start, device, boot, seq, ts_ms, watermark_ms, reason
+             FROM late_events
+             WHERE (?1 IS NULL OR view_id = ?1) AND (?2 IS NULL OR device = ?2) AND ts_ms >= ?3 AND ts_ms < ?4
+               AND (ts_ms, view_id, partition, offset, window_start) > (?5, ?6, ?7, ?8, ?9)
+             ORDER BY ts_ms, view_id, partition, offset, window_start LIMIT ?10",
+        )?;
+        let rows = stmt.query_map(
+            params![q.view_id, q.device, q.from, q.to, a_ts, a_view, a_p, a_o as i64, a_w, q.limit as i64],
+            |r| {
+                Ok(LateEvent {
+                    view: r.get(0)?,
+                    partition: r.get(1)?,
+                    offset: r.get::<_, i64>(2)? as u64,
+                    window_start: r.get(3)?,
+                    device: r.get(4)?,
+                    boot: r.get(5)?,
+                    seq: r.get::<_, i64>(6)? as u64,
+                    ts_ms: r.get(7)?,
+                    watermark_ms: r.get(8)?,
+                    reason: match r.get::<_, String>(9)?.as_str() {
+                        "late" => "late",
+                        "window_closed" => "window_closed",
+                        _ => "other",
+                    },
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every row of every view version, in a canonical order: byte-comparable dumps.
     pub fn dump(&self) -> Result<String, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT view, key, window_start, window_end, row FROM view_rows ORDER BY view, key, window_start",
+            "SELECT view_id, key, window_start, window_end, row FROM view_rows ORDER BY view_id, key, window_start",
         )?;
         let mut rows = stmt.query([])?;
         let mut out = String::new();
         while let Some(r) = rows.next()? {
-            let (view, key, start, end, row): (String, String, i64, i64, String) =
+            let (view, key, start, end, row): (String, String, i64, Option<i64>, String) =
                 (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
+            let end = end.map_or_else(|| "-".to_string(), |e| e.to_string());
             out.push_str(&format!("{view}\t{key}\t{start}\t{end}\t{row}\n"));
         }
         Ok(out)
+    }
+
+    /// The late log in canonical order, for dumps.
+    pub fn dump_late(&self) -> Result<String, StoreError> {
+        let q = LateQuery {
+            view_id: None,
+            device: None,
+            from: i64::MIN,
+            to: i64::MAX,
+            after: None,
+            limit: usize::MAX >> 1,
+        };
+        Ok(self
+            .late_events(&q)?
+            .iter()
+            .map(|l| format!("{}\t{}\t{}\t{}\t{}\t{}\n", l.view, l.device, l.seq, l.ts_ms, l.window_start, l.reason))
+            .collect())
     }
 }
 
 /// A page of rows to read.
 #[derive(Debug, Clone)]
 pub struct RowQuery {
-    pub view: String,
+    pub view_id: String,
     pub key: Option<String>,
     pub from: i64,
     pub to: i64,
@@ -181,11 +443,19 @@ pub struct RowQuery {
     pub limit: usize,
 }
 
-fn parse_row(json: &str) -> Result<WindowAgg, StoreError> {
-    serde_json::from_str(json).map_err(|e| StoreError(format!("stored view row does not parse: {e}")))
+/// A page of late events to read.
+#[derive(Debug, Clone)]
+pub struct LateQuery {
+    pub view_id: Option<String>,
+    pub device: Option<String>,
+    pub from: i64,
+    pub to: i64,
+    /// `(ts_ms, view_id, partition, offset, window_start)` of the last event of the previous page.
+    pub after: Option<(i64, String, Partition, Offset, i64)>,
+    pub limit: usize,
 }
 
-/// A serving-store failure.
+/// A store failure.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("serving store: {0}")]
 pub struct StoreError(pub String);
@@ -199,13 +469,23 @@ impl From<rusqlite::Error> for StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::views::operator::Row;
 
-    fn row(view: &str, key: &str, start: i64, count: u64) -> RowWrite {
-        RowWrite {
-            view: view.into(),
-            key: RowKey { key: key.into(), window_start: start },
-            window_end: start + 60_000,
-            agg: WindowAgg { count, first_ts_ms: start, last_ts_ms: start, metrics: BTreeMap::new() },
+    fn row(key: &str, start: i64, n: u64) -> Row {
+        Row {
+            key: key.into(),
+            window_start: start,
+            window_end: Some(start + 60_000),
+            values: serde_json::json!({ "n": n }),
+        }
+    }
+
+    fn cp_with_rows(rows: Vec<Row>, next_offset: u64) -> Checkpoint {
+        Checkpoint {
+            views: vec![("v@1".into(), Changes { row_upserts: rows, ..Changes::default() }, Some(5))],
+            partitions: vec![(0, next_offset, Some(100))],
+            global_watermark: Some(90),
+            ..Checkpoint::default()
         }
     }
 
@@ -213,23 +493,24 @@ mod tests {
     fn a_checkpoint_replaces_rows_and_positions_together() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = ViewStore::open(&dir.path().join("v.sqlite")).unwrap();
-        s.checkpoint(&[row("v", "a", 0, 1)], &BTreeMap::from([(0, 5)]), Some(100)).unwrap();
-        s.checkpoint(&[row("v", "a", 0, 3)], &BTreeMap::from([(0, 9), (1, 2)]), Some(200)).unwrap();
-        assert_eq!(s.positions().unwrap(), BTreeMap::from([(0, 9), (1, 2)]));
-        assert_eq!(s.watermark().unwrap(), Some(200));
-        let key = RowKey { key: "a".into(), window_start: 0 };
-        assert_eq!(s.load_row("v", &key).unwrap().map(|a| a.count), Some(3));
+        s.checkpoint(&cp_with_rows(vec![row("a", 0, 1)], 5)).unwrap();
+        s.checkpoint(&cp_with_rows(vec![row("a", 0, 3)], 9)).unwrap();
+        let r = s.restore().unwrap();
+        assert_eq!(r.partitions[&0], (9, Some(100)));
+        assert_eq!(r.global_watermark, Some(90));
+        let q = RowQuery { view_id: "v@1".into(), key: None, from: i64::MIN, to: i64::MAX, after: None, limit: 10 };
+        assert_eq!(s.rows(&q).unwrap()[0].values["n"], 3);
+        assert_eq!(s.view_state("v@1").unwrap().0, Some(5));
     }
 
     #[test]
     fn rows_page_by_key_and_window() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = ViewStore::open(&dir.path().join("v.sqlite")).unwrap();
-        let rows: Vec<_> = ["a", "b"].iter().flat_map(|k| (0..3).map(move |i| row("v", k, i * 60_000, 1))).collect();
-        s.checkpoint(&rows, &BTreeMap::new(), None).unwrap();
-        let mut q = RowQuery { view: "v".into(), key: None, from: 0, to: i64::MAX, after: None, limit: 4 };
+        let rows: Vec<_> = ["a", "b"].iter().flat_map(|k| (0..3).map(move |i| row(k, i * 60_000, 1))).collect();
+        s.checkpoint(&cp_with_rows(rows, 1)).unwrap();
+        let mut q = RowQuery { view_id: "v@1".into(), key: None, from: 0, to: i64::MAX, after: None, limit: 4 };
         let page1 = s.rows(&q).unwrap();
-        assert_eq!(page1.len(), 4);
         let last = page1.last().unwrap();
         q.after = Some((last.key.clone(), last.window_start));
         let page2 = s.rows(&q).unwrap();
@@ -237,9 +518,40 @@ mod tests {
             page2.iter().map(|r| (r.key.as_str(), r.window_start)).collect::<Vec<_>>(),
             [("b", 60_000), ("b", 120_000)]
         );
-        q.key = Some("a".into());
-        q.after = None;
-        q.from = 60_000;
-        assert_eq!(s.rows(&q).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_changed_definition_needs_a_new_version() {
+        use crate::views::spec::{AggFn, AggSpec, Field, OutputMode, WindowSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = ViewStore::open(&dir.path().join("v.sqlite")).unwrap();
+        let mut spec = ViewSpec {
+            name: "v".into(),
+            version: 1,
+            key: Field::Device,
+            window: WindowSpec::Global,
+            output: OutputMode::Update,
+            allowed_lateness_ms: 0,
+            filter: vec![],
+            aggregates: vec![AggSpec { name: "n".into(), func: AggFn::Count, of: None, max: 1 }],
+        };
+        s.register_views(std::slice::from_ref(&spec), 0).unwrap();
+        s.register_views(std::slice::from_ref(&spec), 0).unwrap();
+        spec.window = WindowSpec::Tumbling { size_ms: 1000 };
+        let err = s.register_views(std::slice::from_ref(&spec), 0).unwrap_err();
+        assert!(err.0.contains("version = 2"), "{err}");
+        spec.version = 2;
+        s.register_views(&[spec], 0).unwrap();
+        assert_eq!(s.resolve_view("v").unwrap().as_deref(), Some("v@1"), "the alias stays on the first version");
+        assert_eq!(s.resolve_view("v@2").unwrap().as_deref(), Some("v@2"));
+    }
+
+    #[test]
+    fn a_store_from_the_older_schema_is_refused_with_a_way_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sqlite");
+        Connection::open(&path).unwrap().execute_batch("CREATE TABLE positions (partition INTEGER)").unwrap();
+        let err = ViewStore::open(&path).unwrap_err();
+        assert!(err.0.contains("rebuilt from the event log"), "{err}");
     }
 }

@@ -1,0 +1,7 @@
+//! Declarative views: definitions ([`spec`]), aggregate state ([`agg`]) and
+//! the streaming operator that maintains a view ([`operator`]).
+
+pub mod agg;
+pub mod defaults;
+pub mod operator;
+pub mod spec;
