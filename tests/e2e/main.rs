@@ -7,5 +7,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
+mod configs;
 mod pipeline;
 mod util;

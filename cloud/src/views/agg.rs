@@ -433,8 +433,16 @@ impl AggState {
         }
     }
 
-    /// The output column value.
+    /// The output column value. Event times come out as integers (Unix ms).
     pub fn output(&self, spec: &AggSpec) -> Json {
+        let out = self.output_raw(spec);
+        if spec.of == Some(Field::EventTime) && !matches!(spec.func, AggFn::Avg | AggFn::Variance | AggFn::Stddev) {
+            return integral(out);
+        }
+        out
+    }
+
+    fn output_raw(&self, spec: &AggSpec) -> Json {
         match self {
             AggState::Count(n) => Json::from(*n),
             AggState::Sum(m) => {
@@ -455,6 +463,18 @@ impl AggState {
             AggState::Set { items, .. } => Json::Array(items.iter().map(|s| Json::String(s.clone())).collect()),
             AggState::List { items, .. } => Json::Array(items.iter().map(|(_, v)| v.to_json()).collect()),
         }
+    }
+}
+
+/// Whole numbers as JSON integers, recursively through arrays.
+pub fn integral(v: Json) -> Json {
+    match v {
+        Json::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Json::from(f as i64),
+            _ => Json::Number(n),
+        },
+        Json::Array(a) => Json::Array(a.into_iter().map(integral).collect()),
+        other => other,
     }
 }
 

@@ -2,6 +2,7 @@
 //! the streaming operator that maintains a view ([`operator`]).
 
 pub mod agg;
+pub mod batch;
 pub mod defaults;
 pub mod operator;
 pub mod spec;
