@@ -27,11 +27,13 @@ pub struct LogEntry {
     pub reading: Reading,
 }
 
+/// A view's rows: (key, window start) -> (window end, values).
+pub type Rows = BTreeMap<(String, i64), (Option<i64>, Map<String, Json>)>;
+
 /// A view computed in batch.
 #[derive(Debug, Default)]
 pub struct BatchView {
-    /// (key, window start) -> (window end, values).
-    pub rows: BTreeMap<(String, i64), (Option<i64>, Map<String, Json>)>,
+    pub rows: Rows,
     /// (partition, offset, window start) of every late reading-window.
     pub late: BTreeSet<(Partition, Offset, i64)>,
 }
@@ -114,7 +116,7 @@ pub fn compute(spec: &ViewSpec, log: &[LogEntry], bound_ms: i64) -> BatchView {
                 WindowSpec::Session { gap_ms } => end.map(|e| e + gap_ms + lateness),
                 _ => end.map(|e| e + lateness),
             };
-            if !global.is_some_and(|g| closes_at.is_some_and(|c| c <= g)) {
+            if global.is_none_or(|g| closes_at.is_none_or(|c| c > g)) {
                 continue;
             }
         }
@@ -215,11 +217,7 @@ fn text(v: &Val<'_>) -> String {
 /// Every difference between streamed rows and the batch result. Floats agree
 /// within `1e-9` relative; `approx_distinct` within 2% or 1 (the sketch's
 /// error); everything else exactly.
-pub fn diff(
-    spec: &ViewSpec,
-    stream: &BTreeMap<(String, i64), (Option<i64>, Map<String, Json>)>,
-    batch: &BatchView,
-) -> Vec<String> {
+pub fn diff(spec: &ViewSpec, stream: &Rows, batch: &BatchView) -> Vec<String> {
     let mut problems = Vec::new();
     for (k, (end, values)) in &batch.rows {
         match stream.get(k) {
