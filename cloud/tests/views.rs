@@ -59,7 +59,7 @@ fn reading(device: &str, user: &str, seq: u64, ts_ms: i64, kind: &str, t: Option
 struct Outcome {
     dump: String,
     late: String,
-    rows: BTreeMap<String, BTreeMap<(String, i64), (Option<i64>, Map<String, Json>)>>,
+    rows: BTreeMap<String, batch::Rows>,
     late_keys: BTreeMap<String, Vec<(u32, u64, i64)>>,
     log: Vec<LogEntry>,
 }
