@@ -27,7 +27,6 @@ use kappa_cloud::views::spec::ViewSpec;
 use kappa_common::Reading;
 use kappa_common::record::{self, LogEvent, LogRecord};
 use proptest::prelude::*;
-use serde_json::{Map, Value as Json};
 
 const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 const MIN: i64 = 60_000;
