@@ -48,7 +48,8 @@ pub enum ConfigCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ViewsCommand {
-    /// Print every view row in a canonical order (for diffs).
+    /// Print every row of every view version, then the late log, in a
+    /// canonical order: two dumps of the same log are byte-identical.
     Dump,
 }
 
@@ -86,7 +87,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Views(ViewsCommand::Dump) => {
             let store = ViewStore::open_read_only(&cfg.data_dir.join("views.sqlite"))?;
-            print!("{}", store.dump()?);
+            print!("{}# late\n{}", store.dump()?, store.dump_late()?);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -9,4 +9,5 @@
 
 mod configs;
 mod pipeline;
+mod processor;
 mod util;

@@ -7,6 +7,7 @@ use crate::util::*;
 
 const SETTLE: Duration = Duration::from_secs(90);
 
+/// A fleet mixing schema versions and encodings lands exactly in the views.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_through_edge_and_cloud_lands_exactly_in_the_views() {
     let dir = tempfile::tempdir().unwrap();
@@ -14,7 +15,12 @@ async fn a_fleet_through_edge_and_cloud_lands_exactly_in_the_views() {
     let mqtt_port = free_port();
     let edge = Edge::start(dir.path(), Mqtt::Embedded(mqtt_port), &cloud.url()).await;
 
-    let mut sim = Fleet::new(50, 600, 40.0).start(mqtt_port, dir.path());
+    // Schema evolution: old (v1: temp, hum, ...) and new firmware, CBOR and
+    // JSON devices, in one fleet; all land in the same view columns.
+    let mut fleet = Fleet::new(50, 600, 40.0);
+    fleet.v1_share = 0.3;
+    fleet.json_share = 0.3;
+    let mut sim = fleet.start(mqtt_port, dir.path());
     let truth = Fleet::finish(&mut sim, dir.path()).await;
     assert_eq!(truth.acked, 50 * 600, "every reading should have been acknowledged");
 
@@ -22,6 +28,14 @@ async fn a_fleet_through_edge_and_cloud_lands_exactly_in_the_views() {
     let rows = fetch_rows(&cloud.url(), "device_windows").await;
     assert_exact(&truth, &rows, &[&cloud.proc, &edge.proc]);
     assert_eq!(edge.metric("kappa_edge_readings_rejected_total").await, None, "nothing was rejected");
+    let log = kappa_edge::log::EdgeLog::open_read_only(&dir.path().join("edge-data/edge-log.sqlite")).unwrap();
+    let mut by_schema = [0u64; 3];
+    log.export(i64::MIN, i64::MAX, |r| {
+        by_schema[usize::from(r.schema.min(2))] += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert!(by_schema[1] > 3000 && by_schema[2] > 3000, "both schema versions were in the fleet: {by_schema:?}");
 }
 
 /// The agent is killed with SIGKILL three times while the fleet publishes.

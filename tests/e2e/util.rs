@@ -33,12 +33,18 @@ impl Proc {
 
     /// Starts any program.
     pub fn spawn_cmd(name: &str, program: &str, args: &[&str], dir: &Path) -> Proc {
+        Self::spawn_env(name, program, args, dir, &[])
+    }
+
+    /// Starts any program with extra environment variables.
+    pub fn spawn_env(name: &str, program: &str, args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let child = tokio::process::Command::new(program)
             .args(args)
             .env("RUST_LOG", "info,rumqttd=warn,rumqttc=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -122,24 +128,33 @@ pub struct Cloud {
     pub port: u16,
     pub config: PathBuf,
     pub proc: Proc,
+    name: String,
     dir: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Cloud {
     pub async fn start(dir: &Path) -> Cloud {
+        Self::start_with(dir, "cloud", "[processor]\ncheckpoint_interval = \"500ms\"\n", &[]).await
+    }
+
+    /// A node named `name` (its config, data and log file carry the name),
+    /// with `extra` TOML after `data_dir` and `[http]`.
+    pub async fn start_with(dir: &Path, name: &str, extra: &str, env: &[(&str, &str)]) -> Cloud {
         let port = free_port();
-        let config = dir.join("cloud.toml");
+        let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[processor]\ncheckpoint_interval = \"500ms\"\n",
-                dir.join("cloud-data")
+                "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}",
+                dir.join(format!("{name}-data"))
             ),
         )
         .expect("write cloud config");
-        let proc = Proc::spawn("cloud", "cloud", &["run", "--config", config.to_str().unwrap_or_default()], dir);
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let proc = spawn_cloud(name, &config, dir, &env);
         wait_for_port(port).await;
-        Cloud { port, config, proc, dir: dir.to_path_buf() }
+        Cloud { port, config, proc, name: name.into(), dir: dir.into(), env }
     }
 
     pub fn url(&self) -> String {
@@ -148,10 +163,34 @@ impl Cloud {
 
     /// Starts the same node again (same data, same port).
     pub async fn restart(&mut self) {
-        self.proc =
-            Proc::spawn("cloud", "cloud", &["run", "--config", self.config.to_str().unwrap_or_default()], &self.dir);
+        self.proc = spawn_cloud(&self.name, &self.config, &self.dir, &self.env);
         wait_for_port(self.port).await;
     }
+
+    /// `kappa-cloud views dump`: every row and the late log, canonically ordered.
+    pub async fn dump(&self) -> String {
+        let out = tokio::process::Command::new(BIN)
+            .args(["cloud", "views", "dump", "--config", self.config.to_str().unwrap_or_default()])
+            .output()
+            .await
+            .expect("views dump");
+        assert!(out.status.success(), "views dump failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8 dump")
+    }
+
+    /// Records processed so far, from the checkpoint in the store (readable while the node runs).
+    pub fn checkpointed_offsets(&self) -> u64 {
+        let path = self.dir.join(format!("{}-data", self.name)).join("views.sqlite");
+        kappa_cloud::store::ViewStore::open_read_only(&path)
+            .and_then(|s| s.restore())
+            .map(|r| r.partitions.values().map(|(o, _)| *o).sum())
+            .unwrap_or(0)
+    }
+}
+
+fn spawn_cloud(name: &str, config: &Path, dir: &Path, env: &[(String, String)]) -> Proc {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Proc::spawn_env(name, BIN, &["cloud", "run", "--config", config.to_str().unwrap_or_default()], dir, &env)
 }
 
 /// How the edge agent reaches devices.
@@ -256,11 +295,24 @@ pub struct Fleet {
     pub seed: u64,
     pub topic_prefix: String,
     pub id_prefix: String,
+    /// Share of devices on schema-1 firmware.
+    pub v1_share: f64,
+    /// Share of devices sending JSON.
+    pub json_share: f64,
 }
 
 impl Fleet {
     pub fn new(devices: u32, readings: u64, rate: f64) -> Fleet {
-        Fleet { devices, readings, rate, seed: 7, topic_prefix: String::new(), id_prefix: "sim-".into() }
+        Fleet {
+            devices,
+            readings,
+            rate,
+            seed: 7,
+            topic_prefix: String::new(),
+            id_prefix: "sim-".into(),
+            v1_share: 0.0,
+            json_share: 0.0,
+        }
     }
 
     /// Starts the simulator against a broker on `port`; [`Fleet::finish`] waits for its truth.
@@ -287,6 +339,10 @@ impl Fleet {
             self.id_prefix.clone(),
             "--drain-timeout".into(),
             "90s".into(),
+            "--v1-share".into(),
+            self.v1_share.to_string(),
+            "--json-share".into(),
+            self.json_share.to_string(),
             "--truth".into(),
             truth.to_str().unwrap_or_default().to_string(),
         ];
