@@ -404,6 +404,7 @@ aggregates = [{ name = "n", fn = "count" }]
             p.step(Duration::from_millis(10)).unwrap();
         }
         p.checkpoint().unwrap();
+        p.sync().unwrap();
         let store = ViewStore::open_read_only(&store_path).unwrap();
         let q = RowQuery {
             view_id: "per_minute@1".into(),

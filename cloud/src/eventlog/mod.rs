@@ -14,6 +14,7 @@
 //!   consumer-group share for Kafka), is told where to start with
 //!   [`LogSource::seek`], and polls records in offset order per partition.
 
+pub mod memory;
 pub mod sqlite;
 
 use std::future::Future;
@@ -61,7 +62,7 @@ pub trait LogAppender: Send + Sync + 'static {
 pub struct ConsumedRecord {
     pub partition: Partition,
     pub offset: Offset,
-    pub value: Vec<u8>,
+    pub value: bytes::Bytes,
 }
 
 /// Reads assigned partitions in offset order. Blocking: sources run on the

@@ -297,7 +297,7 @@ impl SqliteSource {
                 let offset = row.get::<_, i64>(0).map_err(unavailable)? as u64;
                 let value: Vec<u8> = row.get(1).map_err(unavailable)?;
                 self.positions[idx].1 = offset + 1;
-                out.push(ConsumedRecord { partition: p, offset, value });
+                out.push(ConsumedRecord { partition: p, offset, value: value.into() });
             }
             if out.len() >= max {
                 break;

@@ -28,11 +28,19 @@ pub struct SeqSet {
 impl SeqSet {
     /// Adds `seq`; false if it was already there.
     pub fn insert(&mut self, seq: u64) -> bool {
-        if let Some((&s, &e)) = self.ranges.range(..=seq).next_back()
-            && seq <= e
-        {
-            let _ = s;
-            return false;
+        let below = self.ranges.range_mut(..=seq).next_back();
+        if let Some((_, e)) = below {
+            if seq <= *e {
+                return false;
+            }
+            // The common case: the next number of the newest range, with nothing after it.
+            let next = seq.checked_add(1);
+            if *e + 1 == seq && next.is_none_or(|n| !self.ranges.contains_key(&n)) {
+                if let Some((_, e)) = self.ranges.range_mut(..=seq).next_back() {
+                    *e = seq;
+                }
+                return true;
+            }
         }
         let mut start = seq;
         let mut end = seq;
@@ -74,7 +82,8 @@ struct Slot {
 /// Dedup state for every device boot, with what the next checkpoint must write.
 #[derive(Debug, Default)]
 pub struct Dedup {
-    boots: HashMap<(String, u32), Slot>,
+    /// device -> boot -> sequence numbers (looked up by `&str`, no allocation per reading).
+    boots: HashMap<String, HashMap<u32, Slot>, foldhash::fast::RandomState>,
     deleted: Vec<(String, u32)>,
     horizon_ms: i64,
 }
@@ -85,14 +94,17 @@ impl Dedup {
     }
 
     pub fn restore(&mut self, device: String, boot: u32, set: SeqSet) {
-        self.boots.insert((device, boot), Slot { set, dirty: false });
+        self.boots.entry(device).or_default().insert(boot, Slot { set, dirty: false });
     }
 
     /// True the first time a reading identity is seen.
     pub fn first_sighting(&mut self, r: &Reading) -> bool {
-        let slot = self
-            .boots
-            .entry((r.device.clone(), r.boot))
+        let boots = match self.boots.get_mut(r.device.as_str()) {
+            Some(b) => b,
+            None => self.boots.entry(r.device.clone()).or_default(),
+        };
+        let slot = boots
+            .entry(r.boot)
             .or_insert_with(|| Slot { set: SeqSet { ranges: BTreeMap::new(), last_ts: r.ts_ms }, dirty: true });
         let new = slot.set.insert(r.seq);
         if new {
@@ -106,28 +118,34 @@ impl Dedup {
     pub fn prune(&mut self, watermark: i64) {
         let horizon = self.horizon_ms;
         let deleted = &mut self.deleted;
-        self.boots.retain(|k, s| {
-            let keep = s.set.last_ts.saturating_add(horizon) > watermark;
-            if !keep {
-                deleted.push(k.clone());
-            }
-            keep
+        self.boots.retain(|device, boots| {
+            boots.retain(|boot, s| {
+                let keep = s.set.last_ts.saturating_add(horizon) > watermark;
+                if !keep {
+                    deleted.push((device.clone(), *boot));
+                }
+                keep
+            });
+            !boots.is_empty()
         });
     }
 
     /// Changed boots (encoded) and forgotten ones, since the last call.
     pub fn take_changes(&mut self) -> DedupChanges {
         let mut up = Vec::new();
-        for ((d, b), s) in self.boots.iter_mut().filter(|(_, s)| s.dirty) {
-            s.dirty = false;
-            up.push((d.clone(), *b, serde_cbor::to_vec(&s.set).unwrap_or_default()));
+        for (d, boots) in self.boots.iter_mut() {
+            for (b, s) in boots.iter_mut().filter(|(_, s)| s.dirty) {
+                s.dirty = false;
+                up.push((d.clone(), *b, serde_cbor::ser::to_vec_packed(&s.set).unwrap_or_default()));
+            }
         }
         up.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         (up, std::mem::take(&mut self.deleted))
     }
 
+    /// Device boots remembered.
     pub fn len(&self) -> usize {
-        self.boots.len()
+        self.boots.values().map(HashMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -14,6 +14,7 @@
 //! point replays exactly the records after the checkpoint onto exactly the
 //! state that excludes them.
 
+pub mod committer;
 pub mod dedup;
 pub mod watermark;
 
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use kappa_common::record::{self, LogEvent};
 use tokio_util::sync::CancellationToken;
 
+use self::committer::{Committer, Done, Job};
 use self::dedup::{Dedup, SeqSet};
 use self::watermark::Watermarks;
 use crate::eventlog::{EventLogError, LogSource, Offset, Partition};
@@ -54,6 +56,10 @@ pub trait Operator: Send + std::fmt::Debug {
     /// Windows held in memory.
     fn state_len(&self) -> usize {
         0
+    }
+    /// Rows are waiting that readers should see now (windows just closed).
+    fn has_pending_output(&self) -> bool {
+        false
     }
 }
 
@@ -88,6 +94,10 @@ impl Operator for ViewOperator {
     fn state_len(&self) -> usize {
         ViewOperator::state_len(self)
     }
+
+    fn has_pending_output(&self) -> bool {
+        ViewOperator::has_pending_output(self)
+    }
 }
 
 /// Processor settings.
@@ -121,7 +131,7 @@ impl Default for ProcessorSettings {
 #[derive(Debug)]
 pub struct Processor<S: LogSource> {
     source: S,
-    store: ViewStore,
+    committer: Committer,
     ops: Vec<Box<dyn Operator>>,
     dedup: Dedup,
     marks: Watermarks,
@@ -132,6 +142,7 @@ pub struct Processor<S: LogSource> {
     since_checkpoint: usize,
     last_checkpoint: Instant,
     last_lag: Instant,
+    emit_latencies: Vec<Duration>,
 }
 
 impl<S: LogSource> Processor<S> {
@@ -171,6 +182,7 @@ impl<S: LogSource> Processor<S> {
             Operator::on_start(&mut op, &store)?;
             ops.push(Box::new(op));
         }
+        let committer = Committer::start(store).map_err(|e| StoreError(format!("cannot start the committer: {e}")))?;
         tracing::info!(
             ?positions,
             global_watermark = ?marks.global(),
@@ -179,7 +191,7 @@ impl<S: LogSource> Processor<S> {
         );
         Ok(Self {
             source,
-            store,
+            committer,
             ops,
             dedup,
             marks,
@@ -190,15 +202,34 @@ impl<S: LogSource> Processor<S> {
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             last_lag: Instant::now() - Duration::from_secs(60),
+            emit_latencies: Vec::new(),
         })
     }
 
-    /// Runs until `cancel` fires, then checkpoints.
+    /// Runs until `cancel` fires, then checkpoints and waits for the commit.
     pub fn run(mut self, cancel: CancellationToken) -> Result<(), ProcessorError> {
         while !cancel.is_cancelled() {
             self.step(Duration::from_millis(100))?;
         }
-        self.checkpoint()
+        self.checkpoint()?;
+        self.sync()
+    }
+
+    /// Waits until every checkpoint handed to the committer is committed.
+    pub fn sync(&mut self) -> Result<(), ProcessorError> {
+        if let Some(done) = self.committer.wait()? {
+            self.record(done);
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, done: Done) {
+        self.metrics.checkpoint_commit_seconds.observe(done.commit.as_secs_f64());
+        self.metrics.checkpoint_rows.observe(done.rows as f64);
+        if let Some(latency) = done.emit_latency {
+            self.metrics.window_emit_seconds.observe(latency.as_secs_f64());
+            self.emit_latencies.push(latency);
+        }
     }
 
     /// One poll; checkpoints when the interval has passed. Returns records handled.
@@ -237,6 +268,7 @@ impl<S: LogSource> Processor<S> {
             self.metrics.readings_processed.inc();
         }
         let before = self.marks.global();
+        let mut closed = false;
         if let Some(g) = self.marks.advance(now)
             && before != Some(g)
         {
@@ -245,9 +277,17 @@ impl<S: LogSource> Processor<S> {
             }
             self.dedup.prune(g);
             self.metrics.watermark_ms.set(g);
+            closed = self.ops.iter().any(|o| o.has_pending_output());
         }
         self.since_checkpoint += n;
-        if self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval
+        if let Some(done) = self.committer.poll()? {
+            self.record(done);
+        }
+        if closed {
+            // Windows just closed: their rows are written now, not at the next
+            // interval. Latency counts from when this step's records arrived.
+            self.checkpoint_job(Some(now))?;
+        } else if self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval
             && (self.since_checkpoint > 0 || before != self.marks.global())
         {
             self.checkpoint()?;
@@ -258,8 +298,17 @@ impl<S: LogSource> Processor<S> {
         Ok(n)
     }
 
-    /// Writes everything changed since the last checkpoint, atomically.
+    /// Hands everything changed since the last checkpoint to the committer,
+    /// which writes it in one transaction ([`Processor::sync`] waits for it).
     pub fn checkpoint(&mut self) -> Result<(), ProcessorError> {
+        self.checkpoint_job(None)
+    }
+
+    fn checkpoint_job(&mut self, emit_since: Option<Instant>) -> Result<(), ProcessorError> {
+        // The previous checkpoint must be committed before this one is cut.
+        if let Some(done) = self.committer.wait()? {
+            self.record(done);
+        }
         let started = Instant::now();
         let mut cp = Checkpoint::default();
         for op in &mut self.ops {
@@ -276,19 +325,10 @@ impl<S: LogSource> Processor<S> {
         cp.late = std::mem::take(&mut self.late);
         cp.partitions = self.positions.iter().map(|(p, o)| (*p, *o, self.marks.max_ts(*p))).collect();
         cp.global_watermark = self.marks.global();
-        let rows = cp.rows_written();
-        if self.settings.split_checkpoint_for_tests {
-            // Views first; dedup state and positions only 50 ms later.
-            let views = Checkpoint { views: std::mem::take(&mut cp.views), ..Checkpoint::default() };
-            self.store.checkpoint(&views)?;
-            std::thread::sleep(Duration::from_millis(50));
-            self.store.checkpoint(&cp)?;
-        } else {
-            self.store.checkpoint(&cp)?;
-        }
+        let split = self.settings.split_checkpoint_for_tests;
+        self.committer.submit(Job { checkpoint: cp, emit_since, split })?;
         self.metrics.checkpoints.inc();
         self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
-        self.metrics.checkpoint_rows.observe(rows as f64);
         self.metrics.state_rows.set(self.ops.iter().map(|o| o.state_len() as i64).sum());
         self.metrics.dedup_boots.set(self.dedup.len() as i64);
         self.since_checkpoint = 0;
@@ -314,6 +354,12 @@ impl<S: LogSource> Processor<S> {
     /// The global watermark.
     pub fn watermark(&self) -> Option<i64> {
         self.marks.global()
+    }
+
+    /// How long each flush of just-closed windows took, from the watermark
+    /// passing their end to their rows being committed (for benchmarks).
+    pub fn take_emit_latencies(&mut self) -> Vec<Duration> {
+        std::mem::take(&mut self.emit_latencies)
     }
 }
 

@@ -120,6 +120,9 @@ impl ViewStore {
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // A checkpoint of many windows is one large transaction: give it room
+        // (64 MiB) so dirty pages are not spilled to the WAL mid-transaction.
+        conn.pragma_update(None, "cache_size", -65_536)?;
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let tables: i64 =
             conn.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
@@ -243,7 +246,7 @@ impl ViewStore {
                     row_del.execute(params![view, k, s])?;
                 }
                 for r in &ch.row_upserts {
-                    row_up.execute(params![view, r.key, r.window_start, r.window_end, r.values.to_string()])?;
+                    row_up.execute(params![view, r.key, r.window_start, r.window_end, r.values])?;
                 }
                 for (k, s) in &ch.state_deletes {
                     st_del.execute(params![view, k, s])?;
@@ -476,7 +479,7 @@ mod tests {
             key: key.into(),
             window_start: start,
             window_end: Some(start + 60_000),
-            values: serde_json::json!({ "n": n }),
+            values: serde_json::json!({ "n": n }).to_string(),
         }
     }
 

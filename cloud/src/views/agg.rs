@@ -84,6 +84,11 @@ impl OrderKey {
     pub fn of(r: &Reading) -> Self {
         Self { ts_ms: r.ts_ms, device: r.device.clone(), boot: r.boot, seq: r.seq }
     }
+
+    /// How `r` orders against this key, without building a key for it.
+    pub fn cmp_reading(&self, r: &Reading) -> std::cmp::Ordering {
+        (r.ts_ms, r.device.as_str(), r.boot, r.seq).cmp(&(self.ts_ms, self.device.as_str(), self.boot, self.seq))
+    }
 }
 
 /// An exact sum of floats: the non-overlapping partials of Shewchuk's algorithm.
@@ -365,29 +370,32 @@ impl AggState {
                 }
             }
             AggState::First(cur) => {
-                let k = OrderKey::of(r);
-                if cur.as_ref().is_none_or(|(c, _)| k < *c) {
-                    *cur = Some((k, v.into()));
+                if cur.as_ref().is_none_or(|(c, _)| c.cmp_reading(r).is_lt()) {
+                    *cur = Some((OrderKey::of(r), v.into()));
                 }
             }
             AggState::Last(cur) => {
-                let k = OrderKey::of(r);
-                if cur.as_ref().is_none_or(|(c, _)| k > *c) {
-                    *cur = Some((k, v.into()));
+                if cur.as_ref().is_none_or(|(c, _)| c.cmp_reading(r).is_gt()) {
+                    *cur = Some((OrderKey::of(r), v.into()));
                 }
             }
             AggState::Distinct(h) => h.add_hash(stable_hash(v)),
             AggState::Set { items, max } => {
-                items.insert(text(v));
-                while items.len() > *max {
-                    items.pop_last();
+                let present = match v {
+                    Val::Str(s) => items.contains(s),
+                    Val::Num(_) => false,
+                };
+                if !present {
+                    items.insert(text(v));
+                    while items.len() > *max {
+                        items.pop_last();
+                    }
                 }
             }
             AggState::List { items, max } => {
-                let k = OrderKey::of(r);
-                let at = items.partition_point(|(c, _)| *c <= k);
+                let at = items.partition_point(|(c, _)| !c.cmp_reading(r).is_lt());
                 if at < *max {
-                    items.insert(at, (k, v.into()));
+                    items.insert(at, (OrderKey::of(r), v.into()));
                     items.truncate(*max);
                 }
             }

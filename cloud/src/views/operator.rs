@@ -21,12 +21,13 @@
 //! the global watermark moved past an idle partition, goes to the late log
 //! with reason `window_closed`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use kappa_common::Reading;
 use kappa_common::window::tumbling_start;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 
 use super::agg::{AggState, Val, field_value};
 use super::spec::{Condition, Literal, Op, OutputMode, ViewSpec, WindowSpec};
@@ -78,7 +79,15 @@ pub struct Row {
     pub key: String,
     pub window_start: i64,
     pub window_end: Option<i64>,
-    pub values: Json,
+    /// The aggregates as a JSON object, keys sorted.
+    pub values: String,
+}
+
+impl Row {
+    /// The values, parsed.
+    pub fn json(&self) -> Json {
+        serde_json::from_str(&self.values).unwrap_or(Json::Null)
+    }
 }
 
 /// What a checkpoint must write for one view.
@@ -105,21 +114,26 @@ pub struct Tally {
 pub struct ViewOperator {
     pub spec: ViewSpec,
     id: String,
-    windows: HashMap<(String, i64), Slot>,
-    sessions: HashMap<String, Vec<Slot>>,
+    /// key -> its open windows (sessions too), sorted by start. Looked up by
+    /// `&str`, so a reading for a known key allocates nothing here.
+    slots: HashMap<String, Vec<Slot>, foldhash::fast::RandomState>,
     /// The global watermark at the last close.
     closed_through: Option<i64>,
     pending: Changes,
     pub tally: Tally,
+    /// Aggregate indices in name order: rows list their values sorted by name.
+    by_name: Vec<usize>,
 }
 
 impl ViewOperator {
     pub fn new(spec: ViewSpec) -> Self {
+        let mut by_name: Vec<usize> = (0..spec.aggregates.len()).collect();
+        by_name.sort_by(|a, b| spec.aggregates[*a].name.cmp(&spec.aggregates[*b].name));
         Self {
+            by_name,
             id: spec.id(),
             spec,
-            windows: HashMap::new(),
-            sessions: HashMap::new(),
+            slots: HashMap::default(),
             closed_through: None,
             pending: Changes::default(),
             tally: Tally::default(),
@@ -138,28 +152,21 @@ impl ViewOperator {
     pub fn restore(&mut self, closed_through: Option<i64>, states: Vec<(String, WinState)>) {
         self.closed_through = closed_through;
         for (key, win) in states {
-            let slot = Slot { win, dirty: false };
-            if matches!(self.spec.window, WindowSpec::Session { .. }) {
-                let list = self.sessions.entry(key).or_default();
-                list.push(slot);
-                list.sort_by_key(|s| s.win.start);
-            } else {
-                self.windows.insert((key, slot.win.start), slot);
-            }
+            let list = self.slots.entry(key).or_default();
+            list.push(Slot { win, dirty: false });
+            list.sort_by_key(|s| s.win.start);
         }
+    }
+
+    /// Final rows of closed windows are waiting (update-mode rows simply go
+    /// out with the next checkpoint).
+    pub fn has_pending_output(&self) -> bool {
+        self.spec.output == OutputMode::Final && !self.pending.row_upserts.is_empty()
     }
 
     /// Windows held in memory.
     pub fn state_len(&self) -> usize {
-        self.windows.len() + self.sessions.values().map(Vec::len).sum::<usize>()
-    }
-
-    fn end_of(&self, w: &WinState) -> i64 {
-        match self.spec.window {
-            WindowSpec::Tumbling { size_ms } | WindowSpec::Hopping { size_ms, .. } => w.start + size_ms,
-            WindowSpec::Session { gap_ms } => w.last_ts + gap_ms,
-            WindowSpec::Global => i64::MAX,
-        }
+        self.slots.values().map(Vec::len).sum()
     }
 
     /// Adds a reading to its windows; late windows go to `late`.
@@ -169,72 +176,78 @@ impl ViewOperator {
             self.tally.filtered += 1;
             return;
         }
-        let key = match field_value(&self.spec.key, r) {
-            Some(Val::Str(s)) => s.to_string(),
-            Some(Val::Num(n)) => n.to_string(),
+        let key: Cow<'_, str> = match field_value(&self.spec.key, r) {
+            Some(Val::Str(s)) => Cow::Borrowed(s),
+            Some(Val::Num(n)) => Cow::Owned(n.to_string()),
             None => {
                 self.tally.missing_key += 1;
                 return;
             }
         };
         let lateness = self.spec.allowed_lateness_ms;
-        let mut late_window = |view: &ViewOperator, start: i64, reason: &'static str| {
-            late.push(LateEvent {
-                view: view.id.clone(),
-                partition: ev.partition,
-                offset: ev.offset,
-                window_start: start,
-                device: r.device.clone(),
-                boot: r.boot,
-                seq: r.seq,
-                ts_ms: r.ts_ms,
-                watermark_ms: ev.watermark.unwrap_or(i64::MIN),
-                reason,
-            });
+        let late_window = |id: &str, start: i64, reason: &'static str| LateEvent {
+            view: id.to_string(),
+            partition: ev.partition,
+            offset: ev.offset,
+            window_start: start,
+            device: r.device.clone(),
+            boot: r.boot,
+            seq: r.seq,
+            ts_ms: r.ts_ms,
+            watermark_ms: ev.watermark.unwrap_or(i64::MIN),
+            reason,
         };
         match self.spec.window {
             WindowSpec::Session { gap_ms } => {
                 let lone_end = r.ts_ms.saturating_add(gap_ms);
                 if ev.watermark.is_some_and(|w| lone_end.saturating_add(lateness) <= w) {
-                    late_window(self, r.ts_ms, "late");
+                    late.push(late_window(&self.id, r.ts_ms, "late"));
                     self.tally.late += 1;
                 } else if self.closed_through.is_some_and(|g| lone_end.saturating_add(gap_ms + lateness) <= g) {
-                    late_window(self, r.ts_ms, "window_closed");
+                    late.push(late_window(&self.id, r.ts_ms, "window_closed"));
                     self.tally.late += 1;
                 } else {
-                    self.add_to_session(key, r, gap_ms);
+                    self.add_to_session(&key, r, gap_ms);
                     self.tally.applied += 1;
                 }
             }
             window => {
-                let starts = window_starts(window, r.ts_ms);
                 let mut applied = false;
-                for start in starts {
+                for start in window_starts(window, r.ts_ms) {
                     let end = match window {
                         WindowSpec::Tumbling { size_ms } | WindowSpec::Hopping { size_ms, .. } => start + size_ms,
                         _ => i64::MAX,
                     };
                     if end != i64::MAX && ev.watermark.is_some_and(|w| end.saturating_add(lateness) <= w) {
-                        late_window(self, start, "late");
+                        late.push(late_window(&self.id, start, "late"));
                         self.tally.late += 1;
-                    } else if end != i64::MAX && self.closed_through.is_some_and(|g| end.saturating_add(lateness) <= g)
-                    {
-                        late_window(self, start, "window_closed");
+                        continue;
+                    }
+                    if end != i64::MAX && self.closed_through.is_some_and(|g| end.saturating_add(lateness) <= g) {
+                        late.push(late_window(&self.id, start, "window_closed"));
                         self.tally.late += 1;
-                    } else {
-                        let spec = &self.spec;
-                        let slot = self.windows.entry((key.clone(), start)).or_insert_with(|| Slot {
-                            win: WinState {
+                        continue;
+                    }
+                    let Self { spec, slots, tally, .. } = self;
+                    let list = match slots.get_mut(key.as_ref()) {
+                        Some(l) => l,
+                        None => slots.entry(key.to_string()).or_default(),
+                    };
+                    let at = match list.binary_search_by_key(&start, |s| s.win.start) {
+                        Ok(i) => i,
+                        Err(i) => {
+                            let win = WinState {
                                 start,
                                 last_ts: r.ts_ms,
                                 aggs: spec.aggregates.iter().map(AggState::new).collect(),
-                            },
-                            dirty: true,
-                        });
-                        add_reading(&self.spec, &mut slot.win, r, &mut self.tally);
-                        slot.dirty = true;
-                        applied = true;
-                    }
+                            };
+                            list.insert(i, Slot { win, dirty: true });
+                            i
+                        }
+                    };
+                    add_reading(spec, &mut list[at].win, r, tally);
+                    list[at].dirty = true;
+                    applied = true;
                 }
                 if applied {
                     self.tally.applied += 1;
@@ -243,37 +256,76 @@ impl ViewOperator {
         }
     }
 
-    fn add_to_session(&mut self, key: String, r: &Reading, gap_ms: i64) {
-        let list = self.sessions.entry(key.clone()).or_default();
-        let (lo, hi) = (r.ts_ms, r.ts_ms + gap_ms);
-        let mut merged = Slot {
-            win: WinState {
-                start: r.ts_ms,
-                last_ts: r.ts_ms,
-                aggs: self.spec.aggregates.iter().map(AggState::new).collect(),
-            },
-            dirty: true,
+    fn add_to_session(&mut self, key: &str, r: &Reading, gap_ms: i64) {
+        let Self { spec, slots, tally, pending, .. } = self;
+        let list = match slots.get_mut(key) {
+            Some(l) => l,
+            None => slots.entry(key.to_string()).or_default(),
         };
-        let mut kept = Vec::with_capacity(list.len());
-        for s in list.drain(..) {
-            let (s_lo, s_hi) = (s.win.start, s.win.last_ts + gap_ms);
-            if s_lo < hi && lo < s_hi {
-                merged.win.start = merged.win.start.min(s.win.start);
-                merged.win.last_ts = merged.win.last_ts.max(s.win.last_ts);
-                for (a, b) in merged.win.aggs.iter_mut().zip(&s.win.aggs) {
-                    a.merge(b);
+        let (lo, hi) = (r.ts_ms, r.ts_ms + gap_ms);
+        let overlaps = |s: &Slot| s.win.start < hi && lo < s.win.last_ts + gap_ms;
+        let mut hits = list.iter().enumerate().filter(|(_, s)| overlaps(s)).map(|(i, _)| i);
+        let (first, second) = (hits.next(), hits.next());
+        match (first, second) {
+            // The common case: the reading extends one session in place.
+            (Some(i), None) => {
+                let old_start = list[i].win.start;
+                let slot = &mut list[i];
+                slot.win.start = slot.win.start.min(r.ts_ms);
+                add_reading(spec, &mut slot.win, r, tally);
+                slot.dirty = true;
+                if slot.win.start != old_start {
+                    pending.state_deletes.push((key.to_string(), old_start));
+                    pending.row_deletes.push((key.to_string(), old_start));
+                    list.sort_by_key(|s| s.win.start);
                 }
-                // The merged session gets a new identity: the old one leaves the store.
-                self.pending.state_deletes.push((key.clone(), s.win.start));
-                self.pending.row_deletes.push((key.clone(), s.win.start));
-            } else {
-                kept.push(s);
+            }
+            (None, _) => {
+                let win = WinState {
+                    start: r.ts_ms,
+                    last_ts: r.ts_ms,
+                    aggs: spec.aggregates.iter().map(AggState::new).collect(),
+                };
+                let mut slot = Slot { win, dirty: true };
+                add_reading(spec, &mut slot.win, r, tally);
+                let at = list.partition_point(|s| s.win.start < slot.win.start);
+                list.insert(at, slot);
+            }
+            // The reading bridges sessions: merge them all into one.
+            _ => {
+                let mut merged = Slot {
+                    win: WinState {
+                        start: r.ts_ms,
+                        last_ts: r.ts_ms,
+                        aggs: spec.aggregates.iter().map(AggState::new).collect(),
+                    },
+                    dirty: true,
+                };
+                let mut kept = Vec::with_capacity(list.len());
+                let mut absorbed = Vec::new();
+                for s in list.drain(..) {
+                    if overlaps(&s) {
+                        merged.win.start = merged.win.start.min(s.win.start);
+                        merged.win.last_ts = merged.win.last_ts.max(s.win.last_ts);
+                        for (a, b) in merged.win.aggs.iter_mut().zip(&s.win.aggs) {
+                            a.merge(b);
+                        }
+                        absorbed.push(s.win.start);
+                    } else {
+                        kept.push(s);
+                    }
+                }
+                // An absorbed session that started elsewhere had another identity: it leaves the store.
+                for start in absorbed.into_iter().filter(|s| *s != merged.win.start) {
+                    pending.state_deletes.push((key.to_string(), start));
+                    pending.row_deletes.push((key.to_string(), start));
+                }
+                add_reading(spec, &mut merged.win, r, tally);
+                kept.push(merged);
+                kept.sort_by_key(|s| s.win.start);
+                *list = kept;
             }
         }
-        add_reading(&self.spec, &mut merged.win, r, &mut self.tally);
-        kept.push(merged);
-        kept.sort_by_key(|s| s.win.start);
-        *list = kept;
     }
 
     /// The global watermark advanced: close every window it has passed.
@@ -283,37 +335,27 @@ impl ViewOperator {
         }
         self.closed_through = Some(watermark);
         let lateness = self.spec.allowed_lateness_ms;
-        match self.spec.window {
-            WindowSpec::Global => {}
-            WindowSpec::Session { gap_ms } => {
-                let mut closing = Vec::new();
-                for (key, list) in self.sessions.iter_mut() {
-                    list.retain(|s| {
-                        let done = s.win.last_ts + 2 * gap_ms + lateness <= watermark;
-                        if done {
-                            closing.push((key.clone(), s.clone()));
-                        }
-                        !done
-                    });
+        let extra = match self.spec.window {
+            WindowSpec::Global => return,
+            // A session closes one gap after its end.
+            WindowSpec::Session { gap_ms } => gap_ms,
+            WindowSpec::Tumbling { .. } | WindowSpec::Hopping { .. } => 0,
+        };
+        let mut closing = Vec::new();
+        for (key, list) in self.slots.iter_mut() {
+            let window = self.spec.window;
+            list.retain(|s| {
+                let done = end_of(window, &s.win).saturating_add(extra + lateness) <= watermark;
+                if done {
+                    closing.push((key.clone(), s.clone()));
                 }
-                self.sessions.retain(|_, l| !l.is_empty());
-                for (key, slot) in closing {
-                    self.close(key, slot);
-                }
-            }
-            WindowSpec::Tumbling { .. } | WindowSpec::Hopping { .. } => {
-                let done: Vec<(String, i64)> = self
-                    .windows
-                    .iter()
-                    .filter(|(_, s)| self.end_of(&s.win) + lateness <= watermark)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in done {
-                    if let Some(slot) = self.windows.remove(&k) {
-                        self.close(k.0, slot);
-                    }
-                }
-            }
+                !done
+            });
+        }
+        self.slots.retain(|_, l| !l.is_empty());
+        closing.sort_by(|a, b| (&a.0, a.1.win.start).cmp(&(&b.0, b.1.win.start)));
+        for (key, slot) in closing {
+            self.close(key, slot);
         }
     }
 
@@ -327,45 +369,65 @@ impl ViewOperator {
     }
 
     fn row(&self, key: &str, w: &WinState) -> Row {
-        let values: Map<String, Json> =
-            self.spec.aggregates.iter().zip(&w.aggs).map(|(spec, a)| (spec.name.clone(), a.output(spec))).collect();
-        let end = self.end_of(w);
-        Row {
-            key: key.to_string(),
-            window_start: w.start,
-            window_end: (end != i64::MAX).then_some(end),
-            values: Json::Object(values),
-        }
+        row_of(&self.spec, &self.by_name, key, w)
     }
 
-    /// Everything changed since the last checkpoint; marks it clean.
+    /// Everything changed since the last checkpoint; marks it clean. Rows
+    /// and state are encoded straight from the live windows, in key order.
     pub fn take_changes(&mut self) -> Changes {
         let mut out = std::mem::take(&mut self.pending);
         let update = self.spec.output == OutputMode::Update;
-        let mut dirty: Vec<(String, WinState)> = Vec::new();
-        for ((key, _), slot) in self.windows.iter_mut().filter(|(_, s)| s.dirty) {
-            slot.dirty = false;
-            dirty.push((key.clone(), slot.win.clone()));
-        }
-        for (key, list) in self.sessions.iter_mut() {
-            for slot in list.iter_mut().filter(|s| s.dirty) {
-                slot.dirty = false;
-                dirty.push((key.clone(), slot.win.clone()));
+        let Self { spec, slots, by_name, .. } = self;
+        let mut keys: Vec<&String> = slots.iter().filter(|(_, l)| l.iter().any(|s| s.dirty)).map(|(k, _)| k).collect();
+        keys.sort();
+        let mut alive: std::collections::HashSet<(String, i64)> = std::collections::HashSet::new();
+        for key in keys {
+            for slot in slots.get(key).into_iter().flatten().filter(|s| s.dirty) {
+                if update {
+                    out.row_upserts.push(row_of(spec, by_name, key, &slot.win));
+                }
+                let blob = serde_cbor::ser::to_vec_packed(&slot.win).unwrap_or_default();
+                out.state_upserts.push((key.clone(), slot.win.start, blob));
+                if !out.state_deletes.is_empty() {
+                    alive.insert((key.clone(), slot.win.start));
+                }
             }
         }
-        // A deterministic order makes store writes (and their failures) reproducible.
-        dirty.sort_by(|a, b| (&a.0, a.1.start).cmp(&(&b.0, b.1.start)));
-        for (key, win) in dirty {
-            if update {
-                out.row_upserts.push(self.row(&key, &win));
-            }
-            // Deleted earlier in this interval and alive again: the upsert wins.
-            out.state_deletes.retain(|(k, s)| !(k == &key && *s == win.start));
-            out.row_deletes.retain(|(k, s)| !(k == &key && *s == win.start));
-            let blob = serde_cbor::to_vec(&win).unwrap_or_default();
-            out.state_upserts.push((key, win.start, blob));
+        // Deleted earlier in this interval and alive again: the upsert wins.
+        out.state_deletes.retain(|k| !alive.contains(k));
+        out.row_deletes.retain(|k| !alive.contains(k));
+        for list in slots.values_mut() {
+            list.iter_mut().for_each(|s| s.dirty = false);
         }
         out
+    }
+}
+
+/// A row's JSON, written directly: values in name order.
+fn row_of(spec: &ViewSpec, by_name: &[usize], key: &str, w: &WinState) -> Row {
+    let mut values = String::with_capacity(32 * by_name.len());
+    values.push('{');
+    for (n, &i) in by_name.iter().enumerate() {
+        if n > 0 {
+            values.push(',');
+        }
+        let a = &spec.aggregates[i];
+        values.push('"');
+        values.push_str(&a.name);
+        values.push_str("\":");
+        values.push_str(&w.aggs[i].output(a).to_string());
+    }
+    values.push('}');
+    let end = Some(end_of(spec.window, w)).filter(|e| *e != i64::MAX);
+    Row { key: key.to_string(), window_start: w.start, window_end: end, values }
+}
+
+/// Where a window ends (exclusive); `i64::MAX` for the global window.
+fn end_of(window: WindowSpec, w: &WinState) -> i64 {
+    match window {
+        WindowSpec::Tumbling { size_ms } | WindowSpec::Hopping { size_ms, .. } => w.start + size_ms,
+        WindowSpec::Session { gap_ms } => w.last_ts + gap_ms,
+        WindowSpec::Global => i64::MAX,
     }
 }
 
@@ -378,24 +440,20 @@ fn add_reading(spec: &ViewSpec, win: &mut WinState, r: &Reading, tally: &mut Tal
     }
 }
 
-/// The starts of the fixed windows containing `ts` (oldest first).
-pub fn window_starts(window: WindowSpec, ts: i64) -> Vec<i64> {
-    match window {
-        WindowSpec::Tumbling { size_ms } => vec![tumbling_start(ts, size_ms)],
+/// The starts of the fixed windows containing `ts`, oldest first (no allocation).
+pub fn window_starts(window: WindowSpec, ts: i64) -> impl Iterator<Item = i64> {
+    let (first, step, count) = match window {
+        WindowSpec::Tumbling { size_ms } => (tumbling_start(ts, size_ms), 1, 1),
         WindowSpec::Hopping { size_ms, slide_ms } => {
             let last = tumbling_start(ts, slide_ms);
-            let mut starts = Vec::new();
-            let mut s = last;
-            while s > ts - size_ms {
-                starts.push(s);
-                s -= slide_ms;
-            }
-            starts.reverse();
-            starts
+            // Windows [s, s + size) with s = last - k * slide and s > ts - size.
+            let count = (last - (ts - size_ms) - 1) / slide_ms + 1;
+            (last - (count - 1) * slide_ms, slide_ms, count)
         }
-        WindowSpec::Global => vec![0],
-        WindowSpec::Session { .. } => vec![],
-    }
+        WindowSpec::Global => (0, 1, 1),
+        WindowSpec::Session { .. } => (0, 1, 0),
+    };
+    (0..count).map(move |k| first + k * step)
 }
 
 /// Whether a filter condition holds for a reading (missing values never match).
@@ -463,8 +521,12 @@ mod tests {
 
     #[test]
     fn hopping_windows_cover_a_reading_size_over_slide_times() {
-        assert_eq!(window_starts(WindowSpec::Hopping { size_ms: 300, slide_ms: 100 }, 250), [0, 100, 200]);
-        assert_eq!(window_starts(WindowSpec::Hopping { size_ms: 300, slide_ms: 100 }, -1), [-300, -200, -100]);
+        let starts = |w, ts| window_starts(w, ts).collect::<Vec<_>>();
+        assert_eq!(starts(WindowSpec::Hopping { size_ms: 300, slide_ms: 100 }, 250), [0, 100, 200]);
+        assert_eq!(starts(WindowSpec::Hopping { size_ms: 300, slide_ms: 100 }, -1), [-300, -200, -100]);
+        assert_eq!(starts(WindowSpec::Hopping { size_ms: 300, slide_ms: 100 }, 300), [100, 200, 300]);
+        assert_eq!(starts(WindowSpec::Hopping { size_ms: 250, slide_ms: 100 }, 250), [100, 200]);
+        assert_eq!(starts(WindowSpec::Tumbling { size_ms: 60 }, 59), [0]);
     }
 
     #[test]
@@ -477,7 +539,7 @@ mod tests {
         assert_eq!(late.len(), 1);
         assert_eq!((late[0].reason, late[0].window_start, late[0].watermark_ms), ("late", 0, 150));
         let ch = op.take_changes();
-        assert_eq!(ch.row_upserts[0].values["n"], 2);
+        assert_eq!(ch.row_upserts[0].json()["n"], 2);
     }
 
     #[test]
@@ -493,7 +555,7 @@ mod tests {
         op.on_watermark(120);
         let ch = op.take_changes();
         assert_eq!(ch.row_upserts.len(), 1);
-        assert_eq!(ch.row_upserts[0].values["n"], 2);
+        assert_eq!(ch.row_upserts[0].json()["n"], 2);
         assert_eq!(ch.state_deletes, [("d".to_string(), 0)]);
         op.on_watermark(500);
         assert!(op.take_changes().row_upserts.is_empty(), "emitted exactly once");
@@ -510,7 +572,7 @@ mod tests {
         let ch = op.take_changes();
         assert_eq!(ch.row_upserts.len(), 1);
         assert_eq!((ch.row_upserts[0].window_start, ch.row_upserts[0].window_end), (0, Some(35)));
-        assert_eq!(ch.row_upserts[0].values["n"], 4);
+        assert_eq!(ch.row_upserts[0].json()["n"], 4);
         assert_eq!(
             ch.row_deletes,
             [("d".to_string(), 25)],
