@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::admin;
 use crate::config::CloudConfig;
 use crate::node::Node;
 use crate::store::ViewStore;
@@ -14,7 +15,13 @@ use crate::store::ViewStore;
 /// Examples:
 ///   kappa-cloud run --config deploy/cloud/single-node.toml
 ///   kappa-cloud config check --config deploy/cloud/single-node.toml
-///   kappa-cloud views dump --config deploy/cloud/single-node.toml
+///   kappa-cloud views list --config deploy/cloud/single-node.toml
+///   kappa-cloud views compare device_metrics 1 2 --config single-node.toml
+///   kappa-cloud views promote device_metrics 2 --config single-node.toml
+///   kappa-cloud archive status --config single-node.toml
+///
+/// Exit codes: 0 success (and, for compare and verify, "equal"); 1 the
+/// views differ, or the archive is damaged; 2 the command could not run.
 #[derive(Debug, Parser)]
 #[command(name = "kappa-cloud", version, verbatim_doc_comment)]
 pub struct Args {
@@ -35,9 +42,12 @@ pub enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// View tools.
+    /// View versions: list, compare, promote, roll back, drop, verify, watch a replay.
     #[command(subcommand)]
     Views(ViewsCommand),
+    /// The archive of the event log.
+    #[command(subcommand)]
+    Archive(ArchiveCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -48,9 +58,51 @@ pub enum ConfigCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ViewsCommand {
-    /// Print every row of every view version, then the late log, in a
-    /// canonical order: two dumps of the same log are byte-identical.
-    Dump,
+    /// Every view version: state (building, live, failed, retired), what each name serves, position and lag.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two versions of a view: row counts, per-aggregate totals, first differing rows. Exit 0 when equal.
+    Compare {
+        name: String,
+        a: u32,
+        b: u32,
+        /// How many differing rows to show.
+        #[arg(long, default_value_t = 10)]
+        examples: usize,
+    },
+    /// Serve VERSION of NAME from now on (atomic for readers).
+    Promote { name: String, version: u32 },
+    /// Serve the version NAME served before its last promotion.
+    Rollback { name: String },
+    /// Remove a retired version (not in the config, not served) and its rows.
+    Drop { name: String, version: u32 },
+    /// Recompute a view with the independent batch path over archive + log and diff it with the live rows. Exit 0 when equal.
+    Verify {
+        /// NAME (the version served) or NAME@VERSION.
+        view: String,
+    },
+    /// Show a version's replay progress (offsets done, rate, ETA) until it is live.
+    Watch {
+        /// NAME@VERSION.
+        view: String,
+    },
+    /// Print rows (and the late log) in a canonical order: two dumps of the same log are byte-identical.
+    Dump {
+        /// Only this version (NAME@VERSION), without its id, so versions compare byte for byte.
+        #[arg(long)]
+        view: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArchiveCommand {
+    /// Per partition: segments, records, bytes, how far the archive reaches, lag behind the log.
+    Status,
+    /// Check every segment's file checksum and every block's CRC. Exit 1 on damage.
+    Verify,
 }
 
 /// Runs `kappa-cloud` with the process arguments.
@@ -66,7 +118,7 @@ pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
         Ok(code) => code,
         Err(e) => {
             eprintln!("kappa-cloud: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }
@@ -85,10 +137,154 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             println!("{}: ok", args.config.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Views(ViewsCommand::Dump) => {
-            let store = ViewStore::open_read_only(&cfg.data_dir.join("views.sqlite"))?;
-            print!("{}# late\n{}", store.dump()?, store.dump_late()?);
+        Command::Views(cmd) => views_command(&cfg, cmd),
+        Command::Archive(cmd) => archive_command(&cfg, cmd),
+    }
+}
+
+fn views_command(cfg: &CloudConfig, cmd: ViewsCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ViewsCommand::List { json } => {
+            let views = admin::list(cfg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&views)?);
+            } else {
+                println!(
+                    "{:<28} {:<10} {:<7} {:>10} {:>12} {:>10}",
+                    "VIEW", "STATE", "SERVES", "ROWS", "POSITION", "LAG"
+                );
+                for v in views {
+                    let state = if v.info.detail.is_empty() {
+                        v.info.state.clone()
+                    } else {
+                        format!("{} ({})", v.info.state, v.info.detail)
+                    };
+                    println!(
+                        "{:<28} {:<10} {:<7} {:>10} {:>12} {:>10}",
+                        v.info.id,
+                        state,
+                        if v.info.current { "yes" } else { "" },
+                        v.info.rows,
+                        v.position,
+                        v.lag
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
+        }
+        ViewsCommand::Compare { name, a, b, examples } => {
+            let c = admin::compare(cfg, &name, a, b, examples)?;
+            println!("{} rows: {}    {} rows: {}", c.a, c.rows_a, c.b, c.rows_b);
+            println!(
+                "only in {}: {}    only in {}: {}    differing: {}",
+                c.a, c.only_in_a, c.b, c.only_in_b, c.differing
+            );
+            println!("{:<24} {:>22} {:>22}", "aggregate total", c.a, c.b);
+            for (col, (x, y)) in &c.totals {
+                let mark = if x == y { "" } else { "   <- differs" };
+                println!("{col:<24} {x:>22} {y:>22}{mark}");
+            }
+            for e in &c.examples {
+                println!("  {e}");
+            }
+            println!("{}", if c.equal() { "equal" } else { "different" });
+            Ok(if c.equal() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        ViewsCommand::Promote { name, version } => {
+            admin::promote(cfg, &name, version)?;
+            println!("{name} now serves {name}@{version}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ViewsCommand::Rollback { name } => {
+            let v = admin::rollback(cfg, &name)?;
+            println!("{name} now serves {name}@{v}");
+            Ok(ExitCode::SUCCESS)
+        }
+        ViewsCommand::Drop { name, version } => {
+            let rows = admin::drop_version(cfg, &name, version)?;
+            println!("dropped {name}@{version} ({rows} rows)");
+            Ok(ExitCode::SUCCESS)
+        }
+        ViewsCommand::Verify { view } => {
+            let problems = admin::verify(cfg, &view)?;
+            for p in problems.iter().take(20) {
+                println!("  {p}");
+            }
+            if problems.is_empty() {
+                println!("{view}: the live rows equal the batch recomputation");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("{view}: {} differences", problems.len());
+                Ok(ExitCode::from(1))
+            }
+        }
+        ViewsCommand::Watch { view } => watch(cfg, &view),
+        ViewsCommand::Dump { view } => {
+            let store = ViewStore::open_read_only(&cfg.data_dir.join("views.sqlite"))?;
+            match view {
+                Some(v) => print!("{}", store.dump_rows(Some(&v))?),
+                None => print!("{}# late\n{}", store.dump()?, store.dump_late()?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn watch(cfg: &CloudConfig, view: &str) -> anyhow::Result<ExitCode> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} offsets, {per_sec}, ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    loop {
+        let status = admin::list(cfg)?.into_iter().find(|v| v.info.id == view);
+        let Some(v) = status else { anyhow::bail!("no view {view}; see views list") };
+        bar.set_length(v.position + v.lag);
+        bar.set_position(v.position);
+        bar.set_message(format!("{view} {}", v.info.state));
+        match v.info.state.as_str() {
+            "live" => {
+                bar.finish_with_message(format!("{view} live"));
+                println!("{view} live at {} offsets", v.position);
+                return Ok(ExitCode::SUCCESS);
+            }
+            "failed" => {
+                bar.abandon_with_message(format!("{view} failed: {}", v.info.detail));
+                return Ok(ExitCode::from(1));
+            }
+            "retired" => anyhow::bail!("{view} is retired (not in the config)"),
+            _ => std::thread::sleep(std::time::Duration::from_millis(500)),
+        }
+    }
+}
+
+fn archive_command(cfg: &CloudConfig, cmd: ArchiveCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ArchiveCommand::Status => {
+            println!(
+                "{:>9} {:>8} {:>10} {:>12} {:>12} {:>12} {:>8}",
+                "PARTITION", "SEGMENTS", "RECORDS", "BYTES", "ARCHIVED_TO", "LOG_END", "LAG"
+            );
+            for p in admin::archive_status(cfg)? {
+                println!(
+                    "{:>9} {:>8} {:>10} {:>12} {:>12} {:>12} {:>8}",
+                    p.partition, p.segments, p.records, p.bytes, p.archived_to, p.log_end, p.lag
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ArchiveCommand::Verify => {
+            let damage = admin::archive_verify(cfg)?;
+            for d in &damage {
+                println!("damaged: {}: {}", d.segment, d.detail);
+            }
+            if damage.is_empty() {
+                println!("ok");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Ok(ExitCode::from(1))
+            }
         }
     }
 }

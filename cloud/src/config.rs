@@ -34,9 +34,53 @@ pub struct CloudConfig {
     pub schema: SchemaConfig,
     #[serde(default)]
     pub api: ApiConfig,
+    #[serde(default)]
+    pub archive: ArchiveConfig,
     /// View definitions (see `views::spec`); none means the default views.
     #[serde(default)]
     pub views: Vec<toml::Table>,
+}
+
+/// The archive of the event log (see docs/archive.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Directory of segments and manifests (default `{data_dir}/archive`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Publish a segment once it holds this many compressed bytes.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: usize,
+    /// Publish a segment once it has been open this long.
+    #[serde(default = "default_segment_age", with = "humantime_serde")]
+    pub segment_age: Duration,
+    /// Replay skips damaged blocks (counting them) instead of stopping.
+    #[serde(default)]
+    pub skip_damaged: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_segment_bytes() -> usize {
+    8 << 20
+}
+fn default_segment_age() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: None,
+            segment_bytes: default_segment_bytes(),
+            segment_age: default_segment_age(),
+            skip_damaged: false,
+        }
+    }
 }
 
 /// What readings carry.
@@ -270,6 +314,11 @@ impl CloudConfig {
         config::load(path)
     }
 
+    /// Where the archive lives.
+    pub fn archive_path(&self) -> PathBuf {
+        self.archive.path.clone().unwrap_or_else(|| self.data_dir.join("archive"))
+    }
+
     /// The views to run: the configured ones, or the defaults when none are.
     pub fn view_specs(&self) -> Result<Vec<ViewSpec>, Vec<String>> {
         if self.views.is_empty() {
@@ -305,6 +354,9 @@ impl Validate for CloudConfig {
         }
         if self.processor.poll_records == 0 {
             errors.push("processor.poll_records: must be at least 1".into());
+        }
+        if self.archive.segment_bytes < 4096 {
+            errors.push("archive.segment_bytes: must be at least 4096".into());
         }
         if self.processor.checkpoint_interval.is_zero() {
             errors.push("processor.checkpoint_interval: must be positive".into());

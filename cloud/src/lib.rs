@@ -20,7 +20,9 @@
 //! # }
 //! ```
 
+pub mod admin;
 pub mod api;
+pub mod archive;
 pub mod cli;
 pub mod config;
 pub mod eventlog;

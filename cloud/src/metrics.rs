@@ -36,6 +36,11 @@ pub struct CloudMetrics {
     pub window_emit_seconds: Histogram,
     pub lag_records: Family<PartitionLabel, Gauge>,
     pub watermark_ms: Gauge,
+    pub archive_records: Counter,
+    pub archive_segments: Counter,
+    pub archive_bytes: Counter,
+    pub archive_lag_records: Family<PartitionLabel, Gauge>,
+    pub archive_skipped_records: Gauge,
     pub state_rows: Gauge,
 }
 
@@ -63,6 +68,11 @@ impl CloudMetrics {
             window_emit_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
             lag_records: Family::default(),
             watermark_ms: Gauge::default(),
+            archive_records: Counter::default(),
+            archive_segments: Counter::default(),
+            archive_bytes: Counter::default(),
+            archive_lag_records: Family::default(),
+            archive_skipped_records: Gauge::default(),
             state_rows: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("kappa_cloud");
@@ -107,6 +117,15 @@ impl CloudMetrics {
             "processor_lag_records",
             "Records in the log not yet processed, per partition",
             m.lag_records.clone(),
+        );
+        r.register("archive_records", "Log records copied into the archive", m.archive_records.clone());
+        r.register("archive_segments", "Archive segments published", m.archive_segments.clone());
+        r.register("archive_bytes", "Bytes of archive segments published", m.archive_bytes.clone());
+        r.register("archive_lag_records", "Log records not yet archived, per partition", m.archive_lag_records.clone());
+        r.register(
+            "archive_skipped_records",
+            "Records a replay skipped in damaged archive blocks (archive.skip_damaged)",
+            m.archive_skipped_records.clone(),
         );
         r.register("watermark_ms", "The processor's event-time watermark, Unix ms", m.watermark_ms.clone());
         r.register("state_windows", "Open windows held in processor memory, all views", m.state_rows.clone());

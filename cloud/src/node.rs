@@ -15,8 +15,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
+use crate::archive::archiver::{Archiver, ArchiverSettings};
+use crate::archive::source::{ArchiveSource, ChainSource};
+use crate::archive::store::{ArchiveStore, LocalStore};
 use crate::config::{CloudConfig, LogBackend};
 use crate::eventlog::sqlite::SqliteLog;
+use crate::eventlog::sqlite::SqliteSource;
 use crate::eventlog::{EventLogError, LogAppender};
 use crate::ingest::{self, IngestState};
 use crate::metrics::CloudMetrics;
@@ -42,7 +46,7 @@ impl Node {
         let log = SqliteLog::open(&cfg.data_dir.join("eventlog.sqlite"), cfg.log.partitions, cfg.log.durability)?;
         let appender = log.start_writer(cfg.ingest.queue_capacity)?;
         let store_path = cfg.data_dir.join("views.sqlite");
-        let store = ViewStore::open(&store_path)?;
+        let mut store = ViewStore::open(&store_path)?;
         let reader = ViewStore::open_read_only(&store_path)?;
         let specs = cfg.view_specs().map_err(|e| NodeError::Config(e.join("\n  ")))?;
         let settings = ProcessorSettings {
@@ -58,7 +62,14 @@ impl Node {
                 "KAPPA_TEST_SPLIT_CHECKPOINT is set: checkpoints are NOT atomic. Never use this outside tests."
             );
         }
-        let processor = Processor::new(log.source()?, store, specs, settings, metrics.clone())?;
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let plans = store.plan_pipelines(&specs, now_ms)?;
+        let archive: Option<Arc<dyn ArchiveStore>> = if cfg.archive.enabled {
+            Some(Arc::new(LocalStore::open(&cfg.archive_path()).map_err(|e| NodeError::Bind(e.to_string()))?))
+        } else {
+            None
+        };
 
         let listener = TcpListener::bind(cfg.http.listen)
             .await
@@ -66,10 +77,76 @@ impl Node {
         let http_addr = listener.local_addr().map_err(|e| NodeError::Bind(e.to_string()))?;
         let cancel = CancellationToken::new();
         let mut tasks = Tasks::new(cancel.clone());
-        let c = cancel.clone();
-        tasks
-            .spawn_thread("processor", move || processor.run(c).map_err(|e| e.to_string()))
-            .map_err(|e| NodeError::Bind(format!("cannot start the processor thread: {e}")))?;
+
+        for plan in plans {
+            let thread = |name: String| -> &'static str { Box::leak(name.into_boxed_str()) };
+            let name = thread(format!("processor:{}", plan.pipeline));
+            if !plan.building {
+                // The live pipeline: its failure stops the node.
+                let p = Processor::new(log.source()?, ViewStore::open(&store_path)?, plan, settings, metrics.clone())?;
+                let c = cancel.clone();
+                tasks
+                    .spawn_thread(name, move || p.run(c).map_err(|e| e.to_string()))
+                    .map_err(|e| NodeError::Bind(format!("cannot start {name}: {e}")))?;
+                continue;
+            }
+            // A replay: archive then log. Its failure is recorded and shown; the node goes on.
+            let pipeline = plan.pipeline.clone();
+            let replay_metrics = Arc::new(CloudMetrics::new(&mut Registry::default()));
+            let built = match &archive {
+                Some(a) => ArchiveSource::open(a.clone(), cfg.archive.skip_damaged)
+                    .map_err(|e| e.to_string())
+                    .and_then(|src| {
+                        let chain = ChainSource::new(src, log.source().map_err(|e| e.to_string())?);
+                        let store = ViewStore::open(&store_path).map_err(|e| e.to_string())?;
+                        Processor::new(chain, store, plan, settings, replay_metrics).map_err(|e| e.to_string())
+                    })
+                    .map(Replay::Archive),
+                None => log
+                    .source()
+                    .map_err(|e| e.to_string())
+                    .and_then(|src| {
+                        let store = ViewStore::open(&store_path).map_err(|e| e.to_string())?;
+                        Processor::new(src, store, plan, settings, replay_metrics).map_err(|e| e.to_string())
+                    })
+                    .map(Replay::Log),
+            };
+            let c = cancel.clone();
+            let path = store_path.clone();
+            tasks
+                .spawn_thread(name, move || {
+                    let result = match built {
+                        Ok(Replay::Archive(p)) => p.run(c.clone()).map_err(|e| e.to_string()),
+                        Ok(Replay::Log(p)) => p.run(c.clone()).map_err(|e| e.to_string()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = result {
+                        tracing::error!(pipeline, error = %e, "A replay failed; the other views keep running.");
+                        if let Ok(mut s) = ViewStore::open(&path) {
+                            let _ = s.fail_pipeline(&pipeline, &e);
+                        }
+                        while !c.is_cancelled() {
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(|e| NodeError::Bind(format!("cannot start {name}: {e}")))?;
+        }
+
+        if let Some(a) = archive {
+            let settings = ArchiverSettings {
+                segment_bytes: cfg.archive.segment_bytes,
+                segment_age: cfg.archive.segment_age,
+                ..ArchiverSettings::default()
+            };
+            let archiver = Archiver::new(log.source()?, a, settings, metrics.clone())
+                .map_err(|e| NodeError::Bind(e.to_string()))?;
+            let c = cancel.clone();
+            tasks
+                .spawn_thread("archiver", move || archiver.run(c).map_err(|e| e.to_string()))
+                .map_err(|e| NodeError::Bind(format!("cannot start the archiver: {e}")))?;
+        }
 
         let router = router(
             IngestState {
@@ -117,6 +194,12 @@ impl Node {
     pub async fn run_until_signal(self) -> Result<(), NodeError> {
         Ok(self.running.run_until_signal().await?)
     }
+}
+
+/// A replaying processor, over the archive or (with no archive) the log.
+enum Replay {
+    Archive(Processor<ChainSource<SqliteSource>>),
+    Log(Processor<SqliteSource>),
 }
 
 /// Every HTTP route of a node.

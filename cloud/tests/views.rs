@@ -95,9 +95,14 @@ fn run(specs: &[ViewSpec], bound_ms: i64, partitions: u32, readings: &[Reading])
         poll_records: 7, // small polls interleave partitions in many ways
         ..ProcessorSettings::default()
     };
-    let mut p =
-        Processor::new(log.source().unwrap(), ViewStore::open(&store_path).unwrap(), specs.to_vec(), settings, metrics)
-            .unwrap();
+    let mut p = Processor::single(
+        log.source().unwrap(),
+        ViewStore::open(&store_path).unwrap(),
+        specs.to_vec(),
+        settings,
+        metrics,
+    )
+    .unwrap();
     let mut done = 0;
     while done < readings.len() {
         done += p.step(Duration::from_millis(1)).unwrap();
@@ -388,7 +393,7 @@ aggregates = [{ name = "n", fn = "count" }]
         let mut registry = prometheus_client::registry::Registry::default();
         let settings = ProcessorSettings { max_out_of_orderness_ms: 0, idle_timeout, ..ProcessorSettings::default() };
         let store_path = dir.path().join("v.sqlite");
-        let mut p = Processor::new(
+        let mut p = Processor::single(
             log.source().unwrap(),
             ViewStore::open(&store_path).unwrap(),
             final_view.clone(),

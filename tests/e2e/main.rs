@@ -10,4 +10,5 @@
 mod configs;
 mod pipeline;
 mod processor;
+mod replay;
 mod util;

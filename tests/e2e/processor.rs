@@ -6,12 +6,7 @@
 
 use std::time::Duration;
 
-use kappa_common::Reading;
-use kappa_common::batch::{self, EdgeBatch};
-
 use crate::util::*;
-
-const T0: i64 = 1_767_225_600_000;
 
 /// The reference views, with a short out-of-orderness bound so the scenario
 /// has late data, plus `poll`/`checkpoint` settings.
@@ -22,69 +17,6 @@ fn config(poll: usize, checkpoint_ms: u64) -> String {
     format!(
         "[processor]\npoll_records = {poll}\ncheckpoint_interval = \"{checkpoint_ms}ms\"\nmax_out_of_orderness = \"2m\"\n{views}"
     )
-}
-
-/// 30 devices, 2,000 readings each, in batches of 500, one per second; blocks of readings
-/// reversed (out of order), one in twenty sent twice, a few far too late.
-fn scenario() -> Vec<EdgeBatch> {
-    let mut readings: Vec<Reading> = Vec::new();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut rnd = move |n: u64| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x % n
-    };
-    for i in 0..2000u64 {
-        for d in 0..30u64 {
-            let ts = T0 + i as i64 * 1000 - if rnd(100) == 0 { 20 * 60_000 } else { 0 };
-            let t = (rnd(100) != 0).then(|| 15.0 + rnd(1500) as f64 / 100.0);
-            readings.push(Reading {
-                device: format!("dev-{d:02}"),
-                boot: 1,
-                seq: i + 1,
-                ts_ms: ts,
-                schema: 2,
-                metrics: [
-                    ("temperature".to_string(), t),
-                    ("humidity".to_string(), Some(40.0 + rnd(200) as f64 / 10.0)),
-                ]
-                .into(),
-                tags: [
-                    ("user".to_string(), format!("u-{}", d / 3)),
-                    ("type".to_string(), ["telemetry", "status", "alarm"][rnd(3) as usize].to_string()),
-                ]
-                .into(),
-            });
-        }
-    }
-    let mut out: Vec<Reading> = Vec::new();
-    for (i, block) in readings.chunks(50).enumerate() {
-        for r in block.iter().rev() {
-            out.push(r.clone());
-            if i % 20 == 3 {
-                out.push(r.clone());
-            }
-        }
-    }
-    out.chunks(500).enumerate().map(|(i, c)| EdgeBatch::new("gw-crash", i as u64 + 1, c.to_vec())).collect()
-}
-
-async fn ingest(cloud: &Cloud, batches: &[EdgeBatch]) -> u64 {
-    let client = reqwest::Client::new();
-    let mut records = 0;
-    for b in batches {
-        let resp = client
-            .post(format!("{}/v1/ingest", cloud.url()))
-            .header("content-encoding", "zstd")
-            .body(batch::encode(b, 3))
-            .send()
-            .await
-            .expect("ingest");
-        assert_eq!(resp.status().as_u16(), 200);
-        records += b.readings.len() as u64;
-    }
-    records
 }
 
 async fn until_processed(cloud: &Cloud, records: u64) {
@@ -99,7 +31,7 @@ async fn until_processed(cloud: &Cloud, records: u64) {
 /// is killed mid-processing, mid-checkpoint and idle; returns the final dump
 /// and how many kills hit while checkpointed work lagged behind the log.
 async fn crashed_run(dir: &std::path::Path, name: &str, env: &[(&str, &str)]) -> (String, usize) {
-    let batches = scenario();
+    let batches = scenario(true);
     let mut cloud = Cloud::start_with(dir, name, &config(200, 20), env).await;
     let (mut ingested, mut mid_work, mut next) = (0, 0, 0);
     let mut r: u64 = 7;
@@ -122,7 +54,7 @@ async fn crashed_run(dir: &std::path::Path, name: &str, env: &[(&str, &str)]) ->
 
 async fn clean_run(dir: &std::path::Path) -> String {
     let mut clean = Cloud::start_with(dir, "clean", &config(5000, 1000), &[]).await;
-    let records = ingest(&clean, &scenario()).await;
+    let records = ingest(&clean, &scenario(true)).await;
     until_processed(&clean, records).await;
     assert!(clean.proc.terminate().await.success());
     clean.dump().await

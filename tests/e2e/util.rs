@@ -8,6 +8,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use kappa_cloud::api::{RowOut, RowsPage};
+use kappa_common::Reading;
+use kappa_common::batch::{self, EdgeBatch};
 use kappa_sim::truth::GroundTruth;
 
 /// `kappa-proc`: the edge, cloud and sim binaries in one executable.
@@ -161,6 +163,26 @@ impl Cloud {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Rewrites the node's config with `extra` after `data_dir` and `[http]` (same data, same port).
+    pub fn reconfigure(&self, extra: &str) {
+        let data = self.dir.join(format!("{}-data", self.name));
+        std::fs::write(
+            &self.config,
+            format!("data_dir = {data:?}\n[http]\nlisten = \"127.0.0.1:{}\"\n{extra}", self.port),
+        )
+        .expect("write cloud config");
+    }
+
+    /// The node's config, as the admin functions take it.
+    pub fn config(&self) -> kappa_cloud::config::CloudConfig {
+        kappa_cloud::config::CloudConfig::load(&self.config).expect("cloud config")
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join(format!("{}-data", self.name))
+    }
+
     /// Starts the same node again (same data, same port).
     pub async fn restart(&mut self) {
         self.proc = spawn_cloud(&self.name, &self.config, &self.dir, &self.env);
@@ -182,7 +204,7 @@ impl Cloud {
     pub fn checkpointed_offsets(&self) -> u64 {
         let path = self.dir.join(format!("{}-data", self.name)).join("views.sqlite");
         kappa_cloud::store::ViewStore::open_read_only(&path)
-            .and_then(|s| s.restore())
+            .and_then(|s| s.restore(kappa_cloud::store::MAIN_PIPELINE))
             .map(|r| r.partitions.values().map(|(o, _)| *o).sum())
             .unwrap_or(0)
     }
@@ -479,4 +501,76 @@ pub fn assert_exact(truth: &GroundTruth, rows: &[RowOut], procs: &[&Proc]) {
         );
     }
     assert_eq!(view_total, truth.acked);
+}
+
+/// 2026-01-01T00:00:00Z.
+pub const T0: i64 = 1_767_225_600_000;
+
+/// 30 devices, 2,000 readings each, one per second, in batches of 500; with
+/// `messy`, blocks of readings reversed (out of order), one in twenty sent
+/// twice, a few far too late.
+pub fn scenario(messy: bool) -> Vec<EdgeBatch> {
+    let mut readings: Vec<Reading> = Vec::new();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut rnd = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for i in 0..2000u64 {
+        for d in 0..30u64 {
+            let ts = T0 + i as i64 * 1000 - if messy && rnd(100) == 0 { 20 * 60_000 } else { 0 };
+            let t = (rnd(100) != 0).then(|| 15.0 + rnd(1500) as f64 / 100.0);
+            readings.push(Reading {
+                device: format!("dev-{d:02}"),
+                boot: 1,
+                seq: i + 1,
+                ts_ms: ts,
+                schema: 2,
+                metrics: [
+                    ("temperature".to_string(), t),
+                    ("humidity".to_string(), Some(40.0 + rnd(200) as f64 / 10.0)),
+                ]
+                .into(),
+                tags: [
+                    ("user".to_string(), format!("u-{}", d / 3)),
+                    ("type".to_string(), ["telemetry", "status", "alarm"][rnd(3) as usize].to_string()),
+                ]
+                .into(),
+            });
+        }
+    }
+    let mut out: Vec<Reading> = Vec::new();
+    for (i, block) in readings.chunks(50).enumerate() {
+        if !messy {
+            out.extend_from_slice(block);
+            continue;
+        }
+        for r in block.iter().rev() {
+            out.push(r.clone());
+            if i % 20 == 3 {
+                out.push(r.clone());
+            }
+        }
+    }
+    out.chunks(500).enumerate().map(|(i, c)| EdgeBatch::new("gw-crash", i as u64 + 1, c.to_vec())).collect()
+}
+
+/// POSTs batches to a node's ingest endpoint; returns the readings sent.
+pub async fn ingest(cloud: &Cloud, batches: &[EdgeBatch]) -> u64 {
+    let client = reqwest::Client::new();
+    let mut records = 0;
+    for b in batches {
+        let resp = client
+            .post(format!("{}/v1/ingest", cloud.url()))
+            .header("content-encoding", "zstd")
+            .body(batch::encode(b, 3))
+            .send()
+            .await
+            .expect("ingest");
+        assert_eq!(resp.status().as_u16(), 200);
+        records += b.readings.len() as u64;
+    }
+    records
 }

@@ -127,14 +127,20 @@ fn range(from: Option<&str>, to: Option<&str>) -> Result<(i64, i64), ApiError> {
     ))
 }
 
-fn encode_after(key: &str, start: i64) -> String {
-    format!("{start}:{key}")
+/// A page token names the version it pages through, so the next page comes
+/// from the same version even if the name was promoted meanwhile.
+fn encode_after(view_id: &str, key: &str, start: i64) -> String {
+    format!("{view_id}|{start}:{key}")
 }
 
-fn decode_after(token: &str) -> Result<(String, i64), ApiError> {
+fn decode_after(token: &str) -> Result<(Option<String>, String, i64), ApiError> {
     let malformed = || bad_request(format!("after token {token:?} is malformed"));
-    let (start, key) = token.split_once(':').ok_or_else(malformed)?;
-    Ok((key.to_string(), start.parse().map_err(|_| malformed())?))
+    let (view, rest) = match token.split_once('|') {
+        Some((v, r)) => (Some(v.to_string()), r),
+        None => (None, token),
+    };
+    let (start, key) = rest.split_once(':').ok_or_else(malformed)?;
+    Ok((view, key.to_string(), start.parse().map_err(|_| malformed())?))
 }
 
 async fn with_store<T: Send + 'static>(
@@ -158,18 +164,26 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 async fn query(st: &ApiState, view: String, key: Option<String>, p: &RowParams) -> Result<RowsPage, ApiError> {
     let limit = limit(p.limit)?;
     let (from, to) = range(p.from.as_deref(), p.to.as_deref())?;
-    let after = p.after.as_deref().map(decode_after).transpose()?;
+    let token = p.after.as_deref().map(decode_after).transpose()?;
+    let (pinned, after) = match token {
+        Some((v, key, start)) => (v, Some((key, start))),
+        None => (None, None),
+    };
     let rows_and_id = with_store(st, move |s| {
-        let id = s
-            .resolve_view(&view)
-            .map_err(internal)?
-            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no view named {view:?}; see /v1/views")))?;
+        let id = match pinned {
+            Some(id) => id,
+            None => s
+                .resolve_view(&view)
+                .map_err(internal)?
+                .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no view named {view:?}; see /v1/views")))?,
+        };
         let rows = s.rows(&RowQuery { view_id: id.clone(), key, from, to, after, limit }).map_err(internal)?;
         Ok((id, rows))
     })
     .await?;
     let (view, rows) = rows_and_id;
-    let next = (rows.len() == limit).then(|| rows.last().map(|r| encode_after(&r.key, r.window_start))).flatten();
+    let next =
+        (rows.len() == limit).then(|| rows.last().map(|r| encode_after(&view, &r.key, r.window_start))).flatten();
     Ok(RowsPage { view, rows: rows.into_iter().map(RowOut::from).collect(), next })
 }
 
@@ -260,7 +274,7 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_even_with_colons_in_keys() {
-        let t = encode_after("dev:1", 42);
-        assert_eq!(decode_after(&t).unwrap(), ("dev:1".to_string(), 42));
+        let t = encode_after("v@2", "dev:1", 42);
+        assert_eq!(decode_after(&t).unwrap(), (Some("v@2".to_string()), "dev:1".to_string(), 42));
     }
 }

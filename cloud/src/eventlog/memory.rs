@@ -57,4 +57,9 @@ impl LogSource for MemorySource {
     fn end_offsets(&mut self) -> Result<Vec<(Partition, Offset)>, EventLogError> {
         Ok(self.partitions.iter().map(|(p, r)| (*p, r.len() as u64)).collect())
     }
+
+    fn caught_up(&self, partition: Partition) -> bool {
+        let len = self.partitions.get(&partition).map_or(0, Vec::len) as u64;
+        self.positions.get(&partition).is_none_or(|pos| *pos >= len)
+    }
 }

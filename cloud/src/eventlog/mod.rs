@@ -77,6 +77,14 @@ pub trait LogSource: Send {
     fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<ConsumedRecord>, EventLogError>;
     /// The offset the next appended record of each assigned partition will get.
     fn end_offsets(&mut self) -> Result<Vec<(Partition, Offset)>, EventLogError>;
+    /// Records skipped because they were damaged (archive blocks), so far.
+    fn skipped(&self) -> u64 {
+        0
+    }
+    /// Whether the last poll found nothing more to read in `partition`. A
+    /// partition that is not caught up holds the watermark back even if it
+    /// has delivered nothing yet: windows must not close past unread data.
+    fn caught_up(&self, partition: Partition) -> bool;
 }
 
 /// Event log failures, classified for the caller.

@@ -112,6 +112,18 @@ impl SqliteLog {
         self.partitions
     }
 
+    /// The next offset of every partition of the log at `path`, read-only
+    /// (for tools that run beside a node).
+    pub fn end_offsets_at(path: &Path) -> Result<Vec<(Partition, Offset)>, EventLogError> {
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(unavailable)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(unavailable)?;
+        let partitions: u32 =
+            conn.query_row("SELECT value FROM meta WHERE key = 'partitions'", [], |r| r.get(0)).map_err(unavailable)?;
+        next_offsets(&conn, partitions).map(|v| v.into_iter().enumerate().map(|(p, o)| (p as Partition, o)).collect())
+    }
+
     /// Starts the writer thread; at most `queue` appends wait for it.
     pub fn start_writer(&self, queue: usize) -> Result<SqliteAppender, EventLogError> {
         let mut conn = connect(&self.path, self.durability)?;
@@ -134,6 +146,7 @@ impl SqliteLog {
         Ok(SqliteSource {
             conn,
             positions: (0..self.partitions).map(|p| (p, 0)).collect(),
+            at_end: vec![false; self.partitions as usize],
             next_partition: 0,
             signal: self.signal.clone(),
         })
@@ -273,6 +286,8 @@ fn commit(
 pub struct SqliteSource {
     conn: Connection,
     positions: Vec<(Partition, Offset)>,
+    /// Partitions whose last read came back short (at the end of the log).
+    at_end: Vec<bool>,
     next_partition: usize,
     signal: Arc<Signal>,
 }
@@ -293,12 +308,15 @@ impl SqliteSource {
             let idx = (self.next_partition + i) % n;
             let (p, from) = self.positions[idx];
             let mut rows = stmt.query(params![p, from as i64, share as i64]).map_err(unavailable)?;
+            let mut got = 0;
             while let Some(row) = rows.next().map_err(unavailable)? {
                 let offset = row.get::<_, i64>(0).map_err(unavailable)? as u64;
                 let value: Vec<u8> = row.get(1).map_err(unavailable)?;
                 self.positions[idx].1 = offset + 1;
                 out.push(ConsumedRecord { partition: p, offset, value: value.into() });
+                got += 1;
             }
+            self.at_end[idx] = got < share;
             if out.len() >= max {
                 break;
             }
@@ -314,9 +332,14 @@ impl LogSource for SqliteSource {
     }
 
     fn seek(&mut self, partition: Partition, offset: Offset) {
-        if let Some(slot) = self.positions.iter_mut().find(|(p, _)| *p == partition) {
-            slot.1 = offset;
+        if let Some(i) = self.positions.iter().position(|(p, _)| *p == partition) {
+            self.positions[i].1 = offset;
+            self.at_end[i] = false;
         }
+    }
+
+    fn caught_up(&self, partition: Partition) -> bool {
+        self.positions.iter().position(|(p, _)| *p == partition).is_some_and(|i| self.at_end[i])
     }
 
     fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<ConsumedRecord>, EventLogError> {

@@ -30,7 +30,7 @@ use self::dedup::{Dedup, SeqSet};
 use self::watermark::Watermarks;
 use crate::eventlog::{EventLogError, LogSource, Offset, Partition};
 use crate::metrics::CloudMetrics;
-use crate::store::{Checkpoint, StoreError, ViewStore};
+use crate::store::{Checkpoint, PipelinePlan, StoreError, ViewStore};
 use crate::views::operator::{Event, LateEvent, Tally, ViewOperator};
 use crate::views::spec::ViewSpec;
 
@@ -130,6 +130,10 @@ impl Default for ProcessorSettings {
 /// The processor.
 #[derive(Debug)]
 pub struct Processor<S: LogSource> {
+    pipeline: String,
+    /// Replaying history; becomes false once caught up with the log's end.
+    building: bool,
+    caught_up: bool,
     source: S,
     committer: Committer,
     ops: Vec<Box<dyn Operator>>,
@@ -146,9 +150,10 @@ pub struct Processor<S: LogSource> {
 }
 
 impl<S: LogSource> Processor<S> {
-    /// Registers the views, restores the last checkpoint and seeks the source there.
-    pub fn new(
-        mut source: S,
+    /// A single pipeline over a store that has no other (tests, benchmarks):
+    /// plans the views and runs them all.
+    pub fn single(
+        source: S,
         mut store: ViewStore,
         specs: Vec<ViewSpec>,
         settings: ProcessorSettings,
@@ -156,8 +161,26 @@ impl<S: LogSource> Processor<S> {
     ) -> Result<Self, ProcessorError> {
         let now_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        store.register_views(&specs, now_ms)?;
-        let restored = store.restore()?;
+        let mut plans = store.plan_pipelines(&specs, now_ms)?;
+        if plans.len() != 1 {
+            return Err(ProcessorError::Store(StoreError(format!(
+                "expected one pipeline, the store plans {}",
+                plans.len()
+            ))));
+        }
+        Self::new(source, store, plans.remove(0), settings, metrics)
+    }
+
+    /// Restores the pipeline's last checkpoint and seeks the source there.
+    pub fn new(
+        mut source: S,
+        store: ViewStore,
+        plan: PipelinePlan,
+        settings: ProcessorSettings,
+        metrics: Arc<CloudMetrics>,
+    ) -> Result<Self, ProcessorError> {
+        let PipelinePlan { pipeline, views: specs, building } = plan;
+        let restored = store.restore(&pipeline)?;
         let now = Instant::now();
         let mut marks = Watermarks::new(settings.max_out_of_orderness_ms, settings.idle_timeout);
         let mut positions = BTreeMap::new();
@@ -184,12 +207,17 @@ impl<S: LogSource> Processor<S> {
         }
         let committer = Committer::start(store).map_err(|e| StoreError(format!("cannot start the committer: {e}")))?;
         tracing::info!(
+            pipeline,
+            building,
             ?positions,
             global_watermark = ?marks.global(),
             views = ?ops.iter().map(|o| o.id().to_string()).collect::<Vec<_>>(),
             "Processor restored its checkpoint."
         );
         Ok(Self {
+            pipeline,
+            building,
+            caught_up: false,
             source,
             committer,
             ops,
@@ -269,7 +297,9 @@ impl<S: LogSource> Processor<S> {
         }
         let before = self.marks.global();
         let mut closed = false;
-        if let Some(g) = self.marks.advance(now)
+        let assigned = self.source.assigned();
+        let source = &self.source;
+        if let Some(g) = self.marks.advance(now, &assigned, |p| source.caught_up(p))
             && before != Some(g)
         {
             for op in &mut self.ops {
@@ -288,7 +318,7 @@ impl<S: LogSource> Processor<S> {
             // interval. Latency counts from when this step's records arrived.
             self.checkpoint_job(Some(now))?;
         } else if self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval
-            && (self.since_checkpoint > 0 || before != self.marks.global())
+            && (self.since_checkpoint > 0 || before != self.marks.global() || self.caught_up)
         {
             self.checkpoint()?;
         }
@@ -319,6 +349,9 @@ impl<S: LogSource> Processor<S> {
             self.metrics.view_null_inputs.get_or_create(&label).inc_by(t.null_inputs);
             self.metrics.view_state_windows.get_or_create(&label).set(op.state_len() as i64);
         }
+        cp.pipeline = self.pipeline.clone();
+        cp.caught_up = std::mem::take(&mut self.caught_up);
+        cp.skipped = self.source.skipped();
         let (up, del) = self.dedup.take_changes();
         cp.dedup_upserts = up;
         cp.dedup_deletes = del;
@@ -337,9 +370,19 @@ impl<S: LogSource> Processor<S> {
     }
 
     fn report_lag(&mut self, now: Instant) -> Result<(), ProcessorError> {
+        let mut behind = 0;
         for (p, end) in self.source.end_offsets()? {
             let done = self.positions.get(&p).copied().unwrap_or(0);
+            behind += end.saturating_sub(done);
             self.metrics.lag_records.get_or_create(&[("partition", p)]).set(end.saturating_sub(done) as i64);
+        }
+        let skipped = self.source.skipped();
+        self.metrics.archive_skipped_records.set(skipped as i64);
+        if self.building && behind == 0 {
+            tracing::info!(pipeline = %self.pipeline, skipped, "Replay caught up with the live log; the pipeline is live.");
+            self.building = false;
+            self.caught_up = true;
+            self.last_checkpoint = Instant::now() - self.settings.checkpoint_interval;
         }
         self.metrics.idle_partitions.set(self.marks.idle(now) as i64);
         self.last_lag = Instant::now();
@@ -349,6 +392,16 @@ impl<S: LogSource> Processor<S> {
     /// Positions processed so far (not necessarily checkpointed).
     pub fn positions(&self) -> &BTreeMap<Partition, Offset> {
         &self.positions
+    }
+
+    /// The pipeline this processor runs.
+    pub fn pipeline(&self) -> &str {
+        &self.pipeline
+    }
+
+    /// Still replaying history.
+    pub fn building(&self) -> bool {
+        self.building
     }
 
     /// The global watermark.

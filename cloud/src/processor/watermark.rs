@@ -3,9 +3,11 @@
 //! Each partition's watermark is the latest event time it has delivered
 //! minus the out-of-orderness bound; it depends only on that partition's
 //! prefix of the log. The processor's (global) watermark is the minimum over
-//! *active* partitions: one that delivered nothing for the idle timeout
-//! (wall clock) stops holding the others back, and counts again as soon as
-//! it delivers. The global watermark never moves backwards.
+//! the partitions that count: every partition with unread records counts
+//! (one that has not delivered anything yet holds the watermark where it
+//! is), and a partition that is caught up and has delivered nothing for the
+//! idle timeout (wall clock) stops holding the others back until it delivers
+//! again. The global watermark never moves backwards.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -56,15 +58,31 @@ impl Watermarks {
         part.last_seen = now;
     }
 
-    /// Recomputes the global watermark at `now`; returns it.
-    pub fn advance(&mut self, now: Instant) -> Option<i64> {
-        let active = self
-            .parts
-            .values()
-            .filter(|p| now.saturating_duration_since(p.last_seen) < self.idle_timeout)
-            .map(|p| p.max_ts.saturating_sub(self.bound_ms))
-            .min();
-        if let Some(w) = active {
+    /// Recomputes the global watermark at `now`, given which of `assigned`
+    /// partitions are caught up with their source; returns it.
+    pub fn advance(
+        &mut self,
+        now: Instant,
+        assigned: &[Partition],
+        caught_up: impl Fn(Partition) -> bool,
+    ) -> Option<i64> {
+        let mut min: Option<i64> = None;
+        for &p in assigned {
+            let lagging = !caught_up(p);
+            match self.parts.get(&p) {
+                // Unread records, nothing delivered yet: nothing may close.
+                None if lagging => return self.global,
+                None => {}
+                Some(part) => {
+                    let idle = !lagging && now.saturating_duration_since(part.last_seen) >= self.idle_timeout;
+                    if !idle {
+                        let w = part.max_ts.saturating_sub(self.bound_ms);
+                        min = Some(min.map_or(w, |m| m.min(w)));
+                    }
+                }
+            }
+        }
+        if let Some(w) = min {
             self.global = Some(self.global.map_or(w, |g| g.max(w)));
         }
         self.global
@@ -85,12 +103,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_slowest_active_partition_sets_the_global_watermark() {
+    fn the_slowest_partition_sets_the_global_watermark() {
         let t0 = Instant::now();
         let mut w = Watermarks::new(10, Duration::from_secs(30));
         w.observe(0, 100, t0);
         w.observe(1, 50, t0);
-        assert_eq!(w.advance(t0), Some(40));
+        assert_eq!(w.advance(t0, &[0, 1], |_| true), Some(40));
         assert_eq!(w.partition(0), Some(90));
     }
 
@@ -100,12 +118,28 @@ mod tests {
         let mut w = Watermarks::new(0, Duration::from_secs(30));
         w.observe(0, 100, t0);
         w.observe(1, 10, t0);
-        assert_eq!(w.advance(t0), Some(10));
+        assert_eq!(w.advance(t0, &[0, 1], |_| true), Some(10));
         let later = t0 + Duration::from_secs(31);
         w.observe(0, 200, later);
-        assert_eq!(w.advance(later), Some(200), "partition 1 is idle");
+        assert_eq!(w.advance(later, &[0, 1], |_| true), Some(200), "partition 1 is idle");
         assert_eq!(w.idle(later), 1);
         w.observe(1, 20, later);
-        assert_eq!(w.advance(later), Some(200), "the global watermark never goes back");
+        assert_eq!(w.advance(later, &[0, 1], |_| true), Some(200), "the global watermark never goes back");
+    }
+
+    #[test]
+    fn a_partition_with_unread_records_is_never_idle_even_before_it_delivers() {
+        let t0 = Instant::now();
+        let mut w = Watermarks::new(0, Duration::from_secs(30));
+        w.observe(0, 100, t0);
+        assert_eq!(w.advance(t0, &[0, 1], |p| p == 0), None, "partition 1 has a backlog and no watermark yet");
+        assert_eq!(w.advance(t0, &[0, 1], |_| true), Some(100), "a partition with no data at all does not count");
+        w.observe(1, 10, t0);
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(
+            w.advance(later, &[0, 1], |p| p == 0),
+            Some(100),
+            "silent but lagging: it still counts (and is behind)"
+        );
     }
 }

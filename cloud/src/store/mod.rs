@@ -1,17 +1,19 @@
 //! The serving store and checkpoint store, in SQLite.
 //!
-//! On-disk format (`PRAGMA user_version = 2`):
+//! On-disk format (`PRAGMA user_version = 3`):
 //!
 //! | table | holds |
 //! |---|---|
-//! | `views(view_id, name, version, definition, created_ms)` | every view version ever run, with its canonical definition |
+//! | `views(view_id, name, version, definition, pipeline, retired, created_ms)` | every view version ever run, its canonical definition and the pipeline that computes it |
+//! | `pipelines(pipeline, state, detail, created_ms)` | `building` (replaying towards the log's end), `live`, or `failed` with why |
 //! | `view_aliases(name, version)` | which version the API serves for a name |
+//! | `alias_history(seq, name, version, at_ms)` | every alias change, for rollback |
 //! | `view_rows(view_id, key, window_start, window_end, row)` | output rows; `row` is JSON; `window_end` NULL for global windows |
 //! | `view_state(view_id, key, window_start, state)` | open windows (CBOR), for restore |
 //! | `view_meta(view_id, closed_through)` | the watermark up to which windows are closed |
-//! | `dedup(device, boot, state)` | sequence numbers seen per device boot (CBOR) |
-//! | `partitions(partition, next_offset, max_ts)` | where processing resumes, and each partition's max event time |
-//! | `processor_meta(key, value)` | `global_watermark` |
+//! | `dedup(pipeline, device, boot, state)` | sequence numbers seen per device boot (CBOR) |
+//! | `partitions(pipeline, partition, next_offset, max_ts)` | where each pipeline resumes, and each partition's max event time |
+//! | `processor_meta(pipeline, key, value)` | `global_watermark` |
 //! | `late_events(view_id, partition, offset, window_start, ...)` | readings too late for a window, with the reason |
 //!
 //! [`ViewStore::checkpoint`] writes everything a checkpoint holds in one
@@ -30,13 +32,20 @@ use crate::eventlog::{Offset, Partition};
 use crate::views::operator::{Changes, LateEvent, WinState};
 use crate::views::spec::ViewSpec;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
+
+/// The pipeline of the views present when the store was created.
+pub const MAIN_PIPELINE: &str = "main";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS views (
     view_id TEXT PRIMARY KEY, name TEXT NOT NULL, version INTEGER NOT NULL,
-    definition TEXT NOT NULL, created_ms INTEGER NOT NULL);
+    definition TEXT NOT NULL, pipeline TEXT NOT NULL, retired INTEGER NOT NULL DEFAULT 0, created_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS pipelines (
+    pipeline TEXT PRIMARY KEY, state TEXT NOT NULL, detail TEXT NOT NULL DEFAULT '', created_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS view_aliases (name TEXT PRIMARY KEY, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS alias_history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, version INTEGER NOT NULL, at_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS view_rows (
     view_id TEXT NOT NULL, key TEXT NOT NULL, window_start INTEGER NOT NULL, window_end INTEGER,
     row TEXT NOT NULL, PRIMARY KEY (view_id, key, window_start)) WITHOUT ROWID;
@@ -45,9 +54,13 @@ CREATE TABLE IF NOT EXISTS view_state (
     PRIMARY KEY (view_id, key, window_start)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS view_meta (view_id TEXT PRIMARY KEY, closed_through INTEGER);
 CREATE TABLE IF NOT EXISTS dedup (
-    device TEXT NOT NULL, boot INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY (device, boot)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS partitions (partition INTEGER PRIMARY KEY, next_offset INTEGER NOT NULL, max_ts INTEGER);
-CREATE TABLE IF NOT EXISTS processor_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    pipeline TEXT NOT NULL, device TEXT NOT NULL, boot INTEGER NOT NULL, state BLOB NOT NULL,
+    PRIMARY KEY (pipeline, device, boot)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS partitions (
+    pipeline TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL, max_ts INTEGER,
+    PRIMARY KEY (pipeline, partition)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS processor_meta (
+    pipeline TEXT NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (pipeline, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS late_events (
     view_id TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL, window_start INTEGER NOT NULL,
     device TEXT NOT NULL, boot INTEGER NOT NULL, seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL,
@@ -73,12 +86,32 @@ pub struct ViewInfo {
     pub id: String,
     /// The version the API serves for this name.
     pub current: bool,
+    /// `building`, `live`, `failed` or `retired` (not in the running config).
+    pub state: String,
+    /// Why a pipeline failed.
+    pub detail: String,
+    pub pipeline: String,
+    pub rows: u64,
     pub definition: Json,
+}
+
+/// Which views each pipeline computes.
+#[derive(Debug, Clone)]
+pub struct PipelinePlan {
+    pub pipeline: String,
+    pub views: Vec<ViewSpec>,
+    /// Replaying history: read the archive, then the log.
+    pub building: bool,
 }
 
 /// Everything one checkpoint writes.
 #[derive(Debug, Default)]
 pub struct Checkpoint {
+    pub pipeline: String,
+    /// The pipeline caught up with the log: mark it live.
+    pub caught_up: bool,
+    /// Records the pipeline's source skipped as damaged, so far.
+    pub skipped: u64,
     pub views: Vec<(String, Changes, Option<i64>)>,
     pub dedup_upserts: Vec<(String, u32, Vec<u8>)>,
     pub dedup_deletes: Vec<(String, u32)>,
@@ -146,58 +179,163 @@ impl ViewStore {
         Ok(Self { conn })
     }
 
-    /// Records the views about to run. A view whose definition changed under
-    /// the same version is refused: its rows and state would mean something
-    /// else. A name without an alias gets this version as its alias.
-    pub fn register_views(&mut self, specs: &[ViewSpec], now_ms: i64) -> Result<(), StoreError> {
+    /// Records the views about to run and decides which pipeline computes
+    /// each. A view already known keeps its pipeline. On a fresh store every
+    /// view joins the main pipeline; a view added later gets a pipeline of its
+    /// own that replays history (archive, then log) and then stays live
+    /// beside the others. Known views missing from `specs` are marked
+    /// retired. A view whose definition changed under the same version is
+    /// refused: its rows and state would mean something else. A name without
+    /// an alias gets this version as its alias.
+    pub fn plan_pipelines(&mut self, specs: &[ViewSpec], now_ms: i64) -> Result<Vec<PipelinePlan>, StoreError> {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let fresh: bool = tx.query_row("SELECT count(*) = 0 FROM pipelines", [], |r| r.get(0))?;
+        let mut plans: BTreeMap<String, PipelinePlan> = BTreeMap::new();
         for spec in specs {
             let id = spec.id();
             let def = spec.fingerprint();
-            let stored: Option<String> =
-                tx.query_row("SELECT definition FROM views WHERE view_id = ?1", [&id], |r| r.get(0)).optional()?;
-            match stored {
-                Some(old) if old != def => {
+            let stored: Option<(String, String)> = tx
+                .query_row("SELECT definition, pipeline FROM views WHERE view_id = ?1", [&id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            let pipeline = match stored {
+                Some((old, _)) if old != def => {
                     return Err(StoreError(format!(
                         "view {id} was built with a different definition; give the changed view a new version \
                          (version = {}) so both can be compared",
                         spec.version + 1
                     )));
                 }
-                Some(_) => {}
+                Some((_, pipeline)) => pipeline,
                 None => {
+                    let pipeline = if fresh { MAIN_PIPELINE.to_string() } else { format!("replay:{id}") };
                     tx.execute(
-                        "INSERT INTO views (view_id, name, version, definition, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                        params![id, spec.name, spec.version, def, now_ms],
+                        "INSERT INTO views (view_id, name, version, definition, pipeline, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                        params![id, spec.name, spec.version, def, pipeline, now_ms],
                     )?;
+                    let state = if fresh { "live" } else { "building" };
+                    tx.execute(
+                        "INSERT OR IGNORE INTO pipelines (pipeline, state, created_ms) VALUES (?1, ?2, ?3)",
+                        params![pipeline, state, now_ms],
+                    )?;
+                    pipeline
                 }
-            }
-            tx.execute(
+            };
+            tx.execute("UPDATE views SET retired = 0 WHERE view_id = ?1", [&id])?;
+            if tx.execute(
                 "INSERT OR IGNORE INTO view_aliases (name, version) VALUES (?1, ?2)",
                 params![spec.name, spec.version],
-            )?;
+            )? > 0
+            {
+                tx.execute(
+                    "INSERT INTO alias_history (name, version, at_ms) VALUES (?1, ?2, ?3)",
+                    params![spec.name, spec.version, now_ms],
+                )?;
+            }
+            let mut state: String = tx
+                .query_row("SELECT state FROM pipelines WHERE pipeline = ?1", [&pipeline], |r| r.get(0))
+                .optional()?
+                .unwrap_or_default();
+            if state == "failed" {
+                // Try again from its checkpoint (say, after archive.skip_damaged was set).
+                tx.execute("UPDATE pipelines SET state = 'building' WHERE pipeline = ?1", [&pipeline])?;
+                state = "building".into();
+            }
+            plans
+                .entry(pipeline.clone())
+                .or_insert_with(|| PipelinePlan { pipeline, views: Vec::new(), building: state == "building" })
+                .views
+                .push(spec.clone());
+        }
+        let ids: Vec<String> = specs.iter().map(ViewSpec::id).collect();
+        let known: Vec<String> =
+            tx.prepare("SELECT view_id FROM views")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        for id in known.iter().filter(|k| !ids.contains(k)) {
+            tx.execute("UPDATE views SET retired = 1 WHERE view_id = ?1", [id])?;
         }
         tx.commit()?;
+        Ok(plans.into_values().collect())
+    }
+
+    /// Records that a pipeline failed, and why (shown by `views list`).
+    pub fn fail_pipeline(&mut self, pipeline: &str, detail: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE pipelines SET state = 'failed', detail = ?2 WHERE pipeline = ?1",
+            params![pipeline, detail],
+        )?;
         Ok(())
     }
 
-    /// Positions, watermarks and dedup state from the last checkpoint.
-    pub fn restore(&self) -> Result<Restored, StoreError> {
+    /// A pipeline's positions, watermarks and dedup state from its last checkpoint.
+    pub fn restore(&self, pipeline: &str) -> Result<Restored, StoreError> {
         let mut out = Restored::default();
-        let mut stmt = self.conn.prepare("SELECT partition, next_offset, max_ts FROM partitions")?;
-        for row in
-            stmt.query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, Option<i64>>(2)?)))?
-        {
+        let mut stmt =
+            self.conn.prepare("SELECT partition, next_offset, max_ts FROM partitions WHERE pipeline = ?1")?;
+        for row in stmt.query_map([pipeline], |r| {
+            Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, Option<i64>>(2)?))
+        })? {
             let (p, o, m) = row?;
             out.partitions.insert(p, (o, m));
         }
         out.global_watermark = self
             .conn
-            .query_row("SELECT value FROM processor_meta WHERE key = 'global_watermark'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM processor_meta WHERE pipeline = ?1 AND key = 'global_watermark'",
+                [pipeline],
+                |r| r.get(0),
+            )
             .optional()?;
-        let mut stmt = self.conn.prepare("SELECT device, boot, state FROM dedup")?;
-        for row in stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))? {
+        let mut stmt = self.conn.prepare("SELECT device, boot, state FROM dedup WHERE pipeline = ?1")?;
+        for row in stmt.query_map([pipeline], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))? {
             out.dedup.push(row?);
+        }
+        Ok(out)
+    }
+
+    /// A view's rows and its pipeline's positions, read in one snapshot so
+    /// they agree (the processor commits both together).
+    pub fn snapshot(&mut self, view_id: &str) -> Result<(Vec<StoredRow>, BTreeMap<Partition, Offset>), StoreError> {
+        let tx = self.conn.transaction()?;
+        let pipeline: String = tx
+            .query_row("SELECT pipeline FROM views WHERE view_id = ?1", [view_id], |r| r.get(0))
+            .optional()?
+            .ok_or_else(|| StoreError(format!("no view {view_id}")))?;
+        let mut positions = BTreeMap::new();
+        {
+            let mut stmt = tx.prepare("SELECT partition, next_offset FROM partitions WHERE pipeline = ?1")?;
+            for row in stmt.query_map([&pipeline], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64)))? {
+                let (p, o) = row?;
+                positions.insert(p, o);
+            }
+        }
+        let mut rows = Vec::new();
+        {
+            let mut stmt =
+                tx.prepare("SELECT key, window_start, window_end, row FROM view_rows WHERE view_id = ?1 ORDER BY key, window_start")?;
+            let it = stmt.query_map([view_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<i64>>(2)?, r.get::<_, String>(3)?))
+            })?;
+            for row in it {
+                let (key, window_start, window_end, json) = row?;
+                let values =
+                    serde_json::from_str(&json).map_err(|e| StoreError(format!("stored row does not parse: {e}")))?;
+                rows.push(StoredRow { key, window_start, window_end, values });
+            }
+        }
+        tx.commit()?;
+        Ok((rows, positions))
+    }
+
+    /// Every pipeline's next offset per partition.
+    pub fn pipeline_positions(&self) -> Result<BTreeMap<String, BTreeMap<Partition, Offset>>, StoreError> {
+        let mut out: BTreeMap<String, BTreeMap<Partition, Offset>> = BTreeMap::new();
+        let mut stmt = self.conn.prepare("SELECT pipeline, partition, next_offset FROM partitions")?;
+        for row in
+            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, i64>(2)? as u64)))?
+        {
+            let (pl, p, o) = row?;
+            out.entry(pl).or_default().insert(p, o);
         }
         Ok(out)
     }
@@ -256,16 +394,17 @@ impl ViewStore {
                 }
                 meta.execute(params![view, closed])?;
             }
+            let pl = cp.pipeline.as_str();
             let mut d_up = tx.prepare_cached(
-                "INSERT INTO dedup (device, boot, state) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (device, boot) DO UPDATE SET state = excluded.state",
+                "INSERT INTO dedup (pipeline, device, boot, state) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (pipeline, device, boot) DO UPDATE SET state = excluded.state",
             )?;
             for (d, b, blob) in &cp.dedup_upserts {
-                d_up.execute(params![d, b, blob])?;
+                d_up.execute(params![pl, d, b, blob])?;
             }
-            let mut d_del = tx.prepare_cached("DELETE FROM dedup WHERE device = ?1 AND boot = ?2")?;
+            let mut d_del = tx.prepare_cached("DELETE FROM dedup WHERE pipeline = ?1 AND device = ?2 AND boot = ?3")?;
             for (d, b) in &cp.dedup_deletes {
-                d_del.execute(params![d, b])?;
+                d_del.execute(params![pl, d, b])?;
             }
             let mut late = tx.prepare_cached(
                 "INSERT OR REPLACE INTO late_events
@@ -287,17 +426,29 @@ impl ViewStore {
                 ])?;
             }
             let mut pos = tx.prepare_cached(
-                "INSERT INTO partitions (partition, next_offset, max_ts) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (partition) DO UPDATE SET next_offset = excluded.next_offset, max_ts = excluded.max_ts",
+                "INSERT INTO partitions (pipeline, partition, next_offset, max_ts) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (pipeline, partition) DO UPDATE SET next_offset = excluded.next_offset, max_ts = excluded.max_ts",
             )?;
             for (p, o, m) in &cp.partitions {
-                pos.execute(params![p, *o as i64, m])?;
+                pos.execute(params![pl, p, *o as i64, m])?;
             }
             if let Some(w) = cp.global_watermark {
                 tx.execute(
-                    "INSERT INTO processor_meta (key, value) VALUES ('global_watermark', ?1)
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    [w],
+                    "INSERT INTO processor_meta (pipeline, key, value) VALUES (?1, 'global_watermark', ?2)
+                     ON CONFLICT (pipeline, key) DO UPDATE SET value = excluded.value",
+                    params![pl, w],
+                )?;
+            }
+            if cp.caught_up {
+                tx.execute(
+                    "UPDATE pipelines SET state = 'live', detail = '' WHERE pipeline = ?1 AND state = 'building'",
+                    [pl],
+                )?;
+            }
+            if cp.skipped > 0 {
+                tx.execute(
+                    "UPDATE pipelines SET detail = ?2 WHERE pipeline = ?1",
+                    params![pl, format!("skipped {} records in damaged archive blocks", cp.skipped)],
                 )?;
             }
         }
@@ -323,25 +474,117 @@ impl ViewStore {
     /// Every view version the store knows.
     pub fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT v.name, v.version, v.view_id, v.definition, a.version IS NOT NULL
-             FROM views v LEFT JOIN view_aliases a ON a.name = v.name AND a.version = v.version
+            "SELECT v.name, v.version, v.view_id, v.definition, a.version IS NOT NULL, v.retired,
+                    coalesce(p.state, ''), coalesce(p.detail, ''), v.pipeline,
+                    (SELECT count(*) FROM view_rows r WHERE r.view_id = v.view_id)
+             FROM views v
+             LEFT JOIN view_aliases a ON a.name = v.name AND a.version = v.version
+             LEFT JOIN pipelines p ON p.pipeline = v.pipeline
              ORDER BY v.name, v.version",
         )?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?, r.get(4)?))
+            let retired: bool = r.get(5)?;
+            let state: String = r.get(6)?;
+            Ok(ViewInfo {
+                name: r.get(0)?,
+                version: r.get(1)?,
+                id: r.get(2)?,
+                definition: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or(Json::Null),
+                current: r.get(4)?,
+                state: if retired { "retired".to_string() } else { state },
+                detail: r.get(7)?,
+                pipeline: r.get(8)?,
+                rows: r.get::<_, i64>(9)? as u64,
+            })
         })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (name, version, id, def, current) = row?;
-            out.push(ViewInfo {
-                name,
-                version,
-                id,
-                current,
-                definition: serde_json::from_str(&def).unwrap_or(Json::Null),
-            });
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Serves `version` for `name` from now on (one statement: atomic for readers).
+    pub fn promote(&mut self, name: &str, version: u32, now_ms: i64) -> Result<(), StoreError> {
+        let id = format!("{name}@{version}");
+        let state: Option<(bool, String)> = self
+            .conn
+            .query_row(
+                "SELECT v.retired, coalesce(p.state, '') FROM views v LEFT JOIN pipelines p ON p.pipeline = v.pipeline WHERE v.view_id = ?1",
+                [&id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        match state {
+            None => return Err(StoreError(format!("no view {id}; see views list"))),
+            Some((true, _)) => return Err(StoreError(format!("{id} is retired (not in the running config)"))),
+            Some((_, s)) if s != "live" => return Err(StoreError(format!("{id} is {s}; promote it once it is live"))),
+            Some(_) => {}
         }
-        Ok(out)
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO view_aliases (name, version) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET version = excluded.version",
+            params![name, version],
+        )?;
+        tx.execute(
+            "INSERT INTO alias_history (name, version, at_ms) VALUES (?1, ?2, ?3)",
+            params![name, version, now_ms],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Serves the version `name` served before its last promotion; returns it.
+    pub fn rollback(&mut self, name: &str, now_ms: i64) -> Result<u32, StoreError> {
+        let history: Vec<u32> = self
+            .conn
+            .prepare("SELECT version FROM alias_history WHERE name = ?1 ORDER BY seq DESC")?
+            .query_map([name], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let (Some(&current), Some(&previous)) = (history.first(), history.iter().find(|v| **v != history[0])) else {
+            return Err(StoreError(format!("{name} has no earlier version to roll back to")));
+        };
+        let _ = current;
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute("UPDATE view_aliases SET version = ?2 WHERE name = ?1", params![name, previous])?;
+        tx.execute(
+            "INSERT INTO alias_history (name, version, at_ms) VALUES (?1, ?2, ?3)",
+            params![name, previous, now_ms],
+        )?;
+        tx.commit()?;
+        Ok(previous)
+    }
+
+    /// Removes a retired version's rows, state, late events and registration.
+    pub fn drop_view(&mut self, name: &str, version: u32) -> Result<u64, StoreError> {
+        let id = format!("{name}@{version}");
+        let row: Option<(bool, String)> = self
+            .conn
+            .query_row("SELECT retired, pipeline FROM views WHERE view_id = ?1", [&id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((retired, pipeline)) = row else { return Err(StoreError(format!("no view {id}"))) };
+        if !retired {
+            return Err(StoreError(format!(
+                "{id} is running; remove it from the config and restart first (only retired versions are dropped)"
+            )));
+        }
+        let serving: bool = self.conn.query_row(
+            "SELECT count(*) > 0 FROM view_aliases WHERE name = ?1 AND version = ?2",
+            params![name, version],
+            |r| r.get(0),
+        )?;
+        if serving {
+            return Err(StoreError(format!("{id} is what {name} serves; promote another version first")));
+        }
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let rows = tx.execute("DELETE FROM view_rows WHERE view_id = ?1", [&id])? as u64;
+        for table in ["view_state", "view_meta", "late_events", "views"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE view_id = ?1"), [&id])?;
+        }
+        let left: i64 = tx.query_row("SELECT count(*) FROM views WHERE pipeline = ?1", [&pipeline], |r| r.get(0))?;
+        if left == 0 {
+            for table in ["pipelines", "partitions", "dedup", "processor_meta"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE pipeline = ?1"), [&pipeline])?;
+            }
+        }
+        tx.commit()?;
+        Ok(rows)
     }
 
     /// A page of rows, ordered by key then window start.
@@ -403,16 +646,27 @@ impl ViewStore {
 
     /// Every row of every view version, in a canonical order: byte-comparable dumps.
     pub fn dump(&self) -> Result<String, StoreError> {
+        self.dump_rows(None)
+    }
+
+    /// Rows in a canonical order; one version's without its id, so two
+    /// versions computed from the same log compare byte for byte.
+    pub fn dump_rows(&self, view_id: Option<&str>) -> Result<String, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT view_id, key, window_start, window_end, row FROM view_rows ORDER BY view_id, key, window_start",
+            "SELECT view_id, key, window_start, window_end, row FROM view_rows
+             WHERE ?1 IS NULL OR view_id = ?1 ORDER BY view_id, key, window_start",
         )?;
-        let mut rows = stmt.query([])?;
+        let mut rows = stmt.query([view_id])?;
         let mut out = String::new();
         while let Some(r) = rows.next()? {
             let (view, key, start, end, row): (String, String, i64, Option<i64>, String) =
                 (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?);
             let end = end.map_or_else(|| "-".to_string(), |e| e.to_string());
-            out.push_str(&format!("{view}\t{key}\t{start}\t{end}\t{row}\n"));
+            if view_id.is_some() {
+                out.push_str(&format!("{key}\t{start}\t{end}\t{row}\n"));
+            } else {
+                out.push_str(&format!("{view}\t{key}\t{start}\t{end}\t{row}\n"));
+            }
         }
         Ok(out)
     }
@@ -485,6 +739,7 @@ mod tests {
 
     fn cp_with_rows(rows: Vec<Row>, next_offset: u64) -> Checkpoint {
         Checkpoint {
+            pipeline: "main".into(),
             views: vec![("v@1".into(), Changes { row_upserts: rows, ..Changes::default() }, Some(5))],
             partitions: vec![(0, next_offset, Some(100))],
             global_watermark: Some(90),
@@ -498,7 +753,7 @@ mod tests {
         let mut s = ViewStore::open(&dir.path().join("v.sqlite")).unwrap();
         s.checkpoint(&cp_with_rows(vec![row("a", 0, 1)], 5)).unwrap();
         s.checkpoint(&cp_with_rows(vec![row("a", 0, 3)], 9)).unwrap();
-        let r = s.restore().unwrap();
+        let r = s.restore("main").unwrap();
         assert_eq!(r.partitions[&0], (9, Some(100)));
         assert_eq!(r.global_watermark, Some(90));
         let q = RowQuery { view_id: "v@1".into(), key: None, from: i64::MIN, to: i64::MAX, after: None, limit: 10 };
@@ -538,15 +793,24 @@ mod tests {
             filter: vec![],
             aggregates: vec![AggSpec { name: "n".into(), func: AggFn::Count, of: None, max: 1 }],
         };
-        s.register_views(std::slice::from_ref(&spec), 0).unwrap();
-        s.register_views(std::slice::from_ref(&spec), 0).unwrap();
+        let plans = s.plan_pipelines(std::slice::from_ref(&spec), 0).unwrap();
+        assert_eq!(
+            (plans[0].pipeline.as_str(), plans[0].building),
+            ("main", false),
+            "a fresh store: the main pipeline"
+        );
+        s.plan_pipelines(std::slice::from_ref(&spec), 0).unwrap();
+        let v1 = spec.clone();
         spec.window = WindowSpec::Tumbling { size_ms: 1000 };
-        let err = s.register_views(std::slice::from_ref(&spec), 0).unwrap_err();
+        let err = s.plan_pipelines(std::slice::from_ref(&spec), 0).unwrap_err();
         assert!(err.0.contains("version = 2"), "{err}");
         spec.version = 2;
-        s.register_views(&[spec], 0).unwrap();
+        let plans = s.plan_pipelines(&[v1, spec], 0).unwrap();
+        let replay = plans.iter().find(|p| p.pipeline == "replay:v@2").unwrap();
+        assert!(replay.building, "a version added later replays history in its own pipeline");
         assert_eq!(s.resolve_view("v").unwrap().as_deref(), Some("v@1"), "the alias stays on the first version");
         assert_eq!(s.resolve_view("v@2").unwrap().as_deref(), Some("v@2"));
+        assert!(s.promote("v", 2, 1).unwrap_err().0.contains("building"), "not before it is live");
     }
 
     #[test]

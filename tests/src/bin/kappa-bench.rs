@@ -301,7 +301,7 @@ fn cloud_processor(dir: &Path, scale: f64) -> Value {
     let store = ViewStore::open(&dir.join("views.sqlite")).unwrap();
     let specs = kappa_cloud::config::CloudConfig::from_toml("").unwrap().view_specs().unwrap();
     let settings = ProcessorSettings::default();
-    let mut p = Processor::new(log.source().unwrap(), store, specs, settings, metrics).unwrap();
+    let mut p = Processor::single(log.source().unwrap(), store, specs, settings, metrics).unwrap();
     let t = Instant::now();
     let mut done = 0;
     while done < n {
@@ -365,7 +365,7 @@ fn processor_views(dir: &Path, scale: f64) -> Value {
     let mut registry = prometheus_client_registry();
     let settings = ProcessorSettings { checkpoint_interval: Duration::from_secs(3600), ..ProcessorSettings::default() };
     let store = ViewStore::open(&dir.join("views-100k.sqlite")).unwrap();
-    let mut p = Processor::new(src, store, specs, settings, Arc::new(CloudMetrics::new(&mut registry))).unwrap();
+    let mut p = Processor::single(src, store, specs, settings, Arc::new(CloudMetrics::new(&mut registry))).unwrap();
     let cpu0 = thread_cpu_seconds();
     let t = Instant::now();
     let mut done = 0;
@@ -421,7 +421,7 @@ fn window_emit_latency(dir: &Path, scale: f64) -> Value {
     let settings = ProcessorSettings { max_out_of_orderness_ms: 0, poll_records: 1000, ..ProcessorSettings::default() };
     let store = ViewStore::open(&dir.join("views-emit.sqlite")).unwrap();
     let mut p =
-        Processor::new(src, store, cfg.view_specs().unwrap(), settings, Arc::new(CloudMetrics::new(&mut registry)))
+        Processor::single(src, store, cfg.view_specs().unwrap(), settings, Arc::new(CloudMetrics::new(&mut registry)))
             .unwrap();
     let mut done = 0;
     while done < n {

@@ -1,0 +1,1 @@
+//! Exporting a time range of the archive for other engines (filled in below).
