@@ -237,6 +237,10 @@ pub struct LogConfig {
     pub partitions: u32,
     #[serde(default = "default_durability")]
     pub durability: Durability,
+    /// Delete log records this old once they are archived and every view
+    /// pipeline has processed them (default: keep everything).
+    #[serde(default, with = "humantime_serde")]
+    pub retention: Option<Duration>,
 }
 
 fn default_backend() -> LogBackend {
@@ -251,7 +255,12 @@ fn default_durability() -> Durability {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { backend: default_backend(), partitions: default_partitions(), durability: default_durability() }
+        Self {
+            backend: default_backend(),
+            partitions: default_partitions(),
+            durability: default_durability(),
+            retention: None,
+        }
     }
 }
 
@@ -354,6 +363,9 @@ impl Validate for CloudConfig {
         }
         if self.processor.poll_records == 0 {
             errors.push("processor.poll_records: must be at least 1".into());
+        }
+        if self.log.retention.is_some() && !self.archive.enabled {
+            errors.push("log.retention: needs archive.enabled = true (only archived records are deleted)".into());
         }
         if self.archive.segment_bytes < 4096 {
             errors.push("archive.segment_bytes: must be at least 4096".into());

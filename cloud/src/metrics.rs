@@ -41,6 +41,7 @@ pub struct CloudMetrics {
     pub archive_bytes: Counter,
     pub archive_lag_records: Family<PartitionLabel, Gauge>,
     pub archive_skipped_records: Gauge,
+    pub log_records_deleted: Counter,
     pub state_rows: Gauge,
 }
 
@@ -73,6 +74,7 @@ impl CloudMetrics {
             archive_bytes: Counter::default(),
             archive_lag_records: Family::default(),
             archive_skipped_records: Gauge::default(),
+            log_records_deleted: Counter::default(),
             state_rows: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("kappa_cloud");
@@ -126,6 +128,11 @@ impl CloudMetrics {
             "archive_skipped_records",
             "Records a replay skipped in damaged archive blocks (archive.skip_damaged)",
             m.archive_skipped_records.clone(),
+        );
+        r.register(
+            "log_records_deleted",
+            "Log records deleted by retention (archived and processed)",
+            m.log_records_deleted.clone(),
         );
         r.register("watermark_ms", "The processor's event-time watermark, Unix ms", m.watermark_ms.clone());
         r.register("state_windows", "Open windows held in processor memory, all views", m.state_rows.clone());

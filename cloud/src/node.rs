@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
-use crate::archive::archiver::{Archiver, ArchiverSettings};
+use crate::archive::archiver::{Archiver, ArchiverSettings, Retention};
 use crate::archive::source::{ArchiveSource, ChainSource};
 use crate::archive::store::{ArchiveStore, LocalStore};
 use crate::config::{CloudConfig, LogBackend};
@@ -140,8 +140,15 @@ impl Node {
                 segment_age: cfg.archive.segment_age,
                 ..ArchiverSettings::default()
             };
-            let archiver = Archiver::new(log.source()?, a, settings, metrics.clone())
+            let mut archiver = Archiver::new(log.source()?, a, settings, metrics.clone())
                 .map_err(|e| NodeError::Bind(e.to_string()))?;
+            if let Some(older_than) = cfg.log.retention {
+                archiver = archiver.with_retention(Retention {
+                    log_path: cfg.data_dir.join("eventlog.sqlite"),
+                    store_path: store_path.clone(),
+                    older_than,
+                });
+            }
             let c = cancel.clone();
             tasks
                 .spawn_thread("archiver", move || archiver.run(c).map_err(|e| e.to_string()))

@@ -302,3 +302,34 @@ async fn a_damaged_segment_stops_replay_with_its_location_or_is_skipped_and_coun
     assert_eq!(all as u64 - replayed as u64, skipped, "exactly the skipped records are missing from the replay");
     assert!(skipped > 0);
 }
+
+/// With short log retention the log forgets what the archive holds; a new
+/// version is still built from the archive and equals the live one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_short_log_retention_the_archive_is_the_history_replay_rebuilds_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = metrics_view(1, "5m");
+    let retention = "[log]\nretention = \"1s\"\n";
+    let mut cloud = Cloud::start_with(dir.path(), "retention", &format!("{retention}{}", config(&v1, "")), &[]).await;
+    let sent = ingest(&cloud, &scenario(false)).await;
+    wait_archived(&cloud).await;
+    let log_path = cloud.data_dir().join("eventlog.sqlite");
+    let held = wait_for("retention to shrink the log", Duration::from_secs(60), || {
+        let log_path = log_path.clone();
+        async move {
+            let held = kappa_cloud::eventlog::sqlite::SqliteLog::held_at(&log_path).ok()?;
+            let total: u64 = held.values().map(|(n, _)| n).sum();
+            (total < sent / 10).then_some(held)
+        }
+    })
+    .await;
+    assert!(held.values().all(|(n, _)| *n >= 1), "each partition keeps its newest record: {held:?}");
+
+    cloud.reconfigure(&format!("{retention}{}", config(&format!("{v1}{}", metrics_view(2, "5m")), "")));
+    assert!(cloud.proc.terminate().await.success());
+    cloud.restart().await;
+    until_all_live(&cloud, 2).await;
+    let c = admin::compare(&cloud.config(), "device_metrics", 1, 2, 5).unwrap();
+    assert!(c.equal(), "{c:#?}");
+    assert_eq!(c.totals["event_count"].1 as u64, sent, "the replay saw every reading, from the archive");
+}

@@ -19,6 +19,15 @@ use super::{ArchiveError, ArchiveIndex, SegmentManifest, manifest_name};
 use crate::eventlog::{LogSource, Offset, Partition};
 use crate::metrics::CloudMetrics;
 
+/// Log retention the archiver applies (records both archived and consumed).
+#[derive(Debug, Clone)]
+pub struct Retention {
+    pub log_path: std::path::PathBuf,
+    /// The serving store, for every pipeline's position.
+    pub store_path: std::path::PathBuf,
+    pub older_than: Duration,
+}
+
 /// How segments are cut.
 #[derive(Debug, Clone, Copy)]
 pub struct ArchiverSettings {
@@ -60,9 +69,44 @@ pub struct Archiver<S: LogSource> {
     next: BTreeMap<Partition, Offset>,
     metrics: Arc<CloudMetrics>,
     last_lag: Instant,
+    retention: Option<Retention>,
+    last_retention: Instant,
 }
 
 impl<S: LogSource> Archiver<S> {
+    /// Also deletes old log records that are archived and processed by every pipeline.
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = Some(retention);
+        self
+    }
+
+    fn apply_retention(&mut self) -> Result<(), ArchiveError> {
+        let Some(r) = &self.retention else { return Ok(()) };
+        self.last_retention = Instant::now();
+        let positions = crate::store::ViewStore::open_read_only(&r.store_path)
+            .and_then(|s| s.pipeline_positions())
+            .map_err(|e| ArchiveError::Damaged(e.to_string()))?;
+        let mut below = self.next.clone();
+        for (p, bound) in below.iter_mut() {
+            for pipeline in positions.values() {
+                // A pipeline that has not checkpointed this partition yet has read nothing of it.
+                *bound = (*bound).min(pipeline.get(p).copied().unwrap_or(0));
+            }
+            if positions.is_empty() {
+                *bound = 0;
+            }
+        }
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(r.older_than)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64);
+        let deleted = crate::eventlog::sqlite::SqliteLog::apply_retention(&r.log_path, &below, cutoff)?;
+        if deleted > 0 {
+            self.metrics.log_records_deleted.inc_by(deleted);
+            tracing::info!(deleted, ?below, "Log retention deleted archived, processed records.");
+        }
+        Ok(())
+    }
     /// Resumes after the last published segment of every partition.
     pub fn new(
         mut source: S,
@@ -86,6 +130,8 @@ impl<S: LogSource> Archiver<S> {
             next,
             metrics,
             last_lag: Instant::now() - Duration::from_secs(60),
+            retention: None,
+            last_retention: Instant::now(),
         })
     }
 
@@ -130,6 +176,11 @@ impl<S: LogSource> Archiver<S> {
             self.publish(p)?;
         }
         self.metrics.archive_records.inc_by(n as u64);
+        let every =
+            self.retention.as_ref().map(|r| r.older_than.clamp(Duration::from_millis(500), Duration::from_secs(60)));
+        if every.is_some_and(|e| self.last_retention.elapsed() >= e) {
+            self.apply_retention()?;
+        }
         if self.last_lag.elapsed() >= Duration::from_secs(2) {
             for (p, end) in self.source.end_offsets()? {
                 let done = self.next.get(&p).copied().unwrap_or(0);

@@ -2,8 +2,10 @@
 //!
 //! On-disk format (schema version 1):
 //!
-//! * `log(partition, offset, value)`, primary key `(partition, offset)`:
-//!   the records; offsets dense from 0 per partition.
+//! * `log(partition, offset, value, appended_ms)`, primary key `(partition,
+//!   offset)`: the records; offsets dense from 0 per partition. Retention
+//!   deletes old records once they are archived and consumed, but never a
+//!   partition's newest, so offsets are never reused.
 //! * `batches(gateway, batch_id, appended_ms, records)`: every gateway batch
 //!   ever appended, written in the same transaction as its records, so a
 //!   resent batch is recognised and not appended twice.
@@ -14,7 +16,7 @@
 //! each request. A failed commit answers every request in it with
 //! [`EventLogError::Unavailable`] and appends nothing.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -31,6 +33,7 @@ CREATE TABLE IF NOT EXISTS log (
     partition INTEGER NOT NULL,
     offset INTEGER NOT NULL,
     value BLOB NOT NULL,
+    appended_ms INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (partition, offset)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
@@ -91,6 +94,14 @@ impl SqliteLog {
         }
         let conn = connect(path, durability)?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        // Logs written before retention existed lack the append time.
+        let has_time: bool = conn
+            .query_row("SELECT count(*) > 0 FROM pragma_table_info('log') WHERE name = 'appended_ms'", [], |r| r.get(0))
+            .map_err(unavailable)?;
+        if !has_time {
+            conn.execute_batch("ALTER TABLE log ADD COLUMN appended_ms INTEGER NOT NULL DEFAULT 0")
+                .map_err(unavailable)?;
+        }
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', 1), ('partitions', ?1)",
             [partitions],
@@ -110,6 +121,45 @@ impl SqliteLog {
 
     pub fn partitions(&self) -> u32 {
         self.partitions
+    }
+
+    /// Deletes records appended before `older_than_ms` whose offset is below
+    /// `below[partition]` (what the archive holds and every reader has
+    /// passed), keeping each partition's newest record so offsets are never
+    /// reused. Returns how many records were deleted.
+    pub fn apply_retention(
+        path: &Path,
+        below: &BTreeMap<Partition, Offset>,
+        older_than_ms: i64,
+    ) -> Result<u64, EventLogError> {
+        let conn = Connection::open(path).map_err(unavailable)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(unavailable)?;
+        let mut deleted = 0;
+        for (p, bound) in below {
+            deleted += conn
+                .execute(
+                    "DELETE FROM log WHERE partition = ?1 AND offset < ?2 AND appended_ms < ?3
+                     AND offset < (SELECT max(offset) FROM log WHERE partition = ?1)",
+                    params![p, *bound as i64, older_than_ms],
+                )
+                .map_err(unavailable)? as u64;
+        }
+        Ok(deleted)
+    }
+
+    /// Records held and the oldest offset still in the log, per partition.
+    pub fn held_at(path: &Path) -> Result<BTreeMap<Partition, (u64, Option<Offset>)>, EventLogError> {
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(unavailable)?;
+        let mut stmt =
+            conn.prepare("SELECT partition, count(*), min(offset) FROM log GROUP BY partition").map_err(unavailable)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, u32>(0)?, (r.get::<_, i64>(1)? as u64, r.get::<_, Option<i64>>(2)?.map(|o| o as u64))))
+            })
+            .map_err(unavailable)?;
+        rows.collect::<Result<_, _>>().map_err(unavailable)
     }
 
     /// The next offset of every partition of the log at `path`, read-only
@@ -258,7 +308,8 @@ fn commit(
         let mut exists = tx.prepare_cached("SELECT 1 FROM batches WHERE gateway = ?1 AND batch_id = ?2")?;
         let mut record_batch =
             tx.prepare_cached("INSERT INTO batches (gateway, batch_id, appended_ms, records) VALUES (?1, ?2, ?3, ?4)")?;
-        let mut insert = tx.prepare_cached("INSERT INTO log (partition, offset, value) VALUES (?1, ?2, ?3)")?;
+        let mut insert =
+            tx.prepare_cached("INSERT INTO log (partition, offset, value, appended_ms) VALUES (?1, ?2, ?3, ?4)")?;
         for req in requests {
             let b = &req.batch;
             let key = (b.gateway.as_str(), b.batch_id);
@@ -270,7 +321,7 @@ fn commit(
             for rec in &b.records {
                 let p = partition_for(&rec.key, partitions);
                 let offset = next[p as usize];
-                insert.execute(params![p, offset as i64, rec.value])?;
+                insert.execute(params![p, offset as i64, rec.value, now])?;
                 next[p as usize] = offset + 1;
             }
             record_batch.execute(params![b.gateway, b.batch_id as i64, now, b.records.len() as i64])?;
