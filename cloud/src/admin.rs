@@ -221,6 +221,30 @@ pub fn verify(cfg: &CloudConfig, view: &str) -> Result<Vec<String>, AdminError> 
     Ok(batch::diff(&spec, &stream, &computed))
 }
 
+/// `archive export`: readings with `from_ms <= event time < to_ms` as
+/// Hive-partitioned files; `progress(done, total)` is called as it goes.
+pub fn export(
+    cfg: &CloudConfig,
+    from_ms: i64,
+    to_ms: i64,
+    format: crate::archive::export::ExportFormat,
+    out: &std::path::Path,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<crate::archive::export::ExportStats, AdminError> {
+    let archive = LocalStore::open(&cfg.archive_path()).map_err(ArchiveError::from)?;
+    let index = ArchiveIndex::load(&archive)?;
+    let total: u64 = index
+        .partitions
+        .values()
+        .flatten()
+        .filter(|m| !(m.max_ts_ms.is_some_and(|t| t < from_ms) || m.min_ts_ms.is_some_and(|t| t >= to_ms)))
+        .map(|m| m.records)
+        .sum();
+    Ok(crate::archive::export::export(&archive, &cfg.schema.metrics, from_ms, to_ms, format, out, |n| {
+        progress(n, total)
+    })?)
+}
+
 /// A damaged place in the archive.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Damage {

@@ -103,6 +103,28 @@ pub enum ArchiveCommand {
     Status,
     /// Check every segment's file checksum and every block's CRC. Exit 1 on damage.
     Verify,
+    /// Write readings in an event-time range as Parquet, CSV or JSON lines,
+    /// partitioned by UTC date (OUT/date=YYYY-MM-DD/part-00000.parquet); see docs/archive.md for the schema.
+    Export {
+        /// Start (inclusive): RFC 3339 or Unix ms (default: the beginning).
+        #[arg(long)]
+        from: Option<String>,
+        /// End (exclusive): RFC 3339 or Unix ms (default: the end).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Parquet)]
+        format: Format,
+        /// Output directory.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Format {
+    Parquet,
+    Csv,
+    Jsonl,
 }
 
 /// Runs `kappa-cloud` with the process arguments.
@@ -272,6 +294,36 @@ fn archive_command(cfg: &CloudConfig, cmd: ArchiveCommand) -> anyhow::Result<Exi
                     p.partition, p.segments, p.records, p.bytes, p.archived_to, p.log_end, p.lag
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        ArchiveCommand::Export { from, to, format, out } => {
+            let from = from
+                .as_deref()
+                .map(crate::api::parse_time)
+                .transpose()
+                .map_err(anyhow::Error::msg)?
+                .unwrap_or(i64::MIN);
+            let to =
+                to.as_deref().map(crate::api::parse_time).transpose().map_err(anyhow::Error::msg)?.unwrap_or(i64::MAX);
+            let format = match format {
+                Format::Parquet => crate::archive::export::ExportFormat::Parquet,
+                Format::Csv => crate::archive::export::ExportFormat::Csv,
+                Format::Jsonl => crate::archive::export::ExportFormat::Jsonl,
+            };
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "export [{bar:40}] {pos}/{len} readings scanned, {per_sec}, ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            let stats = admin::export(cfg, from, to, format, &out, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            println!("exported {} readings into {} files under {}", stats.readings, stats.files.len(), out.display());
             Ok(ExitCode::SUCCESS)
         }
         ArchiveCommand::Verify => {

@@ -50,13 +50,14 @@ async fn until_all_live(cloud: &Cloud, versions: usize) {
     .await;
 }
 
-async fn wait_archived(cloud: &Cloud) {
+/// Waits until the archive holds the whole log, in at least `segments` segments in some partition.
+async fn wait_archived(cloud: &Cloud, segments: usize) {
     let cfg = cloud.config();
     wait_for("the archive to reach the log's end", Duration::from_secs(60), || {
         let cfg = cfg.clone();
         async move {
             let status = admin::archive_status(&cfg).ok()?;
-            (status.iter().all(|p| p.lag == 0) && status.iter().any(|p| p.segments > 1)).then_some(())
+            (status.iter().all(|p| p.lag == 0) && status.iter().any(|p| p.segments >= segments)).then_some(())
         }
     })
     .await;
@@ -73,7 +74,7 @@ async fn a_replayed_version_equals_the_live_one_and_a_second_replay_too() {
     let v1 = metrics_view(1, "5m");
     let mut cloud = Cloud::start_with(dir.path(), "replay", &config(&v1, ""), &[]).await;
     ingest(&cloud, first).await;
-    wait_archived(&cloud).await;
+    wait_archived(&cloud, 2).await;
 
     // Add two more versions with the same definition; restart; keep publishing.
     let three = format!("{v1}{}{}", metrics_view(2, "5m"), metrics_view(3, "5m"));
@@ -208,7 +209,7 @@ async fn killing_the_archiver_and_a_replay_midway_changes_nothing() {
     }
     cloud.restart().await;
     until_all_live(&cloud, 2).await;
-    wait_archived(&cloud).await;
+    wait_archived(&cloud, 2).await;
 
     let cfg = cloud.config();
     let status = admin::archive_status(&cfg).unwrap();
@@ -248,7 +249,7 @@ async fn a_damaged_segment_stops_replay_with_its_location_or_is_skipped_and_coun
     let v1 = metrics_view(1, "5m");
     let mut cloud = Cloud::start_with(dir.path(), "damage", &config(&v1, ""), &[]).await;
     let sent = ingest(&cloud, &scenario(false)).await;
-    wait_archived(&cloud).await;
+    wait_archived(&cloud, 2).await;
     assert!(cloud.proc.terminate().await.success());
 
     // Flip a byte in the middle of the largest segment.
@@ -312,7 +313,7 @@ async fn with_short_log_retention_the_archive_is_the_history_replay_rebuilds_fro
     let retention = "[log]\nretention = \"1s\"\n";
     let mut cloud = Cloud::start_with(dir.path(), "retention", &format!("{retention}{}", config(&v1, "")), &[]).await;
     let sent = ingest(&cloud, &scenario(false)).await;
-    wait_archived(&cloud).await;
+    wait_archived(&cloud, 2).await;
     let log_path = cloud.data_dir().join("eventlog.sqlite");
     let held = wait_for("retention to shrink the log", Duration::from_secs(60), || {
         let log_path = log_path.clone();
@@ -332,4 +333,79 @@ async fn with_short_log_retention_the_archive_is_the_history_replay_rebuilds_fro
     let c = admin::compare(&cloud.config(), "device_metrics", 1, 2, 5).unwrap();
     assert!(c.equal(), "{c:#?}");
     assert_eq!(c.totals["event_count"].1 as u64, sent, "the replay saw every reading, from the archive");
+}
+
+/// `archive export` writes a time range as Hive-partitioned Parquet that
+/// DuckDB reads directly (pruning by date), and as CSV and JSON lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_archive_exports_a_time_range_as_hive_partitioned_parquet_csv_and_json_lines() {
+    let python_has_duckdb =
+        std::process::Command::new("python3").args(["-c", "import duckdb"]).status().is_ok_and(|s| s.success());
+    assert!(python_has_duckdb, "this test reads the export with DuckDB: pip install duckdb (.ci/run does)");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cloud = Cloud::start_with(dir.path(), "export", &config(&metrics_view(1, "5m"), ""), &[]).await;
+    // Three devices, one reading a minute from 23:30 to 00:29 across New Year: two dates.
+    let start = T0 - 30 * 60_000;
+    let readings: Vec<kappa_common::Reading> = (0..60u64)
+        .flat_map(|i| {
+            (0..3).map(move |d| kappa_common::Reading {
+                device: format!("dev-{d}"),
+                boot: 1,
+                seq: i + 1,
+                ts_ms: start + i as i64 * 60_000,
+                schema: 2,
+                metrics: [("temperature".to_string(), (i % 10 != 0).then_some(20.0 + i as f64 / 10.0))].into(),
+                tags: [("user".to_string(), format!("u,{d}"))].into(),
+            })
+        })
+        .collect();
+    ingest(&cloud, &[kappa_common::batch::EdgeBatch::new("gw-x", 1, readings)]).await;
+    wait_archived(&cloud, 1).await;
+    assert!(cloud.proc.terminate().await.success());
+
+    let export = |format: &str, from: &str, to: &str| {
+        let out = dir.path().join(format!("out-{format}"));
+        let o = std::process::Command::new(BIN)
+            .args(["cloud", "archive", "export", "--format", format, "--from", from, "--to", to, "--out"])
+            .arg(&out)
+            .args(["--config", cloud.config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    // 23:40 to 00:10: 30 minutes x 3 devices, 20 before midnight, 10 after, per device.
+    let parquet = export("parquet", "2025-12-31T23:40:00Z", "2026-01-01T00:10:00Z");
+    let mut days: Vec<String> =
+        std::fs::read_dir(&parquet).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    days.sort();
+    assert_eq!(days, ["date=2025-12-31", "date=2026-01-01"]);
+    let sql = format!(
+        "import duckdb; c = duckdb.sql(\"SELECT CAST(date AS VARCHAR), count(*), count(temperature), \
+         strftime(min(ts), '%Y-%m-%d %H:%M:%S'), max(device), min(tags) \
+         FROM read_parquet('{}/**/*.parquet', hive_partitioning = true) GROUP BY date ORDER BY date\"); print(c.fetchall())",
+        parquet.display()
+    );
+    let out = std::process::Command::new("python3").args(["-c", &sql]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("('2025-12-31', 60, 54,"), "{text}");
+    assert!(text.contains("('2026-01-01', 30, 27,"), "{text}");
+    assert!(text.contains("2025-12-31 23:40:00"), "timestamps are real timestamps: {text}");
+    assert!(text.contains(r#"{"user":"u,0"}"#), "{text}");
+
+    let csv = export("csv", "2025-12-31T23:40:00Z", "2026-01-01T00:10:00Z");
+    let lines = std::fs::read_to_string(csv.join("date=2026-01-01/part-00000.csv")).unwrap();
+    assert_eq!(lines.lines().count(), 31, "a header and 30 rows");
+    assert!(
+        lines
+            .lines()
+            .next()
+            .unwrap()
+            .starts_with("ts,ts_ms,device,boot,seq,schema_version,gateway,batch_id,partition,offset,temperature")
+    );
+    let jsonl = export("jsonl", "2025-12-31T23:40:00Z", "2026-01-01T00:10:00Z");
+    let first = std::fs::read_to_string(jsonl.join("date=2025-12-31/part-00000.jsonl")).unwrap();
+    let row: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+    assert_eq!(row["ts"], "2025-12-31T23:40:00.000Z");
 }
