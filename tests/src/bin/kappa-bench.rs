@@ -64,12 +64,13 @@ fn main() -> ExitCode {
     let mut report = BTreeMap::new();
     report.insert("machine", machine(dir.path()));
     type Section = fn(&Path, f64) -> Value;
-    let sections: [(&str, Section); 6] = [
+    let sections: [(&str, Section); 7] = [
         ("edge_log_commit", edge_log_commit),
         ("edge_ingest_mqtt", edge_ingest_mqtt),
         ("cloud_processor", cloud_processor),
         ("processor_views_100k_keys", processor_views),
         ("window_emit_latency", window_emit_latency),
+        ("archive_and_replay", archive_and_replay),
         ("wire_bytes", |_, scale| wire_bytes(scale)),
     ];
     for (name, run) in sections {
@@ -436,6 +437,82 @@ fn window_emit_latency(dir: &Path, scale: f64) -> Value {
         lat.len()
     );
     json!({ "flushes": lat.len(), "rows_per_flush": 1000, "p50_ms": p50, "p99_ms": p99 })
+}
+
+/// The archiver writing 1,000,000 records (1,000 devices) from memory into
+/// local segments; then a replay of the archive: reading and decoding alone,
+/// and through the processor with the default views (one thread each).
+fn archive_and_replay(dir: &Path, scale: f64) -> Value {
+    use kappa_cloud::archive::archiver::{Archiver, ArchiverSettings};
+    use kappa_cloud::archive::source::ArchiveSource;
+    use kappa_cloud::archive::store::{ArchiveStore, LocalStore};
+    use kappa_cloud::eventlog::LogSource;
+    use kappa_cloud::eventlog::memory::MemorySource;
+    let per_device = ((1000.0 * scale) as u64).max(20);
+    let mut src = MemorySource::default();
+    for i in 0..per_device {
+        for d in 0..1000u64 {
+            let device = format!("dev-{d:04}");
+            src.push(kappa_common::partition::partition_for(&device, 8), encoded(&device, "u", i + 1, 1_767_225_600_000 + i as i64 * 1000));
+        }
+    }
+    let n = src.len();
+    let store: Arc<dyn ArchiveStore> = Arc::new(LocalStore::open(&dir.join("archive-bench")).unwrap());
+    let mut registry = prometheus_client_registry();
+    let metrics = Arc::new(CloudMetrics::new(&mut registry));
+    let mut archiver = Archiver::new(src, store.clone(), ArchiverSettings::default(), metrics.clone()).unwrap();
+    let t = Instant::now();
+    let mut done = 0;
+    while done < n {
+        done += archiver.step(Duration::ZERO).unwrap();
+    }
+    archiver.flush().unwrap();
+    let write_s = t.elapsed().as_secs_f64();
+    let bytes: u64 = std::fs::read_dir(dir.join("archive-bench"))
+        .unwrap()
+        .flat_map(|p| std::fs::read_dir(p.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().metadata().unwrap().len())
+        .sum();
+
+    let mut read = ArchiveSource::open(store.clone(), false).unwrap();
+    let t = Instant::now();
+    let mut got = 0usize;
+    loop {
+        let recs = read.poll(10_000, Duration::ZERO).unwrap();
+        if recs.is_empty() {
+            break;
+        }
+        for r in &recs {
+            let LogEvent::Reading(reading) = record::decode(&r.value).unwrap().event;
+            got += usize::from(reading.seq > 0);
+        }
+    }
+    assert_eq!(got, n);
+    let read_s = t.elapsed().as_secs_f64();
+
+    let specs = kappa_cloud::config::CloudConfig::from_toml("").unwrap().view_specs().unwrap();
+    let vstore = ViewStore::open(&dir.join("views-replay.sqlite")).unwrap();
+    let settings = ProcessorSettings { checkpoint_interval: Duration::from_secs(3600), ..ProcessorSettings::default() };
+    let mut p = Processor::single(ArchiveSource::open(store, false).unwrap(), vstore, specs, settings, metrics).unwrap();
+    let t = Instant::now();
+    let mut done = 0;
+    while done < n {
+        done += p.step(Duration::ZERO).unwrap();
+    }
+    let replay_s = t.elapsed().as_secs_f64();
+    println!(
+        "archive: writes {:.0} records/s ({:.1} MB/s, {:.1} bytes/record on disk); replay reads and decodes {:.0} records/s; \
+         replays into the default views at {:.0} events/s (one thread)",
+        n as f64 / write_s,
+        bytes as f64 / write_s / 1e6,
+        bytes as f64 / n as f64,
+        n as f64 / read_s,
+        n as f64 / replay_s
+    );
+    json!({
+        "records": n, "archive_write_records_per_s": n as f64 / write_s, "archive_bytes_per_record": bytes as f64 / n as f64,
+        "archive_read_decode_records_per_s": n as f64 / read_s, "replay_default_views_events_per_s": n as f64 / replay_s,
+    })
 }
 
 /// CPU time of the calling thread.
