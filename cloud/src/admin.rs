@@ -13,7 +13,7 @@ use serde_json::Value as Json;
 
 use crate::archive::segment::{Block, SegmentReader, file_crc};
 use crate::archive::source::{ArchiveSource, ChainSource};
-use crate::archive::store::{ArchiveStore, LocalStore};
+use crate::archive::store::ArchiveStore;
 use crate::archive::{ArchiveError, ArchiveIndex};
 use crate::config::CloudConfig;
 use crate::eventlog::sqlite::SqliteLog;
@@ -37,6 +37,10 @@ pub enum AdminError {
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn archive_store(cfg: &CloudConfig) -> Result<Arc<dyn ArchiveStore>, AdminError> {
+    Ok(crate::archive::store::open(cfg.archive.url.as_deref(), &cfg.archive_path()).map_err(ArchiveError::from)?)
 }
 
 fn store(cfg: &CloudConfig) -> Result<ViewStore, AdminError> {
@@ -176,7 +180,7 @@ pub fn drop_version(cfg: &CloudConfig, name: &str, version: u32) -> Result<u64, 
 /// before `positions` (per partition).
 fn log_entries(cfg: &CloudConfig, positions: &BTreeMap<Partition, Offset>) -> Result<Vec<LogEntry>, AdminError> {
     let log = SqliteLog::open(&cfg.data_dir.join("eventlog.sqlite"), cfg.log.partitions, cfg.log.durability)?;
-    let archive: Arc<dyn ArchiveStore> = Arc::new(LocalStore::open(&cfg.archive_path()).map_err(ArchiveError::from)?);
+    let archive = archive_store(cfg)?;
     let mut source = ChainSource::new(ArchiveSource::open(archive, false)?, log.source()?);
     for p in source.assigned() {
         source.seek(p, 0);
@@ -231,8 +235,8 @@ pub fn export(
     out: &std::path::Path,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<crate::archive::export::ExportStats, AdminError> {
-    let archive = LocalStore::open(&cfg.archive_path()).map_err(ArchiveError::from)?;
-    let index = ArchiveIndex::load(&archive)?;
+    let archive = archive_store(cfg)?;
+    let index = ArchiveIndex::load(archive.as_ref())?;
     let total: u64 = index
         .partitions
         .values()
@@ -240,7 +244,7 @@ pub fn export(
         .filter(|m| !(m.max_ts_ms.is_some_and(|t| t < from_ms) || m.min_ts_ms.is_some_and(|t| t >= to_ms)))
         .map(|m| m.records)
         .sum();
-    Ok(crate::archive::export::export(&archive, &cfg.schema.metrics, from_ms, to_ms, format, out, |n| {
+    Ok(crate::archive::export::export(archive.as_ref(), &cfg.schema.metrics, from_ms, to_ms, format, out, |n| {
         progress(n, total)
     })?)
 }
@@ -268,8 +272,8 @@ pub struct PartitionArchive {
 
 /// `archive status`.
 pub fn archive_status(cfg: &CloudConfig) -> Result<Vec<PartitionArchive>, AdminError> {
-    let archive = LocalStore::open(&cfg.archive_path()).map_err(ArchiveError::from)?;
-    let index = ArchiveIndex::load(&archive)?;
+    let archive = archive_store(cfg)?;
+    let index = ArchiveIndex::load(archive.as_ref())?;
     let ends = SqliteLog::end_offsets_at(&cfg.data_dir.join("eventlog.sqlite"))?;
     Ok(ends
         .into_iter()
@@ -293,8 +297,8 @@ pub fn archive_status(cfg: &CloudConfig) -> Result<Vec<PartitionArchive>, AdminE
 
 /// `archive verify`: every segment's file checksum and every block's CRC.
 pub fn archive_verify(cfg: &CloudConfig) -> Result<Vec<Damage>, AdminError> {
-    let archive = LocalStore::open(&cfg.archive_path()).map_err(ArchiveError::from)?;
-    let index = ArchiveIndex::load(&archive)?;
+    let archive = archive_store(cfg)?;
+    let index = ArchiveIndex::load(archive.as_ref())?;
     let mut out = Vec::new();
     for m in index.partitions.values().flatten() {
         let name = m.segment_name();

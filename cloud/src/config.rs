@@ -50,6 +50,10 @@ pub struct ArchiveConfig {
     /// Directory of segments and manifests (default `{data_dir}/archive`).
     #[serde(default)]
     pub path: Option<PathBuf>,
+    /// An object store instead of the directory: `s3://bucket/prefix` or
+    /// `az://container/prefix`; credentials from the environment.
+    #[serde(default)]
+    pub url: Option<String>,
     /// Publish a segment once it holds this many compressed bytes.
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: usize,
@@ -76,6 +80,7 @@ impl Default for ArchiveConfig {
         Self {
             enabled: true,
             path: None,
+            url: None,
             segment_bytes: default_segment_bytes(),
             segment_age: default_segment_age(),
             skip_damaged: false,
@@ -366,6 +371,11 @@ impl Validate for CloudConfig {
         }
         if self.log.retention.is_some() && !self.archive.enabled {
             errors.push("log.retention: needs archive.enabled = true (only archived records are deleted)".into());
+        }
+        if let Some(u) = &self.archive.url
+            && !(u.starts_with("s3://") || u.starts_with("az://") || u.starts_with("azure://"))
+        {
+            errors.push(format!("archive.url: {u:?} must be s3://bucket/prefix or az://container/prefix"));
         }
         if self.archive.segment_bytes < 4096 {
             errors.push("archive.segment_bytes: must be at least 4096".into());

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, ApiState};
 use crate::archive::archiver::{Archiver, ArchiverSettings, Retention};
 use crate::archive::source::{ArchiveSource, ChainSource};
-use crate::archive::store::{ArchiveStore, LocalStore};
+use crate::archive::store::ArchiveStore;
 use crate::config::{CloudConfig, LogBackend};
 use crate::eventlog::sqlite::SqliteLog;
 use crate::eventlog::sqlite::SqliteSource;
@@ -66,7 +66,10 @@ impl Node {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         let plans = store.plan_pipelines(&specs, now_ms)?;
         let archive: Option<Arc<dyn ArchiveStore>> = if cfg.archive.enabled {
-            Some(Arc::new(LocalStore::open(&cfg.archive_path()).map_err(|e| NodeError::Bind(e.to_string()))?))
+            Some(
+                crate::archive::store::open(cfg.archive.url.as_deref(), &cfg.archive_path())
+                    .map_err(|e| NodeError::Bind(e.to_string()))?,
+            )
         } else {
             None
         };

@@ -453,7 +453,10 @@ fn archive_and_replay(dir: &Path, scale: f64) -> Value {
     for i in 0..per_device {
         for d in 0..1000u64 {
             let device = format!("dev-{d:04}");
-            src.push(kappa_common::partition::partition_for(&device, 8), encoded(&device, "u", i + 1, 1_767_225_600_000 + i as i64 * 1000));
+            src.push(
+                kappa_common::partition::partition_for(&device, 8),
+                encoded(&device, "u", i + 1, 1_767_225_600_000 + i as i64 * 1000),
+            );
         }
     }
     let n = src.len();
@@ -493,7 +496,8 @@ fn archive_and_replay(dir: &Path, scale: f64) -> Value {
     let specs = kappa_cloud::config::CloudConfig::from_toml("").unwrap().view_specs().unwrap();
     let vstore = ViewStore::open(&dir.join("views-replay.sqlite")).unwrap();
     let settings = ProcessorSettings { checkpoint_interval: Duration::from_secs(3600), ..ProcessorSettings::default() };
-    let mut p = Processor::single(ArchiveSource::open(store, false).unwrap(), vstore, specs, settings, metrics).unwrap();
+    let mut p =
+        Processor::single(ArchiveSource::open(store, false).unwrap(), vstore, specs, settings, metrics).unwrap();
     let t = Instant::now();
     let mut done = 0;
     while done < n {
