@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kappa_common::record::{self, LogEvent};
+use kappa_common::record;
 use serde_json::Value as Json;
 
 use crate::archive::segment::{Block, SegmentReader, file_crc};
@@ -195,8 +195,7 @@ fn log_entries(cfg: &CloudConfig, positions: &BTreeMap<Partition, Offset>) -> Re
             if rec.offset >= positions.get(&rec.partition).copied().unwrap_or(0) {
                 continue;
             }
-            if let Ok(r) = record::decode(&rec.value) {
-                let LogEvent::Reading(reading) = r.event;
+            if let Some(reading) = record::decode(&rec.value).ok().and_then(|r| r.into_reading()) {
                 out.push(LogEntry { partition: rec.partition, offset: rec.offset, reading });
             }
         }

@@ -13,6 +13,8 @@ pub use kappa_runtime::config::ConfigError;
 use kappa_runtime::config::{self, Validate};
 use serde::Deserialize;
 
+use crate::alerts::deliver::WebhookConfig;
+use crate::alerts::spec::{RuleSpec, parse_rules};
 use crate::views::defaults::default_views_toml;
 use crate::views::spec::{ViewSpec, parse_views};
 
@@ -39,6 +41,34 @@ pub struct CloudConfig {
     /// View definitions (see `views::spec`); none means the default views.
     #[serde(default)]
     pub views: Vec<toml::Table>,
+    /// Alert rules (see `alerts::spec` and docs/alerts.md); none: no alert pipeline.
+    #[serde(default)]
+    pub rules: Vec<toml::Table>,
+    /// Where alerts are delivered besides the store and API.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+}
+
+/// How the alert pipeline runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// How far out of event-time order one gateway's readings may arrive; a
+    /// silence deadline fires once the gateway's clock is this far past it.
+    #[serde(default = "default_gateway_lateness", with = "humantime_serde")]
+    pub gateway_lateness: Duration,
+}
+
+fn default_gateway_lateness() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self { gateway_lateness: default_gateway_lateness() }
+    }
 }
 
 /// The archive of the event log (see docs/archive.md).
@@ -333,6 +363,11 @@ impl CloudConfig {
         self.archive.path.clone().unwrap_or_else(|| self.data_dir.join("archive"))
     }
 
+    /// The alert rules.
+    pub fn rule_specs(&self) -> Result<Vec<RuleSpec>, Vec<String>> {
+        parse_rules(&self.rules, &self.schema.metrics)
+    }
+
     /// The views to run: the configured ones, or the defaults when none are.
     pub fn view_specs(&self) -> Result<Vec<ViewSpec>, Vec<String>> {
         if self.views.is_empty() {
@@ -387,6 +422,22 @@ impl Validate for CloudConfig {
             if m.is_empty() || m.starts_with("tags.") || matches!(m.as_str(), "device" | "event_time") {
                 errors.push(format!("schema.metrics[{i}]: {m:?} is not a usable metric name"));
             }
+        }
+        let rule_names = match self.rule_specs() {
+            Ok(rules) => rules.into_iter().map(|r| r.name).collect(),
+            Err(problems) => {
+                errors.extend(problems);
+                Vec::new()
+            }
+        };
+        for (i, w) in self.webhooks.iter().enumerate() {
+            errors.extend(w.problems(&format!("webhooks[{i}]"), &rule_names));
+            if self.webhooks[..i].iter().any(|o| o.name == w.name) {
+                errors.push(format!("webhooks[{i}].name: {:?} is used twice", w.name));
+            }
+        }
+        if !self.webhooks.is_empty() && self.rules.is_empty() {
+            errors.push("webhooks: there are webhooks but no [[rules]] to raise alerts".into());
         }
         match self.view_specs() {
             Err(problems) => errors.extend(problems),

@@ -36,6 +36,8 @@ pub struct IngestState<A> {
     pub limits: BatchLimits,
     pub reading_limits: kappa_common::reading::ReadingLimits,
     pub metrics: Arc<CloudMetrics>,
+    /// Partitions of the log (a heartbeat is written to each).
+    pub partitions: u32,
 }
 
 /// The answer to an accepted batch.
@@ -178,7 +180,7 @@ async fn handle<A: LogAppender>(
             ingest_ms,
             event: LogEvent::Reading(reading),
         });
-        records.push(AppendRecord { key, value });
+        records.push(AppendRecord { key, partition: None, value });
     }
     let accepted = records.len();
     let outcome =
@@ -188,4 +190,58 @@ async fn handle<A: LogAppender>(
         st.metrics.readings_ingested.inc_by(accepted as u64);
     }
     Ok(IngestReply { gateway: batch.gateway, batch_id: batch.batch_id, accepted, rejected, duplicate })
+}
+
+/// A gateway's heartbeat (`POST /v1/heartbeat`, JSON).
+#[derive(Debug, serde::Deserialize)]
+pub struct Heartbeat {
+    pub gateway: String,
+    /// Every reading the gateway received with event time up to here has
+    /// been forwarded.
+    pub ts_ms: i64,
+}
+
+/// `POST /v1/heartbeat`: records that a gateway is online and caught up, in
+/// every partition of the log (see [`LogEvent::Heartbeat`]). Answers 200 once
+/// durable; a repeated heartbeat (same gateway and time) is not appended again.
+pub async fn heartbeat<A: LogAppender>(
+    State(st): State<Arc<IngestState<A>>>,
+    body: Result<axum::Json<Heartbeat>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let refuse = |st: &IngestState<A>, reason: &'static str, msg: String| {
+        st.metrics.ingest_rejected.get_or_create(&[("reason", reason)]).inc();
+        tracing::warn!(reason, error = %msg, "Refused a heartbeat.");
+        let body = serde_json::json!({ "error": msg, "reason": reason }).to_string();
+        (StatusCode::BAD_REQUEST, [("content-type", "application/json")], body).into_response()
+    };
+    let hb = match body {
+        Ok(axum::Json(hb)) => hb,
+        Err(e) => return refuse(&st, "heartbeat_malformed", e.body_text()),
+    };
+    if let Err(e) = kappa_common::reading::validate_device_id(&hb.gateway) {
+        return refuse(&st, "heartbeat_gateway", format!("gateway: {e}"));
+    }
+    if hb.ts_ms <= 0 {
+        return refuse(&st, "heartbeat_time", format!("ts_ms {} is not a time", hb.ts_ms));
+    }
+    let ingest_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let value = record::encode(&LogRecord {
+        gateway: hb.gateway.clone(),
+        batch_id: 0,
+        ingest_ms,
+        event: LogEvent::Heartbeat { ts_ms: hb.ts_ms },
+    });
+    let records = (0..st.partitions)
+        .map(|p| AppendRecord { key: hb.gateway.clone(), partition: Some(p), value: value.clone() })
+        .collect();
+    // Heartbeats are deduplicated by time in their own namespace of batch ids.
+    let batch = AppendBatch { gateway: format!("{}#heartbeat", hb.gateway), batch_id: hb.ts_ms as u64, records };
+    match st.appender.append(batch).await {
+        Ok(_) => {
+            st.metrics.heartbeats.inc();
+            (StatusCode::OK, [("content-type", "application/json")], "{\"ok\":true}").into_response()
+        }
+        Err(e) => IngestError::Log(e).into_response(),
+    }
 }

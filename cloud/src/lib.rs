@@ -21,6 +21,7 @@
 //! ```
 
 pub mod admin;
+pub mod alerts;
 pub mod api;
 pub mod archive;
 pub mod cli;

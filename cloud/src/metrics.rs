@@ -12,6 +12,8 @@ pub type Label = [(&'static str, &'static str); 1];
 pub type PartitionLabel = [(&'static str, u32); 1];
 /// A `view` label (`name@version`).
 pub type ViewLabel = [(&'static str, String); 1];
+/// Two labels with values known only at run time (`rule` and `transition`, `webhook` and `result`).
+pub type PairLabel = [(&'static str, String); 2];
 
 #[derive(Debug)]
 pub struct CloudMetrics {
@@ -43,6 +45,12 @@ pub struct CloudMetrics {
     pub archive_skipped_records: Gauge,
     pub log_records_deleted: Counter,
     pub state_rows: Gauge,
+    pub heartbeats: Counter,
+    pub alert_transitions: Family<PairLabel, Counter>,
+    pub alert_series: Gauge,
+    pub alerts_open: Gauge,
+    pub webhook_deliveries: Family<PairLabel, Counter>,
+    pub webhook_pending: Gauge,
 }
 
 impl CloudMetrics {
@@ -76,6 +84,12 @@ impl CloudMetrics {
             archive_skipped_records: Gauge::default(),
             log_records_deleted: Counter::default(),
             state_rows: Gauge::default(),
+            heartbeats: Counter::default(),
+            alert_transitions: Family::default(),
+            alert_series: Gauge::default(),
+            alerts_open: Gauge::default(),
+            webhook_deliveries: Family::default(),
+            webhook_pending: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("kappa_cloud");
         r.register("ingest_requests", "Ingest requests by result", m.ingest_requests.clone());
@@ -136,6 +150,20 @@ impl CloudMetrics {
         );
         r.register("watermark_ms", "The processor's event-time watermark, Unix ms", m.watermark_ms.clone());
         r.register("state_windows", "Open windows held in processor memory, all views", m.state_rows.clone());
+        r.register("heartbeats", "Gateway heartbeats appended to the log", m.heartbeats.clone());
+        r.register(
+            "alert_transitions",
+            "Alert lifecycle transitions (fired, resolved), by rule",
+            m.alert_transitions.clone(),
+        );
+        r.register("alert_series", "Device series the alert rules hold state for", m.alert_series.clone());
+        r.register("alerts_open", "Alerts currently firing", m.alerts_open.clone());
+        r.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by webhook and result (delivered, failed, dead_letter)",
+            m.webhook_deliveries.clone(),
+        );
+        r.register("webhook_pending", "Webhook deliveries waiting in the outbox", m.webhook_pending.clone());
         m
     }
 }

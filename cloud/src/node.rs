@@ -14,6 +14,9 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::ALERTS_PIPELINE;
+use crate::alerts::deliver;
+use crate::alerts::engine::{AlertOperator, AlertSettings, Route, SilenceClock};
 use crate::api::{self, ApiState};
 use crate::archive::archiver::{Archiver, ArchiverSettings, Retention};
 use crate::archive::source::{ArchiveSource, ChainSource};
@@ -24,7 +27,7 @@ use crate::eventlog::sqlite::SqliteSource;
 use crate::eventlog::{EventLogError, LogAppender};
 use crate::ingest::{self, IngestState};
 use crate::metrics::CloudMetrics;
-use crate::processor::{Processor, ProcessorSettings};
+use crate::processor::{Operator, Processor, ProcessorSettings};
 use crate::store::{StoreError, ViewStore};
 
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
@@ -137,6 +140,66 @@ impl Node {
                 .map_err(|e| NodeError::Bind(format!("cannot start {name}: {e}")))?;
         }
 
+        let rules = cfg.rule_specs().map_err(|e| NodeError::Config(e.join("\n  ")))?;
+        if !rules.is_empty() {
+            let op = AlertOperator::new(
+                rules,
+                AlertSettings {
+                    gateway_lateness_ms: cfg.alerts.gateway_lateness.as_millis() as i64,
+                    routes: cfg
+                        .webhooks
+                        .iter()
+                        .map(|w| Route {
+                            webhook: w.name.clone(),
+                            min_severity: w.min_severity,
+                            rules: w.rules.clone(),
+                        })
+                        .collect(),
+                    silence_clock: if std::env::var_os("KAPPA_TEST_GLOBAL_SILENCE_CLOCK").is_some() {
+                        tracing::warn!(
+                            "KAPPA_TEST_GLOBAL_SILENCE_CLOCK is set: offline gateways cause silence storms. Tests only."
+                        );
+                        SilenceClock::GlobalWatermarkForTests
+                    } else {
+                        SilenceClock::Gateway
+                    },
+                },
+            );
+            let ops: Vec<Box<dyn Operator>> = vec![Box::new(op)];
+            let store = || ViewStore::open(&store_path);
+            let pipeline = ALERTS_PIPELINE.to_string();
+            let c = cancel.clone();
+            let spawned = match &archive {
+                Some(a) => {
+                    let chain = ChainSource::new(
+                        ArchiveSource::open(a.clone(), cfg.archive.skip_damaged)
+                            .map_err(|e| NodeError::Bind(e.to_string()))?,
+                        log.source()?,
+                    );
+                    let p =
+                        Processor::with_operators(chain, store()?, pipeline, ops, false, settings, metrics.clone())?;
+                    tasks.spawn_thread("processor:alerts", move || p.run(c).map_err(|e| e.to_string()))
+                }
+                None => {
+                    let p = Processor::with_operators(
+                        log.source()?,
+                        store()?,
+                        pipeline,
+                        ops,
+                        false,
+                        settings,
+                        metrics.clone(),
+                    )?;
+                    tasks.spawn_thread("processor:alerts", move || p.run(c).map_err(|e| e.to_string()))
+                }
+            };
+            spawned.map_err(|e| NodeError::Bind(format!("cannot start the alert pipeline: {e}")))?;
+            for hook in cfg.webhooks.clone() {
+                let name: &'static str = Box::leak(format!("webhook:{}", hook.name).into_boxed_str());
+                tasks.spawn(name, deliver::run(hook, store_path.clone(), metrics.clone(), cancel.clone()));
+            }
+        }
+
         if let Some(a) = archive {
             let settings = ArchiverSettings {
                 segment_bytes: cfg.archive.segment_bytes,
@@ -164,9 +227,11 @@ impl Node {
                 limits: cfg.ingest.batch_limits(),
                 reading_limits: kappa_common::reading::ReadingLimits::default(),
                 metrics: metrics.clone(),
+                partitions: cfg.log.partitions,
             },
             ApiState {
                 store: Arc::new(Mutex::new(reader)),
+                writer: Arc::new(Mutex::new(ViewStore::open(&store_path)?)),
                 devices_view: cfg.api.devices_view.clone(),
                 windows_view: cfg.api.windows_view.clone(),
             },
@@ -214,13 +279,19 @@ enum Replay {
 
 /// Every HTTP route of a node.
 pub fn router<A: LogAppender>(ingest: IngestState<A>, api: ApiState, registry: Arc<Registry>) -> Router {
-    let ingest = Router::new().route("/v1/ingest", post(ingest::ingest::<A>)).with_state(Arc::new(ingest));
+    let ingest = Router::new()
+        .route("/v1/ingest", post(ingest::ingest::<A>))
+        .route("/v1/heartbeat", post(ingest::heartbeat::<A>))
+        .with_state(Arc::new(ingest));
     let api = Router::new()
         .route("/v1/devices", get(api::devices))
         .route("/v1/devices/{id}/windows", get(api::device_windows))
         .route("/v1/views", get(api::views))
         .route("/v1/views/{view}/rows", get(api::view_rows))
         .route("/v1/late", get(api::late))
+        .route("/v1/alerts", get(api::alerts::list))
+        .route("/v1/alerts/{id}", get(api::alerts::get))
+        .route("/v1/alerts/{id}/ack", post(api::alerts::ack))
         .with_state(Arc::new(api));
     let ops = Router::new()
         .route("/metrics", get(metrics))
@@ -250,6 +321,10 @@ async fn index() -> &'static str {
      GET  /v1/views                       view versions and definitions\n\
      GET  /v1/views/{view}/rows           any view's rows (?key=&from=&to=&limit=&after=)\n\
      GET  /v1/late                        the late-events log (?view=&device=&from=&to=&limit=&after=)\n\
+     GET  /v1/alerts                      alerts (?state=&severity=&device=&rule=&from=&to=&limit=&after=)\n\
+     GET  /v1/alerts/{id}                 one alert, its history and webhook deliveries\n\
+     POST /v1/alerts/{id}/ack             acknowledge ({\"by\": ..., \"note\": ...})\n\
+     POST /v1/heartbeat                   a gateway's heartbeat ({\"gateway\": ..., \"ts_ms\": ...})\n\
      GET  /metrics                        Prometheus metrics\n\
      GET  /healthz, /readyz               health\n"
 }

@@ -76,6 +76,7 @@ fn run(specs: &[ViewSpec], bound_ms: i64, partitions: u32, readings: &[Reading])
             .iter()
             .map(|r| AppendRecord {
                 key: r.device.clone(),
+                partition: None,
                 value: record::encode(&LogRecord {
                     gateway: "gw".into(),
                     batch_id: i as u64,
@@ -142,7 +143,7 @@ fn run(specs: &[ViewSpec], bound_ms: i64, partitions: u32, readings: &[Reading])
             break;
         }
         for rec in recs {
-            let LogEvent::Reading(reading) = record::decode(&rec.value).unwrap().event;
+            let reading = record::decode(&rec.value).unwrap().into_reading().unwrap();
             entries.push(LogEntry { partition: rec.partition, offset: rec.offset, reading });
         }
     }
@@ -373,6 +374,7 @@ aggregates = [{ name = "n", fn = "count" }]
                 .into_iter()
                 .map(|r| AppendRecord {
                     key: r.device.clone(),
+                    partition: None,
                     value: record::encode(&LogRecord {
                         gateway: "gw".into(),
                         batch_id: id,

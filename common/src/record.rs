@@ -27,13 +27,45 @@ pub struct LogRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum LogEvent {
     Reading(Reading),
+    /// A gateway reporting in with nothing left to forward: it is online and
+    /// has forwarded every reading it received with event time up to `ts_ms`.
+    /// Ingest writes one copy to every partition, so each partition carries
+    /// every gateway's progress in log order (silence alerts rely on that).
+    Heartbeat {
+        ts_ms: i64,
+    },
 }
 
 impl LogRecord {
-    /// The partitioning key: the device id.
+    /// The partitioning key: the device id (the gateway id for heartbeats).
     pub fn key(&self) -> &str {
         match &self.event {
             LogEvent::Reading(r) => &r.device,
+            LogEvent::Heartbeat { .. } => &self.gateway,
+        }
+    }
+
+    /// The event time.
+    pub fn ts_ms(&self) -> i64 {
+        match &self.event {
+            LogEvent::Reading(r) => r.ts_ms,
+            LogEvent::Heartbeat { ts_ms } => *ts_ms,
+        }
+    }
+
+    /// The reading, if the record holds one.
+    pub fn reading(&self) -> Option<&Reading> {
+        match &self.event {
+            LogEvent::Reading(r) => Some(r),
+            LogEvent::Heartbeat { .. } => None,
+        }
+    }
+
+    /// The reading, if the record holds one.
+    pub fn into_reading(self) -> Option<Reading> {
+        match self.event {
+            LogEvent::Reading(r) => Some(r),
+            LogEvent::Heartbeat { .. } => None,
         }
     }
 }

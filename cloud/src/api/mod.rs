@@ -3,6 +3,8 @@
 //! RFC 3339). A view is named by its name (the version its alias points to)
 //! or as `name@version`.
 
+pub mod alerts;
+
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
@@ -23,6 +25,8 @@ const DEFAULT_LIMIT: usize = 1000;
 #[derive(Debug)]
 pub struct ApiState {
     pub store: Arc<Mutex<ViewStore>>,
+    /// A writable connection, for acknowledgements.
+    pub writer: Arc<Mutex<ViewStore>>,
     /// The view `GET /v1/devices` lists.
     pub devices_view: String,
     /// The view `GET /v1/devices/{id}/windows` reads.

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kappa_common::record::{self, LogEvent};
+use kappa_common::record;
 use tokio_util::sync::CancellationToken;
 
 use super::segment::{SegmentWriter, file_crc};
@@ -157,9 +157,9 @@ impl<S: LogSource> Archiver<S> {
                 max_ts: None,
             });
             if let Ok(r) = record::decode(&rec.value) {
-                let LogEvent::Reading(reading) = r.event;
-                open.min_ts = Some(open.min_ts.map_or(reading.ts_ms, |m| m.min(reading.ts_ms)));
-                open.max_ts = Some(open.max_ts.map_or(reading.ts_ms, |m| m.max(reading.ts_ms)));
+                let ts = r.ts_ms();
+                open.min_ts = Some(open.min_ts.map_or(ts, |m| m.min(ts)));
+                open.max_ts = Some(open.max_ts.map_or(ts, |m| m.max(ts)));
             }
             open.writer.push(rec.offset, rec.value).map_err(|e| ArchiveError::Damaged(e.to_string()))?;
             if open.writer.bytes() >= self.settings.segment_bytes {

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use arrow_array::builder::{Float64Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
-use kappa_common::record::{self, LogEvent, LogRecord};
+use kappa_common::record::{self, LogRecord};
 
 use super::segment::{Block, SegmentReader};
 use super::store::ArchiveStore;
@@ -109,7 +109,7 @@ pub fn export(
             };
             for (offset, bytes) in recs {
                 let Ok(rec) = record::decode(&bytes) else { continue };
-                let LogEvent::Reading(r) = &rec.event;
+                let Some(r) = rec.reading() else { continue };
                 if r.ts_ms < from_ms || r.ts_ms >= to_ms {
                     continue;
                 }
@@ -181,7 +181,7 @@ fn write_parquet(file: std::fs::File, rows: &[Row], metrics: &[String]) -> Resul
     let (mut version, mut partition) = (Int32Builder::new(), Int32Builder::new());
     let mut values: Vec<Float64Builder> = metrics.iter().map(|_| Float64Builder::new()).collect();
     for row in rows {
-        let LogEvent::Reading(r) = &row.rec.event;
+        let Some(r) = row.rec.reading() else { continue };
         ts.append_value(r.ts_ms);
         device.append_value(&r.device);
         boot.append_value(i64::from(r.boot));
@@ -233,7 +233,7 @@ fn write_csv(file: std::fs::File, rows: &[Row], metrics: &[String]) -> std::io::
             .collect();
     writeln!(w, "{}", header.join(","))?;
     for row in rows {
-        let LogEvent::Reading(r) = &row.rec.event;
+        let Some(r) = row.rec.reading() else { continue };
         let mut fields = vec![
             rfc3339(r.ts_ms),
             r.ts_ms.to_string(),
@@ -256,7 +256,7 @@ fn write_csv(file: std::fs::File, rows: &[Row], metrics: &[String]) -> std::io::
 fn write_jsonl(file: std::fs::File, rows: &[Row]) -> std::io::Result<()> {
     let mut w = std::io::BufWriter::new(file);
     for row in rows {
-        let LogEvent::Reading(r) = &row.rec.event;
+        let Some(r) = row.rec.reading() else { continue };
         let line = serde_json::json!({
             "ts": rfc3339(r.ts_ms), "ts_ms": r.ts_ms, "device": r.device, "boot": r.boot, "seq": r.seq,
             "schema_version": r.schema, "gateway": row.rec.gateway, "batch_id": row.rec.batch_id,

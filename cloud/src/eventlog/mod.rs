@@ -30,6 +30,9 @@ pub type Offset = u64;
 pub struct AppendRecord {
     /// The partitioning key: the device id.
     pub key: String,
+    /// Where the record goes when not where its key hashes (heartbeats are
+    /// written to every partition).
+    pub partition: Option<Partition>,
     /// The encoded [`kappa_common::record::LogRecord`].
     pub value: Vec<u8>,
 }

@@ -319,7 +319,10 @@ fn commit(
             }
             seen.insert(key);
             for rec in &b.records {
-                let p = partition_for(&rec.key, partitions);
+                let p = match rec.partition {
+                    Some(p) if p < partitions => p,
+                    _ => partition_for(&rec.key, partitions),
+                };
                 let offset = next[p as usize];
                 insert.execute(params![p, offset as i64, rec.value, now])?;
                 next[p as usize] = offset + 1;
@@ -425,7 +428,10 @@ mod tests {
         AppendBatch {
             gateway: gw.into(),
             batch_id: id,
-            records: keys.iter().map(|k| AppendRecord { key: k.to_string(), value: k.as_bytes().to_vec() }).collect(),
+            records: keys
+                .iter()
+                .map(|k| AppendRecord { key: k.to_string(), partition: None, value: k.as_bytes().to_vec() })
+                .collect(),
         }
     }
 

@@ -45,6 +45,8 @@ pub trait Operator: Send + std::fmt::Debug {
     }
     /// One reading (already deduplicated).
     fn process(&mut self, ev: &Event<'_>, late: &mut Vec<LateEvent>);
+    /// A gateway's heartbeat, as it appears in `partition`.
+    fn on_heartbeat(&mut self, _partition: Partition, _gateway: &str, _ts_ms: i64) {}
     /// The global watermark moved to `watermark`.
     fn on_watermark(&mut self, _watermark: i64) {}
     /// Adds what changed since the last checkpoint.
@@ -57,10 +59,13 @@ pub trait Operator: Send + std::fmt::Debug {
     fn state_len(&self) -> usize {
         0
     }
-    /// Rows are waiting that readers should see now (windows just closed).
+    /// Rows are waiting that readers should see now (windows just closed,
+    /// alerts raised): the processor checkpoints without waiting for the interval.
     fn has_pending_output(&self) -> bool {
         false
     }
+    /// Updates the operator's own metrics (at each checkpoint).
+    fn report(&mut self, _metrics: &CloudMetrics) {}
 }
 
 impl Operator for ViewOperator {
@@ -173,13 +178,29 @@ impl<S: LogSource> Processor<S> {
 
     /// Restores the pipeline's last checkpoint and seeks the source there.
     pub fn new(
-        mut source: S,
+        source: S,
         store: ViewStore,
         plan: PipelinePlan,
         settings: ProcessorSettings,
         metrics: Arc<CloudMetrics>,
     ) -> Result<Self, ProcessorError> {
         let PipelinePlan { pipeline, views: specs, building } = plan;
+        let ops: Vec<Box<dyn Operator>> =
+            specs.into_iter().map(|spec| Box::new(ViewOperator::new(spec)) as Box<dyn Operator>).collect();
+        Self::with_operators(source, store, pipeline, ops, building, settings, metrics)
+    }
+
+    /// A pipeline of any operators: restores each, and the pipeline's
+    /// positions and dedup state, and seeks the source there.
+    pub fn with_operators(
+        mut source: S,
+        store: ViewStore,
+        pipeline: String,
+        mut ops: Vec<Box<dyn Operator>>,
+        building: bool,
+        settings: ProcessorSettings,
+        metrics: Arc<CloudMetrics>,
+    ) -> Result<Self, ProcessorError> {
         let restored = store.restore(&pipeline)?;
         let now = Instant::now();
         let mut marks = Watermarks::new(settings.max_out_of_orderness_ms, settings.idle_timeout);
@@ -199,11 +220,8 @@ impl<S: LogSource> Processor<S> {
                 .map_err(|e| StoreError(format!("dedup state of {device} boot {boot} does not decode: {e}")))?;
             dedup.restore(device, boot, set);
         }
-        let mut ops: Vec<Box<dyn Operator>> = Vec::new();
-        for spec in specs {
-            let mut op = ViewOperator::new(spec);
-            Operator::on_start(&mut op, &store)?;
-            ops.push(Box::new(op));
+        for op in &mut ops {
+            op.on_start(&store)?;
         }
         let committer = Committer::start(store).map_err(|e| StoreError(format!("cannot start the committer: {e}")))?;
         tracing::info!(
@@ -267,9 +285,15 @@ impl<S: LogSource> Processor<S> {
         let now = Instant::now();
         for rec in records {
             self.positions.insert(rec.partition, rec.offset + 1);
-            let reading = match record::decode(&rec.value) {
+            let (gateway, reading) = match record::decode(&rec.value) {
                 Ok(r) => match r.event {
-                    LogEvent::Reading(reading) => reading,
+                    LogEvent::Reading(reading) => (r.gateway, reading),
+                    LogEvent::Heartbeat { ts_ms } => {
+                        for op in &mut self.ops {
+                            op.on_heartbeat(rec.partition, &r.gateway, ts_ms);
+                        }
+                        continue;
+                    }
                 },
                 Err(e) => {
                     self.metrics.records_undecodable.inc();
@@ -286,6 +310,7 @@ impl<S: LogSource> Processor<S> {
             let ev = Event {
                 partition: rec.partition,
                 offset: rec.offset,
+                gateway: &gateway,
                 reading: &reading,
                 watermark: self.marks.partition(rec.partition),
             };
@@ -296,7 +321,8 @@ impl<S: LogSource> Processor<S> {
             self.metrics.readings_processed.inc();
         }
         let before = self.marks.global();
-        let mut closed = false;
+        // Alerts raised by these records are committed now, not at the interval.
+        let mut closed = n > 0 && self.ops.iter().any(|o| o.has_pending_output());
         let assigned = self.source.assigned();
         let source = &self.source;
         if let Some(g) = self.marks.advance(now, &assigned, |p| source.caught_up(p))
@@ -307,7 +333,7 @@ impl<S: LogSource> Processor<S> {
             }
             self.dedup.prune(g);
             self.metrics.watermark_ms.set(g);
-            closed = self.ops.iter().any(|o| o.has_pending_output());
+            closed = closed || self.ops.iter().any(|o| o.has_pending_output());
         }
         self.since_checkpoint += n;
         if let Some(done) = self.committer.poll()? {
@@ -348,6 +374,7 @@ impl<S: LogSource> Processor<S> {
             self.metrics.late_events.get_or_create(&label).inc_by(t.late);
             self.metrics.view_null_inputs.get_or_create(&label).inc_by(t.null_inputs);
             self.metrics.view_state_windows.get_or_create(&label).set(op.state_len() as i64);
+            op.report(&self.metrics);
         }
         cp.pipeline = self.pipeline.clone();
         cp.caught_up = std::mem::take(&mut self.caught_up);

@@ -15,6 +15,7 @@
 //! | `partitions(pipeline, partition, next_offset, max_ts)` | where each pipeline resumes, and each partition's max event time |
 //! | `processor_meta(pipeline, key, value)` | `global_watermark` |
 //! | `late_events(view_id, partition, offset, window_start, ...)` | readings too late for a window, with the reason |
+//! | `alerts`, `alert_events`, `alert_state`, `alert_outbox`, `alert_acks` | see [`alerts`] |
 //!
 //! [`ViewStore::checkpoint`] writes everything a checkpoint holds in one
 //! transaction: rows, state, dedup, late events and log positions always
@@ -28,6 +29,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value as Json;
 
+pub mod alerts;
+
+use crate::alerts::engine::AlertChanges;
 use crate::eventlog::{Offset, Partition};
 use crate::views::operator::{Changes, LateEvent, WinState};
 use crate::views::spec::ViewSpec;
@@ -118,6 +122,8 @@ pub struct Checkpoint {
     pub partitions: Vec<(Partition, Offset, Option<i64>)>,
     pub global_watermark: Option<i64>,
     pub late: Vec<LateEvent>,
+    /// The alert operator's part, in the alert pipeline.
+    pub alerts: Option<AlertChanges>,
 }
 
 impl Checkpoint {
@@ -167,6 +173,7 @@ impl ViewStore {
             )));
         }
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(alerts::SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self { conn })
     }
@@ -438,6 +445,9 @@ impl ViewStore {
                      ON CONFLICT (pipeline, key) DO UPDATE SET value = excluded.value",
                     params![pl, w],
                 )?;
+            }
+            if let Some(ch) = &cp.alerts {
+                alerts::write(&tx, ch)?;
             }
             if cp.caught_up {
                 tx.execute(

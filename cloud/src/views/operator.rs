@@ -53,6 +53,8 @@ struct Slot {
 pub struct Event<'a> {
     pub partition: Partition,
     pub offset: Offset,
+    /// The gateway that forwarded the reading.
+    pub gateway: &'a str,
     pub reading: &'a Reading,
     /// The reading's partition watermark before this reading.
     pub watermark: Option<i64>,
@@ -515,7 +517,7 @@ mod tests {
     fn feed(op: &mut ViewOperator, ts: i64, wm: Option<i64>) -> Vec<LateEvent> {
         let r = reading(ts, ts as u64);
         let mut late = Vec::new();
-        op.process(&Event { partition: 0, offset: ts as u64, reading: &r, watermark: wm }, &mut late);
+        op.process(&Event { partition: 0, offset: ts as u64, gateway: "gw", reading: &r, watermark: wm }, &mut late);
         late
     }
 

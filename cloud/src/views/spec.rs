@@ -473,6 +473,11 @@ fn parse_agg(v: &Value, metrics: &[String], p: &mut Problems, path: &str) -> Opt
     Some(AggSpec { name: name?, func: func?, of, max })
 }
 
+/// Parses one `FIELD OP VALUE` condition (also used by alert rules).
+pub fn parse_condition_public(s: &str, metrics: &[String]) -> Result<Condition, String> {
+    parse_condition(s, metrics)
+}
+
 fn parse_condition(s: &str, metrics: &[String]) -> Result<Condition, String> {
     let ops = [("==", Op::Eq), ("!=", Op::Ne), ("<=", Op::Le), (">=", Op::Ge), ("<", Op::Lt), (">", Op::Gt)];
     let (field, op, value) = ops

@@ -286,6 +286,7 @@ fn cloud_processor(dir: &Path, scale: f64) -> Value {
             .iter()
             .map(|r| AppendRecord {
                 key: r.device.clone(),
+                partition: None,
                 value: record::encode(&LogRecord {
                     gateway: "bench".into(),
                     batch_id: i as u64,
@@ -486,7 +487,7 @@ fn archive_and_replay(dir: &Path, scale: f64) -> Value {
             break;
         }
         for r in &recs {
-            let LogEvent::Reading(reading) = record::decode(&r.value).unwrap().event;
+            let reading = record::decode(&r.value).unwrap().into_reading().unwrap();
             got += usize::from(reading.seq > 0);
         }
     }

@@ -1,0 +1,224 @@
+//! Webhook delivery from the outbox.
+//!
+//! The alert pipeline writes a delivery row for every (webhook, alert,
+//! transition) in the same transaction as the alert itself, so a crash
+//! between "alert raised" and "webhook called" loses nothing: the row is
+//! there on restart. One task per webhook sends its rows in order: a POST of
+//! the JSON payload with `Idempotency-Key: {alert id}:{transition}`. A 2xx
+//! marks the row delivered. Anything else (an error status, a timeout, a
+//! refused connection) is retried with jittered exponential backoff until
+//! `max_attempts`, when the row is marked `dead` (the dead-letter record,
+//! kept with its last error) and the next row goes. A crash after the
+//! receiver accepted but before the row was marked sends it again with the
+//! same key: receivers deduplicate on it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use super::spec::Severity;
+use crate::metrics::CloudMetrics;
+use crate::store::ViewStore;
+use crate::store::alerts::Delivery;
+
+/// One `[[webhooks]]` entry of the cloud config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub name: String,
+    /// `http://` or `https://` URL the payload is POSTed to.
+    pub url: String,
+    /// Alerts below this severity are not sent here.
+    #[serde(default = "default_min_severity")]
+    pub min_severity: Severity,
+    /// Only these rules (default: every rule).
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Per-request timeout.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts before a delivery is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_backoff_initial", with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+fn default_min_severity() -> Severity {
+    Severity::Info
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_attempts() -> u32 {
+    10
+}
+fn default_backoff_initial() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl WebhookConfig {
+    /// Problems with this entry, each with its key path.
+    pub fn problems(&self, path: &str, rule_names: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.name.is_empty() || !self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            out.push(format!("{path}.name: {:?} must be A-Z a-z 0-9 _ -", self.name));
+        }
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            out.push(format!("{path}.url: {:?} must be an http:// or https:// URL", self.url));
+        }
+        if self.max_attempts == 0 {
+            out.push(format!("{path}.max_attempts: must be at least 1"));
+        }
+        if self.timeout.is_zero() {
+            out.push(format!("{path}.timeout: must be positive"));
+        }
+        if self.backoff_initial.is_zero() || self.backoff_max < self.backoff_initial {
+            out.push(format!("{path}.backoff_initial, {path}.backoff_max: need 0 < initial <= max"));
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            if !rule_names.contains(r) {
+                out.push(format!("{path}.rules[{i}]: no rule named {r:?}"));
+            }
+        }
+        out
+    }
+
+    /// Backoff before attempt `attempts + 1`, jittered to 50-100 %.
+    fn backoff(&self, attempts: u32, jitter: f64) -> Duration {
+        let exp = self.backoff_initial.saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
+        exp.min(self.backoff_max).mul_f64(0.5 + 0.5 * jitter)
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// What one attempt did.
+enum Outcome {
+    Delivered,
+    Failed(String),
+}
+
+async fn attempt(client: &reqwest::Client, hook: &WebhookConfig, d: &Delivery) -> Outcome {
+    let sent = client
+        .post(&hook.url)
+        .timeout(hook.timeout)
+        .header("content-type", "application/json")
+        .header("idempotency-key", format!("{}:{}", d.alert_id, d.transition))
+        .header("x-kappa-alert-transition", d.transition.as_str())
+        .header("x-kappa-delivery-attempt", (d.attempts + 1).to_string())
+        .body(d.payload.clone())
+        .send()
+        .await;
+    match sent {
+        Ok(resp) if resp.status().is_success() => Outcome::Delivered,
+        Ok(resp) => Outcome::Failed(format!("HTTP {}", resp.status().as_u16())),
+        Err(e) if e.is_timeout() => Outcome::Failed(format!("timed out after {:?}", hook.timeout)),
+        Err(e) if e.is_connect() => Outcome::Failed(format!("cannot connect: {e}")),
+        Err(e) => Outcome::Failed(e.to_string()),
+    }
+}
+
+/// Delivers `hook`'s outbox rows in order until `cancel` fires.
+pub async fn run(
+    hook: WebhookConfig,
+    store_path: PathBuf,
+    metrics: Arc<CloudMetrics>,
+    cancel: CancellationToken,
+) -> Result<(), String> {
+    let mut store = ViewStore::open(&store_path).map_err(|e| e.to_string())?;
+    let client = reqwest::Client::builder().build().map_err(|e| format!("webhook {}: {e}", hook.name))?;
+    let mut rng = now_ms() as u64 | 1;
+    let label = |result: &str| [("webhook", hook.name.clone()), ("result", result.to_string())];
+    let mut last_gauge = std::time::Instant::now();
+    tracing::info!(webhook = %hook.name, url = %hook.url, "Webhook delivery started.");
+    while !cancel.is_cancelled() {
+        let next = match store.next_delivery(&hook.name) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(webhook = %hook.name, error = %e, "Cannot read the webhook outbox; retrying.");
+                None
+            }
+        };
+        let Some(d) = next else {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+            }
+        };
+        let wait = d.next_attempt_ms - now_ms();
+        if wait > 0 {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(wait.min(1000) as u64)) => continue,
+            }
+        }
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => break,
+            o = attempt(&client, &hook, &d) => o,
+        };
+        let attempts = d.attempts + 1;
+        let now = now_ms();
+        let recorded = match outcome {
+            Outcome::Delivered => {
+                metrics.webhook_deliveries.get_or_create(&label("delivered")).inc();
+                store.record_attempt(d.seq, "delivered", attempts, now, "", now)
+            }
+            Outcome::Failed(error) if attempts >= hook.max_attempts => {
+                metrics.webhook_deliveries.get_or_create(&label("dead_letter")).inc();
+                tracing::error!(webhook = %hook.name, alert = %d.alert_id, transition = %d.transition, attempts, %error,
+                    "Webhook delivery failed for the last time; dead-lettered.");
+                store.record_attempt(d.seq, "dead", attempts, now, &error, now)
+            }
+            Outcome::Failed(error) => {
+                metrics.webhook_deliveries.get_or_create(&label("failed")).inc();
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let backoff = hook.backoff(attempts, (rng >> 11) as f64 / (1u64 << 53) as f64);
+                tracing::warn!(webhook = %hook.name, alert = %d.alert_id, attempts, %error, retry_in = ?backoff,
+                    "Webhook delivery failed; will retry.");
+                store.record_attempt(d.seq, "pending", attempts, now + backoff.as_millis() as i64, &error, now)
+            }
+        };
+        if let Err(e) = recorded {
+            // The row stays pending: it is sent again (same idempotency key).
+            tracing::warn!(webhook = %hook.name, error = %e, "Cannot record a delivery attempt.");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if last_gauge.elapsed() >= Duration::from_secs(5)
+            && let Ok(counts) = store.delivery_counts()
+        {
+            let pending: u64 = counts.iter().filter(|(_, s, _)| s == "pending").map(|(_, _, n)| n).sum();
+            metrics.webhook_pending.set(pending as i64);
+            last_gauge = std::time::Instant::now();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let hook: WebhookConfig =
+            toml::from_str("name = \"a\"\nurl = \"http://x\"\nbackoff_initial = \"1s\"\nbackoff_max = \"10s\"")
+                .unwrap();
+        assert_eq!(hook.backoff(1, 1.0), Duration::from_secs(1));
+        assert_eq!(hook.backoff(3, 1.0), Duration::from_secs(4));
+        assert_eq!(hook.backoff(9, 1.0), Duration::from_secs(10));
+        assert_eq!(hook.backoff(3, 0.0), Duration::from_secs(2));
+    }
+}

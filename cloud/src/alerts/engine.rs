@@ -1,0 +1,982 @@
+//! The alert operator: every rule, evaluated per device in log order.
+//!
+//! Everything an alert depends on is in one partition of the log, in offset
+//! order: a device's readings (its key hashes there) and its gateway's
+//! progress in that partition (the gateway's other readings there and the
+//! heartbeat copy ingest writes to every partition). So the same log gives
+//! the same alerts, with the same ids, live or replayed, whatever order the
+//! processor interleaves partitions in.
+//!
+//! * Per-reading rules (threshold, zscore, rate_of_change, flatline, gap)
+//!   judge each reading as it arrives and move the `(rule, device)` series
+//!   through its lifecycle: ok → pending (threshold `for`) → firing →
+//!   resolved once the clear condition has held for `clear_for`.
+//! * Silence is a timer: a device's deadline is its last event time plus
+//!   `after`. It fires when the *gateway clock* of the device's gateway in
+//!   the device's partition passes the deadline. That clock is the newest
+//!   heartbeat, or the newest reading from that gateway minus
+//!   `gateway_lateness`. A gateway that is offline sends nothing, so its
+//!   clock stops and its devices are not declared silent; when it returns
+//!   with its backlog (oldest first) the clock and the devices' readings
+//!   advance together.
+//!
+//! Alert ids are `rule:device:started_ms` (event time): deterministic.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use kappa_common::Reading;
+use serde::{Deserialize, Serialize};
+
+use super::spec::{Expr, RuleKind, RuleSpec, Severity, holds};
+use crate::eventlog::Partition;
+use crate::views::spec::{Condition, Field};
+
+/// A stored alert, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertRecord {
+    pub id: String,
+    pub rule: String,
+    pub kind: String,
+    pub severity: Severity,
+    pub device: String,
+    pub gateway: String,
+    /// `firing` or `resolved`.
+    pub state: String,
+    /// Event time the alert started (for threshold with `for`: when the condition began).
+    pub started_ms: i64,
+    pub resolved_ms: Option<i64>,
+    /// The value that raised it, where there is one.
+    pub value: Option<f64>,
+    pub message: String,
+}
+
+/// One lifecycle step of an alert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertEvent {
+    pub alert_id: String,
+    /// `fired` or `resolved`.
+    pub transition: String,
+    pub ts_ms: i64,
+    pub message: String,
+}
+
+/// A webhook delivery to make (the outbox row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxItem {
+    pub webhook: String,
+    pub alert_id: String,
+    pub transition: String,
+    pub payload: String,
+}
+
+/// What the alert operator adds to a checkpoint.
+#[derive(Debug, Default, Clone)]
+pub struct AlertChanges {
+    pub state_upserts: Vec<(String, Vec<u8>)>,
+    pub alerts: Vec<AlertRecord>,
+    pub events: Vec<AlertEvent>,
+    pub outbox: Vec<OutboxItem>,
+}
+
+impl AlertChanges {
+    pub fn is_empty(&self) -> bool {
+        self.state_upserts.is_empty() && self.alerts.is_empty() && self.events.is_empty() && self.outbox.is_empty()
+    }
+}
+
+/// Which webhook hears which alerts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub webhook: String,
+    pub min_severity: Severity,
+    /// Rule names; empty means every rule.
+    pub rules: Vec<String>,
+}
+
+/// How silence is clocked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SilenceClock {
+    /// Per gateway and partition (the design above).
+    Gateway,
+    /// TEST ONLY: the processor's global watermark, as a naive engine would
+    /// do. It exists to show that the gateway-offline test catches an engine
+    /// that declares every device of an offline gateway silent.
+    GlobalWatermarkForTests,
+}
+
+/// Operator settings.
+#[derive(Debug, Clone)]
+pub struct AlertSettings {
+    /// How far out of order (event time) one gateway's readings may arrive.
+    pub gateway_lateness_ms: i64,
+    pub routes: Vec<Route>,
+    pub silence_clock: SilenceClock,
+}
+
+/// Where a `(rule, device)` series is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+enum Life {
+    Ok,
+    Pending { since: i64 },
+    Firing { started: i64, clear_since: Option<i64> },
+}
+
+/// What a detector remembers between readings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+enum Memory {
+    None,
+    /// Exponentially weighted mean and variance.
+    Ewma {
+        n: u32,
+        mean: f64,
+        var: f64,
+    },
+    /// The previous value and its time.
+    Last {
+        ts: i64,
+        v: f64,
+    },
+    /// The value a run of equal readings started with, when, and how long it is.
+    Run {
+        v: f64,
+        since: i64,
+        n: u32,
+    },
+}
+
+/// One `(rule, device)` series.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct Series {
+    life: Life,
+    mem: Memory,
+}
+
+/// Everything kept per device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct DeviceState {
+    gateway: String,
+    partition: Partition,
+    /// Newest event time seen.
+    last_ts: i64,
+    boot: u32,
+    seq: u64,
+    /// Per rule (config order); `None` until the rule's filter first matches.
+    series: Vec<Option<Series>>,
+}
+
+/// The verdict of one reading for one rule.
+struct Verdict {
+    active: bool,
+    clear: bool,
+    value: Option<f64>,
+    message: String,
+}
+
+/// Key of a gateway clock: gateway index and partition.
+type ClockKey = (u32, Partition);
+
+/// The operator.
+#[derive(Debug)]
+pub struct AlertOperator {
+    id: String,
+    rules: Vec<RuleSpec>,
+    settings: AlertSettings,
+    names: HashMap<String, u32>,
+    devices: Vec<(String, DeviceState)>,
+    gateways: Vec<String>,
+    gateway_index: HashMap<String, u32>,
+    clocks: HashMap<ClockKey, i64>,
+    /// Silence deadlines waiting for their gateway clock: (deadline, device, rule).
+    timers: HashMap<ClockKey, BTreeSet<(i64, u32, u16)>>,
+    dirty_devices: BTreeSet<u32>,
+    dirty_clocks: BTreeSet<ClockKey>,
+    changes: AlertChanges,
+    alert_slots: HashMap<String, usize>,
+    open: i64,
+    transitions: BTreeMap<(String, &'static str), u64>,
+}
+
+impl AlertOperator {
+    pub fn new(rules: Vec<RuleSpec>, settings: AlertSettings) -> Self {
+        Self {
+            id: "alerts".into(),
+            rules,
+            settings,
+            names: HashMap::new(),
+            devices: Vec::new(),
+            gateways: Vec::new(),
+            gateway_index: HashMap::new(),
+            clocks: HashMap::new(),
+            timers: HashMap::new(),
+            dirty_devices: BTreeSet::new(),
+            dirty_clocks: BTreeSet::new(),
+            changes: AlertChanges::default(),
+            alert_slots: HashMap::new(),
+            open: 0,
+            transitions: BTreeMap::new(),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Device series held (devices times rules that apply to them).
+    pub fn series(&self) -> usize {
+        self.devices.iter().map(|(_, d)| d.series.iter().filter(|s| s.is_some()).count()).sum()
+    }
+
+    /// Alerts currently firing.
+    pub fn open_alerts(&self) -> i64 {
+        self.open
+    }
+
+    /// Transitions since the last call, by rule and transition.
+    pub fn take_transitions(&mut self) -> BTreeMap<(String, &'static str), u64> {
+        std::mem::take(&mut self.transitions)
+    }
+
+    /// Restores from stored state rows (`meta:rules`, `d:{device}`, `c:{gateway}:{partition}`).
+    pub fn restore(&mut self, rows: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+        let mut stored_rules: Option<Vec<String>> = None;
+        let mut devices = Vec::new();
+        let mut clocks = Vec::new();
+        for (key, blob) in rows {
+            if key == "meta:rules" {
+                stored_rules = Some(
+                    serde_cbor::from_slice(&blob).map_err(|e| format!("alert state {key}: does not decode: {e}"))?,
+                );
+            } else if let Some(device) = key.strip_prefix("d:") {
+                let st: DeviceState =
+                    serde_cbor::from_slice(&blob).map_err(|e| format!("alert state {key}: does not decode: {e}"))?;
+                devices.push((device.to_string(), st));
+            } else if let Some(rest) = key.strip_prefix("c:") {
+                let (gateway, partition) =
+                    rest.rsplit_once(':').ok_or_else(|| format!("alert state {key}: not c:GATEWAY:PARTITION"))?;
+                let partition: Partition =
+                    partition.parse().map_err(|_| format!("alert state {key}: partition is not a number"))?;
+                let ts: i64 =
+                    serde_cbor::from_slice(&blob).map_err(|e| format!("alert state {key}: does not decode: {e}"))?;
+                clocks.push((gateway.to_string(), partition, ts));
+            }
+        }
+        // Rules may have changed since the state was written: carry series
+        // over by rule name (and kind); new rules start fresh.
+        let stored = stored_rules.unwrap_or_default();
+        let mapping: Vec<Option<usize>> = self
+            .rules
+            .iter()
+            .map(|r| stored.iter().position(|s| *s == format!("{}/{}", r.name, r.kind.name())))
+            .collect();
+        for (name, mut st) in devices {
+            let old = std::mem::take(&mut st.series);
+            st.series = mapping.iter().map(|m| m.and_then(|i| old.get(i).copied().flatten())).collect();
+            let d = self.intern_device(&name, &st.gateway, st.partition);
+            self.devices[d as usize].1 = st;
+            self.arm_silence(d);
+        }
+        for (gateway, partition, ts) in clocks {
+            let g = self.intern_gateway(&gateway);
+            self.clocks.insert((g, partition), ts);
+        }
+        self.open = self
+            .devices
+            .iter()
+            .flat_map(|(_, d)| d.series.iter().flatten())
+            .filter(|s| matches!(s.life, Life::Firing { .. }))
+            .count() as i64;
+        // The rule list is written again at the next checkpoint.
+        self.changes.state_upserts.push(("meta:rules".into(), self.rules_blob()));
+        Ok(())
+    }
+
+    fn rules_blob(&self) -> Vec<u8> {
+        let names: Vec<String> = self.rules.iter().map(|r| format!("{}/{}", r.name, r.kind.name())).collect();
+        serde_cbor::to_vec(&names).unwrap_or_default()
+    }
+
+    fn intern_gateway(&mut self, gateway: &str) -> u32 {
+        if let Some(g) = self.gateway_index.get(gateway) {
+            return *g;
+        }
+        let g = self.gateways.len() as u32;
+        self.gateways.push(gateway.to_string());
+        self.gateway_index.insert(gateway.to_string(), g);
+        g
+    }
+
+    fn intern_device(&mut self, device: &str, gateway: &str, partition: Partition) -> u32 {
+        if let Some(d) = self.names.get(device) {
+            return *d;
+        }
+        let d = self.devices.len() as u32;
+        let st = DeviceState {
+            gateway: gateway.to_string(),
+            partition,
+            last_ts: i64::MIN,
+            boot: 0,
+            seq: 0,
+            series: vec![None; self.rules.len()],
+        };
+        self.devices.push((device.to_string(), st));
+        self.names.insert(device.to_string(), d);
+        d
+    }
+
+    /// One reading, in log order.
+    pub fn process(&mut self, partition: Partition, gateway: &str, r: &Reading) {
+        let d = self.intern_device(&r.device, gateway, partition);
+        self.disarm_silence(d);
+        let g = self.intern_gateway(gateway);
+        let rules = std::mem::take(&mut self.rules);
+        {
+            let (_, st) = &mut self.devices[d as usize];
+            if st.gateway != gateway {
+                st.gateway = gateway.to_string();
+            }
+            st.partition = partition;
+        }
+        for (i, rule) in rules.iter().enumerate() {
+            if !rule.filter.iter().all(|c| crate::views::operator::holds(c, r)) {
+                continue;
+            }
+            let (_, st) = &mut self.devices[d as usize];
+            let prev = (st.boot, st.seq, st.last_ts);
+            let s = st.series[i].get_or_insert(Series { life: Life::Ok, mem: Memory::None });
+            if let RuleKind::Silence { .. } = rule.kind {
+                if let Life::Firing { started, .. } = s.life {
+                    s.life = Life::Ok;
+                    let msg = format!("reading again at {}", r.ts_ms);
+                    self.resolve(rule, d, started, r.ts_ms, msg);
+                }
+                continue;
+            }
+            let Some(v) = judge(rule, s, r, prev) else { continue };
+            self.step(rule, i, d, r.ts_ms, v);
+        }
+        self.rules = rules;
+        {
+            let (_, st) = &mut self.devices[d as usize];
+            st.last_ts = st.last_ts.max(r.ts_ms);
+            if r.boot != st.boot || r.seq > st.seq {
+                st.boot = r.boot;
+                st.seq = r.seq;
+            }
+        }
+        self.dirty_devices.insert(d);
+        self.arm_silence(d);
+        self.advance_clock((g, partition), r.ts_ms.saturating_sub(self.settings.gateway_lateness_ms));
+    }
+
+    /// A gateway's heartbeat as it appears in `partition`.
+    pub fn heartbeat(&mut self, partition: Partition, gateway: &str, ts_ms: i64) {
+        let g = self.intern_gateway(gateway);
+        self.advance_clock((g, partition), ts_ms);
+    }
+
+    /// The processor's global watermark (used only by the test-only clock).
+    pub fn watermark(&mut self, watermark: i64) {
+        if self.settings.silence_clock != SilenceClock::GlobalWatermarkForTests {
+            return;
+        }
+        let keys: Vec<ClockKey> = self.timers.keys().copied().collect();
+        for k in keys {
+            self.fire_due(k, watermark);
+        }
+    }
+
+    fn advance_clock(&mut self, key: ClockKey, ts: i64) {
+        let c = self.clocks.entry(key).or_insert(i64::MIN);
+        if ts <= *c {
+            return;
+        }
+        *c = ts;
+        self.dirty_clocks.insert(key);
+        if self.settings.silence_clock == SilenceClock::Gateway {
+            self.fire_due(key, ts);
+        }
+    }
+
+    fn fire_due(&mut self, key: ClockKey, clock: i64) {
+        loop {
+            let Some(set) = self.timers.get_mut(&key) else { return };
+            let Some(&(deadline, d, i)) = set.first() else { return };
+            if deadline > clock {
+                return;
+            }
+            set.pop_first();
+            let rule = self.rules[i as usize].clone();
+            let (_, st) = &mut self.devices[d as usize];
+            let last = st.last_ts;
+            if let Some(s) = st.series[i as usize].as_mut()
+                && s.life == Life::Ok
+            {
+                s.life = Life::Firing { started: deadline, clear_since: None };
+                self.dirty_devices.insert(d);
+                let msg = format!("no reading since {} ({} ms of event time)", last, deadline - last);
+                self.fire(&rule, d, deadline, deadline, None, msg);
+            }
+        }
+    }
+
+    /// The silence deadlines of device `d`, per silence rule that applies and is not firing.
+    fn deadlines(&self, d: u32) -> impl Iterator<Item = (ClockKey, i64, u16)> + '_ {
+        let (_, st) = &self.devices[d as usize];
+        let g = self.gateway_index.get(&st.gateway).copied().unwrap_or(u32::MAX);
+        self.rules.iter().enumerate().filter_map(move |(i, rule)| {
+            let RuleKind::Silence { after_ms } = rule.kind else { return None };
+            let s = st.series[i].as_ref()?;
+            (s.life == Life::Ok && st.last_ts != i64::MIN)
+                .then(|| ((g, st.partition), st.last_ts.saturating_add(after_ms), i as u16))
+        })
+    }
+
+    fn disarm_silence(&mut self, d: u32) {
+        let due: Vec<_> = self.deadlines(d).collect();
+        for (key, deadline, i) in due {
+            if let Some(set) = self.timers.get_mut(&key) {
+                set.remove(&(deadline, d, i));
+            }
+        }
+    }
+
+    fn arm_silence(&mut self, d: u32) {
+        let due: Vec<_> = self.deadlines(d).collect();
+        for (key, deadline, i) in due {
+            self.timers.entry(key).or_default().insert((deadline, d, i));
+        }
+    }
+
+    /// Moves a series through its lifecycle after a verdict.
+    fn step(&mut self, rule: &RuleSpec, i: usize, d: u32, ts: i64, v: Verdict) {
+        let for_ms = match &rule.kind {
+            RuleKind::Threshold { for_ms, .. } => *for_ms,
+            _ => 0,
+        };
+        let (_, st) = &mut self.devices[d as usize];
+        let Some(s) = st.series[i].as_mut() else { return };
+        match s.life {
+            Life::Ok | Life::Pending { .. } if !v.active => s.life = Life::Ok,
+            Life::Ok | Life::Pending { .. } => {
+                let since = match s.life {
+                    Life::Pending { since } => since,
+                    _ => ts,
+                };
+                if ts - since >= for_ms {
+                    s.life = Life::Firing { started: since, clear_since: None };
+                    self.fire(rule, d, since, ts, v.value, v.message);
+                } else {
+                    s.life = Life::Pending { since };
+                }
+            }
+            Life::Firing { started, clear_since } => {
+                if v.clear {
+                    let cs = clear_since.unwrap_or(ts);
+                    if ts - cs >= rule.clear_for_ms {
+                        s.life = Life::Ok;
+                        self.resolve(rule, d, started, ts, v.message);
+                    } else {
+                        s.life = Life::Firing { started, clear_since: Some(cs) };
+                    }
+                } else {
+                    s.life = Life::Firing { started, clear_since: None };
+                }
+            }
+        }
+    }
+
+    fn fire(&mut self, rule: &RuleSpec, d: u32, started: i64, ts: i64, value: Option<f64>, message: String) {
+        let (device, st) = &self.devices[d as usize];
+        let rec = AlertRecord {
+            id: format!("{}:{}:{}", rule.name, device, started),
+            rule: rule.name.clone(),
+            kind: rule.kind.name().to_string(),
+            severity: rule.severity,
+            device: device.clone(),
+            gateway: st.gateway.clone(),
+            state: "firing".into(),
+            started_ms: started,
+            resolved_ms: None,
+            value,
+            message,
+        };
+        self.open += 1;
+        self.record(rec, "fired", ts);
+    }
+
+    fn resolve(&mut self, rule: &RuleSpec, d: u32, started: i64, ts: i64, message: String) {
+        let device = &self.devices[d as usize].0;
+        let id = format!("{}:{}:{}", rule.name, device, started);
+        // The firing version is either in this checkpoint's changes or stored;
+        // the store keeps what resolving does not change.
+        let mut rec = match self.alert_slots.get(&id) {
+            Some(&slot) => self.changes.alerts[slot].clone(),
+            None => AlertRecord {
+                id: id.clone(),
+                rule: rule.name.clone(),
+                kind: rule.kind.name().to_string(),
+                severity: rule.severity,
+                device: device.clone(),
+                gateway: self.devices[d as usize].1.gateway.clone(),
+                state: "firing".into(),
+                started_ms: started,
+                resolved_ms: None,
+                value: None,
+                message: String::new(),
+            },
+        };
+        rec.state = "resolved".into();
+        rec.resolved_ms = Some(ts);
+        self.open -= 1;
+        let mut rec_msg = rec.clone();
+        rec_msg.message = message;
+        self.record_transition(&rec_msg, "resolved", ts);
+        self.upsert(rec);
+    }
+
+    fn record(&mut self, rec: AlertRecord, transition: &'static str, ts: i64) {
+        self.record_transition(&rec, transition, ts);
+        self.upsert(rec);
+    }
+
+    fn upsert(&mut self, rec: AlertRecord) {
+        match self.alert_slots.get(&rec.id) {
+            Some(&slot) => self.changes.alerts[slot] = rec,
+            None => {
+                self.alert_slots.insert(rec.id.clone(), self.changes.alerts.len());
+                self.changes.alerts.push(rec);
+            }
+        }
+    }
+
+    fn record_transition(&mut self, rec: &AlertRecord, transition: &'static str, ts: i64) {
+        *self.transitions.entry((rec.rule.clone(), transition)).or_default() += 1;
+        self.changes.events.push(AlertEvent {
+            alert_id: rec.id.clone(),
+            transition: transition.into(),
+            ts_ms: ts,
+            message: rec.message.clone(),
+        });
+        let payload = serde_json::json!({
+            "id": rec.id,
+            "transition": transition,
+            "at_ms": ts,
+            "rule": rec.rule,
+            "kind": rec.kind,
+            "severity": rec.severity,
+            "device": rec.device,
+            "gateway": rec.gateway,
+            "started_ms": rec.started_ms,
+            "resolved_ms": rec.resolved_ms,
+            "value": rec.value,
+            "message": rec.message,
+        })
+        .to_string();
+        for route in &self.settings.routes {
+            if rec.severity >= route.min_severity && (route.rules.is_empty() || route.rules.contains(&rec.rule)) {
+                self.changes.outbox.push(OutboxItem {
+                    webhook: route.webhook.clone(),
+                    alert_id: rec.id.clone(),
+                    transition: transition.into(),
+                    payload: payload.clone(),
+                });
+            }
+        }
+    }
+
+    /// Alert transitions or state are waiting to be committed.
+    pub fn has_pending_output(&self) -> bool {
+        !self.changes.alerts.is_empty()
+    }
+
+    /// Everything changed since the last call, for the checkpoint.
+    pub fn take_changes(&mut self) -> AlertChanges {
+        for d in std::mem::take(&mut self.dirty_devices) {
+            let (name, st) = &self.devices[d as usize];
+            if let Ok(blob) = serde_cbor::ser::to_vec_packed(st) {
+                self.changes.state_upserts.push((format!("d:{name}"), blob));
+            }
+        }
+        for key in std::mem::take(&mut self.dirty_clocks) {
+            if let Some(ts) = self.clocks.get(&key) {
+                let gateway = &self.gateways[key.0 as usize];
+                self.changes
+                    .state_upserts
+                    .push((format!("c:{gateway}:{}", key.1), serde_cbor::to_vec(ts).unwrap_or_default()));
+            }
+        }
+        self.alert_slots.clear();
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Bytes of state one device's series take when stored, on average (for benchmarks).
+    pub fn stored_bytes_per_series(&self) -> f64 {
+        let series = self.series().max(1);
+        let bytes: usize = self
+            .devices
+            .iter()
+            .map(|(n, st)| n.len() + 2 + serde_cbor::ser::to_vec_packed(st).map_or(0, |b| b.len()))
+            .sum();
+        bytes as f64 / series as f64
+    }
+
+    /// Bytes of memory per series, counted from the structures (for benchmarks).
+    pub fn memory_bytes_per_series(&self) -> f64 {
+        let series = self.series().max(1);
+        let per_device = std::mem::size_of::<(String, DeviceState)>()
+            + std::mem::size_of::<(String, u32)>()
+            + std::mem::size_of::<(i64, u32, u16)>() * 2;
+        let bytes: usize = self
+            .devices
+            .iter()
+            .map(|(n, st)| {
+                per_device
+                    + 2 * n.len()
+                    + st.gateway.len()
+                    + st.series.capacity() * std::mem::size_of::<Option<Series>>()
+            })
+            .sum();
+        bytes as f64 / series as f64
+    }
+}
+
+/// Whether the reading carries any metric the expression reads (a reading
+/// without them says nothing about the rule).
+fn mentions(e: &Expr, r: &Reading) -> bool {
+    let present = |c: &Condition| match &c.field {
+        Field::Metric(m) => r.metric(m).is_some(),
+        _ => true,
+    };
+    e.any_of.iter().flatten().any(present)
+}
+
+fn first_metric(e: &Expr, r: &Reading) -> Option<f64> {
+    e.any_of.iter().flatten().find_map(|c| match &c.field {
+        Field::Metric(m) => r.metric(m),
+        _ => None,
+    })
+}
+
+/// Judges one reading for one rule, updating the detector's memory.
+/// `prev` is the device's (boot, seq, last event time) before this reading.
+fn judge(rule: &RuleSpec, s: &mut Series, r: &Reading, prev: (u32, u64, i64)) -> Option<Verdict> {
+    match &rule.kind {
+        RuleKind::Threshold { when, resolve_when, .. } => {
+            if !mentions(when, r) {
+                return None;
+            }
+            let active = holds(when, r);
+            let clear = match resolve_when {
+                Some(e) => holds(e, r),
+                None => !active,
+            };
+            let value = first_metric(when, r);
+            let message = match value {
+                Some(v) => format!("condition holds (value {v})"),
+                None => "condition holds".into(),
+            };
+            Some(Verdict { active, clear, value, message })
+        }
+        RuleKind::Zscore { metric, k, warmup, alpha } => {
+            let x = r.metric(metric)?;
+            let (n, mean, var) = match s.mem {
+                Memory::Ewma { n, mean, var } => (n, mean, var),
+                _ => (0, x, 0.0),
+            };
+            let sd = var.sqrt().max(1e-9);
+            let z = (x - mean) / sd;
+            let judged = u64::from(n) >= *warmup;
+            let active = judged && z.abs() > *k;
+            // Learn from the reading, clipped to k sigma once judging, so an
+            // outlier does not blow up the variance it is judged against.
+            let xc = if judged { x.clamp(mean - k * sd, mean + k * sd) } else { x };
+            let diff = xc - mean;
+            let incr = alpha * diff;
+            let (mean2, var2) = if n == 0 { (x, 0.0) } else { (mean + incr, (1.0 - alpha) * (var + diff * incr)) };
+            s.mem = Memory::Ewma { n: n.saturating_add(1), mean: mean2, var: var2 };
+            Some(Verdict {
+                active,
+                clear: !active,
+                value: Some(x),
+                message: format!("{metric} {x} is {z:.1} sigma from its running mean {mean:.3}"),
+            })
+        }
+        RuleKind::RateOfChange { metric, max_per_second } => {
+            let x = r.metric(metric)?;
+            let verdict = match s.mem {
+                Memory::Last { ts, v } if r.ts_ms > ts => {
+                    let rate = (x - v) / ((r.ts_ms - ts) as f64 / 1000.0);
+                    let active = rate.abs() > *max_per_second;
+                    Some(Verdict {
+                        active,
+                        clear: !active,
+                        value: Some(x),
+                        message: format!("{metric} changed {rate:.3}/s (limit {max_per_second}/s)"),
+                    })
+                }
+                // Out of order: neither judged nor remembered.
+                Memory::Last { ts, .. } if r.ts_ms <= ts => return None,
+                _ => None,
+            };
+            s.mem = Memory::Last { ts: r.ts_ms, v: x };
+            verdict
+        }
+        RuleKind::Flatline { metric, readings, duration_ms, epsilon } => {
+            let x = r.metric(metric)?;
+            let (v, since, n) = match s.mem {
+                Memory::Run { v, since, n } if (x - v).abs() <= *epsilon => (v, since, n.saturating_add(1)),
+                _ => (x, r.ts_ms, 1),
+            };
+            s.mem = Memory::Run { v, since, n };
+            let active =
+                readings.is_some_and(|m| u64::from(n) >= m) || duration_ms.is_some_and(|m| r.ts_ms - since >= m);
+            Some(Verdict {
+                active,
+                clear: !active,
+                value: Some(x),
+                message: format!("{metric} stuck at {v} for {n} readings ({} ms)", r.ts_ms - since),
+            })
+        }
+        RuleKind::Gap { min_missing } => {
+            let (boot, seq, last_ts) = prev;
+            if last_ts == i64::MIN || r.boot != boot || r.seq <= seq {
+                // First reading, a new boot, or a late one filling in: no verdict.
+                return None;
+            }
+            let missing = r.seq - seq - 1;
+            let active = missing >= *min_missing;
+            Some(Verdict {
+                active,
+                clear: !active,
+                value: Some(missing as f64),
+                message: format!("{missing} readings missing between seq {seq} and {} (boot {boot})", r.seq),
+            })
+        }
+        RuleKind::Silence { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    const RULES: &str = r#"
+[[rules]]
+name = "hot"
+kind = "threshold"
+when = "temperature > 50"
+for = "3s"
+resolve_when = "temperature < 45"
+severity = "critical"
+[[rules]]
+name = "z"
+kind = "zscore"
+metric = "temperature"
+k = 6
+warmup = 20
+[[rules]]
+name = "roc"
+kind = "rate_of_change"
+metric = "temperature"
+max_per_second = 3
+[[rules]]
+name = "flat"
+kind = "flatline"
+metric = "temperature"
+readings = 10
+[[rules]]
+name = "quiet"
+kind = "silence"
+after = "20s"
+[[rules]]
+name = "lost"
+kind = "gap"
+"#;
+
+    fn op(clock: SilenceClock) -> AlertOperator {
+        let doc: toml::Table = toml::from_str(RULES).unwrap();
+        let tables: Vec<toml::Table> =
+            doc["rules"].as_array().unwrap().iter().map(|v| v.as_table().unwrap().clone()).collect();
+        let metrics = vec!["temperature".to_string()];
+        let rules = super::super::spec::parse_rules(&tables, &metrics).unwrap();
+        let routes = vec![Route { webhook: "ops".into(), min_severity: Severity::Critical, rules: vec![] }];
+        let mut op =
+            AlertOperator::new(rules, AlertSettings { gateway_lateness_ms: 2000, routes, silence_clock: clock });
+        op.restore(Vec::new()).unwrap();
+        op
+    }
+
+    fn reading(device: &str, seq: u64, ts: i64, t: f64) -> Reading {
+        Reading {
+            device: device.into(),
+            boot: 1,
+            seq,
+            ts_ms: ts,
+            schema: 2,
+            metrics: [("temperature".to_string(), Some(t))].into(),
+            tags: BTreeMap::new(),
+        }
+    }
+
+    /// A gently varying signal: never anomalous by any rule above.
+    fn normal(i: u64) -> f64 {
+        20.0 + ((i * 7919) % 13) as f64 * 0.05
+    }
+
+    fn feed(op: &mut AlertOperator, device: &str, gateway: &str, range: std::ops::Range<u64>, f: impl Fn(u64) -> f64) {
+        for i in range {
+            op.process(0, gateway, &reading(device, i + 1, i as i64 * 1000, f(i)));
+        }
+    }
+
+    fn fired(ch: &AlertChanges) -> Vec<(String, &str)> {
+        ch.events.iter().map(|e| (e.alert_id.clone(), e.transition.as_str())).collect()
+    }
+
+    #[test]
+    fn a_normal_signal_raises_nothing() {
+        let mut op = op(SilenceClock::Gateway);
+        feed(&mut op, "d1", "gw", 0..500, normal);
+        assert!(op.take_changes().events.is_empty());
+    }
+
+    #[test]
+    fn threshold_waits_for_its_duration_and_resolves_with_hysteresis() {
+        let mut op = op(SilenceClock::Gateway);
+        // 2 s above 50: too short. Then 5 s above: fires 3 s in, from when it began.
+        let f = |i: u64| match i {
+            30..=31 => 55.0,
+            40..=44 => 55.0,
+            45..=49 => 47.0, // between the thresholds: still firing
+            _ => normal(i),
+        };
+        feed(&mut op, "d1", "gw", 0..60, f);
+        let ch = op.take_changes();
+        let hot: Vec<_> = ch.events.iter().filter(|e| e.alert_id.starts_with("hot:")).collect();
+        assert_eq!(hot.len(), 2, "{hot:?}");
+        assert_eq!(
+            (hot[0].alert_id.as_str(), hot[0].transition.as_str(), hot[0].ts_ms),
+            ("hot:d1:40000", "fired", 43_000)
+        );
+        assert_eq!((hot[1].transition.as_str(), hot[1].ts_ms), ("resolved", 50_000));
+        let a = ch.alerts.iter().find(|a| a.id == "hot:d1:40000").unwrap();
+        assert_eq!((a.state.as_str(), a.resolved_ms, a.severity), ("resolved", Some(50_000), Severity::Critical));
+        // Critical goes to the webhook; both transitions, with the same payload id.
+        let hooks: Vec<_> = ch.outbox.iter().map(|o| (o.alert_id.as_str(), o.transition.as_str())).collect();
+        assert_eq!(hooks, [("hot:d1:40000", "fired"), ("hot:d1:40000", "resolved")]);
+    }
+
+    #[test]
+    fn zscore_rate_flatline_and_gap_catch_their_anomalies() {
+        let mut op = op(SilenceClock::Gateway);
+        let f = |i: u64| match i {
+            100 => 40.0,       // spike
+            200..=229 => 21.0, // stuck
+            _ => normal(i),
+        };
+        feed(&mut op, "d1", "gw", 0..300, f);
+        // Four readings lost between seq 300 and 305.
+        op.process(0, "gw", &reading("d1", 305, 304_000, normal(304)));
+        feed(&mut op, "d1", "gw", 305..320, normal);
+        let ch = op.take_changes();
+        let ids: Vec<_> = fired(&ch).into_iter().filter(|(_, t)| *t == "fired").map(|(id, _)| id).collect();
+        assert!(ids.contains(&"z:d1:100000".to_string()), "{ids:?}");
+        assert!(ids.contains(&"roc:d1:100000".to_string()), "{ids:?}");
+        assert!(ids.contains(&"flat:d1:209000".to_string()), "{ids:?}");
+        assert!(ids.contains(&"lost:d1:304000".to_string()), "{ids:?}");
+        let gap = ch.alerts.iter().find(|a| a.id == "lost:d1:304000").unwrap();
+        assert_eq!(gap.value, Some(4.0));
+        assert_eq!(gap.state, "resolved", "the next contiguous reading resolves a gap");
+    }
+
+    #[test]
+    fn silence_fires_on_the_gateway_clock_and_resolves_on_return() {
+        let mut op = op(SilenceClock::Gateway);
+        // d1 stops at t=9 s; d2 on the same gateway goes on.
+        feed(&mut op, "d1", "gw", 0..10, normal);
+        feed(&mut op, "d2", "gw", 0..40, normal);
+        let ch = op.take_changes();
+        // Deadline 9 + 20 = 29 s; the clock passes it when d2 reaches 31 s (2 s lateness).
+        assert_eq!(fired(&ch), [("quiet:d1:29000".to_string(), "fired")]);
+        // Back at 40 s with the next sequence number (it was off, not losing readings).
+        op.process(0, "gw", &reading("d1", 11, 40_000, normal(40)));
+        let ch = op.take_changes();
+        assert_eq!(fired(&ch), [("quiet:d1:29000".to_string(), "resolved")]);
+    }
+
+    #[test]
+    fn an_offline_gateway_does_not_make_its_devices_silent() {
+        let mut op = op(SilenceClock::Gateway);
+        // gw-a goes offline at 10 s; gw-b goes on to 100 s (both in partition 0).
+        for i in 0..100 {
+            if i < 10 {
+                op.process(0, "gw-a", &reading("a1", i + 1, i as i64 * 1000, normal(i)));
+            }
+            op.process(0, "gw-b", &reading("b1", i + 1, i as i64 * 1000, normal(i)));
+        }
+        assert!(fired(&op.take_changes()).is_empty());
+        // gw-a returns with its backlog, oldest first: no false alert.
+        feed(&mut op, "a1", "gw-a", 10..100, normal);
+        assert!(fired(&op.take_changes()).is_empty());
+        // The negative control: clocked by the global watermark, the same
+        // data declares a1 silent while its gateway is away.
+        let mut naive = super::tests::op(SilenceClock::GlobalWatermarkForTests);
+        for i in 0..100 {
+            if i < 10 {
+                naive.process(0, "gw-a", &reading("a1", i + 1, i as i64 * 1000, normal(i)));
+            }
+            naive.process(0, "gw-b", &reading("b1", i + 1, i as i64 * 1000, normal(i)));
+        }
+        naive.watermark(90_000);
+        assert_eq!(fired(&naive.take_changes()), [("quiet:a1:29000".to_string(), "fired")]);
+    }
+
+    #[test]
+    fn heartbeats_advance_the_clock_when_every_device_is_quiet() {
+        let mut op = op(SilenceClock::Gateway);
+        feed(&mut op, "d1", "gw", 0..10, normal);
+        op.heartbeat(0, "gw", 28_000);
+        assert!(fired(&op.take_changes()).is_empty());
+        // Another partition's heartbeat says nothing about partition 0.
+        op.heartbeat(1, "gw", 60_000);
+        assert!(fired(&op.take_changes()).is_empty());
+        op.heartbeat(0, "gw", 29_000);
+        assert_eq!(fired(&op.take_changes()), [("quiet:d1:29000".to_string(), "fired")]);
+    }
+
+    #[test]
+    fn restored_state_continues_exactly() {
+        let f = |i: u64| match i {
+            50 => 45.0,
+            120..=135 => 60.0,
+            _ => normal(i),
+        };
+        let mut whole = op(SilenceClock::Gateway);
+        feed(&mut whole, "d1", "gw", 0..200, f);
+        let all = whole.take_changes();
+
+        let mut first = op(SilenceClock::Gateway);
+        feed(&mut first, "d1", "gw", 0..125, f);
+        let part1 = first.take_changes();
+        let mut second = op(SilenceClock::Gateway);
+        second.restore(part1.state_upserts.clone()).unwrap();
+        feed(&mut second, "d1", "gw", 125..200, f);
+        let part2 = second.take_changes();
+        let split: Vec<_> = part1.events.iter().chain(&part2.events).cloned().collect();
+        assert_eq!(split, all.events);
+        assert!(!all.events.is_empty());
+    }
+
+    #[test]
+    fn state_per_series_is_small() {
+        let mut op = op(SilenceClock::Gateway);
+        for d in 0..100 {
+            feed(&mut op, &format!("sim-{d:05}"), "gw", 0..50, normal);
+        }
+        assert_eq!(op.series(), 600);
+        assert!(op.stored_bytes_per_series() <= 256.0, "{}", op.stored_bytes_per_series());
+        assert!(op.memory_bytes_per_series() <= 256.0, "{}", op.memory_bytes_per_series());
+    }
+}
