@@ -202,6 +202,15 @@ pub struct IngestConfig {
     /// Appends waiting for the log before ingest answers 503.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
+    /// How often, per gateway, ingest records the gateway's progress in the
+    /// partitions its batches do not touch (silence alerts use it; zero:
+    /// with every batch). Silence is judged at this resolution.
+    #[serde(default = "default_progress_interval", with = "humantime_serde")]
+    pub progress_interval: Duration,
+}
+
+fn default_progress_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_max_body() -> usize {
@@ -228,6 +237,7 @@ impl Default for IngestConfig {
             max_ratio: default_max_ratio(),
             max_readings: default_max_readings(),
             queue_capacity: default_queue(),
+            progress_interval: default_progress_interval(),
         }
     }
 }

@@ -38,6 +38,30 @@ pub struct IngestState<A> {
     pub metrics: Arc<CloudMetrics>,
     /// Partitions of the log (a heartbeat is written to each).
     pub partitions: u32,
+    /// How often per gateway a progress marker goes into the partitions a
+    /// batch does not touch (zero: with every batch).
+    pub progress_interval: std::time::Duration,
+    /// When each gateway's last progress markers were written.
+    pub last_progress: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+impl<A> IngestState<A> {
+    /// Whether `gateway` is due for progress markers (and notes that it got them).
+    fn progress_due(&self, gateway: &str) -> bool {
+        let Ok(mut last) = self.last_progress.lock() else { return false };
+        let now = std::time::Instant::now();
+        match last.get_mut(gateway) {
+            Some(t) if now.duration_since(*t) < self.progress_interval => false,
+            Some(t) => {
+                *t = now;
+                true
+            }
+            None => {
+                last.insert(gateway.to_string(), now);
+                true
+            }
+        }
+    }
 }
 
 /// The answer to an accepted batch.
@@ -166,6 +190,7 @@ async fn handle<A: LogAppender>(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     let mut records = Vec::with_capacity(batch.readings.len());
     let mut rejected = 0;
+    let mut max_ts: Option<i64> = None;
     for reading in batch.readings {
         if let Err(e) = reading.validate(&st.reading_limits) {
             rejected += 1;
@@ -173,6 +198,7 @@ async fn handle<A: LogAppender>(
             tracing::warn!(gateway = %batch.gateway, batch_id = batch.batch_id, device = %reading.device, seq = reading.seq, error = %e, "Refused a reading inside a batch.");
             continue;
         }
+        max_ts = Some(max_ts.map_or(reading.ts_ms, |m| m.max(reading.ts_ms)));
         let key = reading.device.clone();
         let value = record::encode(&LogRecord {
             gateway: batch.gateway.clone(),
@@ -183,6 +209,23 @@ async fn handle<A: LogAppender>(
         records.push(AppendRecord { key, partition: None, value });
     }
     let accepted = records.len();
+    if let Some(newest) = max_ts
+        && st.progress_due(&batch.gateway)
+    {
+        // Every partition hears of this gateway's progress, so a device's
+        // silence is judged by its gateway's clock in its own partition.
+        let touched: std::collections::HashSet<u32> =
+            records.iter().map(|r| kappa_common::partition::partition_for(&r.key, st.partitions)).collect();
+        let value = record::encode(&LogRecord {
+            gateway: batch.gateway.clone(),
+            batch_id: batch.batch_id,
+            ingest_ms,
+            event: LogEvent::Progress { ts_ms: newest },
+        });
+        for p in (0..st.partitions).filter(|p| !touched.contains(p)) {
+            records.push(AppendRecord { key: batch.gateway.clone(), partition: Some(p), value: value.clone() });
+        }
+    }
     let outcome =
         st.appender.append(AppendBatch { gateway: batch.gateway.clone(), batch_id: batch.batch_id, records }).await?;
     let duplicate = outcome == AppendOutcome::Duplicate;

@@ -228,6 +228,8 @@ impl Node {
                 reading_limits: kappa_common::reading::ReadingLimits::default(),
                 metrics: metrics.clone(),
                 partitions: cfg.log.partitions,
+                progress_interval: cfg.ingest.progress_interval,
+                last_progress: Default::default(),
             },
             ApiState {
                 store: Arc::new(Mutex::new(reader)),

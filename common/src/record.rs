@@ -34,6 +34,14 @@ pub enum LogEvent {
     Heartbeat {
         ts_ms: i64,
     },
+    /// A gateway's progress, written by ingest into the partitions a batch
+    /// did not touch (at most once per `ingest.progress_interval` per
+    /// gateway): the newest event time among the readings the gateway has
+    /// forwarded so far. Readings may still arrive a little out of order
+    /// behind it, as behind any reading.
+    Progress {
+        ts_ms: i64,
+    },
 }
 
 impl LogRecord {
@@ -41,7 +49,7 @@ impl LogRecord {
     pub fn key(&self) -> &str {
         match &self.event {
             LogEvent::Reading(r) => &r.device,
-            LogEvent::Heartbeat { .. } => &self.gateway,
+            LogEvent::Heartbeat { .. } | LogEvent::Progress { .. } => &self.gateway,
         }
     }
 
@@ -49,7 +57,7 @@ impl LogRecord {
     pub fn ts_ms(&self) -> i64 {
         match &self.event {
             LogEvent::Reading(r) => r.ts_ms,
-            LogEvent::Heartbeat { ts_ms } => *ts_ms,
+            LogEvent::Heartbeat { ts_ms } | LogEvent::Progress { ts_ms } => *ts_ms,
         }
     }
 
@@ -57,7 +65,7 @@ impl LogRecord {
     pub fn reading(&self) -> Option<&Reading> {
         match &self.event {
             LogEvent::Reading(r) => Some(r),
-            LogEvent::Heartbeat { .. } => None,
+            LogEvent::Heartbeat { .. } | LogEvent::Progress { .. } => None,
         }
     }
 
@@ -65,7 +73,7 @@ impl LogRecord {
     pub fn into_reading(self) -> Option<Reading> {
         match self.event {
             LogEvent::Reading(r) => Some(r),
-            LogEvent::Heartbeat { .. } => None,
+            LogEvent::Heartbeat { .. } | LogEvent::Progress { .. } => None,
         }
     }
 }

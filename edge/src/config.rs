@@ -185,6 +185,15 @@ pub struct ForwardConfig {
     /// Longest retry delay.
     #[serde(default = "default_retry_max", with = "humantime_serde")]
     pub retry_max: Duration,
+    /// With nothing to forward, tell the cloud this often that the gateway is
+    /// online and caught up (so silence alerts can tell a quiet device from an
+    /// offline gateway); zero turns heartbeats off.
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_batch_readings() -> usize {

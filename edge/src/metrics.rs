@@ -26,6 +26,7 @@ pub struct EdgeMetrics {
     pub forward_attempts: Counter,
     pub forward_failures: Family<Label, Counter>,
     pub batches_forwarded: Counter,
+    pub heartbeats: Counter,
     pub batches_dead_lettered: Counter,
     pub readings_forwarded: Counter,
     pub forward_bytes: Counter,
@@ -50,6 +51,7 @@ impl EdgeMetrics {
             forward_attempts: Counter::default(),
             forward_failures: Family::default(),
             batches_forwarded: Counter::default(),
+            heartbeats: Counter::default(),
             batches_dead_lettered: Counter::default(),
             readings_forwarded: Counter::default(),
             forward_bytes: Counter::default(),
@@ -80,6 +82,7 @@ impl EdgeMetrics {
             m.log_write_errors.clone(),
         );
         r.register("forward_attempts", "Batch POSTs attempted", m.forward_attempts.clone());
+        r.register("heartbeats", "Heartbeats the cloud accepted (sent when caught up)", m.heartbeats.clone());
         r.register("forward_failures", "Batch POSTs that failed, by reason", m.forward_failures.clone());
         r.register(
             "forward_batches",

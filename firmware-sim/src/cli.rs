@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+use crate::anomaly::{Kind, Scenario};
 use crate::fleet::{self, FleetConfig, FleetStats};
 
 /// Simulate a fleet of IoT devices publishing telemetry over MQTT (QoS 1).
@@ -70,6 +71,20 @@ pub struct Args {
     /// After sampling stops, wait this long for outstanding acknowledgements.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Inject one labelled anomaly per device in every this many readings
+    /// (0: none); see the anomaly kinds below. Needs --readings.
+    #[arg(long, default_value_t = 0)]
+    pub anomaly_every: u64,
+    /// Readings before the first anomaly (detectors warm up).
+    #[arg(long, default_value_t = 60)]
+    pub anomaly_warmup: u64,
+    /// Which anomalies: spike, step, drift, stuck, dropout, offline (comma-separated).
+    #[arg(long, default_value = "spike,step,drift,stuck,dropout,offline")]
+    pub anomaly_kinds: String,
+    /// Every device holds its readings as if its gateway were down, from
+    /// reading AT for FOR readings, then sends the backlog: `AT+FOR`, e.g. `600+60`.
+    #[arg(long)]
+    pub gateway_offline: Option<String>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: String,
@@ -88,6 +103,36 @@ impl Args {
             }
         }
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default();
+        let mut kinds = Vec::new();
+        for k in self.anomaly_kinds.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+            kinds.push(Kind::parse(k).with_context(|| {
+                format!("--anomaly-kinds: {k:?} is not one of spike, step, drift, stuck, dropout, offline")
+            })?);
+        }
+        if self.anomaly_every > 0 {
+            let longest = kinds.iter().map(|k| k.readings()).max().unwrap_or(0);
+            if self.anomaly_every < 2 * longest {
+                bail!(
+                    "--anomaly-every {} is too short: it must be at least {} for these kinds",
+                    self.anomaly_every,
+                    2 * longest
+                );
+            }
+            if self.readings.is_none() {
+                bail!("--anomaly-every needs --readings (the plan covers the run)");
+            }
+        }
+        let gateway_offline = match &self.gateway_offline {
+            None => None,
+            Some(s) => {
+                let parsed =
+                    s.split_once('+').and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
+                Some(
+                    parsed
+                        .with_context(|| format!("--gateway-offline {s:?} must be AT+FOR in readings, e.g. 600+60"))?,
+                )
+            }
+        };
         Ok(FleetConfig {
             broker_host: host.to_string(),
             broker_port: port,
@@ -104,6 +149,7 @@ impl Args {
             json_share: self.json_share,
             v1_share: self.v1_share,
             drain_timeout: self.drain_timeout,
+            scenario: Scenario { every: self.anomaly_every, warmup: self.anomaly_warmup, kinds, gateway_offline },
         })
     }
 }

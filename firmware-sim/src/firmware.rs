@@ -11,6 +11,7 @@ use heapless::{Deque, String as HString, Vec as HVec};
 use serde::Serialize;
 use serde_cbor::ser::SliceWrite;
 
+use crate::anomaly::Fault;
 use crate::signal::{Measurement, Sensors};
 
 /// Samples a device holds while it waits for acknowledgements.
@@ -83,6 +84,8 @@ pub struct Firmware {
     outbox: Deque<Sample, OUTBOX_CAPACITY>,
     /// The front sample has been handed to the network and awaits its PUBACK.
     in_flight: bool,
+    /// The temperature last reported (a stuck sensor repeats it).
+    last_temp: f32,
     dropped: u64,
     buf: HVec<u8, PAYLOAD_CAPACITY>,
 }
@@ -140,6 +143,7 @@ impl Firmware {
             sensors: Sensors::new(seed),
             outbox: Deque::new(),
             in_flight: false,
+            last_temp: f32::NAN,
             dropped: 0,
             buf: HVec::new(),
         })
@@ -168,9 +172,24 @@ impl Firmware {
     /// When the outbox is full the oldest sample not in flight is dropped
     /// and counted; the in-flight one may already be at the broker.
     pub fn sample(&mut self, ts_ms: i64) {
+        self.sample_with(ts_ms, Fault::None);
+    }
+
+    /// Takes a measurement with an injected fault (see [`crate::anomaly`]).
+    /// Returns the sample queued, if any.
+    pub fn sample_with(&mut self, ts_ms: i64, fault: Fault) -> Option<Sample> {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let sample = Sample { seq, ts_ms, kind: EventKind::for_seq(seq), m: self.sensors.measure(ts_ms) };
+        let mut m = self.sensors.measure(ts_ms);
+        match fault {
+            Fault::None | Fault::Off => {}
+            Fault::Offset(x) => m.temperature = ((m.temperature + x) * 100.0).round() / 100.0,
+            Fault::Hold if !self.last_temp.is_nan() => m.temperature = self.last_temp,
+            Fault::Hold => {}
+            Fault::Lose => return None,
+        }
+        self.last_temp = m.temperature;
+        let sample = Sample { seq, ts_ms, kind: EventKind::for_seq(seq), m };
         if self.outbox.is_full() {
             let keep = if self.in_flight { self.outbox.pop_front() } else { None };
             self.outbox.pop_front();
@@ -182,6 +201,7 @@ impl Firmware {
         }
         // Cannot fail: a slot was freed above if the outbox was full.
         let _ = self.outbox.push_back(sample);
+        Some(sample)
     }
 
     /// The oldest unacknowledged sample.

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use crate::anomaly::{AnomalyTruth, DevicePlan, Fault, Kind, Scenario};
 use crate::firmware::{Encoding, Firmware, Schema};
 use crate::signal::device_seed;
 use crate::truth::{DeviceTruth, GroundTruth};
@@ -49,6 +50,8 @@ pub struct FleetConfig {
     pub v1_share: f64,
     /// How long to wait for outstanding acknowledgements after sampling stops.
     pub drain_timeout: Duration,
+    /// Anomalies to inject.
+    pub scenario: Scenario,
 }
 
 impl FleetConfig {
@@ -71,6 +74,8 @@ pub struct FleetStats {
 struct DeviceOutcome {
     id: String,
     truth: DeviceTruth,
+    /// Anomalies injected (started before the device stopped).
+    anomalies: Vec<AnomalyTruth>,
     sampled: u64,
     dropped: u64,
     undelivered: u64,
@@ -103,6 +108,7 @@ pub async fn run(cfg: FleetConfig, stop: CancellationToken, stats: Arc<FleetStat
                     truth.dropped_on_device += outcome.dropped;
                     truth.undelivered += outcome.undelivered;
                     truth.absorb(&outcome.id, outcome.truth);
+                    truth.anomalies.extend(outcome.anomalies);
                 }
                 Some(Err(e)) => tracing::error!(error = %e, "A device task failed."),
                 None => break,
@@ -116,6 +122,15 @@ pub async fn run(cfg: FleetConfig, stop: CancellationToken, stats: Arc<FleetStat
                 drain_deadline = Some(Instant::now() + Duration::from_secs(3600));
             }
         }
+    }
+    if let Some((at, len)) = cfg.scenario.gateway_offline {
+        let interval = cfg.event_interval.as_millis() as i64;
+        truth.anomalies.push(AnomalyTruth {
+            device: "*".into(),
+            kind: Kind::GatewayOffline,
+            start_ms: cfg.start_ms + at as i64 * interval,
+            end_ms: cfg.start_ms + (at + len) as i64 * interval,
+        });
     }
     truth.finish();
     truth
@@ -141,8 +156,15 @@ async fn run_device(
     let schema = if pick(seed, 1, cfg.v1_share) { Schema::V1 } else { Schema::V2 };
     let encoding = if pick(seed, 2, cfg.json_share) { Encoding::Json } else { Encoding::Cbor };
     let user = format!("u-{:05}", index / 4);
-    let mut outcome =
-        DeviceOutcome { id: id.clone(), truth: DeviceTruth::default(), sampled: 0, dropped: 0, undelivered: 0 };
+    let mut outcome = DeviceOutcome {
+        id: id.clone(),
+        truth: DeviceTruth::default(),
+        anomalies: Vec::new(),
+        sampled: 0,
+        dropped: 0,
+        undelivered: 0,
+    };
+    let plan = DevicePlan::new(cfg.scenario.plan(cfg.seed, index, cfg.readings.unwrap_or(u64::MAX).min(10_000_000)));
     let mut fw = match Firmware::new(&id, &user, cfg.boot, seed, schema, encoding) {
         Ok(fw) => fw,
         Err(e) => {
@@ -200,11 +222,13 @@ async fn run_device(
     let limit = cfg.readings.unwrap_or(u64::MAX);
 
     let mut sampling = !stop.is_cancelled();
+    // Reading intervals so far (event time advances even while the device is off).
+    let mut ticks: u64 = 0;
     let mut connected = false;
     // The in-flight sample's sequence number and, once the client sent it, its packet id.
     let mut inflight: Option<(u64, Option<u16>)> = None;
     loop {
-        if connected && inflight.is_none() {
+        if connected && inflight.is_none() && !cfg.scenario.gateway_down(ticks) {
             match fw.next_to_send() {
                 Ok(Some((seq, bytes))) => {
                     if client.try_publish(topic.as_str(), QoS::AtLeastOnce, false, bytes.to_vec()).is_ok() {
@@ -225,10 +249,14 @@ async fn run_device(
             _ = abort.cancelled() => break,
             _ = stop.cancelled(), if sampling => sampling = false,
             _ = ticker.tick(), if sampling => {
-                fw.sample(cfg.start_ms + outcome.sampled as i64 * interval_ms);
-                outcome.sampled += 1;
-                stats.sampled.fetch_add(1, Ordering::Relaxed);
-                if outcome.sampled >= limit {
+                let fault = plan.fault(ticks);
+                if fault != Fault::Off {
+                    fw.sample_with(cfg.start_ms + ticks as i64 * interval_ms, fault);
+                    outcome.sampled += 1;
+                    stats.sampled.fetch_add(1, Ordering::Relaxed);
+                }
+                ticks += 1;
+                if ticks >= limit {
                     sampling = false;
                 }
             }
@@ -261,6 +289,12 @@ async fn run_device(
             },
         }
     }
+    outcome.anomalies = plan
+        .planned()
+        .iter()
+        .filter(|p| p.start < ticks)
+        .map(|p| AnomalyTruth::of(&id, p, cfg.start_ms, interval_ms))
+        .collect();
     outcome.dropped = fw.dropped();
     outcome.undelivered = fw.pending() as u64;
     let _ = client.try_disconnect();

@@ -7,8 +7,12 @@
 //! * [`fleet`]: runs N firmware models, each with its own MQTT connection
 //!   (rumqttc, QoS 1), publishing to `devices/{id}/telemetry`.
 //! * [`truth`]: the ground truth: every reading a broker acknowledged, summed
-//!   per device and minute of event time, so tests compare views against it.
+//!   per device and minute of event time, so tests compare views against it,
+//!   and every anomaly injected.
+//! * [`anomaly`]: labelled anomalies (spike, step, drift, stuck sensor,
+//!   dropout, device offline, gateway offline) planned from the seed.
 
+pub mod anomaly;
 pub mod cli;
 pub mod firmware;
 pub mod fleet;

@@ -13,6 +13,7 @@ use std::path::Path;
 use kappa_common::window::tumbling_start;
 use serde::{Deserialize, Serialize};
 
+use crate::anomaly::AnomalyTruth;
 use crate::firmware::{Encoding, Sample};
 
 /// Width of a ground-truth window: one minute of event time.
@@ -120,6 +121,9 @@ pub struct GroundTruth {
     pub undelivered: u64,
     /// Per device and minute, sorted by device then window.
     pub rows: Vec<WindowTruth>,
+    /// Every anomaly injected, sorted by device then start.
+    #[serde(default)]
+    pub anomalies: Vec<AnomalyTruth>,
 }
 
 impl GroundTruth {
@@ -133,6 +137,7 @@ impl GroundTruth {
             dropped_on_device: 0,
             undelivered: 0,
             rows: Vec::new(),
+            anomalies: Vec::new(),
         }
     }
 
@@ -145,6 +150,7 @@ impl GroundTruth {
     /// Sorts rows by device and window (devices may finish in any order).
     pub fn finish(&mut self) {
         self.rows.sort_by(|a, b| (&a.device, a.window_start_ms).cmp(&(&b.device, b.window_start_ms)));
+        self.anomalies.sort_by(|a, b| (&a.device, a.start_ms).cmp(&(&b.device, b.start_ms)));
     }
 
     /// Writes the file atomically (temporary file, then rename).

@@ -231,12 +231,19 @@ pub struct Edge {
     pub config: PathBuf,
     pub proc: Proc,
     dir: PathBuf,
+    name: String,
 }
 
 impl Edge {
     pub async fn start(dir: &Path, mqtt: Mqtt, cloud_url: &str) -> Edge {
+        Self::start_named(dir, "edge", "gw-test", mqtt, cloud_url, "").await
+    }
+
+    /// An agent named `name` (its config, data and log carry the name) for
+    /// gateway `gateway`, with `extra` TOML appended to `[forward]`.
+    pub async fn start_named(dir: &Path, name: &str, gateway: &str, mqtt: Mqtt, cloud_url: &str, extra: &str) -> Edge {
         let http_port = free_port();
-        let config = dir.join("edge.toml");
+        let config = dir.join(format!("{name}.toml"));
         let (mqtt_port, mqtt_section) = match &mqtt {
             Mqtt::Embedded(port) => (*port, format!("mode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n")),
             Mqtt::External { port, topic_prefix, client_id } => (
@@ -249,19 +256,19 @@ impl Edge {
         std::fs::write(
             &config,
             format!(
-                "gateway_id = \"gw-test\"\ndata_dir = {:?}\n[mqtt]\n{mqtt_section}[forward]\ncloud_url = {cloud_url:?}\nmax_batch_readings = 2000\nmax_batch_age = \"200ms\"\nretry_min = \"100ms\"\nretry_max = \"1s\"\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
-                dir.join("edge-data")
+                "gateway_id = {gateway:?}\ndata_dir = {:?}\n[mqtt]\n{mqtt_section}[forward]\ncloud_url = {cloud_url:?}\nmax_batch_readings = 2000\nmax_batch_age = \"200ms\"\nretry_min = \"100ms\"\nretry_max = \"1s\"\n{extra}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+                dir.join(if name == "edge" { "edge-data".to_string() } else { format!("{name}-data") })
             ),
         )
         .expect("write edge config");
-        let proc = Self::spawn(&config, dir);
-        let edge = Edge { mqtt_port, http_port, config, proc, dir: dir.to_path_buf() };
+        let proc = Self::spawn(name, &config, dir);
+        let edge = Edge { mqtt_port, http_port, config, proc, dir: dir.to_path_buf(), name: name.to_string() };
         edge.wait_ready(matches!(mqtt, Mqtt::Embedded(_))).await;
         edge
     }
 
-    fn spawn(config: &Path, dir: &Path) -> Proc {
-        Proc::spawn("edge", "edge", &["run", "--config", config.to_str().unwrap_or_default()], dir)
+    fn spawn(name: &str, config: &Path, dir: &Path) -> Proc {
+        Proc::spawn(name, "edge", &["run", "--config", config.to_str().unwrap_or_default()], dir)
     }
 
     async fn wait_ready(&self, embedded: bool) {
@@ -273,7 +280,7 @@ impl Edge {
 
     /// Starts the agent again with the same configuration and data.
     pub async fn restart(&mut self, embedded: bool) {
-        self.proc = Self::spawn(&self.config, &self.dir);
+        self.proc = Self::spawn(&self.name, &self.config, &self.dir);
         self.wait_ready(embedded).await;
     }
 
@@ -321,6 +328,14 @@ pub struct Fleet {
     pub v1_share: f64,
     /// Share of devices sending JSON.
     pub json_share: f64,
+    /// The process name; the ground truth goes to `{name}-truth.json`.
+    pub name: String,
+    /// More simulator arguments (anomaly scenarios).
+    pub extra: Vec<String>,
+    /// Event time of the first reading.
+    pub start_ms: i64,
+    /// Event time between two readings of a device.
+    pub event_interval: String,
 }
 
 impl Fleet {
@@ -334,12 +349,16 @@ impl Fleet {
             id_prefix: "sim-".into(),
             v1_share: 0.0,
             json_share: 0.0,
+            name: "sim".into(),
+            extra: Vec::new(),
+            start_ms: T0,
+            event_interval: "1s".into(),
         }
     }
 
     /// Starts the simulator against a broker on `port`; [`Fleet::finish`] waits for its truth.
     pub fn start(&self, port: u16, dir: &Path) -> Proc {
-        let truth = dir.join("truth.json");
+        let truth = dir.join(format!("{}-truth.json", self.name));
         let args = [
             "--broker".to_string(),
             format!("127.0.0.1:{port}"),
@@ -352,9 +371,9 @@ impl Fleet {
             "--seed".into(),
             self.seed.to_string(),
             "--event-interval".into(),
-            "1s".into(),
+            self.event_interval.clone(),
             "--start-ms".into(),
-            "1767225600000".into(),
+            self.start_ms.to_string(),
             "--topic-prefix".into(),
             self.topic_prefix.clone(),
             "--id-prefix".into(),
@@ -368,15 +387,15 @@ impl Fleet {
             "--truth".into(),
             truth.to_str().unwrap_or_default().to_string(),
         ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::spawn("sim", "sim", &args, dir)
+        let args: Vec<&str> = args.iter().chain(&self.extra).map(String::as_str).collect();
+        Proc::spawn(&self.name, "sim", &args, dir)
     }
 
     /// Waits for the simulator to finish and reads its ground truth.
     pub async fn finish(sim: &mut Proc, dir: &Path) -> GroundTruth {
         let status = sim.wait(Duration::from_secs(240)).await;
         assert!(status.success(), "the simulator failed: {status}\n{}", sim.tail());
-        let truth = GroundTruth::read(&dir.join("truth.json")).expect("ground truth");
+        let truth = GroundTruth::read(&dir.join(format!("{}-truth.json", sim.name))).expect("ground truth");
         assert_eq!(truth.undelivered, 0, "the simulator ended with unacknowledged readings");
         truth
     }

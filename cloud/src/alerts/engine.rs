@@ -15,7 +15,10 @@
 //!   `after`. It fires when the *gateway clock* of the device's gateway in
 //!   the device's partition passes the deadline. That clock is the newest
 //!   heartbeat, or the newest reading from that gateway minus
-//!   `gateway_lateness`. A gateway that is offline sends nothing, so its
+//!   `gateway_lateness`. Ingest writes a gateway's progress into the
+//!   partitions its batches do not touch (at most once per
+//!   `ingest.progress_interval`), so every partition hears from every active
+//!   gateway. A gateway that is offline sends nothing, so its
 //!   clock stops and its devices are not declared silent; when it returns
 //!   with its backlog (oldest first) the clock and the devices' readings
 //!   advance together.
@@ -372,6 +375,12 @@ impl AlertOperator {
     pub fn heartbeat(&mut self, partition: Partition, gateway: &str, ts_ms: i64) {
         let g = self.intern_gateway(gateway);
         self.advance_clock((g, partition), ts_ms);
+    }
+
+    /// A gateway's progress marker in `partition`: like a reading's time.
+    pub fn progress(&mut self, partition: Partition, gateway: &str, ts_ms: i64) {
+        let g = self.intern_gateway(gateway);
+        self.advance_clock((g, partition), ts_ms.saturating_sub(self.settings.gateway_lateness_ms));
     }
 
     /// The processor's global watermark (used only by the test-only clock).

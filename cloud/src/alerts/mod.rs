@@ -13,7 +13,7 @@ pub mod engine;
 pub mod spec;
 
 use crate::metrics::CloudMetrics;
-use crate::processor::Operator;
+use crate::processor::{GatewayClock, Operator};
 use crate::store::{Checkpoint, StoreError, ViewStore};
 use crate::views::operator::{Event, LateEvent};
 
@@ -33,8 +33,11 @@ impl Operator for engine::AlertOperator {
         engine::AlertOperator::process(self, ev.partition, ev.gateway, ev.reading);
     }
 
-    fn on_heartbeat(&mut self, partition: crate::eventlog::Partition, gateway: &str, ts_ms: i64) {
-        self.heartbeat(partition, gateway, ts_ms);
+    fn on_gateway_clock(&mut self, partition: crate::eventlog::Partition, gateway: &str, clock: GatewayClock) {
+        match clock {
+            GatewayClock::Heartbeat(ts) => self.heartbeat(partition, gateway, ts),
+            GatewayClock::NewestReading(ts) => self.progress(partition, gateway, ts),
+        }
     }
 
     fn on_watermark(&mut self, watermark: i64) {

@@ -45,8 +45,8 @@ pub trait Operator: Send + std::fmt::Debug {
     }
     /// One reading (already deduplicated).
     fn process(&mut self, ev: &Event<'_>, late: &mut Vec<LateEvent>);
-    /// A gateway's heartbeat, as it appears in `partition`.
-    fn on_heartbeat(&mut self, _partition: Partition, _gateway: &str, _ts_ms: i64) {}
+    /// A gateway's heartbeat or progress marker, as it appears in `partition`.
+    fn on_gateway_clock(&mut self, _partition: Partition, _gateway: &str, _clock: GatewayClock) {}
     /// The global watermark moved to `watermark`.
     fn on_watermark(&mut self, _watermark: i64) {}
     /// Adds what changed since the last checkpoint.
@@ -103,6 +103,15 @@ impl Operator for ViewOperator {
     fn has_pending_output(&self) -> bool {
         ViewOperator::has_pending_output(self)
     }
+}
+
+/// What a record says about a gateway's progress (see [`LogEvent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayClock {
+    /// Everything up to here was forwarded.
+    Heartbeat(i64),
+    /// The newest reading forwarded so far had this event time.
+    NewestReading(i64),
 }
 
 /// Processor settings.
@@ -290,7 +299,13 @@ impl<S: LogSource> Processor<S> {
                     LogEvent::Reading(reading) => (r.gateway, reading),
                     LogEvent::Heartbeat { ts_ms } => {
                         for op in &mut self.ops {
-                            op.on_heartbeat(rec.partition, &r.gateway, ts_ms);
+                            op.on_gateway_clock(rec.partition, &r.gateway, GatewayClock::Heartbeat(ts_ms));
+                        }
+                        continue;
+                    }
+                    LogEvent::Progress { ts_ms } => {
+                        for op in &mut self.ops {
+                            op.on_gateway_clock(rec.partition, &r.gateway, GatewayClock::NewestReading(ts_ms));
                         }
                         continue;
                     }

@@ -23,6 +23,7 @@ pub enum PostOutcome {
 pub struct CloudClient {
     http: reqwest::Client,
     url: String,
+    heartbeat_url: String,
     gateway: String,
 }
 
@@ -30,7 +31,28 @@ impl CloudClient {
     pub fn new(base_url: &str, gateway: &str, timeout: Duration) -> Result<Self, reqwest::Error> {
         let http =
             reqwest::Client::builder().timeout(timeout).connect_timeout(timeout.min(Duration::from_secs(5))).build()?;
-        Ok(Self { http, url: format!("{}/v1/ingest", base_url.trim_end_matches('/')), gateway: gateway.to_string() })
+        let base = base_url.trim_end_matches('/');
+        Ok(Self {
+            http,
+            url: format!("{base}/v1/ingest"),
+            heartbeat_url: format!("{base}/v1/heartbeat"),
+            gateway: gateway.to_string(),
+        })
+    }
+
+    /// Tells the cloud the gateway has forwarded everything up to `ts_ms`.
+    pub async fn heartbeat(&self, ts_ms: i64) -> Result<(), String> {
+        let body = serde_json::json!({ "gateway": self.gateway, "ts_ms": ts_ms }).to_string();
+        let response = self
+            .http
+            .post(&self.heartbeat_url)
+            .header("content-type", "application/json")
+            .header("x-kappa-gateway", &self.gateway)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| error_chain(&e))?;
+        if response.status().is_success() { Ok(()) } else { Err(format!("HTTP {}", response.status().as_u16())) }
     }
 
     /// Sends one encoded batch.

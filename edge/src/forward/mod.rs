@@ -7,6 +7,12 @@
 //! moves only when the cloud answers 2xx, which it does only after the batch
 //! is durably in its log. Failures back off with jitter and retry forever; an
 //! outage only grows the backlog.
+//!
+//! With nothing left to forward, the forwarder sends a heartbeat every
+//! `heartbeat_interval`: "every reading received up to (now - 1 s) is in
+//! the cloud". The second of margin covers readings still on their way from
+//! the broker into the log. The cloud's silence alerts use it to tell a quiet
+//! device from an offline gateway.
 
 pub mod backoff;
 pub mod client;
@@ -65,11 +71,30 @@ async fn forward_loop(
     metrics: &EdgeMetrics,
     cancel: &CancellationToken,
 ) -> Result<(), LogError> {
+    let mut last_contact = std::time::Instant::now();
     loop {
         if cancel.is_cancelled() {
             return Ok(());
         }
-        let Some(entry) = next_batch(log, cfg, committed, cancel).await? else { continue };
+        let entry = match next_batch(log, cfg, committed, cancel).await? {
+            Next::Batch(entry) => entry,
+            Next::Wait => continue,
+            Next::CaughtUp => {
+                if !cfg.heartbeat_interval.is_zero() && last_contact.elapsed() >= cfg.heartbeat_interval {
+                    match client.heartbeat(now_ms() - HEARTBEAT_MARGIN_MS).await {
+                        Ok(()) => {
+                            metrics.heartbeats.inc();
+                        }
+                        Err(e) => {
+                            metrics.forward_failures.get_or_create(&[("reason", "heartbeat")]).inc();
+                            tracing::debug!(error = %e, "Heartbeat failed.");
+                        }
+                    }
+                    last_contact = std::time::Instant::now();
+                }
+                continue;
+            }
+        };
         let readings = log.call(move |l| l.load_batch(&entry)).await?;
         let count = readings.len();
         let body = Bytes::from(batch::encode(&EdgeBatch::new(gateway, entry.batch_id, readings), cfg.zstd_level));
@@ -82,6 +107,7 @@ async fn forward_loop(
             };
             match outcome {
                 PostOutcome::Accepted => {
+                    last_contact = std::time::Instant::now();
                     log.call(move |l| l.complete_batch(entry.batch_id)).await?;
                     metrics.batches_forwarded.inc();
                     metrics.readings_forwarded.inc_by(count as u64);
@@ -117,21 +143,32 @@ async fn forward_loop(
     }
 }
 
+/// How far behind the gateway's clock a heartbeat claims completeness.
+const HEARTBEAT_MARGIN_MS: i64 = 1000;
+
+/// What the forwarder does next.
+enum Next {
+    Batch(OutboxEntry),
+    /// Readings are waiting for their batch to fill or age.
+    Wait,
+    /// Nothing left to forward (woken by a commit, a timer or cancellation).
+    CaughtUp,
+}
+
 /// The batch to send next, waiting for readings if there are too few.
-/// Returns `None` when woken without a batch (the caller loops).
 async fn next_batch(
     log: &SharedLog,
     cfg: &ForwardConfig,
     committed: &Notify,
     cancel: &CancellationToken,
-) -> Result<Option<OutboxEntry>, LogError> {
+) -> Result<Next, LogError> {
     if let Some(pending) = log.call(|l| l.outbox()).await?.into_iter().next() {
-        return Ok(Some(pending));
+        return Ok(Next::Batch(pending));
     }
     let max = cfg.max_batch_readings;
     let (waiting, oldest) = log.call(move |l| l.unassigned(max)).await?;
     let wait = match oldest {
-        None => Duration::from_secs(1),
+        None => cfg.heartbeat_interval.clamp(Duration::from_millis(100), Duration::from_secs(1)),
         Some(_) if waiting >= max => Duration::ZERO,
         Some(oldest) => {
             let age = Duration::from_millis(now_ms().saturating_sub(oldest).max(0) as u64);
@@ -139,12 +176,12 @@ async fn next_batch(
         }
     };
     if oldest.is_some() && wait.is_zero() {
-        return log.call(move |l| l.assign_batch(max, now_ms())).await;
+        return Ok(log.call(move |l| l.assign_batch(max, now_ms())).await?.map_or(Next::Wait, Next::Batch));
     }
     tokio::select! {
         _ = committed.notified() => {}
         _ = tokio::time::sleep(wait) => {}
         _ = cancel.cancelled() => {}
     }
-    Ok(None)
+    Ok(if oldest.is_none() { Next::CaughtUp } else { Next::Wait })
 }

@@ -1,0 +1,536 @@
+//! Alerts end to end: simulated fleets with labelled anomalies through edge
+//! and cloud, scored against the ground truth; replay; webhook delivery
+//! through failures and a crash; gateways going offline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kappa_cloud::store::ViewStore;
+use kappa_common::Reading;
+use kappa_common::batch::EdgeBatch;
+use kappa_sim::anomaly::{AnomalyTruth, Kind};
+use serde_json::Value;
+
+use crate::util::*;
+
+/// The reference rule set (also in deploy/cloud/single-node.toml), tuned
+/// for readings one second apart.
+pub const RULES: &str = r#"
+[alerts]
+gateway_lateness = "10s"
+
+[[rules]]
+name = "overheat"
+kind = "threshold"
+when = "temperature > 50"
+for = "5s"
+resolve_when = "temperature < 45"
+severity = "critical"
+
+[[rules]]
+name = "temperature_outlier"
+kind = "zscore"
+metric = "temperature"
+k = 6
+warmup = 30
+alpha = 0.1
+
+[[rules]]
+name = "temperature_jump"
+kind = "rate_of_change"
+metric = "temperature"
+max_per_second = 3
+
+[[rules]]
+name = "stuck_sensor"
+kind = "flatline"
+metric = "temperature"
+readings = 15
+
+[[rules]]
+name = "device_silent"
+kind = "silence"
+after = "20s"
+
+[[rules]]
+name = "readings_lost"
+kind = "gap"
+"#;
+
+/// Which anomaly each rule is there to catch.
+const TARGETS: [(&str, Kind); 6] = [
+    ("overheat", Kind::Drift),
+    ("temperature_outlier", Kind::Spike),
+    ("temperature_jump", Kind::Step),
+    ("stuck_sensor", Kind::Stuck),
+    ("device_silent", Kind::Offline),
+    ("readings_lost", Kind::Dropout),
+];
+
+/// An alert counts as pointing at an anomaly if it starts within the
+/// anomaly's span or this long after it (a detector may need the first
+/// normal reading to see the end of a step, a gap, a stuck run).
+const TOLERANCE_MS: i64 = 30_000;
+
+/// Every alert, through the paginated API.
+pub async fn fetch_alerts(cloud_url: &str, query: &[(&str, &str)]) -> Vec<Value> {
+    let client = reqwest::Client::new();
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut req = client.get(format!("{cloud_url}/v1/alerts")).query(&[("limit", "1000")]).query(query);
+        if let Some(a) = &after {
+            req = req.query(&[("after", a)]);
+        }
+        let page: Value = req.send().await.expect("alerts API").json().await.expect("alerts page");
+        out.extend(page["alerts"].as_array().cloned().unwrap_or_default());
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => return out,
+        }
+    }
+}
+
+/// Waits until the alert pipeline has checkpointed every record in the log.
+pub async fn wait_alerts_caught_up(cloud: &Cloud, timeout: Duration) {
+    let data = cloud.data_dir();
+    wait_for("the alert pipeline to catch up with the log", timeout, || {
+        let data = data.clone();
+        async move {
+            let end: u64 = kappa_cloud::eventlog::sqlite::SqliteLog::end_offsets_at(&data.join("eventlog.sqlite"))
+                .ok()?
+                .iter()
+                .map(|(_, o)| o)
+                .sum();
+            let store = ViewStore::open_read_only(&data.join("views.sqlite")).ok()?;
+            let done: u64 = store.restore("alerts").ok()?.partitions.values().map(|(o, _)| o).sum();
+            (end > 0 && done == end).then_some(())
+        }
+    })
+    .await;
+}
+
+fn matches(alert: &Value, a: &AnomalyTruth) -> bool {
+    let started = alert["started_ms"].as_i64().unwrap_or(i64::MIN);
+    alert["device"].as_str() == Some(a.device.as_str()) && a.start_ms <= started && started <= a.end_ms + TOLERANCE_MS
+}
+
+/// Per rule: (alerts, alerts pointing at a real anomaly, targets, targets caught).
+fn score(
+    alerts: &[Value],
+    anomalies: &[AnomalyTruth],
+    end_ms: i64,
+) -> BTreeMap<&'static str, (usize, usize, usize, usize)> {
+    let mut out = BTreeMap::new();
+    for (rule, kind) in TARGETS {
+        // Alerts that start after the run (every device goes quiet when the
+        // simulator stops) are outside the scenario.
+        let mine: Vec<&Value> =
+            alerts.iter().filter(|a| a["rule"] == rule && a["started_ms"].as_i64().unwrap_or(0) < end_ms).collect();
+        let true_pos = mine.iter().filter(|a| anomalies.iter().any(|x| x.device != "*" && matches(a, x))).count();
+        let targets: Vec<&AnomalyTruth> = anomalies.iter().filter(|a| a.kind == kind).collect();
+        let caught = targets.iter().filter(|t| mine.iter().any(|a| matches(a, t))).count();
+        out.insert(rule, (mine.len(), true_pos, targets.len(), caught));
+    }
+    out
+}
+
+/// Two gateways, 30 devices each, every anomaly kind injected; gateway A
+/// goes offline for a minute of event time and comes back with its backlog.
+/// Each rule kind must reach precision >= 0.90 and recall >= 0.95; gateway
+/// A's outage must raise nothing; rebuilding the store from the log must
+/// give the same alerts, ids and lifecycles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rule_kind_meets_its_precision_and_recall_goal_and_replays_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    // The fleet runs at 50x real time: progress markers every 100 ms of wall
+    // time are 5 s of event time, the resolution silence is judged at.
+    let config = format!("[ingest]\nprogress_interval = \"100ms\"\n{RULES}");
+    let mut cloud = Cloud::start_with(dir.path(), "cloud", &config, &[]).await;
+    // Heartbeats carry the gateway's wall clock; this scenario's event time
+    // is a fixed day in the past at 50x speed, so they are switched off here
+    // (the heartbeat test below runs in real time).
+    let no_heartbeats = "heartbeat_interval = \"0s\"";
+    let (port_a, port_b) = (free_port(), free_port());
+    let edge_a =
+        Edge::start_named(dir.path(), "edge-a", "gw-a", Mqtt::Embedded(port_a), &cloud.url(), no_heartbeats).await;
+    let _edge_b =
+        Edge::start_named(dir.path(), "edge-b", "gw-b", Mqtt::Embedded(port_b), &cloud.url(), no_heartbeats).await;
+
+    let readings = 1500;
+    let fleet = |name: &str, seed: u64, extra: &[&str]| {
+        let mut f = Fleet::new(30, readings, 50.0);
+        f.name = name.into();
+        f.seed = seed;
+        f.id_prefix = format!("{name}-");
+        f.extra =
+            ["--anomaly-every", "300", "--anomaly-warmup", "60"].iter().chain(extra).map(|s| s.to_string()).collect();
+        f
+    };
+    let mut sim_a = fleet("a", 11, &["--gateway-offline", "700+60"]).start(port_a, dir.path());
+    let mut sim_b = fleet("b", 12, &[]).start(port_b, dir.path());
+    let truth_a = Fleet::finish(&mut sim_a, dir.path()).await;
+    let truth_b = Fleet::finish(&mut sim_b, dir.path()).await;
+    wait_alerts_caught_up(&cloud, Duration::from_secs(120)).await;
+
+    let anomalies: Vec<AnomalyTruth> = truth_a.anomalies.iter().chain(&truth_b.anomalies).cloned().collect();
+    for kind in Kind::DEVICE {
+        let n = anomalies.iter().filter(|a| a.kind == kind).count();
+        assert!(n >= 20, "the scenario should inject at least 20 of {kind:?}, got {n}");
+    }
+    let outage =
+        truth_a.anomalies.iter().find(|a| a.kind == Kind::GatewayOffline).expect("the outage is recorded").clone();
+    let alerts = fetch_alerts(&cloud.url(), &[]).await;
+    let end_ms = T0 + readings as i64 * 1000;
+    let scores = score(&alerts, &anomalies, end_ms);
+    let mut report = String::new();
+    let mut failed = false;
+    for (rule, (n, tp, targets, caught)) in &scores {
+        let precision = *tp as f64 / (*n).max(1) as f64;
+        let recall = *caught as f64 / (*targets).max(1) as f64;
+        report.push_str(&format!(
+            "  {rule:<20} alerts {n:>4}  precision {precision:.3}  recall {recall:.3} ({caught}/{targets})\n"
+        ));
+        failed |= precision < 0.90 || recall < 0.95;
+    }
+    eprintln!("alert scores against the ground truth:\n{report}");
+    if failed {
+        let unmatched: Vec<String> = alerts
+            .iter()
+            .filter(|a| a["started_ms"].as_i64().unwrap_or(0) < end_ms)
+            .filter(|a| !anomalies.iter().any(|x| x.device != "*" && matches(a, x)))
+            .take(20)
+            .map(|a| format!("{} {}", a["id"], a["message"]))
+            .collect();
+        panic!(
+            "a rule kind is below its goal (precision >= 0.90, recall >= 0.95):\n{report}false alerts (first 20):\n  {}\n{}\n{}",
+            unmatched.join("\n  "),
+            edge_a.proc.tail(),
+            cloud.proc.tail()
+        );
+    }
+
+    // Gateway A's outage: nothing for its devices, from its start until well
+    // after its backlog arrived, but their real anomalies.
+    let during: Vec<&Value> = alerts
+        .iter()
+        .filter(|a| a["gateway"] == "gw-a")
+        .filter(|a| {
+            let s = a["started_ms"].as_i64().unwrap_or(0);
+            outage.start_ms - 30_000 <= s && s <= outage.end_ms + 60_000
+        })
+        .filter(|a| !anomalies.iter().any(|x| x.device != "*" && matches(a, x)))
+        .collect();
+    let quiet = alerts.iter().filter(|a| a["gateway"] == "gw-a" && a["rule"] == "device_silent").count();
+    assert!(quiet > 0, "gateway A's own offline devices were still caught");
+    assert!(during.is_empty(), "the offline gateway's devices raised alerts: {during:#?}");
+
+    // Heartbeats being off, the cloud counted none.
+    assert_eq!(metric(&format!("{}/metrics", cloud.url()), "kappa_cloud_heartbeats_total").await, Some(0.0));
+
+    // Replay: rebuild the store from the log; same alerts, same lifecycles.
+    let store_path = cloud.data_dir().join("views.sqlite");
+    let before = ViewStore::open_read_only(&store_path).unwrap().dump_alerts().unwrap();
+    assert!(before.lines().count() > 100, "{before}");
+    cloud.proc.terminate().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", store_path.display()));
+    }
+    cloud.restart().await;
+    wait_alerts_caught_up(&cloud, Duration::from_secs(120)).await;
+    let after = ViewStore::open_read_only(&store_path).unwrap().dump_alerts().unwrap();
+    assert!(before == after, "replay changed the alerts:\n{}", first_difference(&before, &after));
+}
+
+fn first_difference(a: &str, b: &str) -> String {
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    for (i, (x, y)) in la.iter().zip(&lb).enumerate() {
+        if x != y {
+            return format!("line {i}:\n  before: {x}\n  after:  {y}");
+        }
+    }
+    format!("lengths differ: {} vs {} lines", la.len(), lb.len())
+}
+
+/// With the silence clock switched to the global watermark (what an engine
+/// without per-gateway clocks does), the same outage declares the offline
+/// gateway's devices silent: the check above would catch it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_a_global_silence_clock_storms_when_a_gateway_is_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    // Partitions that only gateway A's devices hash to stop holding the
+    // watermark back after the idle timeout, as they would in a long outage.
+    let config = format!("[ingest]\nprogress_interval = \"100ms\"\n[processor]\nidle_timeout = \"300ms\"\n{RULES}");
+    let cloud = Cloud::start_with(dir.path(), "cloud", &config, &[("KAPPA_TEST_GLOBAL_SILENCE_CLOCK", "1")]).await;
+    let no_heartbeats = "heartbeat_interval = \"0s\"";
+    let (port_a, port_b) = (free_port(), free_port());
+    let _edge_a =
+        Edge::start_named(dir.path(), "edge-a", "gw-a", Mqtt::Embedded(port_a), &cloud.url(), no_heartbeats).await;
+    let _edge_b =
+        Edge::start_named(dir.path(), "edge-b", "gw-b", Mqtt::Embedded(port_b), &cloud.url(), no_heartbeats).await;
+    let fleet = |name: &str, extra: &[&str]| {
+        let mut f = Fleet::new(10, 400, 50.0);
+        f.name = name.into();
+        f.id_prefix = format!("{name}-");
+        f.extra = extra.iter().map(|s| s.to_string()).collect();
+        f
+    };
+    let mut sim_a = fleet("a", &["--gateway-offline", "150+90"]).start(port_a, dir.path());
+    let mut sim_b = fleet("b", &[]).start(port_b, dir.path());
+    Fleet::finish(&mut sim_a, dir.path()).await;
+    Fleet::finish(&mut sim_b, dir.path()).await;
+    wait_alerts_caught_up(&cloud, Duration::from_secs(60)).await;
+    let silent = fetch_alerts(&cloud.url(), &[("rule", "device_silent")]).await;
+    let during: BTreeSet<&str> = silent
+        .iter()
+        .filter(|a| a["gateway"] == "gw-a" && a["started_ms"].as_i64().unwrap_or(0) < T0 + 240_000)
+        .filter_map(|a| a["device"].as_str())
+        .collect();
+    assert_eq!(during.len(), 10, "every device of the offline gateway should be declared silent: {silent:#?}");
+}
+
+/// Heartbeats from an idle edge keep its gateway's clock going, so devices
+/// that stop are declared silent although nothing else arrives; in real time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_edges_heartbeats_let_silence_fire() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules =
+        "[alerts]\ngateway_lateness = \"1s\"\n[[rules]]\nname = \"quiet\"\nkind = \"silence\"\nafter = \"3s\"\n";
+    let cloud = Cloud::start_with(dir.path(), "cloud", rules, &[]).await;
+    let port = free_port();
+    let edge = Edge::start_named(
+        dir.path(),
+        "edge",
+        "gw-hb",
+        Mqtt::Embedded(port),
+        &cloud.url(),
+        "heartbeat_interval = \"500ms\"",
+    )
+    .await;
+    let mut fleet = Fleet::new(5, 20, 5.0);
+    fleet.start_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    fleet.event_interval = "200ms".into();
+    let mut sim = fleet.start(port, dir.path());
+    Fleet::finish(&mut sim, dir.path()).await;
+    let alerts = wait_for("every stopped device declared silent", Duration::from_secs(30), || async {
+        let a = fetch_alerts(&cloud.url(), &[("rule", "quiet")]).await;
+        (a.len() == 5).then_some(a)
+    })
+    .await;
+    assert!(alerts.iter().all(|a| a["state"] == "firing" && a["gateway"] == "gw-hb"), "{alerts:#?}");
+    assert!(edge.metric("kappa_edge_heartbeats_total").await.unwrap_or(0.0) > 0.0);
+}
+
+/// What the test's webhook receiver saw.
+#[derive(Default)]
+struct Received {
+    /// Idempotency key -> bodies received with it.
+    by_key: BTreeMap<String, Vec<String>>,
+    requests: usize,
+}
+
+/// A real HTTP server that fails the first `fail` requests with 500, lets
+/// the next `hang` requests time out, then accepts.
+async fn receiver(fail: usize, hang: usize) -> (u16, Arc<Mutex<Received>>) {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    let seen = Arc::new(Mutex::new(Received::default()));
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                move |State(seen): State<Arc<Mutex<Received>>>, headers: HeaderMap, body: String| async move {
+                    let n = {
+                        let mut s = seen.lock().unwrap();
+                        s.requests += 1;
+                        s.requests
+                    };
+                    if n <= fail {
+                        return StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    if n <= fail + hang {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        return StatusCode::OK;
+                    }
+                    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                    seen.lock().unwrap().by_key.entry(key).or_default().push(body);
+                    StatusCode::OK
+                },
+            ),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, seen)
+}
+
+/// Readings for `devices` devices, one per second for `n` seconds, where
+/// devices overheat (> 50) from second 20 to 40.
+fn overheating(devices: u32, n: u64, gateway: &str) -> Vec<EdgeBatch> {
+    let mut readings = Vec::new();
+    for i in 0..n {
+        for d in 0..devices {
+            let t = if (20..40).contains(&i) { 60.0 } else { 20.0 };
+            readings.push(Reading {
+                device: format!("hot-{d:03}"),
+                boot: 1,
+                seq: i + 1,
+                ts_ms: T0 + i as i64 * 1000,
+                schema: 2,
+                metrics: [("temperature".to_string(), Some(t))].into(),
+                tags: BTreeMap::new(),
+            });
+        }
+    }
+    readings.chunks(200).enumerate().map(|(i, c)| EdgeBatch::new(gateway, i as u64 + 1, c.to_vec())).collect()
+}
+
+/// A webhook receiver that fails, then times out, then recovers, while the
+/// cloud is killed with SIGKILL mid-delivery: every transition arrives, any
+/// repeat carries the same idempotency key and body. A second webhook that
+/// never answers ends in the dead-letter state after its attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_deliver_every_alert_through_failures_timeouts_and_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, seen) = receiver(25, 3).await;
+    let nobody = free_port();
+    let config = format!(
+        r#"
+[processor]
+checkpoint_interval = "200ms"
+[[rules]]
+name = "overheat"
+kind = "threshold"
+when = "temperature > 50"
+resolve_when = "temperature < 45"
+severity = "critical"
+[[webhooks]]
+name = "ops"
+url = "http://127.0.0.1:{port}/hook"
+timeout = "300ms"
+backoff_initial = "50ms"
+backoff_max = "300ms"
+max_attempts = 1000
+[[webhooks]]
+name = "gone"
+url = "http://127.0.0.1:{nobody}/hook"
+timeout = "200ms"
+backoff_initial = "20ms"
+backoff_max = "50ms"
+max_attempts = 3
+"#
+    );
+    let mut cloud = Cloud::start_with(dir.path(), "cloud", &config, &[]).await;
+    let devices = 20;
+    ingest(&cloud, &overheating(devices, 60, "gw-hot")).await;
+    // Kill the cloud while the receiver is still failing.
+    wait_for("delivery attempts", Duration::from_secs(30), || async {
+        (seen.lock().unwrap().requests >= 10).then_some(())
+    })
+    .await;
+    cloud.proc.kill9().await;
+    let during_crash = seen.lock().unwrap().requests;
+    cloud.restart().await;
+
+    let expected: BTreeSet<String> = (0..devices)
+        .flat_map(|d| {
+            let id = format!("overheat:hot-{d:03}:{}", T0 + 20_000);
+            [format!("{id}:fired"), format!("{id}:resolved")]
+        })
+        .collect();
+    wait_for("every transition delivered", Duration::from_secs(60), || async {
+        let s = seen.lock().unwrap();
+        (s.by_key.keys().cloned().collect::<BTreeSet<_>>() == expected).then_some(())
+    })
+    .await;
+    {
+        let s = seen.lock().unwrap();
+        assert!(s.requests > during_crash, "deliveries went on after the restart");
+        for (key, bodies) in &s.by_key {
+            assert!(bodies.iter().all(|b| b == &bodies[0]), "{key} was delivered with different bodies: {bodies:?}");
+            let v: Value = serde_json::from_str(&bodies[0]).unwrap();
+            assert_eq!(format!("{}:{}", v["id"].as_str().unwrap(), v["transition"].as_str().unwrap()), *key);
+        }
+    }
+
+    // The unreachable webhook: every row dead-lettered with its error.
+    let id = format!("overheat:hot-000:{}", T0 + 20_000);
+    let detail = wait_for("the unreachable webhook's rows to be dead-lettered", Duration::from_secs(30), || async {
+        let v: Value = reqwest::get(format!("{}/v1/alerts/{id}", cloud.url())).await.ok()?.json().await.ok()?;
+        let gone: Vec<&Value> = v["deliveries"].as_array()?.iter().filter(|d| d["webhook"] == "gone").collect();
+        (gone.len() == 2 && gone.iter().all(|d| d["state"] == "dead")).then(|| v.clone())
+    })
+    .await;
+    let gone = detail["deliveries"].as_array().unwrap().iter().find(|d| d["webhook"] == "gone").unwrap();
+    assert_eq!(gone["attempts"], 3);
+    assert!(gone["last_error"].as_str().unwrap().contains("connect"), "{gone}");
+    assert_eq!(detail["history"].as_array().unwrap().len(), 2, "fired and resolved: {detail}");
+}
+
+/// The alert API: filters, one alert with its history, acknowledgement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_api_filters_pages_and_acknowledges() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[processor]\ncheckpoint_interval = \"200ms\"\n[[rules]]\nname = \"overheat\"\nkind = \"threshold\"\nwhen = \"temperature > 50\"\nseverity = \"critical\"\n[[rules]]\nname = \"warm\"\nkind = \"threshold\"\nwhen = \"temperature > 30\"\nseverity = \"info\"\n";
+    let cloud = Cloud::start_with(dir.path(), "cloud", config, &[]).await;
+    // 5 devices overheat from 20 s to 40 s: both rules fire, and resolve at 40 s.
+    ingest(&cloud, &overheating(5, 41, "gw-api")).await;
+    let all = wait_for("ten resolved alerts", Duration::from_secs(30), || async {
+        let a = fetch_alerts(&cloud.url(), &[("state", "resolved")]).await;
+        (a.len() == 10).then_some(a)
+    })
+    .await;
+    assert!(all.iter().all(|a| a["resolved_ms"] == T0 + 40_000));
+    assert_eq!(fetch_alerts(&cloud.url(), &[("severity", "critical")]).await.len(), 5);
+    assert_eq!(fetch_alerts(&cloud.url(), &[("device", "hot-003")]).await.len(), 2);
+    assert_eq!(fetch_alerts(&cloud.url(), &[("rule", "warm"), ("state", "firing")]).await.len(), 0);
+    assert_eq!(fetch_alerts(&cloud.url(), &[("from", &(T0 + 20_001).to_string())]).await.len(), 0);
+    // Pages of 3 cover all 10 without repeats.
+    let client = reqwest::Client::new();
+    let (mut ids, mut after) = (BTreeSet::new(), None::<String>);
+    loop {
+        let mut req = client.get(format!("{}/v1/alerts", cloud.url())).query(&[("limit", "3")]);
+        if let Some(a) = &after {
+            req = req.query(&[("after", a)]);
+        }
+        let page: Value = req.send().await.unwrap().json().await.unwrap();
+        for a in page["alerts"].as_array().unwrap() {
+            assert!(ids.insert(a["id"].as_str().unwrap().to_string()), "repeated {a}");
+        }
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(ids.len(), 10);
+    let id = format!("overheat:hot-001:{}", T0 + 20_000);
+    let resp = client
+        .post(format!("{}/v1/alerts/{id}/ack", cloud.url()))
+        .json(&serde_json::json!({ "by": "alice", "note": "replacing the fan" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let v: Value = client.get(format!("{}/v1/alerts/{id}", cloud.url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!((v["acked"]["by"].as_str(), v["history"].as_array().map(Vec::len)), (Some("alice"), Some(2)));
+    // Bad input: clear errors, not crashes.
+    let bad = client.get(format!("{}/v1/alerts?severity=loud", cloud.url())).send().await.unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let missing = client
+        .post(format!("{}/v1/alerts/nope/ack", cloud.url()))
+        .json(&serde_json::json!({"by": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+    let empty = client
+        .post(format!("{}/v1/alerts/{id}/ack", cloud.url()))
+        .body("{")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(empty.status().as_u16(), 400);
+}
