@@ -30,9 +30,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use kappa_common::Reading;
 use serde::{Deserialize, Serialize};
 
-use super::spec::{Expr, RuleKind, RuleSpec, Severity, holds};
+use super::spec::{Expr, RuleKind, RuleSpec, Severity};
 use crate::eventlog::Partition;
-use crate::views::spec::{Condition, Field};
+use crate::views::spec::{Field, Literal, Op};
 
 /// A stored alert, as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,16 +167,73 @@ struct DeviceState {
     series: Vec<Option<Series>>,
 }
 
-/// The verdict of one reading for one rule.
+/// The verdict of one reading for one rule. The message is only written
+/// when the alert changes state.
 struct Verdict {
     active: bool,
     clear: bool,
     value: Option<f64>,
-    message: String,
+    detail: Detail,
+}
+
+/// What a message says, kept as numbers until it is needed.
+#[derive(Debug, Clone, Copy)]
+enum Detail {
+    Holds(Option<f64>),
+    Sigma { x: f64, z: f64, mean: f64 },
+    Rate(f64),
+    Stuck { v: f64, n: u32, ms: i64 },
+    Missing { missing: u64, from: u64, to: u64, boot: u32 },
+}
+
+fn describe(rule: &RuleSpec, d: Detail) -> String {
+    let metric = match &rule.kind {
+        RuleKind::Zscore { metric, .. } | RuleKind::RateOfChange { metric, .. } | RuleKind::Flatline { metric, .. } => {
+            metric.as_str()
+        }
+        _ => "",
+    };
+    match d {
+        Detail::Holds(Some(v)) => format!("condition holds (value {v})"),
+        Detail::Holds(None) => "condition holds".into(),
+        Detail::Sigma { x, z, mean } => format!("{metric} {x} is {z:.1} sigma from its running mean {mean:.3}"),
+        Detail::Rate(rate) => match &rule.kind {
+            RuleKind::RateOfChange { max_per_second, .. } => {
+                format!("{metric} changed {rate:.3}/s (limit {max_per_second}/s)")
+            }
+            _ => format!("{metric} changed {rate:.3}/s"),
+        },
+        Detail::Stuck { v, n, ms } => format!("{metric} stuck at {v} for {n} readings ({ms} ms)"),
+        Detail::Missing { missing, from, to, boot } => {
+            format!("{missing} readings missing between seq {from} and {to} (boot {boot})")
+        }
+    }
 }
 
 /// Key of a gateway clock: gateway index and partition.
 type ClockKey = (u32, Partition);
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A gateway's clock in one partition, its silence timers, and whether it
+/// changed since the last checkpoint.
+#[derive(Debug)]
+struct Clock {
+    ts: Option<i64>,
+    dirty: bool,
+    /// The earliest deadline in `timers` (MAX when none).
+    next: i64,
+    /// Silence deadlines: (deadline, device, rule). At most one entry per
+    /// device and silence rule; an entry may be stale (the device read since)
+    /// and is moved to the current deadline when it comes up.
+    timers: BTreeSet<(i64, u32, u16)>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self { ts: None, dirty: false, next: i64::MAX, timers: BTreeSet::new() }
+    }
+}
 
 /// The operator.
 #[derive(Debug)]
@@ -184,15 +241,27 @@ pub struct AlertOperator {
     id: String,
     rules: Vec<RuleSpec>,
     settings: AlertSettings,
-    names: HashMap<String, u32>,
+    names: FastMap<String, u32>,
     devices: Vec<(String, DeviceState)>,
+    /// Per device: a bit per silence rule with a timer entry (not stored).
+    armed: Vec<u64>,
+    /// Per device: the clock it is judged by (its gateway's, in its partition).
+    homes: Vec<ClockKey>,
+    /// Per device: changed since the last checkpoint.
+    dirty: Vec<bool>,
+    dirty_list: Vec<u32>,
     gateways: Vec<String>,
-    gateway_index: HashMap<String, u32>,
-    clocks: HashMap<ClockKey, i64>,
-    /// Silence deadlines waiting for their gateway clock: (deadline, device, rule).
-    timers: HashMap<ClockKey, BTreeSet<(i64, u32, u16)>>,
-    dirty_devices: BTreeSet<u32>,
-    dirty_clocks: BTreeSet<ClockKey>,
+    gateway_index: FastMap<String, u32>,
+    /// The gateway of the previous reading (most readings share it).
+    last_gateway: Option<(String, u32)>,
+    /// Clocks by gateway, then partition.
+    clocks: Vec<Vec<Clock>>,
+    dirty_clocks: Vec<ClockKey>,
+    /// Distinct metrics the rules read, and per rule its slot among them.
+    metrics: Vec<String>,
+    slots: Vec<Option<usize>>,
+    compiled: Vec<Compiled>,
+    values: Vec<Option<f64>>,
     changes: AlertChanges,
     alert_slots: HashMap<String, usize>,
     open: i64,
@@ -201,18 +270,45 @@ pub struct AlertOperator {
 
 impl AlertOperator {
     pub fn new(rules: Vec<RuleSpec>, settings: AlertSettings) -> Self {
+        let mut metrics: Vec<String> = Vec::new();
+        let slots = rules
+            .iter()
+            .map(|r| match &r.kind {
+                RuleKind::Zscore { metric, .. }
+                | RuleKind::RateOfChange { metric, .. }
+                | RuleKind::Flatline { metric, .. } => Some(slot_of(&mut metrics, metric)),
+                _ => None,
+            })
+            .collect();
+        let compiled = rules
+            .iter()
+            .map(|r| match &r.kind {
+                RuleKind::Threshold { when, resolve_when, .. } => Compiled {
+                    when: compile(when, &mut metrics),
+                    resolve_when: resolve_when.as_ref().map(|e| compile(e, &mut metrics)).unwrap_or_default(),
+                },
+                _ => Compiled::default(),
+            })
+            .collect();
         Self {
             id: "alerts".into(),
             rules,
             settings,
-            names: HashMap::new(),
+            names: FastMap::default(),
             devices: Vec::new(),
+            armed: Vec::new(),
+            homes: Vec::new(),
+            dirty: Vec::new(),
+            dirty_list: Vec::new(),
             gateways: Vec::new(),
-            gateway_index: HashMap::new(),
-            clocks: HashMap::new(),
-            timers: HashMap::new(),
-            dirty_devices: BTreeSet::new(),
-            dirty_clocks: BTreeSet::new(),
+            gateway_index: FastMap::default(),
+            last_gateway: None,
+            clocks: Vec::new(),
+            dirty_clocks: Vec::new(),
+            metrics,
+            slots,
+            compiled,
+            values: Vec::new(),
             changes: AlertChanges::default(),
             alert_slots: HashMap::new(),
             open: 0,
@@ -275,12 +371,14 @@ impl AlertOperator {
             let old = std::mem::take(&mut st.series);
             st.series = mapping.iter().map(|m| m.and_then(|i| old.get(i).copied().flatten())).collect();
             let d = self.intern_device(&name, &st.gateway, st.partition);
+            let g = self.intern_gateway(&st.gateway);
+            self.homes[d as usize] = (g, st.partition);
             self.devices[d as usize].1 = st;
             self.arm_silence(d);
         }
         for (gateway, partition, ts) in clocks {
             let g = self.intern_gateway(&gateway);
-            self.clocks.insert((g, partition), ts);
+            self.clock_mut((g, partition)).ts = Some(ts);
         }
         self.open = self
             .devices
@@ -299,12 +397,21 @@ impl AlertOperator {
     }
 
     fn intern_gateway(&mut self, gateway: &str) -> u32 {
-        if let Some(g) = self.gateway_index.get(gateway) {
+        if let Some((name, g)) = &self.last_gateway
+            && name == gateway
+        {
             return *g;
         }
-        let g = self.gateways.len() as u32;
-        self.gateways.push(gateway.to_string());
-        self.gateway_index.insert(gateway.to_string(), g);
+        let g = match self.gateway_index.get(gateway) {
+            Some(g) => *g,
+            None => {
+                let g = self.gateways.len() as u32;
+                self.gateways.push(gateway.to_string());
+                self.gateway_index.insert(gateway.to_string(), g);
+                g
+            }
+        };
+        self.last_gateway = Some((gateway.to_string(), g));
         g
     }
 
@@ -322,16 +429,40 @@ impl AlertOperator {
             series: vec![None; self.rules.len()],
         };
         self.devices.push((device.to_string(), st));
+        self.armed.push(0);
+        self.homes.push((u32::MAX, partition));
+        self.dirty.push(false);
         self.names.insert(device.to_string(), d);
         d
+    }
+
+    fn clock_mut(&mut self, (g, p): ClockKey) -> &mut Clock {
+        let per_gateway = &mut self.clocks;
+        if per_gateway.len() <= g as usize {
+            per_gateway.resize_with(g as usize + 1, Vec::new);
+        }
+        let parts = &mut per_gateway[g as usize];
+        if parts.len() <= p as usize {
+            parts.resize_with(p as usize + 1, Clock::default);
+        }
+        &mut parts[p as usize]
+    }
+
+    fn mark_dirty(&mut self, d: u32) {
+        if !self.dirty[d as usize] {
+            self.dirty[d as usize] = true;
+            self.dirty_list.push(d);
+        }
     }
 
     /// One reading, in log order.
     pub fn process(&mut self, partition: Partition, gateway: &str, r: &Reading) {
         let d = self.intern_device(&r.device, gateway, partition);
-        self.disarm_silence(d);
         let g = self.intern_gateway(gateway);
         let rules = std::mem::take(&mut self.rules);
+        let mut values = std::mem::take(&mut self.values);
+        values.clear();
+        values.extend(self.metrics.iter().map(|m| r.metric(m)));
         {
             let (_, st) = &mut self.devices[d as usize];
             if st.gateway != gateway {
@@ -339,6 +470,7 @@ impl AlertOperator {
             }
             st.partition = partition;
         }
+        self.homes[d as usize] = (g, partition);
         for (i, rule) in rules.iter().enumerate() {
             if !rule.filter.iter().all(|c| crate::views::operator::holds(c, r)) {
                 continue;
@@ -354,10 +486,12 @@ impl AlertOperator {
                 }
                 continue;
             }
-            let Some(v) = judge(rule, s, r, prev) else { continue };
+            let x = self.slots[i].and_then(|k| values[k]);
+            let Some(v) = judge(rule, &self.compiled[i], s, r, &values, x, prev) else { continue };
             self.step(rule, i, d, r.ts_ms, v);
         }
         self.rules = rules;
+        self.values = values;
         {
             let (_, st) = &mut self.devices[d as usize];
             st.last_ts = st.last_ts.max(r.ts_ms);
@@ -366,7 +500,7 @@ impl AlertOperator {
                 st.seq = r.seq;
             }
         }
-        self.dirty_devices.insert(d);
+        self.mark_dirty(d);
         self.arm_silence(d);
         self.advance_clock((g, partition), r.ts_ms.saturating_sub(self.settings.gateway_lateness_ms));
     }
@@ -388,72 +522,95 @@ impl AlertOperator {
         if self.settings.silence_clock != SilenceClock::GlobalWatermarkForTests {
             return;
         }
-        let keys: Vec<ClockKey> = self.timers.keys().copied().collect();
-        for k in keys {
-            self.fire_due(k, watermark);
+        for g in 0..self.clocks.len() {
+            for p in 0..self.clocks[g].len() {
+                self.fire_due((g as u32, p as Partition), watermark);
+            }
         }
     }
 
     fn advance_clock(&mut self, key: ClockKey, ts: i64) {
-        let c = self.clocks.entry(key).or_insert(i64::MIN);
-        if ts <= *c {
+        let c = self.clock_mut(key);
+        if c.ts.is_some_and(|t| ts <= t) {
             return;
         }
-        *c = ts;
-        self.dirty_clocks.insert(key);
+        c.ts = Some(ts);
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty_clocks.push(key);
+        }
         if self.settings.silence_clock == SilenceClock::Gateway {
             self.fire_due(key, ts);
         }
     }
 
+    /// Fires every silence whose deadline `clock` has passed, moving stale
+    /// timer entries to their device's current deadline first.
     fn fire_due(&mut self, key: ClockKey, clock: i64) {
+        if self.clock_mut(key).next > clock {
+            return;
+        }
         loop {
-            let Some(set) = self.timers.get_mut(&key) else { return };
-            let Some(&(deadline, d, i)) = set.first() else { return };
+            let c = self.clock_mut(key);
+            let Some(&(deadline, d, i)) = c.timers.first() else {
+                c.next = i64::MAX;
+                return;
+            };
             if deadline > clock {
+                c.next = deadline;
                 return;
             }
-            set.pop_first();
+            c.timers.pop_first();
+            self.armed[d as usize] &= !(1u64 << i);
+            let Some(current) = self.deadline(d, i as usize) else { continue };
+            let home = self.home(d);
+            if current != deadline || home != key {
+                // The device read since (or moved): its timer goes where it belongs now.
+                self.armed[d as usize] |= 1u64 << i;
+                self.add_timer(home, (current, d, i));
+                continue;
+            }
             let rule = self.rules[i as usize].clone();
-            let (_, st) = &mut self.devices[d as usize];
-            let last = st.last_ts;
-            if let Some(s) = st.series[i as usize].as_mut()
-                && s.life == Life::Ok
-            {
+            let last = self.devices[d as usize].1.last_ts;
+            if let Some(s) = self.devices[d as usize].1.series[i as usize].as_mut() {
                 s.life = Life::Firing { started: deadline, clear_since: None };
-                self.dirty_devices.insert(d);
-                let msg = format!("no reading since {} ({} ms of event time)", last, deadline - last);
-                self.fire(&rule, d, deadline, deadline, None, msg);
             }
+            self.mark_dirty(d);
+            let msg = format!("no reading since {} ({} ms of event time)", last, deadline - last);
+            self.fire(&rule, d, deadline, deadline, None, msg);
         }
     }
 
-    /// The silence deadlines of device `d`, per silence rule that applies and is not firing.
-    fn deadlines(&self, d: u32) -> impl Iterator<Item = (ClockKey, i64, u16)> + '_ {
+    /// The clock device `d` is judged by: its gateway's, in its partition.
+    fn home(&self, d: u32) -> ClockKey {
+        self.homes[d as usize]
+    }
+
+    /// Device `d`'s silence deadline for rule `i`, if the rule applies and is not firing.
+    fn deadline(&self, d: u32, i: usize) -> Option<i64> {
+        let RuleKind::Silence { after_ms } = self.rules.get(i)?.kind else { return None };
         let (_, st) = &self.devices[d as usize];
-        let g = self.gateway_index.get(&st.gateway).copied().unwrap_or(u32::MAX);
-        self.rules.iter().enumerate().filter_map(move |(i, rule)| {
-            let RuleKind::Silence { after_ms } = rule.kind else { return None };
-            let s = st.series[i].as_ref()?;
-            (s.life == Life::Ok && st.last_ts != i64::MIN)
-                .then(|| ((g, st.partition), st.last_ts.saturating_add(after_ms), i as u16))
-        })
+        let s = st.series[i].as_ref()?;
+        (s.life == Life::Ok && st.last_ts != i64::MIN).then(|| st.last_ts.saturating_add(after_ms))
     }
 
-    fn disarm_silence(&mut self, d: u32) {
-        let due: Vec<_> = self.deadlines(d).collect();
-        for (key, deadline, i) in due {
-            if let Some(set) = self.timers.get_mut(&key) {
-                set.remove(&(deadline, d, i));
-            }
-        }
-    }
-
+    /// Gives each of device `d`'s silence rules a timer entry if it has none.
     fn arm_silence(&mut self, d: u32) {
-        let due: Vec<_> = self.deadlines(d).collect();
-        for (key, deadline, i) in due {
-            self.timers.entry(key).or_default().insert((deadline, d, i));
+        for i in 0..self.rules.len().min(64) {
+            if self.armed[d as usize] & (1u64 << i) != 0 {
+                continue;
+            }
+            let Some(deadline) = self.deadline(d, i) else { continue };
+            let key = self.home(d);
+            self.armed[d as usize] |= 1u64 << i;
+            self.add_timer(key, (deadline, d, i as u16));
         }
+    }
+
+    fn add_timer(&mut self, key: ClockKey, entry: (i64, u32, u16)) {
+        let c = self.clock_mut(key);
+        c.next = c.next.min(entry.0);
+        c.timers.insert(entry);
     }
 
     /// Moves a series through its lifecycle after a verdict.
@@ -473,7 +630,7 @@ impl AlertOperator {
                 };
                 if ts - since >= for_ms {
                     s.life = Life::Firing { started: since, clear_since: None };
-                    self.fire(rule, d, since, ts, v.value, v.message);
+                    self.fire(rule, d, since, ts, v.value, describe(rule, v.detail));
                 } else {
                     s.life = Life::Pending { since };
                 }
@@ -483,7 +640,7 @@ impl AlertOperator {
                     let cs = clear_since.unwrap_or(ts);
                     if ts - cs >= rule.clear_for_ms {
                         s.life = Life::Ok;
-                        self.resolve(rule, d, started, ts, v.message);
+                        self.resolve(rule, d, started, ts, describe(rule, v.detail));
                     } else {
                         s.life = Life::Firing { started, clear_since: Some(cs) };
                     }
@@ -600,18 +757,19 @@ impl AlertOperator {
 
     /// Everything changed since the last call, for the checkpoint.
     pub fn take_changes(&mut self) -> AlertChanges {
-        for d in std::mem::take(&mut self.dirty_devices) {
+        for d in std::mem::take(&mut self.dirty_list) {
+            self.dirty[d as usize] = false;
             let (name, st) = &self.devices[d as usize];
             if let Ok(blob) = serde_cbor::ser::to_vec_packed(st) {
                 self.changes.state_upserts.push((format!("d:{name}"), blob));
             }
         }
         for key in std::mem::take(&mut self.dirty_clocks) {
-            if let Some(ts) = self.clocks.get(&key) {
-                let gateway = &self.gateways[key.0 as usize];
-                self.changes
-                    .state_upserts
-                    .push((format!("c:{gateway}:{}", key.1), serde_cbor::to_vec(ts).unwrap_or_default()));
+            let c = self.clock_mut(key);
+            c.dirty = false;
+            if let Some(ts) = c.ts {
+                let name = format!("c:{}:{}", self.gateways[key.0 as usize], key.1);
+                self.changes.state_upserts.push((name, serde_cbor::to_vec(&ts).unwrap_or_default()));
             }
         }
         self.alert_slots.clear();
@@ -649,45 +807,103 @@ impl AlertOperator {
     }
 }
 
-/// Whether the reading carries any metric the expression reads (a reading
-/// without them says nothing about the rule).
-fn mentions(e: &Expr, r: &Reading) -> bool {
-    let present = |c: &Condition| match &c.field {
-        Field::Metric(m) => r.metric(m).is_some(),
-        _ => true,
-    };
-    e.any_of.iter().flatten().any(present)
+/// Per condition of an expression (same shape as `Expr::any_of`): the slot
+/// of its metric among the values read once per reading, if it is a metric.
+type ExprSlots = Vec<Vec<Option<usize>>>;
+
+/// A threshold rule's expressions with their metric slots.
+#[derive(Debug, Clone, Default)]
+struct Compiled {
+    when: ExprSlots,
+    resolve_when: ExprSlots,
 }
 
-fn first_metric(e: &Expr, r: &Reading) -> Option<f64> {
-    e.any_of.iter().flatten().find_map(|c| match &c.field {
-        Field::Metric(m) => r.metric(m),
-        _ => None,
-    })
+fn slot_of(metrics: &mut Vec<String>, m: &str) -> usize {
+    match metrics.iter().position(|x| x == m) {
+        Some(i) => i,
+        None => {
+            metrics.push(m.to_string());
+            metrics.len() - 1
+        }
+    }
 }
 
-/// Judges one reading for one rule, updating the detector's memory.
-/// `prev` is the device's (boot, seq, last event time) before this reading.
-fn judge(rule: &RuleSpec, s: &mut Series, r: &Reading, prev: (u32, u64, i64)) -> Option<Verdict> {
+fn compile(e: &Expr, metrics: &mut Vec<String>) -> ExprSlots {
+    e.any_of
+        .iter()
+        .map(|all| {
+            all.iter()
+                .map(|c| match &c.field {
+                    Field::Metric(m) => Some(slot_of(metrics, m)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Evaluates an expression: (whether the reading carries any metric it reads,
+/// whether it holds, the first metric value it reads). A missing value never matches.
+fn eval(e: &Expr, slots: &ExprSlots, values: &[Option<f64>], r: &Reading) -> (bool, bool, Option<f64>) {
+    let (mut mentioned, mut first) = (false, None);
+    let mut any = false;
+    for (all, all_slots) in e.any_of.iter().zip(slots) {
+        let mut every = true;
+        for (c, slot) in all.iter().zip(all_slots) {
+            let ok = match (slot, &c.value) {
+                (Some(k), Literal::Num(y)) => match values.get(*k).copied().flatten() {
+                    Some(x) => {
+                        mentioned = true;
+                        first.get_or_insert(x);
+                        match c.op {
+                            Op::Eq => x == *y,
+                            Op::Ne => x != *y,
+                            Op::Lt => x < *y,
+                            Op::Le => x <= *y,
+                            Op::Gt => x > *y,
+                            Op::Ge => x >= *y,
+                        }
+                    }
+                    None => false,
+                },
+                _ => {
+                    mentioned = true;
+                    crate::views::operator::holds(c, r)
+                }
+            };
+            every &= ok;
+        }
+        any |= every;
+    }
+    (mentioned, any, first)
+}
+
+/// Judges one reading for one rule, updating the detector's memory. `x` is
+/// the rule's metric in the reading (for the metric rules); `prev` is the
+/// device's (boot, seq, last event time) before this reading.
+fn judge(
+    rule: &RuleSpec,
+    compiled: &Compiled,
+    s: &mut Series,
+    r: &Reading,
+    values: &[Option<f64>],
+    x: Option<f64>,
+    prev: (u32, u64, i64),
+) -> Option<Verdict> {
     match &rule.kind {
         RuleKind::Threshold { when, resolve_when, .. } => {
-            if !mentions(when, r) {
+            let (mentioned, active, value) = eval(when, &compiled.when, values, r);
+            if !mentioned {
                 return None;
             }
-            let active = holds(when, r);
             let clear = match resolve_when {
-                Some(e) => holds(e, r),
+                Some(e) => eval(e, &compiled.resolve_when, values, r).1,
                 None => !active,
             };
-            let value = first_metric(when, r);
-            let message = match value {
-                Some(v) => format!("condition holds (value {v})"),
-                None => "condition holds".into(),
-            };
-            Some(Verdict { active, clear, value, message })
+            Some(Verdict { active, clear, value, detail: Detail::Holds(value) })
         }
-        RuleKind::Zscore { metric, k, warmup, alpha } => {
-            let x = r.metric(metric)?;
+        RuleKind::Zscore { k, warmup, alpha, .. } => {
+            let x = x?;
             let (n, mean, var) = match s.mem {
                 Memory::Ewma { n, mean, var } => (n, mean, var),
                 _ => (0, x, 0.0),
@@ -703,35 +919,25 @@ fn judge(rule: &RuleSpec, s: &mut Series, r: &Reading, prev: (u32, u64, i64)) ->
             let incr = alpha * diff;
             let (mean2, var2) = if n == 0 { (x, 0.0) } else { (mean + incr, (1.0 - alpha) * (var + diff * incr)) };
             s.mem = Memory::Ewma { n: n.saturating_add(1), mean: mean2, var: var2 };
-            Some(Verdict {
-                active,
-                clear: !active,
-                value: Some(x),
-                message: format!("{metric} {x} is {z:.1} sigma from its running mean {mean:.3}"),
-            })
+            Some(Verdict { active, clear: !active, value: Some(x), detail: Detail::Sigma { x, z, mean } })
         }
-        RuleKind::RateOfChange { metric, max_per_second } => {
-            let x = r.metric(metric)?;
+        RuleKind::RateOfChange { max_per_second, .. } => {
+            let x = x?;
             let verdict = match s.mem {
                 Memory::Last { ts, v } if r.ts_ms > ts => {
                     let rate = (x - v) / ((r.ts_ms - ts) as f64 / 1000.0);
                     let active = rate.abs() > *max_per_second;
-                    Some(Verdict {
-                        active,
-                        clear: !active,
-                        value: Some(x),
-                        message: format!("{metric} changed {rate:.3}/s (limit {max_per_second}/s)"),
-                    })
+                    Some(Verdict { active, clear: !active, value: Some(x), detail: Detail::Rate(rate) })
                 }
                 // Out of order: neither judged nor remembered.
-                Memory::Last { ts, .. } if r.ts_ms <= ts => return None,
+                Memory::Last { .. } => return None,
                 _ => None,
             };
             s.mem = Memory::Last { ts: r.ts_ms, v: x };
             verdict
         }
-        RuleKind::Flatline { metric, readings, duration_ms, epsilon } => {
-            let x = r.metric(metric)?;
+        RuleKind::Flatline { readings, duration_ms, epsilon, .. } => {
+            let x = x?;
             let (v, since, n) = match s.mem {
                 Memory::Run { v, since, n } if (x - v).abs() <= *epsilon => (v, since, n.saturating_add(1)),
                 _ => (x, r.ts_ms, 1),
@@ -743,7 +949,7 @@ fn judge(rule: &RuleSpec, s: &mut Series, r: &Reading, prev: (u32, u64, i64)) ->
                 active,
                 clear: !active,
                 value: Some(x),
-                message: format!("{metric} stuck at {v} for {n} readings ({} ms)", r.ts_ms - since),
+                detail: Detail::Stuck { v, n, ms: r.ts_ms - since },
             })
         }
         RuleKind::Gap { min_missing } => {
@@ -754,12 +960,8 @@ fn judge(rule: &RuleSpec, s: &mut Series, r: &Reading, prev: (u32, u64, i64)) ->
             }
             let missing = r.seq - seq - 1;
             let active = missing >= *min_missing;
-            Some(Verdict {
-                active,
-                clear: !active,
-                value: Some(missing as f64),
-                message: format!("{missing} readings missing between seq {seq} and {} (boot {boot})", r.seq),
-            })
+            let detail = Detail::Missing { missing, from: seq, to: r.seq, boot };
+            Some(Verdict { active, clear: !active, value: Some(missing as f64), detail })
         }
         RuleKind::Silence { .. } => None,
     }

@@ -35,6 +35,9 @@ use kappa_sim::firmware::{Encoding, Firmware, Schema};
 use kappa_sim::signal::device_seed;
 use serde_json::{Value, json};
 
+#[path = "../bench/alerts.rs"]
+mod alerts;
+
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1).peekable();
     if let Some(role) = args.peek().map(|a| a.to_string_lossy().into_owned())
@@ -64,7 +67,7 @@ fn main() -> ExitCode {
     let mut report = BTreeMap::new();
     report.insert("machine", machine(dir.path()));
     type Section = fn(&Path, f64) -> Value;
-    let sections: [(&str, Section); 7] = [
+    let sections: [(&str, Section); 9] = [
         ("edge_log_commit", edge_log_commit),
         ("edge_ingest_mqtt", edge_ingest_mqtt),
         ("cloud_processor", cloud_processor),
@@ -72,6 +75,8 @@ fn main() -> ExitCode {
         ("window_emit_latency", window_emit_latency),
         ("archive_and_replay", archive_and_replay),
         ("wire_bytes", |_, scale| wire_bytes(scale)),
+        ("alert_scoring", |_, scale| alerts::scoring(scale)),
+        ("alert_latency", alerts::latency),
     ];
     for (name, run) in sections {
         if wanted(name) {
