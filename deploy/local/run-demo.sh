@@ -13,6 +13,8 @@ cd "$(dirname "$0")/../.."
 
 DEVICES=${DEVICES:-100}
 RATE=${RATE:-1}
+# One labelled anomaly per device every this many readings (0: none).
+ANOMALY_EVERY=${ANOMALY_EVERY:-600}
 DATA=data/demo
 
 echo "Building (release)..."
@@ -57,7 +59,8 @@ wait_port 8080
 "$BIN/kappa-edge" run --config deploy/local/edge.toml >"$DATA/edge.log" 2>&1 &
 edge=$!
 wait_port 11883
-"$BIN/kappa-sim" --broker 127.0.0.1:11883 --devices "$DEVICES" --rate "$RATE" >"$DATA/sim.log" 2>&1 &
+"$BIN/kappa-sim" --broker 127.0.0.1:11883 --devices "$DEVICES" --rate "$RATE" \
+  --anomaly-every "$ANOMALY_EVERY" >"$DATA/sim.log" 2>&1 &
 sim=$!
 pids=("$sim" "$edge" "$cloud")
 
@@ -68,11 +71,16 @@ Kappa IoT is running: $DEVICES simulated devices -> edge agent (MQTT :11883) -> 
   Devices and their totals   curl -s 'http://127.0.0.1:8080/v1/devices?limit=5'
   One device's windows       curl -s 'http://127.0.0.1:8080/v1/devices/sim-00000/windows?limit=5'
   All views                  curl -s  http://127.0.0.1:8080/v1/views
+  Alerts firing now          curl -s 'http://127.0.0.1:8080/v1/alerts?state=firing&limit=5'
+  Critical alerts            curl -s 'http://127.0.0.1:8080/v1/alerts?severity=critical&limit=5'
   Cloud metrics              curl -s  http://127.0.0.1:8080/metrics
   Edge metrics               curl -s  http://127.0.0.1:9101/metrics
   Logs                       tail -f $DATA/cloud.log $DATA/edge.log $DATA/sim.log
 
 Windows are one minute of event time; the first ones fill within a minute.
+Every device gets a labelled anomaly (spike, step, drift, stuck sensor,
+dropout, offline) every $ANOMALY_EVERY readings after a one-minute warm-up;
+alerts start within a few minutes.
 Press Ctrl-C to stop.
 MSG
 

@@ -108,35 +108,43 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    /// Device `index`'s anomalies in the first `readings` readings.
-    pub fn plan(&self, seed: u64, index: u32, readings: u64) -> Vec<Planned> {
+    /// Device `index`'s anomaly in slot `slot` (slot `k` covers readings
+    /// `warmup + k * every ..`), if any. Each device rotates through the
+    /// kinds from a seeded starting point, so every kind gets the same share
+    /// of the fleet; the offset within the slot leaves a quiet margin of a
+    /// third of the slot before the next one.
+    pub fn planned(&self, seed: u64, index: u32, slot: u64) -> Option<Planned> {
         if self.every == 0 || self.kinds.is_empty() {
+            return None;
+        }
+        let device_seed = seed ^ 0x5EED_A110_u64.wrapping_mul(u64::from(index) + 1);
+        let first = Rng::new(device_seed).next_u64() % self.kinds.len() as u64;
+        let kind = self.kinds[((first + slot) % self.kinds.len() as u64) as usize];
+        let mut rng = Rng::new(device_seed ^ slot.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1));
+        let room = self.every.saturating_sub(kind.readings() + self.every / 3).max(1);
+        let start = self.warmup + slot * self.every + rng.next_u64() % room;
+        let sign = if rng.unit() < 0.5 { -1.0 } else { 1.0 };
+        let overlaps_outage =
+            self.gateway_offline.is_some_and(|(at, len)| start < at + len + 30 && at < start + kind.readings() + 30);
+        (!overlaps_outage).then_some(Planned { kind, start, sign })
+    }
+
+    /// Device `index`'s anomalies in the slots that fit in `readings` readings.
+    pub fn plan(&self, seed: u64, index: u32, readings: u64) -> Vec<Planned> {
+        if self.every == 0 {
             return Vec::new();
         }
-        let mut rng = Rng::new(seed ^ 0x5EED_A110_u64.wrapping_mul(u64::from(index) + 1));
-        let mut out = Vec::new();
-        let mut slot_start = self.warmup;
-        // Each slot rotates through the kinds from a per-device starting point,
-        // so every kind gets the same share of the fleet.
-        let first = (rng.next_u64() % self.kinds.len() as u64) as usize;
-        let mut n = 0;
-        while slot_start + self.every <= readings {
-            let kind = self.kinds[(first + n) % self.kinds.len()];
-            // Room before the next slot for the anomaly, plus a quiet margin
-            // at least as long as the longest detector needs to settle.
-            let room = self.every.saturating_sub(kind.readings() + self.every / 3).max(1);
-            let start = slot_start + rng.next_u64() % room;
-            let sign = if rng.unit() < 0.5 { -1.0 } else { 1.0 };
-            let overlaps_outage = self
-                .gateway_offline
-                .is_some_and(|(at, len)| start < at + len + 30 && at < start + kind.readings() + 30);
-            if !overlaps_outage {
-                out.push(Planned { kind, start, sign });
-            }
-            slot_start += self.every;
-            n += 1;
-        }
-        out
+        (0..self.slots_within(readings)).filter_map(|k| self.planned(seed, index, k)).collect()
+    }
+
+    /// Slots that end within `readings` readings.
+    fn slots_within(&self, readings: u64) -> u64 {
+        readings.saturating_sub(self.warmup) / self.every.max(1)
+    }
+
+    /// The slot reading `i` falls in.
+    fn slot(&self, i: u64) -> Option<u64> {
+        (self.every > 0 && i >= self.warmup).then(|| (i - self.warmup) / self.every)
     }
 
     /// Whether reading `i` is held back because the gateway is down.
@@ -145,24 +153,52 @@ impl Scenario {
     }
 }
 
-/// A device's plan, applied reading by reading.
-#[derive(Debug, Clone, Default)]
+/// A device's plan, applied reading by reading (computed a slot at a time,
+/// so a run may be endless).
+#[derive(Debug, Clone)]
 pub struct DevicePlan {
-    planned: Vec<Planned>,
+    scenario: Scenario,
+    seed: u64,
+    index: u32,
+    /// The run's length in readings, if it has one: no anomaly is started
+    /// that the run would cut short.
+    limit: Option<u64>,
+    current: Option<(u64, Option<Planned>)>,
 }
 
 impl DevicePlan {
-    pub fn new(planned: Vec<Planned>) -> Self {
-        Self { planned }
+    pub fn new(scenario: Scenario, seed: u64, index: u32, limit: Option<u64>) -> Self {
+        Self { scenario, seed, index, limit, current: None }
     }
 
-    pub fn planned(&self) -> &[Planned] {
-        &self.planned
+    /// The anomalies injected in the first `readings` readings (one in
+    /// progress when an endless run stops is included).
+    pub fn started_before(&self, readings: u64) -> Vec<Planned> {
+        let slots = self
+            .scenario
+            .slots_within(self.limit.unwrap_or(u64::MAX))
+            .min(readings.saturating_sub(self.scenario.warmup).div_ceil(self.scenario.every.max(1)));
+        (0..slots)
+            .filter_map(|k| self.scenario.planned(self.seed, self.index, k))
+            .filter(|p| p.start < readings)
+            .collect()
     }
 
     /// The fault on reading `i`.
-    pub fn fault(&self, i: u64) -> Fault {
-        let Some(p) = self.planned.iter().find(|p| (p.start..p.start + p.kind.readings()).contains(&i)) else {
+    pub fn fault(&mut self, i: u64) -> Fault {
+        let Some(slot) = self.scenario.slot(i) else { return Fault::None };
+        if self.limit.is_some_and(|l| slot >= self.scenario.slots_within(l)) {
+            return Fault::None;
+        }
+        let planned = match self.current {
+            Some((s, p)) if s == slot => p,
+            _ => {
+                let p = self.scenario.planned(self.seed, self.index, slot);
+                self.current = Some((slot, p));
+                p
+            }
+        };
+        let Some(p) = planned.filter(|p| (p.start..p.start + p.kind.readings()).contains(&i)) else {
             return Fault::None;
         };
         let k = (i - p.start) as f32;
@@ -227,16 +263,34 @@ mod tests {
 
     #[test]
     fn faults_follow_the_plan() {
-        let plan = DevicePlan::new(vec![
-            Planned { kind: Kind::Drift, start: 10, sign: 1.0 },
-            Planned { kind: Kind::Dropout, start: 200, sign: 1.0 },
-        ]);
-        assert_eq!(plan.fault(9), Fault::None);
-        assert_eq!(plan.fault(10), Fault::Offset(0.5));
-        assert_eq!(plan.fault(129), Fault::Offset(60.0));
-        assert_eq!(plan.fault(130), Fault::None);
-        assert_eq!(plan.fault(204), Fault::Lose);
-        assert_eq!(plan.fault(205), Fault::None);
+        let s = scenario();
+        for d in 0..10 {
+            let mut plan = DevicePlan::new(s.clone(), 7, d, Some(1500));
+            for p in s.plan(7, d, 1500) {
+                assert_eq!(plan.fault(p.start.saturating_sub(1)), Fault::None);
+                let f = plan.fault(p.start);
+                match p.kind {
+                    Kind::Spike => assert_eq!(f, Fault::Offset(15.0 * p.sign)),
+                    Kind::Step => assert_eq!(f, Fault::Offset(10.0 * p.sign)),
+                    Kind::Drift => {
+                        assert_eq!(f, Fault::Offset(0.5));
+                        assert_eq!(plan.fault(p.start + 119), Fault::Offset(60.0));
+                    }
+                    Kind::Stuck => assert_eq!(f, Fault::Hold),
+                    Kind::Dropout => assert_eq!(plan.fault(p.start + 4), Fault::Lose),
+                    Kind::Offline => assert_eq!(f, Fault::Off),
+                    Kind::GatewayOffline => unreachable!(),
+                }
+                assert_eq!(plan.fault(p.start + p.kind.readings()), Fault::None);
+            }
+        }
+    }
+
+    #[test]
+    fn an_endless_run_has_a_plan_without_holding_it() {
+        let mut plan = DevicePlan::new(scenario(), 3, 0, None);
+        let faulty = (0..3_000_000u64).filter(|i| plan.fault(*i) != Fault::None).count();
+        assert!(faulty > 10_000, "{faulty}");
     }
 
     #[test]

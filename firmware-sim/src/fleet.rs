@@ -164,7 +164,7 @@ async fn run_device(
         dropped: 0,
         undelivered: 0,
     };
-    let plan = DevicePlan::new(cfg.scenario.plan(cfg.seed, index, cfg.readings.unwrap_or(u64::MAX).min(10_000_000)));
+    let mut plan = DevicePlan::new(cfg.scenario.clone(), cfg.seed, index, cfg.readings);
     let mut fw = match Firmware::new(&id, &user, cfg.boot, seed, schema, encoding) {
         Ok(fw) => fw,
         Err(e) => {
@@ -289,12 +289,8 @@ async fn run_device(
             },
         }
     }
-    outcome.anomalies = plan
-        .planned()
-        .iter()
-        .filter(|p| p.start < ticks)
-        .map(|p| AnomalyTruth::of(&id, p, cfg.start_ms, interval_ms))
-        .collect();
+    outcome.anomalies =
+        plan.started_before(ticks).iter().map(|p| AnomalyTruth::of(&id, p, cfg.start_ms, interval_ms)).collect();
     outcome.dropped = fw.dropped();
     outcome.undelivered = fw.pending() as u64;
     let _ = client.try_disconnect();
