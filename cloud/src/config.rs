@@ -14,6 +14,7 @@ use kappa_runtime::config::{self, Validate};
 use serde::Deserialize;
 
 use crate::alerts::deliver::WebhookConfig;
+use crate::alerts::kafka::KafkaAlertsConfig;
 use crate::alerts::spec::{RuleSpec, parse_rules};
 use crate::views::defaults::default_views_toml;
 use crate::views::spec::{ViewSpec, parse_views};
@@ -59,6 +60,9 @@ pub struct AlertsConfig {
     /// silence deadline fires once the gateway's clock is this far past it.
     #[serde(default = "default_gateway_lateness", with = "humantime_serde")]
     pub gateway_lateness: Duration,
+    /// Also produce every alert transition to a Kafka topic.
+    #[serde(default)]
+    pub kafka: Option<KafkaAlertsConfig>,
 }
 
 fn default_gateway_lateness() -> Duration {
@@ -67,7 +71,7 @@ fn default_gateway_lateness() -> Duration {
 
 impl Default for AlertsConfig {
     fn default() -> Self {
-        Self { gateway_lateness: default_gateway_lateness() }
+        Self { gateway_lateness: default_gateway_lateness(), kafka: None }
     }
 }
 
@@ -444,6 +448,12 @@ impl Validate for CloudConfig {
             errors.extend(w.problems(&format!("webhooks[{i}]"), &rule_names));
             if self.webhooks[..i].iter().any(|o| o.name == w.name) {
                 errors.push(format!("webhooks[{i}].name: {:?} is used twice", w.name));
+            }
+        }
+        if let Some(k) = &self.alerts.kafka {
+            errors.extend(k.problems());
+            if self.rules.is_empty() {
+                errors.push("alerts.kafka: there is a Kafka topic but no [[rules]] to raise alerts".into());
             }
         }
         if !self.webhooks.is_empty() && self.rules.is_empty() {

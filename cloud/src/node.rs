@@ -15,8 +15,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::ALERTS_PIPELINE;
-use crate::alerts::deliver;
 use crate::alerts::engine::{AlertOperator, AlertSettings, Route, SilenceClock};
+use crate::alerts::spec::Severity;
+use crate::alerts::{deliver, kafka};
 use crate::api::{self, ApiState};
 use crate::archive::archiver::{Archiver, ArchiverSettings, Retention};
 use crate::archive::source::{ArchiveSource, ChainSource};
@@ -154,6 +155,11 @@ impl Node {
                             min_severity: w.min_severity,
                             rules: w.rules.clone(),
                         })
+                        .chain(cfg.alerts.kafka.iter().map(|_| Route {
+                            webhook: kafka::TARGET.to_string(),
+                            min_severity: Severity::Info,
+                            rules: Vec::new(),
+                        }))
                         .collect(),
                     silence_clock: if std::env::var_os("KAPPA_TEST_GLOBAL_SILENCE_CLOCK").is_some() {
                         tracing::warn!(
@@ -194,6 +200,9 @@ impl Node {
                 }
             };
             spawned.map_err(|e| NodeError::Bind(format!("cannot start the alert pipeline: {e}")))?;
+            if let Some(k) = cfg.alerts.kafka.clone() {
+                tasks.spawn("alerts:kafka", kafka::run(k, store_path.clone(), metrics.clone(), cancel.clone()));
+            }
             for hook in cfg.webhooks.clone() {
                 let name: &'static str = Box::leak(format!("webhook:{}", hook.name).into_boxed_str());
                 tasks.spawn(name, deliver::run(hook, store_path.clone(), metrics.clone(), cancel.clone()));

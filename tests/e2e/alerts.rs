@@ -534,3 +534,113 @@ async fn the_alert_api_filters_pages_and_acknowledges() {
         .unwrap();
     assert_eq!(empty.status().as_u16(), 400);
 }
+
+/// The tansu broker binary (a Kafka-protocol broker; `.ci/run` builds it
+/// once into `~/.cache/kappa-tools`), or `KAPPA_TANSU`.
+fn tansu() -> std::path::PathBuf {
+    let path = std::env::var_os("KAPPA_TANSU").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/kappa-tools/tansu-0.6.0/bin/tansu")
+    });
+    assert!(
+        path.exists(),
+        "no tansu broker at {}: build it with `cargo install tansu --locked --version 0.6.0 --features dynostore \
+         --root ~/.cache/kappa-tools/tansu-0.6.0` (about 18 minutes; .ci/run does it) or set KAPPA_TANSU",
+        path.display()
+    );
+    path
+}
+
+/// Alerts produced to a Kafka topic on a real Kafka-protocol broker (tansu),
+/// through a 5 s pause of the broker (SIGSTOP): every transition arrives,
+/// keyed by alert id, and any repeat carries the same idempotency key and body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_reach_a_kafka_topic_through_a_broker_pause() {
+    use rdkafka::Message;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listener = format!("tcp://127.0.0.1:{port}");
+    let bin = tansu();
+    let broker = Proc::spawn_cmd(
+        "tansu",
+        bin.to_str().unwrap(),
+        &[
+            "broker",
+            "--listener-url",
+            &listener,
+            "--advertised-listener-url",
+            &listener,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        dir.path(),
+    );
+    wait_for_port(port).await;
+    let config = format!(
+        "[processor]\ncheckpoint_interval = \"200ms\"\n[alerts.kafka]\nbrokers = \"127.0.0.1:{port}\"\ntopic = \"alerts\"\npartitions = 3\ntimeout = \"3s\"\n\
+         [[rules]]\nname = \"overheat\"\nkind = \"threshold\"\nwhen = \"temperature > 50\"\nresolve_when = \"temperature < 45\"\nseverity = \"critical\"\n"
+    );
+    let cloud = Cloud::start_with(dir.path(), "cloud", &config, &[]).await;
+    let devices = 10;
+    ingest(&cloud, &overheating(devices, 30, "gw-kafka")).await;
+    // Pause the broker while the first deliveries are under way.
+    broker.signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    broker.signal(libc::SIGCONT);
+    ingest(&cloud, &overheating(devices, 60, "gw-kafka").split_off(2)).await;
+
+    let expected: BTreeSet<String> = (0..devices)
+        .flat_map(|d| {
+            let id = format!("overheat:hot-{d:03}:{}", T0 + 20_000);
+            [format!("{id}:fired"), format!("{id}:resolved")]
+        })
+        .collect();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", format!("127.0.0.1:{port}"))
+        .set("group.id", format!("kappa-test-{port}"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["alerts"]).unwrap();
+    let mut by_key: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while by_key.keys().cloned().collect::<BTreeSet<_>>() != expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every transition reached the topic: got {:?}\n{}\n{}",
+            by_key.keys().collect::<Vec<_>>(),
+            cloud.proc.tail(),
+            broker.tail()
+        );
+        let polled = tokio::task::block_in_place(|| consumer.poll(Duration::from_millis(500)));
+        let Some(Ok(m)) = polled else { continue };
+        let key = String::from_utf8_lossy(m.key().unwrap_or_default()).to_string();
+        let body = String::from_utf8_lossy(m.payload().unwrap_or_default()).to_string();
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(|v| String::from_utf8_lossy(v).to_string())))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let idem =
+            headers.iter().find(|(k, _)| k == "idempotency-key").and_then(|(_, v)| v.clone()).unwrap_or_default();
+        assert!(idem.starts_with(&key), "the message key is the alert id: {key} vs {idem}");
+        by_key.entry(idem).or_default().push((key, body));
+    }
+    for (idem, copies) in &by_key {
+        assert!(copies.iter().all(|c| c == &copies[0]), "{idem} was produced with different contents: {copies:?}");
+        let v: Value = serde_json::from_str(&copies[0].1).unwrap();
+        assert_eq!(format!("{}:{}", v["id"].as_str().unwrap(), v["transition"].as_str().unwrap()), *idem);
+    }
+    let id = format!("overheat:hot-000:{}", T0 + 20_000);
+    let v: Value = reqwest::get(format!("{}/v1/alerts/{id}", cloud.url())).await.unwrap().json().await.unwrap();
+    let kafka: Vec<&Value> = v["deliveries"].as_array().unwrap().iter().filter(|d| d["webhook"] == "#kafka").collect();
+    assert!(kafka.len() == 2 && kafka.iter().all(|d| d["state"] == "delivered"), "{v}");
+}

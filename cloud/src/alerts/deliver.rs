@@ -91,12 +91,6 @@ impl WebhookConfig {
         }
         out
     }
-
-    /// Backoff before attempt `attempts + 1`, jittered to 50-100 %.
-    fn backoff(&self, attempts: u32, jitter: f64) -> Duration {
-        let exp = self.backoff_initial.saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
-        exp.min(self.backoff_max).mul_f64(0.5 + 0.5 * jitter)
-    }
 }
 
 fn now_ms() -> i64 {
@@ -104,9 +98,36 @@ fn now_ms() -> i64 {
 }
 
 /// What one attempt did.
-enum Outcome {
+#[derive(Debug)]
+pub enum Outcome {
     Delivered,
     Failed(String),
+}
+
+/// How a target retries.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl RetryPolicy {
+    /// Backoff before attempt `attempts + 1`, jittered to 50-100 %.
+    pub fn backoff(&self, attempts: u32, jitter: f64) -> Duration {
+        let exp = self.backoff_initial.saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
+        exp.min(self.backoff_max).mul_f64(0.5 + 0.5 * jitter)
+    }
+}
+
+impl WebhookConfig {
+    fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            backoff_initial: self.backoff_initial,
+            backoff_max: self.backoff_max,
+        }
+    }
 }
 
 async fn attempt(client: &reqwest::Client, hook: &WebhookConfig, d: &Delivery) -> Outcome {
@@ -114,7 +135,7 @@ async fn attempt(client: &reqwest::Client, hook: &WebhookConfig, d: &Delivery) -
         .post(&hook.url)
         .timeout(hook.timeout)
         .header("content-type", "application/json")
-        .header("idempotency-key", format!("{}:{}", d.alert_id, d.transition))
+        .header("idempotency-key", d.idempotency_key())
         .header("x-kappa-alert-transition", d.transition.as_str())
         .header("x-kappa-delivery-attempt", (d.attempts + 1).to_string())
         .body(d.payload.clone())
@@ -136,17 +157,40 @@ pub async fn run(
     metrics: Arc<CloudMetrics>,
     cancel: CancellationToken,
 ) -> Result<(), String> {
-    let mut store = ViewStore::open(&store_path).map_err(|e| e.to_string())?;
     let client = reqwest::Client::builder().build().map_err(|e| format!("webhook {}: {e}", hook.name))?;
-    let mut rng = now_ms() as u64 | 1;
-    let label = |result: &str| [("webhook", hook.name.clone()), ("result", result.to_string())];
-    let mut last_gauge = std::time::Instant::now();
     tracing::info!(webhook = %hook.name, url = %hook.url, "Webhook delivery started.");
+    let policy = hook.policy();
+    let name = hook.name.clone();
+    deliver_loop(&name, policy, store_path, metrics, cancel, |d| {
+        let (client, hook) = (client.clone(), hook.clone());
+        async move { attempt(&client, &hook, &d).await }
+    })
+    .await
+}
+
+/// Sends `target`'s outbox rows in order, one at a time, with `send`,
+/// recording each attempt, until `cancel` fires.
+pub async fn deliver_loop<F, Fut>(
+    target: &str,
+    policy: RetryPolicy,
+    store_path: PathBuf,
+    metrics: Arc<CloudMetrics>,
+    cancel: CancellationToken,
+    mut send: F,
+) -> Result<(), String>
+where
+    F: FnMut(Delivery) -> Fut,
+    Fut: std::future::Future<Output = Outcome>,
+{
+    let mut store = ViewStore::open(&store_path).map_err(|e| e.to_string())?;
+    let mut rng = now_ms() as u64 | 1;
+    let label = |result: &str| [("webhook", target.to_string()), ("result", result.to_string())];
+    let mut last_gauge = std::time::Instant::now();
     while !cancel.is_cancelled() {
-        let next = match store.next_delivery(&hook.name) {
+        let next = match store.next_delivery(target) {
             Ok(n) => n,
             Err(e) => {
-                tracing::warn!(webhook = %hook.name, error = %e, "Cannot read the webhook outbox; retrying.");
+                tracing::warn!(target, error = %e, "Cannot read the alert outbox; retrying.");
                 None
             }
         };
@@ -165,7 +209,7 @@ pub async fn run(
         }
         let outcome = tokio::select! {
             _ = cancel.cancelled() => break,
-            o = attempt(&client, &hook, &d) => o,
+            o = send(d.clone()) => o,
         };
         let attempts = d.attempts + 1;
         let now = now_ms();
@@ -174,10 +218,10 @@ pub async fn run(
                 metrics.webhook_deliveries.get_or_create(&label("delivered")).inc();
                 store.record_attempt(d.seq, "delivered", attempts, now, "", now)
             }
-            Outcome::Failed(error) if attempts >= hook.max_attempts => {
+            Outcome::Failed(error) if attempts >= policy.max_attempts => {
                 metrics.webhook_deliveries.get_or_create(&label("dead_letter")).inc();
-                tracing::error!(webhook = %hook.name, alert = %d.alert_id, transition = %d.transition, attempts, %error,
-                    "Webhook delivery failed for the last time; dead-lettered.");
+                tracing::error!(target, alert = %d.alert_id, transition = %d.transition, attempts, %error,
+                    "Alert delivery failed for the last time; dead-lettered.");
                 store.record_attempt(d.seq, "dead", attempts, now, &error, now)
             }
             Outcome::Failed(error) => {
@@ -185,15 +229,15 @@ pub async fn run(
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
-                let backoff = hook.backoff(attempts, (rng >> 11) as f64 / (1u64 << 53) as f64);
-                tracing::warn!(webhook = %hook.name, alert = %d.alert_id, attempts, %error, retry_in = ?backoff,
-                    "Webhook delivery failed; will retry.");
+                let backoff = policy.backoff(attempts, (rng >> 11) as f64 / (1u64 << 53) as f64);
+                tracing::warn!(target, alert = %d.alert_id, attempts, %error, retry_in = ?backoff,
+                    "Alert delivery failed; will retry.");
                 store.record_attempt(d.seq, "pending", attempts, now + backoff.as_millis() as i64, &error, now)
             }
         };
         if let Err(e) = recorded {
             // The row stays pending: it is sent again (same idempotency key).
-            tracing::warn!(webhook = %hook.name, error = %e, "Cannot record a delivery attempt.");
+            tracing::warn!(target, error = %e, "Cannot record a delivery attempt.");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         if last_gauge.elapsed() >= Duration::from_secs(5)
@@ -216,9 +260,10 @@ mod tests {
         let hook: WebhookConfig =
             toml::from_str("name = \"a\"\nurl = \"http://x\"\nbackoff_initial = \"1s\"\nbackoff_max = \"10s\"")
                 .unwrap();
-        assert_eq!(hook.backoff(1, 1.0), Duration::from_secs(1));
-        assert_eq!(hook.backoff(3, 1.0), Duration::from_secs(4));
-        assert_eq!(hook.backoff(9, 1.0), Duration::from_secs(10));
-        assert_eq!(hook.backoff(3, 0.0), Duration::from_secs(2));
+        let p = hook.policy();
+        assert_eq!(p.backoff(1, 1.0), Duration::from_secs(1));
+        assert_eq!(p.backoff(3, 1.0), Duration::from_secs(4));
+        assert_eq!(p.backoff(9, 1.0), Duration::from_secs(10));
+        assert_eq!(p.backoff(3, 0.0), Duration::from_secs(2));
     }
 }

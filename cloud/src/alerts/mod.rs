@@ -7,9 +7,11 @@
 //!   are committed with its log positions, exactly once.
 //! * [`deliver`]: sends the outbox to webhooks with retry, backoff, an
 //!   idempotency key and a dead-letter state.
+//! * [`kafka`]: sends it to a Kafka topic with the idempotent producer.
 
 pub mod deliver;
 pub mod engine;
+pub mod kafka;
 pub mod spec;
 
 use crate::metrics::CloudMetrics;

@@ -178,6 +178,13 @@ fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
     })
 }
 
+impl Delivery {
+    /// What receivers deduplicate on: `{alert id}:{transition}`.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}:{}", self.alert_id, self.transition)
+    }
+}
+
 const DELIVERY_COLUMNS: &str =
     "seq, webhook, alert_id, transition, payload, state, attempts, next_attempt_ms, last_error";
 
