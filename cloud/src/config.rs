@@ -60,6 +60,15 @@ pub struct AlertsConfig {
     /// silence deadline fires once the gateway's clock is this far past it.
     #[serde(default = "default_gateway_lateness", with = "humantime_serde")]
     pub gateway_lateness: Duration,
+    /// A device whose silence deadline has passed is declared silent only
+    /// once its gateway has been sending for this long (cloud clock) without
+    /// it: a device still sending its backlog after an outage is not silent.
+    #[serde(default = "default_silence_quiet", with = "humantime_serde")]
+    pub silence_arrival_quiet: Duration,
+    /// A gap this long in a gateway's records means the gateway was away; it
+    /// counts only this much towards its devices' quiet time.
+    #[serde(default = "default_offline_gap", with = "humantime_serde")]
+    pub gateway_offline_gap: Duration,
     /// Also produce every alert transition to a Kafka topic.
     #[serde(default)]
     pub kafka: Option<KafkaAlertsConfig>,
@@ -68,10 +77,21 @@ pub struct AlertsConfig {
 fn default_gateway_lateness() -> Duration {
     Duration::from_secs(10)
 }
+fn default_silence_quiet() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_offline_gap() -> Duration {
+    Duration::from_secs(5)
+}
 
 impl Default for AlertsConfig {
     fn default() -> Self {
-        Self { gateway_lateness: default_gateway_lateness(), kafka: None }
+        Self {
+            gateway_lateness: default_gateway_lateness(),
+            silence_arrival_quiet: default_silence_quiet(),
+            gateway_offline_gap: default_offline_gap(),
+            kafka: None,
+        }
     }
 }
 

@@ -147,6 +147,8 @@ impl Node {
                 rules,
                 AlertSettings {
                     gateway_lateness_ms: cfg.alerts.gateway_lateness.as_millis() as i64,
+                    silence_quiet_ms: cfg.alerts.silence_arrival_quiet.as_millis() as i64,
+                    gateway_gap_ms: cfg.alerts.gateway_offline_gap.as_millis() as i64,
                     routes: cfg
                         .webhooks
                         .iter()

@@ -19,6 +19,9 @@ use crate::util::*;
 pub const RULES: &str = r#"
 [alerts]
 gateway_lateness = "10s"
+# The fleet runs at 50x: half a second of the cloud's clock is 25 s of event time.
+silence_arrival_quiet = "500ms"
+gateway_offline_gap = "200ms"
 
 [[rules]]
 name = "overheat"
@@ -295,8 +298,7 @@ async fn negative_control_a_global_silence_clock_storms_when_a_gateway_is_offlin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_edges_heartbeats_let_silence_fire() {
     let dir = tempfile::tempdir().unwrap();
-    let rules =
-        "[alerts]\ngateway_lateness = \"1s\"\n[[rules]]\nname = \"quiet\"\nkind = \"silence\"\nafter = \"3s\"\n";
+    let rules = "[alerts]\ngateway_lateness = \"1s\"\nsilence_arrival_quiet = \"1s\"\n[[rules]]\nname = \"quiet\"\nkind = \"silence\"\nafter = \"3s\"\n";
     let cloud = Cloud::start_with(dir.path(), "cloud", rules, &[]).await;
     let port = free_port();
     let edge = Edge::start_named(
@@ -585,10 +587,17 @@ async fn alerts_reach_a_kafka_topic_through_a_broker_pause() {
          [[rules]]\nname = \"overheat\"\nkind = \"threshold\"\nwhen = \"temperature > 50\"\nresolve_when = \"temperature < 45\"\nseverity = \"critical\"\n"
     );
     let cloud = Cloud::start_with(dir.path(), "cloud", &config, &[]).await;
+    let log = cloud.proc.log.clone();
+    wait_for("the cloud's Kafka producer", Duration::from_secs(30), || {
+        let log = log.clone();
+        async move { std::fs::read_to_string(&log).ok()?.contains("Alerts go to Kafka.").then_some(()) }
+    })
+    .await;
+    // The broker stops answering before the alerts are raised and stays
+    // paused for 5 s: the first produce times out (3 s) and is retried.
+    broker.signal(libc::SIGSTOP);
     let devices = 10;
     ingest(&cloud, &overheating(devices, 30, "gw-kafka")).await;
-    // Pause the broker while the first deliveries are under way.
-    broker.signal(libc::SIGSTOP);
     tokio::time::sleep(Duration::from_secs(5)).await;
     broker.signal(libc::SIGCONT);
     ingest(&cloud, &overheating(devices, 60, "gw-kafka").split_off(2)).await;
@@ -643,4 +652,11 @@ async fn alerts_reach_a_kafka_topic_through_a_broker_pause() {
     let v: Value = reqwest::get(format!("{}/v1/alerts/{id}", cloud.url())).await.unwrap().json().await.unwrap();
     let kafka: Vec<&Value> = v["deliveries"].as_array().unwrap().iter().filter(|d| d["webhook"] == "#kafka").collect();
     assert!(kafka.len() == 2 && kafka.iter().all(|d| d["state"] == "delivered"), "{v}");
+    let text = reqwest::get(format!("{}/metrics", cloud.url())).await.unwrap().text().await.unwrap();
+    let failed = text
+        .lines()
+        .find(|l| l.starts_with("kappa_cloud_webhook_deliveries_total") && l.contains("#kafka") && l.contains("failed"))
+        .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(failed >= 1.0, "the pause should have failed at least one produce:\n{text}");
 }

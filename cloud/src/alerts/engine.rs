@@ -112,6 +112,12 @@ pub enum SilenceClock {
 pub struct AlertSettings {
     /// How far out of order (event time) one gateway's readings may arrive.
     pub gateway_lateness_ms: i64,
+    /// A device is declared silent only once its gateway has been sending
+    /// for this long (cloud clock, from the log's ingest times) without it.
+    pub silence_quiet_ms: i64,
+    /// A gap this long in a gateway's records means the gateway was away:
+    /// it counts only this much towards its devices' quiet time.
+    pub gateway_gap_ms: i64,
     pub routes: Vec<Route>,
     pub silence_clock: SilenceClock,
 }
@@ -161,6 +167,9 @@ struct DeviceState {
     partition: Partition,
     /// Newest event time seen.
     last_ts: i64,
+    /// Its gateway's active time (see [`Clock::active`]) at its last reading.
+    #[serde(default)]
+    last_active: i64,
     boot: u32,
     seq: u64,
     /// Per rule (config order); `None` until the rule's filter first matches.
@@ -220,9 +229,18 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 #[derive(Debug)]
 struct Clock {
     ts: Option<i64>,
+    /// The newest ingest time of the gateway's records in this partition.
+    arrival: i64,
+    /// How long (cloud clock) the gateway has been sending in this
+    /// partition: ingest time that advances only while its records flow;
+    /// a gap longer than `gateway_gap_ms` counts as that much.
+    active: i64,
     dirty: bool,
     /// The earliest deadline in `timers` (MAX when none).
     next: i64,
+    /// Devices past their deadline that arrived too recently to be called
+    /// silent: (active time at which to look again, device, rule).
+    postponed: BTreeSet<(i64, u32, u16)>,
     /// Silence deadlines: (deadline, device, rule). At most one entry per
     /// device and silence rule; an entry may be stale (the device read since)
     /// and is moved to the current deadline when it comes up.
@@ -231,7 +249,15 @@ struct Clock {
 
 impl Default for Clock {
     fn default() -> Self {
-        Self { ts: None, dirty: false, next: i64::MAX, timers: BTreeSet::new() }
+        Self {
+            ts: None,
+            arrival: i64::MIN,
+            active: 0,
+            dirty: false,
+            next: i64::MAX,
+            postponed: BTreeSet::new(),
+            timers: BTreeSet::new(),
+        }
     }
 }
 
@@ -354,9 +380,9 @@ impl AlertOperator {
                     rest.rsplit_once(':').ok_or_else(|| format!("alert state {key}: not c:GATEWAY:PARTITION"))?;
                 let partition: Partition =
                     partition.parse().map_err(|_| format!("alert state {key}: partition is not a number"))?;
-                let ts: i64 =
+                let (ts, arrival, active): (i64, i64, i64) =
                     serde_cbor::from_slice(&blob).map_err(|e| format!("alert state {key}: does not decode: {e}"))?;
-                clocks.push((gateway.to_string(), partition, ts));
+                clocks.push((gateway.to_string(), partition, ts, arrival, active));
             }
         }
         // Rules may have changed since the state was written: carry series
@@ -376,9 +402,27 @@ impl AlertOperator {
             self.devices[d as usize].1 = st;
             self.arm_silence(d);
         }
-        for (gateway, partition, ts) in clocks {
+        for (gateway, partition, ts, arrival, active) in clocks {
             let g = self.intern_gateway(&gateway);
-            self.clock_mut((g, partition)).ts = Some(ts);
+            let c = self.clock_mut((g, partition));
+            c.ts = (ts != i64::MIN).then_some(ts);
+            c.arrival = arrival;
+            c.active = active;
+        }
+        // Bring timers and postponements to where an uninterrupted run has
+        // them: deadlines the clocks already passed are due (or postponed).
+        if self.settings.silence_clock == SilenceClock::Gateway {
+            for g in 0..self.clocks.len() {
+                for p in 0..self.clocks[g].len() {
+                    let key = (g as u32, p as Partition);
+                    if let Some(ts) = self.clocks[g][p].ts {
+                        self.fire_due(key, ts);
+                    }
+                    self.fire_postponed(key);
+                    self.clocks[g][p].dirty = false;
+                }
+            }
+            self.dirty_clocks.clear();
         }
         self.open = self
             .devices
@@ -424,6 +468,7 @@ impl AlertOperator {
             gateway: gateway.to_string(),
             partition,
             last_ts: i64::MIN,
+            last_active: 0,
             boot: 0,
             seq: 0,
             series: vec![None; self.rules.len()],
@@ -456,9 +501,10 @@ impl AlertOperator {
     }
 
     /// One reading, in log order.
-    pub fn process(&mut self, partition: Partition, gateway: &str, r: &Reading) {
+    pub fn process(&mut self, partition: Partition, gateway: &str, ingest_ms: i64, r: &Reading) {
         let d = self.intern_device(&r.device, gateway, partition);
         let g = self.intern_gateway(gateway);
+        let active = self.bump_arrival((g, partition), ingest_ms);
         let rules = std::mem::take(&mut self.rules);
         let mut values = std::mem::take(&mut self.values);
         values.clear();
@@ -495,6 +541,7 @@ impl AlertOperator {
         {
             let (_, st) = &mut self.devices[d as usize];
             st.last_ts = st.last_ts.max(r.ts_ms);
+            st.last_active = st.last_active.max(active);
             if r.boot != st.boot || r.seq > st.seq {
                 st.boot = r.boot;
                 st.seq = r.seq;
@@ -503,18 +550,23 @@ impl AlertOperator {
         self.mark_dirty(d);
         self.arm_silence(d);
         self.advance_clock((g, partition), r.ts_ms.saturating_sub(self.settings.gateway_lateness_ms));
+        self.fire_postponed((g, partition));
     }
 
     /// A gateway's heartbeat as it appears in `partition`.
-    pub fn heartbeat(&mut self, partition: Partition, gateway: &str, ts_ms: i64) {
+    pub fn heartbeat(&mut self, partition: Partition, gateway: &str, ts_ms: i64, ingest_ms: i64) {
         let g = self.intern_gateway(gateway);
+        self.bump_arrival((g, partition), ingest_ms);
         self.advance_clock((g, partition), ts_ms);
+        self.fire_postponed((g, partition));
     }
 
     /// A gateway's progress marker in `partition`: like a reading's time.
-    pub fn progress(&mut self, partition: Partition, gateway: &str, ts_ms: i64) {
+    pub fn progress(&mut self, partition: Partition, gateway: &str, ts_ms: i64, ingest_ms: i64) {
         let g = self.intern_gateway(gateway);
+        self.bump_arrival((g, partition), ingest_ms);
         self.advance_clock((g, partition), ts_ms.saturating_sub(self.settings.gateway_lateness_ms));
+        self.fire_postponed((g, partition));
     }
 
     /// The processor's global watermark (used only by the test-only clock).
@@ -570,14 +622,75 @@ impl AlertOperator {
                 self.add_timer(home, (current, d, i));
                 continue;
             }
-            let rule = self.rules[i as usize].clone();
-            let last = self.devices[d as usize].1.last_ts;
-            if let Some(s) = self.devices[d as usize].1.series[i as usize].as_mut() {
-                s.life = Life::Firing { started: deadline, clear_since: None };
+            let quiet_since = self.devices[d as usize].1.last_active.saturating_add(self.settings.silence_quiet_ms);
+            if self.settings.silence_clock == SilenceClock::Gateway && quiet_since > self.clock_mut(key).active {
+                // It arrived too recently: probably still sending a backlog.
+                self.armed[d as usize] |= 1u64 << i;
+                self.postpone(key, (quiet_since, d, i));
+                continue;
             }
-            self.mark_dirty(d);
-            let msg = format!("no reading since {} ({} ms of event time)", last, deadline - last);
-            self.fire(&rule, d, deadline, deadline, None, msg);
+            self.fire_silence(d, i, deadline);
+        }
+    }
+
+    fn fire_silence(&mut self, d: u32, i: u16, deadline: i64) {
+        let rule = self.rules[i as usize].clone();
+        let last = self.devices[d as usize].1.last_ts;
+        if let Some(s) = self.devices[d as usize].1.series[i as usize].as_mut() {
+            s.life = Life::Firing { started: deadline, clear_since: None };
+        }
+        self.mark_dirty(d);
+        let msg = format!("no reading since {} ({} ms of event time)", last, deadline - last);
+        self.fire(&rule, d, deadline, deadline, None, msg);
+    }
+
+    fn postpone(&mut self, key: ClockKey, entry: (i64, u32, u16)) {
+        self.clock_mut(key).postponed.insert(entry);
+    }
+
+    /// A record of the gateway appended at `ingest_ms` in this partition:
+    /// moves its arrival and active times. Returns the active time.
+    fn bump_arrival(&mut self, key: ClockKey, ingest_ms: i64) -> i64 {
+        let gap = self.settings.gateway_gap_ms;
+        let c = self.clock_mut(key);
+        if ingest_ms > c.arrival {
+            if c.arrival != i64::MIN {
+                c.active = c.active.saturating_add((ingest_ms - c.arrival).min(gap));
+            }
+            c.arrival = ingest_ms;
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty_clocks.push(key);
+            }
+        }
+        self.clock_mut(key).active
+    }
+
+    /// Postponed devices that stayed quiet long enough are silent now.
+    fn fire_postponed(&mut self, key: ClockKey) {
+        loop {
+            let c = self.clock_mut(key);
+            let active = c.active;
+            let Some(&(due, d, i)) = c.postponed.first() else { return };
+            if due > active {
+                return;
+            }
+            c.postponed.pop_first();
+            let clock = c.ts.unwrap_or(i64::MIN);
+            self.armed[d as usize] &= !(1u64 << i);
+            let Some(current) = self.deadline(d, i as usize) else { continue };
+            let home = self.home(d);
+            let quiet_since = self.devices[d as usize].1.last_active.saturating_add(self.settings.silence_quiet_ms);
+            if home != key || current > clock {
+                // It read since (its deadline moved) or moved: back to a timer.
+                self.armed[d as usize] |= 1u64 << i;
+                self.add_timer(home, (current, d, i));
+            } else if quiet_since > active {
+                self.armed[d as usize] |= 1u64 << i;
+                self.postpone(key, (quiet_since, d, i));
+            } else {
+                self.fire_silence(d, i, current);
+            }
         }
     }
 
@@ -767,10 +880,9 @@ impl AlertOperator {
         for key in std::mem::take(&mut self.dirty_clocks) {
             let c = self.clock_mut(key);
             c.dirty = false;
-            if let Some(ts) = c.ts {
-                let name = format!("c:{}:{}", self.gateways[key.0 as usize], key.1);
-                self.changes.state_upserts.push((name, serde_cbor::to_vec(&ts).unwrap_or_default()));
-            }
+            let value = (c.ts.unwrap_or(i64::MIN), c.arrival, c.active);
+            let name = format!("c:{}:{}", self.gateways[key.0 as usize], key.1);
+            self.changes.state_upserts.push((name, serde_cbor::to_vec(&value).unwrap_or_default()));
         }
         self.alert_slots.clear();
         std::mem::take(&mut self.changes)
@@ -1013,8 +1125,16 @@ kind = "gap"
         let metrics = vec!["temperature".to_string()];
         let rules = super::super::spec::parse_rules(&tables, &metrics).unwrap();
         let routes = vec![Route { webhook: "ops".into(), min_severity: Severity::Critical, rules: vec![] }];
-        let mut op =
-            AlertOperator::new(rules, AlertSettings { gateway_lateness_ms: 2000, routes, silence_clock: clock });
+        let mut op = AlertOperator::new(
+            rules,
+            AlertSettings {
+                gateway_lateness_ms: 2000,
+                silence_quiet_ms: 5000,
+                gateway_gap_ms: 5000,
+                routes,
+                silence_clock: clock,
+            },
+        );
         op.restore(Vec::new()).unwrap();
         op
     }
@@ -1036,9 +1156,20 @@ kind = "gap"
         20.0 + ((i * 7919) % 13) as f64 * 0.05
     }
 
+    /// Readings arrive in real time: ingest time = event time.
+    trait Put {
+        fn put(&mut self, partition: Partition, gateway: &str, r: Reading);
+    }
+
+    impl Put for AlertOperator {
+        fn put(&mut self, partition: Partition, gateway: &str, r: Reading) {
+            self.process(partition, gateway, r.ts_ms, &r);
+        }
+    }
+
     fn feed(op: &mut AlertOperator, device: &str, gateway: &str, range: std::ops::Range<u64>, f: impl Fn(u64) -> f64) {
         for i in range {
-            op.process(0, gateway, &reading(device, i + 1, i as i64 * 1000, f(i)));
+            op.put(0, gateway, reading(device, i + 1, i as i64 * 1000, f(i)));
         }
     }
 
@@ -1089,7 +1220,7 @@ kind = "gap"
         };
         feed(&mut op, "d1", "gw", 0..300, f);
         // Four readings lost between seq 300 and 305.
-        op.process(0, "gw", &reading("d1", 305, 304_000, normal(304)));
+        op.put(0, "gw", reading("d1", 305, 304_000, normal(304)));
         feed(&mut op, "d1", "gw", 305..320, normal);
         let ch = op.take_changes();
         let ids: Vec<_> = fired(&ch).into_iter().filter(|(_, t)| *t == "fired").map(|(id, _)| id).collect();
@@ -1112,7 +1243,7 @@ kind = "gap"
         // Deadline 9 + 20 = 29 s; the clock passes it when d2 reaches 31 s (2 s lateness).
         assert_eq!(fired(&ch), [("quiet:d1:29000".to_string(), "fired")]);
         // Back at 40 s with the next sequence number (it was off, not losing readings).
-        op.process(0, "gw", &reading("d1", 11, 40_000, normal(40)));
+        op.put(0, "gw", reading("d1", 11, 40_000, normal(40)));
         let ch = op.take_changes();
         assert_eq!(fired(&ch), [("quiet:d1:29000".to_string(), "resolved")]);
     }
@@ -1123,9 +1254,9 @@ kind = "gap"
         // gw-a goes offline at 10 s; gw-b goes on to 100 s (both in partition 0).
         for i in 0..100 {
             if i < 10 {
-                op.process(0, "gw-a", &reading("a1", i + 1, i as i64 * 1000, normal(i)));
+                op.put(0, "gw-a", reading("a1", i + 1, i as i64 * 1000, normal(i)));
             }
-            op.process(0, "gw-b", &reading("b1", i + 1, i as i64 * 1000, normal(i)));
+            op.put(0, "gw-b", reading("b1", i + 1, i as i64 * 1000, normal(i)));
         }
         assert!(fired(&op.take_changes()).is_empty());
         // gw-a returns with its backlog, oldest first: no false alert.
@@ -1136,24 +1267,63 @@ kind = "gap"
         let mut naive = super::tests::op(SilenceClock::GlobalWatermarkForTests);
         for i in 0..100 {
             if i < 10 {
-                naive.process(0, "gw-a", &reading("a1", i + 1, i as i64 * 1000, normal(i)));
+                naive.put(0, "gw-a", reading("a1", i + 1, i as i64 * 1000, normal(i)));
             }
-            naive.process(0, "gw-b", &reading("b1", i + 1, i as i64 * 1000, normal(i)));
+            naive.put(0, "gw-b", reading("b1", i + 1, i as i64 * 1000, normal(i)));
         }
         naive.watermark(90_000);
         assert_eq!(fired(&naive.take_changes()), [("quiet:a1:29000".to_string(), "fired")]);
+    }
+
+    /// After an outage two devices send their backlogs, one faster: the
+    /// gateway's clock runs ahead of the slow one, which is still arriving,
+    /// so it is not silent. Without the arrival check it would be.
+    #[test]
+    fn a_device_still_sending_its_backlog_is_not_silent() {
+        fn run(quiet_ms: i64) -> Vec<(String, String)> {
+            let mut op = op(SilenceClock::Gateway);
+            op.settings.silence_quiet_ms = quiet_ms;
+            for i in 0..10u64 {
+                op.put(0, "gw", reading("fast", i + 1, i as i64 * 1000, normal(i)));
+                op.put(0, "gw", reading("slow", i + 1, i as i64 * 1000, normal(i)));
+            }
+            // Back at 200 s (ingest), each backlog one record per ms; the slow
+            // device gets one reading out for every three of the fast one's.
+            let (mut slow, mut at) = (10u64, 200_000i64);
+            for i in 10..100u64 {
+                at += 1;
+                let r = reading("fast", i + 1, i as i64 * 1000, normal(i));
+                op.process(0, "gw", at, &r);
+                if i % 3 == 0 {
+                    at += 1;
+                    let r = reading("slow", slow + 1, slow as i64 * 1000, normal(slow));
+                    op.process(0, "gw", at, &r);
+                    slow += 1;
+                }
+            }
+            while slow < 100 {
+                at += 1;
+                let r = reading("slow", slow + 1, slow as i64 * 1000, normal(slow));
+                op.process(0, "gw", at, &r);
+                slow += 1;
+            }
+            op.take_changes().events.iter().map(|e| (e.alert_id.clone(), e.transition.clone())).collect()
+        }
+        assert!(run(5_000).is_empty(), "{:?}", run(5_000));
+        // The negative control: without the arrival check the slow device is flagged.
+        assert!(run(0).iter().any(|(id, t)| id.starts_with("quiet:slow:") && t == "fired"), "{:?}", run(0));
     }
 
     #[test]
     fn heartbeats_advance_the_clock_when_every_device_is_quiet() {
         let mut op = op(SilenceClock::Gateway);
         feed(&mut op, "d1", "gw", 0..10, normal);
-        op.heartbeat(0, "gw", 28_000);
+        op.heartbeat(0, "gw", 28_000, 28_000);
         assert!(fired(&op.take_changes()).is_empty());
         // Another partition's heartbeat says nothing about partition 0.
-        op.heartbeat(1, "gw", 60_000);
+        op.heartbeat(1, "gw", 60_000, 60_000);
         assert!(fired(&op.take_changes()).is_empty());
-        op.heartbeat(0, "gw", 29_000);
+        op.heartbeat(0, "gw", 29_000, 29_000);
         assert_eq!(fired(&op.take_changes()), [("quiet:d1:29000".to_string(), "fired")]);
     }
 

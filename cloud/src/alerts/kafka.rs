@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -152,13 +153,16 @@ pub async fn run(
             }
         }
     }
-    let producer: FutureProducer = cfg
-        .client_config()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", cfg.timeout.as_millis().to_string())
-        .create()
-        .map_err(|e| format!("alerts.kafka: cannot create the producer: {e}"))?;
+    let make_producer = || -> Result<FutureProducer, String> {
+        cfg.client_config()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", cfg.timeout.as_millis().to_string())
+            .create()
+            .map_err(|e| format!("alerts.kafka: cannot create the producer: {e}"))
+    };
+    let producer = Arc::new(std::sync::Mutex::new(make_producer()?));
+    let failures = Arc::new(AtomicU32::new(0));
     tracing::info!(brokers = %cfg.brokers, topic = %cfg.topic, "Alerts go to Kafka.");
     let policy = RetryPolicy {
         max_attempts: u32::MAX,
@@ -167,18 +171,46 @@ pub async fn run(
     };
     let topic = cfg.topic.clone();
     deliver_loop(TARGET, policy, store_path, metrics, cancel, |d| {
-        let (producer, topic) = (producer.clone(), topic.clone());
+        let topic = topic.clone();
+        let failures = failures.clone();
+        let slot = producer.clone();
+        // An idempotent producer that hit a fatal error, or keeps failing,
+        // is replaced by a new one (a new producer id); the outbox row is
+        // simply sent again.
+        if failures.load(Ordering::Relaxed) >= RECREATE_AFTER_FAILURES
+            && let Ok(fresh) = make_producer()
+            && let Ok(mut p) = slot.lock()
+        {
+            tracing::warn!("Replacing the alerts producer after repeated failures.");
+            *p = fresh;
+            failures.store(0, Ordering::Relaxed);
+        }
+        let producer: Option<FutureProducer> = slot.lock().ok().map(|p| p.clone());
         async move {
+            let Some(producer) = producer else { return Outcome::Failed("producer lock poisoned".into()) };
             let key = d.idempotency_key();
             let headers = OwnedHeaders::new()
                 .insert(Header { key: "idempotency-key", value: Some(key.as_bytes()) })
                 .insert(Header { key: "transition", value: Some(d.transition.as_bytes()) });
             let record = FutureRecord::to(&topic).key(&d.alert_id).payload(&d.payload).headers(headers);
             match producer.send(record, Duration::ZERO).await {
-                Ok(_) => Outcome::Delivered,
-                Err((e, _)) => Outcome::Failed(e.to_string()),
+                Ok(_) => {
+                    failures.store(0, Ordering::Relaxed);
+                    Outcome::Delivered
+                }
+                Err((e, _)) => {
+                    let fatal = matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
+                    let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    if fatal {
+                        failures.store(RECREATE_AFTER_FAILURES, Ordering::Relaxed);
+                    }
+                    Outcome::Failed(format!("{e} (failure {n} in a row)"))
+                }
             }
         }
     })
     .await
 }
+
+/// Consecutive failed produces after which the producer is recreated.
+const RECREATE_AFTER_FAILURES: u32 = 3;

@@ -32,13 +32,19 @@ impl Operator for engine::AlertOperator {
     }
 
     fn process(&mut self, ev: &Event<'_>, _late: &mut Vec<LateEvent>) {
-        engine::AlertOperator::process(self, ev.partition, ev.gateway, ev.reading);
+        engine::AlertOperator::process(self, ev.partition, ev.gateway, ev.ingest_ms, ev.reading);
     }
 
-    fn on_gateway_clock(&mut self, partition: crate::eventlog::Partition, gateway: &str, clock: GatewayClock) {
+    fn on_gateway_clock(
+        &mut self,
+        partition: crate::eventlog::Partition,
+        gateway: &str,
+        clock: GatewayClock,
+        ingest_ms: i64,
+    ) {
         match clock {
-            GatewayClock::Heartbeat(ts) => self.heartbeat(partition, gateway, ts),
-            GatewayClock::NewestReading(ts) => self.progress(partition, gateway, ts),
+            GatewayClock::Heartbeat(ts) => self.heartbeat(partition, gateway, ts, ingest_ms),
+            GatewayClock::NewestReading(ts) => self.progress(partition, gateway, ts, ingest_ms),
         }
     }
 

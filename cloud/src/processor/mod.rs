@@ -45,8 +45,9 @@ pub trait Operator: Send + std::fmt::Debug {
     }
     /// One reading (already deduplicated).
     fn process(&mut self, ev: &Event<'_>, late: &mut Vec<LateEvent>);
-    /// A gateway's heartbeat or progress marker, as it appears in `partition`.
-    fn on_gateway_clock(&mut self, _partition: Partition, _gateway: &str, _clock: GatewayClock) {}
+    /// A gateway's heartbeat or progress marker, as it appears in
+    /// `partition`, appended at `ingest_ms` (cloud clock).
+    fn on_gateway_clock(&mut self, _partition: Partition, _gateway: &str, _clock: GatewayClock, _ingest_ms: i64) {}
     /// The global watermark moved to `watermark`.
     fn on_watermark(&mut self, _watermark: i64) {}
     /// Adds what changed since the last checkpoint.
@@ -294,18 +295,23 @@ impl<S: LogSource> Processor<S> {
         let now = Instant::now();
         for rec in records {
             self.positions.insert(rec.partition, rec.offset + 1);
-            let (gateway, reading) = match record::decode(&rec.value) {
+            let (gateway, ingest_ms, reading) = match record::decode(&rec.value) {
                 Ok(r) => match r.event {
-                    LogEvent::Reading(reading) => (r.gateway, reading),
+                    LogEvent::Reading(reading) => (r.gateway, r.ingest_ms, reading),
                     LogEvent::Heartbeat { ts_ms } => {
                         for op in &mut self.ops {
-                            op.on_gateway_clock(rec.partition, &r.gateway, GatewayClock::Heartbeat(ts_ms));
+                            op.on_gateway_clock(rec.partition, &r.gateway, GatewayClock::Heartbeat(ts_ms), r.ingest_ms);
                         }
                         continue;
                     }
                     LogEvent::Progress { ts_ms } => {
                         for op in &mut self.ops {
-                            op.on_gateway_clock(rec.partition, &r.gateway, GatewayClock::NewestReading(ts_ms));
+                            op.on_gateway_clock(
+                                rec.partition,
+                                &r.gateway,
+                                GatewayClock::NewestReading(ts_ms),
+                                r.ingest_ms,
+                            );
                         }
                         continue;
                     }
@@ -326,6 +332,7 @@ impl<S: LogSource> Processor<S> {
                 partition: rec.partition,
                 offset: rec.offset,
                 gateway: &gateway,
+                ingest_ms,
                 reading: &reading,
                 watermark: self.marks.partition(rec.partition),
             };

@@ -55,6 +55,8 @@ pub struct Event<'a> {
     pub offset: Offset,
     /// The gateway that forwarded the reading.
     pub gateway: &'a str,
+    /// When the cloud appended it (cloud clock, from the log record).
+    pub ingest_ms: i64,
     pub reading: &'a Reading,
     /// The reading's partition watermark before this reading.
     pub watermark: Option<i64>,
@@ -517,7 +519,10 @@ mod tests {
     fn feed(op: &mut ViewOperator, ts: i64, wm: Option<i64>) -> Vec<LateEvent> {
         let r = reading(ts, ts as u64);
         let mut late = Vec::new();
-        op.process(&Event { partition: 0, offset: ts as u64, gateway: "gw", reading: &r, watermark: wm }, &mut late);
+        op.process(
+            &Event { partition: 0, offset: ts as u64, gateway: "gw", ingest_ms: 0, reading: &r, watermark: wm },
+            &mut late,
+        );
         late
     }
 

@@ -45,6 +45,8 @@ pub fn scoring(scale: f64) -> Value {
     let rounds = 100u64;
     let settings = AlertSettings {
         gateway_lateness_ms: cfg.alerts.gateway_lateness.as_millis() as i64,
+        silence_quiet_ms: cfg.alerts.silence_arrival_quiet.as_millis() as i64,
+        gateway_gap_ms: cfg.alerts.gateway_offline_gap.as_millis() as i64,
         routes: Vec::new(),
         silence_clock: SilenceClock::Gateway,
     };
@@ -72,7 +74,7 @@ pub fn scoring(scale: f64) -> Value {
         }
         let t = Instant::now();
         for (r, p) in batch.iter().zip(&parts) {
-            op.process(*p, "gw", r);
+            op.process(*p, "gw", 0, r);
         }
         // The first rounds create every series and warm the detectors up.
         if i >= rounds / 2 {
