@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::spec::{Expr, RuleKind, RuleSpec, Severity};
 use crate::eventlog::Partition;
-use crate::views::spec::{Field, Literal, Op};
+use crate::views::spec::{Field, Literal};
 
 /// A stored alert, as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -967,14 +967,7 @@ fn eval(e: &Expr, slots: &ExprSlots, values: &[Option<f64>], r: &Reading) -> (bo
                     Some(x) => {
                         mentioned = true;
                         first.get_or_insert(x);
-                        match c.op {
-                            Op::Eq => x == *y,
-                            Op::Ne => x != *y,
-                            Op::Lt => x < *y,
-                            Op::Le => x <= *y,
-                            Op::Gt => x > *y,
-                            Op::Ge => x >= *y,
-                        }
+                        c.op.num(x, *y)
                     }
                     None => false,
                 },

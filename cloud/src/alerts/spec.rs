@@ -160,7 +160,7 @@ pub fn parse_expr(s: &str, metrics: &[String]) -> Result<Expr, String> {
     for group in s.split(" or ") {
         let mut all = Vec::new();
         for cond in group.split(" and ") {
-            all.push(crate::views::spec::parse_condition_public(cond.trim(), metrics)?);
+            all.push(crate::views::spec::parse_condition(cond.trim(), metrics)?);
         }
         any_of.push(all);
     }
@@ -231,7 +231,7 @@ fn parse_rule(t: &Table, metrics: &[String], p: &mut P, path: &str) -> Option<Ru
     let mut filter = Vec::new();
     if let Some(v) = t.get("filter") {
         for (j, item) in v.as_array().map(Vec::as_slice).unwrap_or_default().iter().enumerate() {
-            match item.as_str().map(|s| crate::views::spec::parse_condition_public(s, metrics)) {
+            match item.as_str().map(|s| crate::views::spec::parse_condition(s, metrics)) {
                 Some(Ok(c)) => filter.push(c),
                 Some(Err(e)) => p.push(&format!("{path}.filter[{j}]"), e),
                 None => p.push(&format!("{path}.filter[{j}]"), "must be a string"),
@@ -322,11 +322,6 @@ fn parse_rule(t: &Table, metrics: &[String], p: &mut P, path: &str) -> Option<Ru
         return None;
     }
     Some(RuleSpec { name: name?, kind: kind?, severity, filter, clear_for_ms })
-}
-
-/// Whether an expression holds for a reading (a missing value never matches).
-pub fn holds(e: &Expr, r: &kappa_common::Reading) -> bool {
-    e.any_of.iter().any(|all| all.iter().all(|c| crate::views::operator::holds(c, r)))
 }
 
 #[cfg(test)]

@@ -464,14 +464,7 @@ pub fn window_starts(window: WindowSpec, ts: i64) -> impl Iterator<Item = i64> {
 pub fn holds(c: &Condition, r: &Reading) -> bool {
     let Some(v) = field_value(&c.field, r) else { return false };
     match (v, &c.value) {
-        (Val::Num(x), Literal::Num(y)) => match c.op {
-            Op::Eq => x == *y,
-            Op::Ne => x != *y,
-            Op::Lt => x < *y,
-            Op::Le => x <= *y,
-            Op::Gt => x > *y,
-            Op::Ge => x >= *y,
-        },
+        (Val::Num(x), Literal::Num(y)) => c.op.num(x, *y),
         (Val::Str(x), Literal::Str(y)) => match c.op {
             Op::Eq => x == y,
             Op::Ne => x != y,

@@ -128,6 +128,20 @@ pub enum Op {
     Ge,
 }
 
+impl Op {
+    /// `x OP y` on numbers.
+    pub fn num(self, x: f64, y: f64) -> bool {
+        match self {
+            Op::Eq => x == y,
+            Op::Ne => x != y,
+            Op::Lt => x < y,
+            Op::Le => x <= y,
+            Op::Gt => x > y,
+            Op::Ge => x >= y,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum Literal {
     Num(f64),
@@ -473,12 +487,8 @@ fn parse_agg(v: &Value, metrics: &[String], p: &mut Problems, path: &str) -> Opt
     Some(AggSpec { name: name?, func: func?, of, max })
 }
 
-/// Parses one `FIELD OP VALUE` condition (also used by alert rules).
-pub fn parse_condition_public(s: &str, metrics: &[String]) -> Result<Condition, String> {
-    parse_condition(s, metrics)
-}
-
-fn parse_condition(s: &str, metrics: &[String]) -> Result<Condition, String> {
+/// Parses one `FIELD OP VALUE` condition (views' filters and alert rules).
+pub fn parse_condition(s: &str, metrics: &[String]) -> Result<Condition, String> {
     let ops = [("==", Op::Eq), ("!=", Op::Ne), ("<=", Op::Le), (">=", Op::Ge), ("<", Op::Lt), (">", Op::Gt)];
     let (field, op, value) = ops
         .iter()
