@@ -16,7 +16,7 @@ use crate::archive::source::{ArchiveSource, ChainSource};
 use crate::archive::store::ArchiveStore;
 use crate::archive::{ArchiveError, ArchiveIndex};
 use crate::config::CloudConfig;
-use crate::eventlog::sqlite::SqliteLog;
+use crate::eventlog::EventLog;
 use crate::eventlog::{LogSource, Offset, Partition};
 use crate::store::{StoreError, ViewInfo, ViewStore};
 use crate::views::batch::{self, LogEntry, Rows};
@@ -61,7 +61,7 @@ pub struct ViewStatus {
 /// `views list`: every version, its state, what each name serves, position and lag.
 pub fn list(cfg: &CloudConfig) -> Result<Vec<ViewStatus>, AdminError> {
     let s = store(cfg)?;
-    let ends = SqliteLog::end_offsets_at(&cfg.data_dir.join("eventlog.sqlite"))?;
+    let ends = EventLog::end_offsets(cfg)?;
     let end_total: u64 = ends.iter().map(|(_, o)| o).sum();
     let positions = s.pipeline_positions()?;
     Ok(s.list_views()?
@@ -179,7 +179,7 @@ pub fn drop_version(cfg: &CloudConfig, name: &str, version: u32) -> Result<u64, 
 /// The log as the batch path reads it: archive then log, every record
 /// before `positions` (per partition).
 fn log_entries(cfg: &CloudConfig, positions: &BTreeMap<Partition, Offset>) -> Result<Vec<LogEntry>, AdminError> {
-    let log = SqliteLog::open(&cfg.data_dir.join("eventlog.sqlite"), cfg.log.partitions, cfg.log.durability)?;
+    let log = EventLog::open_existing(cfg)?;
     let archive = archive_store(cfg)?;
     let mut source = ChainSource::new(ArchiveSource::open(archive, false)?, log.source()?);
     for p in source.assigned() {
@@ -273,7 +273,7 @@ pub struct PartitionArchive {
 pub fn archive_status(cfg: &CloudConfig) -> Result<Vec<PartitionArchive>, AdminError> {
     let archive = archive_store(cfg)?;
     let index = ArchiveIndex::load(archive.as_ref())?;
-    let ends = SqliteLog::end_offsets_at(&cfg.data_dir.join("eventlog.sqlite"))?;
+    let ends = EventLog::end_offsets(cfg)?;
     Ok(ends
         .into_iter()
         .map(|(p, end)| {

@@ -48,6 +48,64 @@ pub enum Command {
     /// The archive of the event log.
     #[command(subcommand)]
     Archive(ArchiveCommand),
+    /// A local certificate authority for development and tests (no config needed).
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Credentials for [auth] (no config needed).
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create a CA (DIR/ca.pem, DIR/ca.key) for development and tests.
+    ///
+    /// Example: kappa-cloud pki init --dir pki
+    #[command(verbatim_doc_comment)]
+    Init {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+    },
+    /// Issue DIR/NAME.pem and DIR/NAME.key signed by the CA in DIR.
+    ///
+    /// Examples:
+    ///   kappa-cloud pki issue --dir pki --kind server --name cloud --san cloud.example --san 127.0.0.1
+    ///   kappa-cloud pki issue --dir pki --kind gateway --name gw-0001
+    ///   kappa-cloud pki issue --dir pki --kind device --name sensor-17
+    #[command(verbatim_doc_comment)]
+    Issue {
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        #[arg(long, value_enum)]
+        kind: crate::pki::Kind,
+        /// The certificate's name (file name and common name).
+        #[arg(long)]
+        name: String,
+        /// A DNS name or IP address the server answers on (repeatable; default: NAME).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Print a new random token and the [auth] entry that stores its hash.
+    ///
+    /// Examples:
+    ///   kappa-cloud auth token --gateway gw-0001
+    ///   kappa-cloud auth token --api grafana --role read
+    #[command(verbatim_doc_comment)]
+    Token {
+        /// A gateway credential for this gateway id.
+        #[arg(long, conflicts_with = "api")]
+        gateway: Option<String>,
+        /// An API token with this name.
+        #[arg(long)]
+        api: Option<String>,
+        /// The API token's role: read or admin.
+        #[arg(long, default_value = "read")]
+        role: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,6 +204,11 @@ pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Command::Pki(cmd) => return pki_command(cmd),
+        Command::Auth(cmd) => return auth_command(cmd),
+        _ => {}
+    }
     let cfg = load(&args.config)?;
     match args.command {
         Command::Run => {
@@ -161,7 +224,38 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Views(cmd) => views_command(&cfg, cmd),
         Command::Archive(cmd) => archive_command(&cfg, cmd),
+        Command::Pki(_) | Command::Auth(_) => Ok(ExitCode::SUCCESS),
     }
+}
+
+fn pki_command(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PkiCommand::Init { dir } => {
+            let ca = crate::pki::init(&dir)?;
+            println!("created the CA {} (key {}, readable by you only)", ca.display(), dir.join("ca.key").display());
+        }
+        PkiCommand::Issue { dir, kind, name, sans } => {
+            let (cert, key) = crate::pki::issue(&dir, kind, &name, &sans)?;
+            println!("issued {} and {}", cert.display(), key.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn auth_command(cmd: AuthCommand) -> anyhow::Result<ExitCode> {
+    let AuthCommand::Token { gateway, api, role } = cmd;
+    let (token, hash) = crate::pki::new_token()?;
+    let entry = match (gateway, api) {
+        (Some(id), None) => format!("[[auth.gateways]]\nid = {id:?}\ntoken_sha256 = \"{hash}\"\n"),
+        (None, Some(name)) if matches!(role.as_str(), "read" | "admin") => {
+            format!("[[auth.tokens]]\nname = {name:?}\ntoken_sha256 = \"{hash}\"\nrole = \"{role}\"\n")
+        }
+        (None, Some(_)) => anyhow::bail!("--role must be read or admin"),
+        _ => anyhow::bail!("name a --gateway or an --api token"),
+    };
+    println!("token (give it to its holder; it is not stored anywhere): {token}\n");
+    println!("add to the cloud config:\n{entry}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn views_command(cfg: &CloudConfig, cmd: ViewsCommand) -> anyhow::Result<ExitCode> {

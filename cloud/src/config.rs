@@ -10,12 +10,16 @@ use std::time::Duration;
 use kappa_common::batch::BatchLimits;
 use kappa_common::frame::FrameLimits;
 pub use kappa_runtime::config::ConfigError;
+
+/// Environment variables `KAPPA_CLOUD__SECTION__KEY=value` override config keys.
+pub const ENV_PREFIX: &str = "KAPPA_CLOUD";
 use kappa_runtime::config::{self, Validate};
 use serde::Deserialize;
 
 use crate::alerts::deliver::WebhookConfig;
 use crate::alerts::kafka::KafkaAlertsConfig;
 use crate::alerts::spec::{RuleSpec, parse_rules};
+use crate::eventlog::kafka::KafkaLogConfig;
 use crate::views::defaults::default_views_toml;
 use crate::views::spec::{ViewSpec, parse_views};
 
@@ -50,6 +54,18 @@ pub struct CloudConfig {
     pub webhooks: Vec<WebhookConfig>,
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Who may ingest and query (tokens stored hashed; see docs/security.md).
+    #[serde(default)]
+    pub auth: crate::auth::AuthConfig,
+    /// On SIGINT/SIGTERM ingest stops taking requests, pipelines checkpoint
+    /// and every part exits within this; what is left after it is aborted
+    /// (and restarts from its last checkpoint).
+    #[serde(default = "default_shutdown_deadline", with = "humantime_serde")]
+    pub shutdown_deadline: Duration,
+}
+
+fn default_shutdown_deadline() -> Duration {
+    Duration::from_secs(15)
 }
 
 /// How the alert pipeline runs.
@@ -196,15 +212,47 @@ pub struct HttpConfig {
     /// Ingest, query API, `/metrics` and health endpoints.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// A client must send a request's headers within this (also bounds an
+    /// idle keep-alive connection); slower connections are closed.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A request body must arrive within this; slower ones get 408.
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Serve HTTPS with this certificate and key; absent: plain HTTP (local
+    /// development only).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The `[http.tls]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
 }
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: default_listen() }
+        Self {
+            listen: default_listen(),
+            header_read_timeout: default_header_timeout(),
+            body_read_timeout: default_body_timeout(),
+            tls: None,
+        }
     }
 }
 
@@ -231,6 +279,11 @@ pub struct IngestConfig {
     /// with every batch). Silence is judged at this resolution.
     #[serde(default = "default_progress_interval", with = "humantime_serde")]
     pub progress_interval: Duration,
+    /// Most readings (and edge aggregates) per second one gateway may send:
+    /// a token bucket holding 10 s of them, and a batch larger than that
+    /// passes from a full bucket. Over it, 429 with `Retry-After`. 0: no limit.
+    #[serde(default)]
+    pub max_gateway_readings_per_second: u64,
 }
 
 fn default_progress_interval() -> Duration {
@@ -262,11 +315,18 @@ impl Default for IngestConfig {
             max_readings: default_max_readings(),
             queue_capacity: default_queue(),
             progress_interval: default_progress_interval(),
+            max_gateway_readings_per_second: 0,
         }
     }
 }
 
 impl IngestConfig {
+    /// The per-gateway rate limiter, if one is configured.
+    pub fn gateway_rate(&self) -> Option<kappa_runtime::rate::KeyedRate> {
+        let rate = self.max_gateway_readings_per_second as f64;
+        (rate > 0.0).then(|| kappa_runtime::rate::KeyedRate::new(rate, rate * 10.0))
+    }
+
     pub fn batch_limits(&self) -> BatchLimits {
         BatchLimits {
             frame: FrameLimits {
@@ -285,6 +345,8 @@ impl IngestConfig {
 pub enum LogBackend {
     /// SQLite in the data directory: one machine, no other service.
     Sqlite,
+    /// A Kafka topic (`[log.kafka]`): for clusters.
+    Kafka,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -310,6 +372,9 @@ pub struct LogConfig {
     /// pipeline has processed them (default: keep everything).
     #[serde(default, with = "humantime_serde")]
     pub retention: Option<Duration>,
+    /// The Kafka topic and brokers, for `backend = "kafka"`.
+    #[serde(default)]
+    pub kafka: Option<KafkaLogConfig>,
 }
 
 fn default_backend() -> LogBackend {
@@ -329,6 +394,7 @@ impl Default for LogConfig {
             partitions: default_partitions(),
             durability: default_durability(),
             retention: None,
+            kafka: None,
         }
     }
 }
@@ -387,9 +453,10 @@ impl CloudConfig {
         config::from_toml(text)
     }
 
-    /// Reads and checks a configuration file.
+    /// Reads and checks a configuration file, with `KAPPA_CLOUD__SECTION__KEY`
+    /// environment overrides (see `kappa_runtime::config`).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        config::load(path)
+        config::load_with_env(path, ENV_PREFIX)
     }
 
     /// Where the archive lives.
@@ -438,6 +505,23 @@ impl Validate for CloudConfig {
         if self.processor.poll_records == 0 {
             errors.push("processor.poll_records: must be at least 1".into());
         }
+        match (self.log.backend, &self.log.kafka) {
+            (LogBackend::Kafka, None) => {
+                errors.push("log.kafka: backend = \"kafka\" needs a [log.kafka] section".into())
+            }
+            (LogBackend::Kafka, Some(k)) => {
+                errors.extend(k.problems());
+                if self.log.retention.is_some() {
+                    errors.push(
+                        "log.retention: the Kafka log keeps what the topic's retention.ms says; set it there".into(),
+                    );
+                }
+            }
+            (LogBackend::Sqlite, Some(_)) => {
+                errors.push("log.kafka: set log.backend = \"kafka\" to use it (the backend is sqlite)".into())
+            }
+            (LogBackend::Sqlite, None) => {}
+        }
         if self.log.retention.is_some() && !self.archive.enabled {
             errors.push("log.retention: needs archive.enabled = true (only archived records are deleted)".into());
         }
@@ -448,6 +532,13 @@ impl Validate for CloudConfig {
         }
         if self.archive.segment_bytes < 4096 {
             errors.push("archive.segment_bytes: must be at least 4096".into());
+        }
+        if self.http.header_read_timeout.is_zero() || self.http.body_read_timeout.is_zero() {
+            errors.push("http.header_read_timeout, http.body_read_timeout: must be positive".into());
+        }
+        errors.extend(self.auth.problems());
+        if self.shutdown_deadline.is_zero() {
+            errors.push("shutdown_deadline: must be positive".into());
         }
         if self.processor.checkpoint_interval.is_zero() {
             errors.push("processor.checkpoint_interval: must be positive".into());
@@ -517,6 +608,26 @@ mod tests {
         .unwrap_err();
         let keys: Vec<_> = err.0.iter().map(|m| m.split(':').next().unwrap_or_default()).collect();
         assert_eq!(keys, ["log.partitions", "processor.poll_records", "views[0].window.size"]);
+    }
+
+    #[test]
+    fn the_kafka_log_needs_its_section_and_leaves_retention_to_the_topic() {
+        let err = CloudConfig::from_toml("[log]\nbackend = \"kafka\"\n").unwrap_err().to_string();
+        assert!(err.contains("log.kafka: backend = \"kafka\" needs a [log.kafka] section"), "{err}");
+        let err = CloudConfig::from_toml(
+            "[log]\nbackend = \"kafka\"\nretention = \"7d\"\n[log.kafka]\nbrokers = \"\"\ntopic = \"a b\"\n",
+        )
+        .unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|m| m.split(':').next().unwrap_or_default()).collect();
+        assert_eq!(keys, ["log.kafka.brokers", "log.kafka.topic", "log.retention"], "{err}");
+        let err = CloudConfig::from_toml("[log.kafka]\nbrokers = \"k:9092\"\n").unwrap_err().to_string();
+        assert!(err.contains("set log.backend = \"kafka\""), "{err}");
+        let cfg = CloudConfig::from_toml("[log]\nbackend = \"kafka\"\n[log.kafka]\nbrokers = \"k:9092\"\n").unwrap();
+        let k = cfg.log.kafka.unwrap();
+        assert_eq!(
+            (k.topic.as_str(), k.create_topic, k.delivery_timeout),
+            ("kappa-events", true, Duration::from_secs(5))
+        );
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //! | 200 | appended (or a duplicate of an appended batch) | advance its cursor |
 //! | 400 | the batch is malformed | dead-letter it |
 //! | 413 | too large, compressed or decompressed | dead-letter it |
+//! | 408 | the body did not arrive within `http.body_read_timeout` | retry |
 //! | 415 | not `content-encoding: zstd` | dead-letter it |
+//! | 401, 403 | no valid token for this gateway (`[auth]`) | retry (an operator fixes the credential) |
+//! | 429 | over `ingest.max_gateway_readings_per_second` (`Retry-After`) | retry after the wait |
 //! | 503 | the log cannot take it now (`Retry-After`) | retry |
 
 use std::sync::Arc;
@@ -43,6 +46,40 @@ pub struct IngestState<A> {
     pub progress_interval: std::time::Duration,
     /// When each gateway's last progress markers were written.
     pub last_progress: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// A request body must arrive within this (slow clients get 408).
+    pub body_timeout: std::time::Duration,
+    /// Which gateway may send what (open when `auth.required` is off).
+    pub auth: Arc<crate::auth::Auth>,
+    /// Readings per second per gateway (`ingest.max_gateway_readings_per_second`).
+    pub gateway_rate: Option<kappa_runtime::rate::KeyedRate>,
+    /// Gateways whose reported status is kept in metrics (bounded).
+    pub tracked_gateways: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// At most this many gateways' status is kept (metrics labels stay bounded).
+pub const MAX_TRACKED_GATEWAYS: usize = 10_000;
+
+/// What a gateway says about itself with each request (`x-kappa-backlog-readings`,
+/// `x-kappa-oldest-unforwarded-seconds`); shown on the dashboard.
+fn record_gateway_status<A>(st: &IngestState<A>, gateway: &str, headers: &HeaderMap, now_ms: i64) {
+    let known = match st.tracked_gateways.lock() {
+        Ok(mut g) => g.contains(gateway) || (g.len() < MAX_TRACKED_GATEWAYS && g.insert(gateway.to_string())),
+        Err(_) => false,
+    };
+    if !known {
+        st.metrics.gateways_untracked.inc();
+        return;
+    }
+    let header =
+        |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<i64>().ok());
+    let label = [("gateway", gateway.to_string())];
+    st.metrics.gateway_last_batch_ms.get_or_create(&label).set(now_ms);
+    if let Some(n) = header("x-kappa-backlog-readings").filter(|n| *n >= 0) {
+        st.metrics.gateway_backlog_readings.get_or_create(&label).set(n);
+    }
+    if let Some(s) = header("x-kappa-oldest-unforwarded-seconds").filter(|s| *s >= 0) {
+        st.metrics.gateway_oldest_unforwarded_seconds.get_or_create(&label).set(s);
+    }
 }
 
 impl<A> IngestState<A> {
@@ -84,12 +121,20 @@ pub enum IngestError {
     BodyTooLarge { max: usize },
     #[error("cannot read the request body: {0}")]
     BodyRead(String),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error(transparent)]
     Batch(#[from] BatchError),
     #[error("x-kappa-gateway header {header:?} does not match the batch's gateway {batch:?}")]
     GatewayMismatch { header: String, batch: String },
     #[error(transparent)]
     Log(#[from] EventLogError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::Refusal),
+    #[error("this token belongs to gateway {token:?}; the batch says {batch:?}")]
+    NotYourGateway { token: String, batch: String },
+    #[error("gateway {gateway:?} sends faster than ingest.max_gateway_readings_per_second; retry in {wait:?}")]
+    RateLimited { gateway: String, wait: std::time::Duration },
 }
 
 impl IngestError {
@@ -102,7 +147,11 @@ impl IngestError {
             ))
             | Self::Batch(BatchError::TooManyReadings { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyRead(_) | Self::Batch(_) | Self::GatewayMismatch { .. } => StatusCode::BAD_REQUEST,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Log(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Auth(r) => r.status(),
+            Self::NotYourGateway { .. } => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -112,9 +161,13 @@ impl IngestError {
             Self::UnsupportedEncoding => "unsupported_encoding",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BodyRead(_) => "body_read",
+            Self::BodyTimeout(_) => "body_timeout",
             Self::Batch(e) => e.reason(),
             Self::GatewayMismatch { .. } => "gateway_mismatch",
             Self::Log(_) => "log_unavailable",
+            Self::Auth(r) => r.reason(),
+            Self::NotYourGateway { .. } => "wrong_gateway",
+            Self::RateLimited { .. } => "rate_limited",
         }
     }
 }
@@ -122,12 +175,22 @@ impl IngestError {
 impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let retry_after = match &self {
+            Self::Log(_) => Some(1),
+            Self::RateLimited { wait, .. } => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            _ => None,
+        };
         let body = serde_json::json!({ "error": self.to_string(), "reason": self.reason() }).to_string();
         let mut resp = (status, [("content-type", "application/json")], body).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE
-            && let Ok(v) = "1".parse()
+        if let Some(secs) = retry_after
+            && let Ok(v) = secs.to_string().parse()
         {
             resp.headers_mut().insert("retry-after", v);
+        }
+        if status == StatusCode::UNAUTHORIZED
+            && let Ok(v) = "Bearer".parse()
+        {
+            resp.headers_mut().insert("www-authenticate", v);
         }
         resp
     }
@@ -139,7 +202,10 @@ pub async fn ingest<A: LogAppender>(
     headers: HeaderMap,
     body: Body,
 ) -> Result<axum::Json<IngestReply>, IngestError> {
-    let result = handle(&st, &headers, body).await;
+    let result = match st.auth.gateway(&headers) {
+        Ok(gateway) => handle(&st, &headers, body, gateway).await,
+        Err(refusal) => Err(refusal.into()),
+    };
     let label = match &result {
         Ok(r) if r.duplicate => "duplicate",
         Ok(_) => "accepted",
@@ -163,6 +229,7 @@ async fn handle<A: LogAppender>(
     st: &IngestState<A>,
     headers: &HeaderMap,
     body: Body,
+    sender: Option<&crate::auth::Gateway>,
 ) -> Result<IngestReply, IngestError> {
     let encoding = headers.get("content-encoding").and_then(|v| v.to_str().ok()).unwrap_or("");
     if !encoding.eq_ignore_ascii_case("zstd") {
@@ -173,7 +240,10 @@ async fn handle<A: LogAppender>(
     if declared.is_some_and(|len| len > max) {
         return Err(IngestError::BodyTooLarge { max });
     }
-    let bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
+    let read = tokio::time::timeout(st.body_timeout, axum::body::to_bytes(body, max))
+        .await
+        .map_err(|_| IngestError::BodyTimeout(st.body_timeout))?;
+    let bytes = read.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some())
             || e.to_string().contains("length limit");
@@ -186,12 +256,32 @@ async fn handle<A: LogAppender>(
     {
         return Err(IngestError::GatewayMismatch { header: header.to_string(), batch: batch.gateway });
     }
+    if let Some(g) = sender
+        && g.id != batch.gateway
+    {
+        return Err(IngestError::NotYourGateway { token: g.id.clone(), batch: batch.gateway });
+    }
+    let unregistered = |device: &str| sender.is_some_and(|g| !g.may_send(device));
+    let cost = (batch.readings.len() + batch.aggregates.len()) as f64;
+    if let Some(rate) = &st.gateway_rate
+        && cost > 0.0
+        && let Err(refused) = rate.admit(&batch.gateway, cost, std::time::Instant::now())
+    {
+        return Err(IngestError::RateLimited { gateway: batch.gateway, wait: refused.wait });
+    }
     let ingest_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     let mut records = Vec::with_capacity(batch.readings.len());
     let mut rejected = 0;
+    let mut aggregates = 0u64;
     let mut max_ts: Option<i64> = None;
     for reading in batch.readings {
+        if unregistered(&reading.device) {
+            rejected += 1;
+            st.metrics.readings_rejected.get_or_create(&[("reason", "unregistered_device")]).inc();
+            tracing::warn!(gateway = %batch.gateway, batch_id = batch.batch_id, device = %reading.device, "Refused a reading of a device not registered to its gateway.");
+            continue;
+        }
         if let Err(e) = reading.validate(&st.reading_limits) {
             rejected += 1;
             st.metrics.readings_rejected.get_or_create(&[("reason", e.reason())]).inc();
@@ -205,6 +295,37 @@ async fn handle<A: LogAppender>(
             batch_id: batch.batch_id,
             ingest_ms,
             event: LogEvent::Reading(reading),
+        });
+        records.push(AppendRecord { key, partition: None, value });
+    }
+    let mut windows: std::collections::BTreeMap<(String, String, i64, i64), kappa_common::aggregate::Aggregate> =
+        std::collections::BTreeMap::new();
+    for aggregate in batch.aggregates {
+        let checked = if unregistered(&aggregate.device) { Err("unregistered_device") } else { aggregate.validate() };
+        if let Err(reason) = checked {
+            rejected += 1;
+            st.metrics.readings_rejected.get_or_create(&[("reason", reason)]).inc();
+            tracing::warn!(gateway = %batch.gateway, batch_id = batch.batch_id, device = %aggregate.device, metric = %aggregate.metric, reason, "Refused an aggregate inside a batch.");
+            continue;
+        }
+        // Partials of one window merge here, so (gateway, batch, window)
+        // identifies a partial downstream (see `crate::aggregates`).
+        let window = (aggregate.device.clone(), aggregate.metric.clone(), aggregate.window_ms, aggregate.start_ms);
+        match windows.get_mut(&window) {
+            Some(held) => held.merge(&aggregate),
+            None => {
+                windows.insert(window, aggregate);
+            }
+        }
+    }
+    for aggregate in windows.into_values() {
+        aggregates += 1;
+        let key = aggregate.device.clone();
+        let value = record::encode(&LogRecord {
+            gateway: batch.gateway.clone(),
+            batch_id: batch.batch_id,
+            ingest_ms,
+            event: LogEvent::Aggregate(aggregate),
         });
         records.push(AppendRecord { key, partition: None, value });
     }
@@ -226,11 +347,15 @@ async fn handle<A: LogAppender>(
             records.push(AppendRecord { key: batch.gateway.clone(), partition: Some(p), value: value.clone() });
         }
     }
-    let outcome =
-        st.appender.append(AppendBatch { gateway: batch.gateway.clone(), batch_id: batch.batch_id, records }).await?;
+    let appended =
+        st.appender.append(AppendBatch { gateway: batch.gateway.clone(), batch_id: batch.batch_id, records }).await;
+    st.metrics.log_available.set(i64::from(appended.is_ok()));
+    let outcome = appended?;
     let duplicate = outcome == AppendOutcome::Duplicate;
+    record_gateway_status(st, &batch.gateway, headers, ingest_ms);
     if !duplicate {
-        st.metrics.readings_ingested.inc_by(accepted as u64);
+        st.metrics.readings_ingested.inc_by(accepted as u64 - aggregates);
+        st.metrics.aggregates_ingested.inc_by(aggregates);
     }
     Ok(IngestReply { gateway: batch.gateway, batch_id: batch.batch_id, accepted, rejected, duplicate })
 }
@@ -249,6 +374,7 @@ pub struct Heartbeat {
 /// durable; a repeated heartbeat (same gateway and time) is not appended again.
 pub async fn heartbeat<A: LogAppender>(
     State(st): State<Arc<IngestState<A>>>,
+    headers: HeaderMap,
     body: Result<axum::Json<Heartbeat>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let refuse = |st: &IngestState<A>, reason: &'static str, msg: String| {
@@ -257,10 +383,24 @@ pub async fn heartbeat<A: LogAppender>(
         let body = serde_json::json!({ "error": msg, "reason": reason }).to_string();
         (StatusCode::BAD_REQUEST, [("content-type", "application/json")], body).into_response()
     };
+    let sender = match st.auth.gateway(&headers) {
+        Ok(sender) => sender,
+        Err(refusal) => {
+            st.metrics.ingest_rejected.get_or_create(&[("reason", refusal.reason())]).inc();
+            tracing::warn!(reason = refusal.reason(), "Refused a heartbeat.");
+            return crate::auth::refusal_response(refusal);
+        }
+    };
     let hb = match body {
         Ok(axum::Json(hb)) => hb,
         Err(e) => return refuse(&st, "heartbeat_malformed", e.body_text()),
     };
+    if let Some(g) = sender
+        && g.id != hb.gateway
+    {
+        st.metrics.ingest_rejected.get_or_create(&[("reason", "wrong_gateway")]).inc();
+        return IngestError::NotYourGateway { token: g.id.clone(), batch: hb.gateway }.into_response();
+    }
     if let Err(e) = kappa_common::reading::validate_device_id(&hb.gateway) {
         return refuse(&st, "heartbeat_gateway", format!("gateway: {e}"));
     }
@@ -280,9 +420,12 @@ pub async fn heartbeat<A: LogAppender>(
         .collect();
     // Heartbeats are deduplicated by time in their own namespace of batch ids.
     let batch = AppendBatch { gateway: format!("{}#heartbeat", hb.gateway), batch_id: hb.ts_ms as u64, records };
-    match st.appender.append(batch).await {
+    let appended = st.appender.append(batch).await;
+    st.metrics.log_available.set(i64::from(appended.is_ok()));
+    match appended {
         Ok(_) => {
             st.metrics.heartbeats.inc();
+            record_gateway_status(&st, &hb.gateway, &headers, ingest_ms);
             (StatusCode::OK, [("content-type", "application/json")], "{\"ok\":true}").into_response()
         }
         Err(e) => IngestError::Log(e).into_response(),

@@ -21,6 +21,8 @@ pub struct CloudMetrics {
     pub ingest_rejected: Family<Label, Counter>,
     pub ingest_bytes: Counter,
     pub readings_ingested: Counter,
+    pub aggregates_ingested: Counter,
+    pub aggregates_processed: Counter,
     pub readings_rejected: Family<Label, Counter>,
     pub readings_processed: Counter,
     pub readings_duplicate: Counter,
@@ -33,6 +35,8 @@ pub struct CloudMetrics {
     pub null_metric_values: Counter,
     pub checkpoints: Counter,
     pub checkpoint_seconds: Histogram,
+    pub batch_seconds: Histogram,
+    pub lag_seconds: Gauge,
     pub checkpoint_rows: Histogram,
     pub checkpoint_commit_seconds: Histogram,
     pub window_emit_seconds: Histogram,
@@ -51,6 +55,21 @@ pub struct CloudMetrics {
     pub alerts_open: Gauge,
     pub webhook_deliveries: Family<PairLabel, Counter>,
     pub webhook_pending: Gauge,
+    /// What each gateway reported with its last batch or heartbeat.
+    pub gateway_backlog_readings: Family<ViewLabel, Gauge>,
+    pub gateway_oldest_unforwarded_seconds: Family<ViewLabel, Gauge>,
+    pub gateway_last_batch_ms: Family<ViewLabel, Gauge>,
+    /// Gateways not tracked because `MAX_TRACKED_GATEWAYS` were already.
+    pub gateways_untracked: Counter,
+    /// 1 while the last append to the event log succeeded.
+    pub log_available: Gauge,
+    /// API requests refused for their token, by reason.
+    pub api_refused: Family<Label, Counter>,
+    /// Bytes of checkpointed window state per view, and of dedup state per pipeline.
+    pub state_bytes: Family<ViewLabel, Gauge>,
+    pub dedup_state_bytes: Family<ViewLabel, Gauge>,
+    /// TLS connections that failed or timed out in the handshake.
+    pub tls_handshake_failures: Counter,
 }
 
 impl CloudMetrics {
@@ -60,6 +79,8 @@ impl CloudMetrics {
             ingest_rejected: Family::default(),
             ingest_bytes: Counter::default(),
             readings_ingested: Counter::default(),
+            aggregates_ingested: Counter::default(),
+            aggregates_processed: Counter::default(),
             readings_rejected: Family::default(),
             readings_processed: Counter::default(),
             readings_duplicate: Counter::default(),
@@ -72,6 +93,8 @@ impl CloudMetrics {
             null_metric_values: Counter::default(),
             checkpoints: Counter::default(),
             checkpoint_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
+            batch_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            lag_seconds: Gauge::default(),
             checkpoint_rows: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
             checkpoint_commit_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             window_emit_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
@@ -90,18 +113,72 @@ impl CloudMetrics {
             alerts_open: Gauge::default(),
             webhook_deliveries: Family::default(),
             webhook_pending: Gauge::default(),
+            gateway_backlog_readings: Family::default(),
+            gateway_oldest_unforwarded_seconds: Family::default(),
+            gateway_last_batch_ms: Family::default(),
+            gateways_untracked: Counter::default(),
+            log_available: Gauge::default(),
+            api_refused: Family::default(),
+            state_bytes: Family::default(),
+            dedup_state_bytes: Family::default(),
+            tls_handshake_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("kappa_cloud");
         r.register("ingest_requests", "Ingest requests by result", m.ingest_requests.clone());
         r.register("ingest_rejected", "Ingest requests refused, by reason", m.ingest_rejected.clone());
+        r.register(
+            "state_bytes",
+            "Bytes of window state per view as checkpointed (open windows), sampled every 10 s",
+            m.state_bytes.clone(),
+        );
+        r.register(
+            "dedup_state_bytes",
+            "Bytes of deduplication state per pipeline as checkpointed, sampled every 10 s",
+            m.dedup_state_bytes.clone(),
+        );
+        r.register("api_refused", "API requests refused for their token, by reason", m.api_refused.clone());
+        r.register(
+            "tls_handshake_failures",
+            "TLS connections that failed or timed out in the handshake (plain HTTP to the TLS port, an untrusted certificate)",
+            m.tls_handshake_failures.clone(),
+        );
         r.register("ingest_bytes", "Compressed request bytes received", m.ingest_bytes.clone());
         r.register("readings_ingested", "Readings durably appended to the event log", m.readings_ingested.clone());
+        r.register(
+            "log_available",
+            "1 while the event log takes appends (the last append succeeded); 0 after one failed (ingest answers 503)",
+            m.log_available.clone(),
+        );
+        r.register(
+            "aggregates_ingested",
+            "Edge aggregate partials durably appended to the event log",
+            m.aggregates_ingested.clone(),
+        );
+        r.register(
+            "aggregates_processed",
+            "Edge aggregate partials read from the log by a pipeline",
+            m.aggregates_processed.clone(),
+        );
         r.register(
             "readings_rejected",
             "Readings refused inside accepted batches, by reason",
             m.readings_rejected.clone(),
         );
         r.register("readings_processed", "Readings applied to views by the processor", m.readings_processed.clone());
+        r.register(
+            "readings_duplicate",
+            "Readings whose (device, boot, seq) was already processed (dropped)",
+            m.readings_duplicate.clone(),
+        );
+        r.register("late_events", "Reading-windows too late to count, by view", m.late_events.clone());
+        r.register(
+            "view_null_inputs",
+            "Aggregate inputs that were null or missing, by view",
+            m.view_null_inputs.clone(),
+        );
+        r.register("view_state_windows", "Open windows in memory, by view", m.view_state_windows.clone());
+        r.register("dedup_boots", "Device boots remembered for dedup", m.dedup_boots.clone());
+        r.register("idle_partitions", "Partitions not holding the watermark back", m.idle_partitions.clone());
         r.register(
             "log_records_undecodable",
             "Log records the processor could not decode (skipped)",
@@ -128,6 +205,16 @@ impl CloudMetrics {
             "window_emit_seconds",
             "From the watermark passing closed windows to their rows being committed",
             m.window_emit_seconds.clone(),
+        );
+        r.register(
+            "processor_batch_seconds",
+            "Time to process one polled batch of log records (decode, dedup, operators, watermarks; waiting excluded)",
+            m.batch_seconds.clone(),
+        );
+        r.register(
+            "processor_lag_seconds",
+            "How long ago the newest processed record was appended, while records wait behind it (0 when caught up)",
+            m.lag_seconds.clone(),
         );
         r.register(
             "processor_lag_records",
@@ -164,6 +251,26 @@ impl CloudMetrics {
             m.webhook_deliveries.clone(),
         );
         r.register("webhook_pending", "Webhook deliveries waiting in the outbox", m.webhook_pending.clone());
+        r.register(
+            "gateway_backlog_readings",
+            "Readings waiting in a gateway's log, as it reported with its last request",
+            m.gateway_backlog_readings.clone(),
+        );
+        r.register(
+            "gateway_oldest_unforwarded_seconds",
+            "Age of a gateway's oldest unforwarded reading, as it reported with its last request",
+            m.gateway_oldest_unforwarded_seconds.clone(),
+        );
+        r.register(
+            "gateway_last_batch_ms",
+            "When a gateway's last batch or heartbeat was accepted, Unix ms (cloud clock)",
+            m.gateway_last_batch_ms.clone(),
+        );
+        r.register(
+            "gateways_untracked",
+            "Requests from gateways beyond the tracked limit (their status is not kept)",
+            m.gateways_untracked.clone(),
+        );
         m
     }
 }

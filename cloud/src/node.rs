@@ -1,6 +1,7 @@
 //! A single-node cloud: embedded event log, processor, serving store and HTTP
 //! (ingest, query API, metrics), supervised together.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::aggregates::{AGGREGATES_PIPELINE, AggregatesOperator};
 use crate::alerts::ALERTS_PIPELINE;
 use crate::alerts::engine::{AlertOperator, AlertSettings, Route, SilenceClock};
 use crate::alerts::spec::Severity;
@@ -22,16 +24,51 @@ use crate::api::{self, ApiState};
 use crate::archive::archiver::{Archiver, ArchiverSettings, Retention};
 use crate::archive::source::{ArchiveSource, ChainSource};
 use crate::archive::store::ArchiveStore;
-use crate::config::{CloudConfig, LogBackend};
-use crate::eventlog::sqlite::SqliteLog;
-use crate::eventlog::sqlite::SqliteSource;
-use crate::eventlog::{EventLogError, LogAppender};
+use crate::config::CloudConfig;
+use crate::eventlog::{EventLog, EventLogError, LogAppender, LogSource};
 use crate::ingest::{self, IngestState};
 use crate::metrics::CloudMetrics;
 use crate::processor::{Operator, Processor, ProcessorSettings};
 use crate::store::{StoreError, ViewStore};
 
-const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
+/// Where an operator pipeline reads: the archive (when there is one), then the log.
+struct Sources<'a> {
+    archive: Option<&'a Arc<dyn ArchiveStore>>,
+    skip_damaged: bool,
+    log: &'a EventLog,
+}
+
+/// Runs `ops` as the pipeline `pipeline` on its own thread; its failure stops the node.
+#[allow(clippy::too_many_arguments)]
+fn spawn_operators(
+    tasks: &mut Tasks,
+    pipeline: &'static str,
+    ops: Vec<Box<dyn Operator>>,
+    src: &Sources<'_>,
+    store_path: &std::path::Path,
+    settings: ProcessorSettings,
+    metrics: &Arc<CloudMetrics>,
+    cancel: &CancellationToken,
+) -> Result<(), NodeError> {
+    let name: &'static str = Box::leak(format!("processor:{pipeline}").into_boxed_str());
+    let store = ViewStore::open(store_path)?;
+    let (c, m) = (cancel.clone(), metrics.clone());
+    let spawned = match src.archive {
+        Some(a) => {
+            let archived =
+                ArchiveSource::open(a.clone(), src.skip_damaged).map_err(|e| NodeError::Bind(e.to_string()))?;
+            let chain = ChainSource::new(archived, src.log.source()?);
+            let p = Processor::with_operators(chain, store, pipeline.to_string(), ops, false, settings, m)?;
+            tasks.spawn_thread(name, move || p.run(c).map_err(|e| e.to_string()))
+        }
+        None => {
+            let p = Processor::with_operators(src.log.source()?, store, pipeline.to_string(), ops, false, settings, m)?;
+            tasks.spawn_thread(name, move || p.run(c).map_err(|e| e.to_string()))
+        }
+    };
+    spawned.map_err(|e| NodeError::Bind(format!("cannot start the {pipeline} pipeline: {e}")))?;
+    Ok(())
+}
 
 /// A running cloud node.
 #[derive(Debug)]
@@ -44,11 +81,18 @@ impl Node {
     /// Opens the log and the store, restores the processor and starts serving.
     pub async fn start(cfg: CloudConfig) -> Result<Node, NodeError> {
         cfg.check().map_err(|e| NodeError::Config(e.to_string()))?;
+        // The certificate is read before anything starts, so a bad one stops nothing half-way.
+        let tls = match &cfg.http.tls {
+            None => None,
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                crate::tls::server_config(&t.cert_file, &t.key_file).map_err(NodeError::Config)?,
+            ))),
+        };
         let mut registry = Registry::default();
         let metrics = Arc::new(CloudMetrics::new(&mut registry));
-        let LogBackend::Sqlite = cfg.log.backend;
-        let log = SqliteLog::open(&cfg.data_dir.join("eventlog.sqlite"), cfg.log.partitions, cfg.log.durability)?;
-        let appender = log.start_writer(cfg.ingest.queue_capacity)?;
+        let log = EventLog::open(&cfg).await?;
+        metrics.log_available.set(1);
+        let appender = log.appender(cfg.ingest.queue_capacity)?;
         let store_path = cfg.data_dir.join("views.sqlite");
         let mut store = ViewStore::open(&store_path)?;
         let reader = ViewStore::open_read_only(&store_path)?;
@@ -174,34 +218,8 @@ impl Node {
                 },
             );
             let ops: Vec<Box<dyn Operator>> = vec![Box::new(op)];
-            let store = || ViewStore::open(&store_path);
-            let pipeline = ALERTS_PIPELINE.to_string();
-            let c = cancel.clone();
-            let spawned = match &archive {
-                Some(a) => {
-                    let chain = ChainSource::new(
-                        ArchiveSource::open(a.clone(), cfg.archive.skip_damaged)
-                            .map_err(|e| NodeError::Bind(e.to_string()))?,
-                        log.source()?,
-                    );
-                    let p =
-                        Processor::with_operators(chain, store()?, pipeline, ops, false, settings, metrics.clone())?;
-                    tasks.spawn_thread("processor:alerts", move || p.run(c).map_err(|e| e.to_string()))
-                }
-                None => {
-                    let p = Processor::with_operators(
-                        log.source()?,
-                        store()?,
-                        pipeline,
-                        ops,
-                        false,
-                        settings,
-                        metrics.clone(),
-                    )?;
-                    tasks.spawn_thread("processor:alerts", move || p.run(c).map_err(|e| e.to_string()))
-                }
-            };
-            spawned.map_err(|e| NodeError::Bind(format!("cannot start the alert pipeline: {e}")))?;
+            let src = Sources { archive: archive.as_ref(), skip_damaged: cfg.archive.skip_damaged, log: &log };
+            spawn_operators(&mut tasks, ALERTS_PIPELINE, ops, &src, &store_path, settings, &metrics, &cancel)?;
             if let Some(k) = cfg.alerts.kafka.clone() {
                 tasks.spawn("alerts:kafka", kafka::run(k, store_path.clone(), metrics.clone(), cancel.clone()));
             }
@@ -210,6 +228,11 @@ impl Node {
                 tasks.spawn(name, deliver::run(hook, store_path.clone(), metrics.clone(), cancel.clone()));
             }
         }
+
+        // Edge aggregates: cheap when there are none, so always on.
+        let src = Sources { archive: archive.as_ref(), skip_damaged: cfg.archive.skip_damaged, log: &log };
+        let ops: Vec<Box<dyn Operator>> = vec![Box::new(AggregatesOperator::default())];
+        spawn_operators(&mut tasks, AGGREGATES_PIPELINE, ops, &src, &store_path, settings, &metrics, &cancel)?;
 
         if let Some(a) = archive {
             let settings = ArchiverSettings {
@@ -232,6 +255,15 @@ impl Node {
                 .map_err(|e| NodeError::Bind(format!("cannot start the archiver: {e}")))?;
         }
 
+        let sampler = ViewStore::open_read_only(&store_path)?;
+        let (m, c) = (metrics.clone(), cancel.clone());
+        tasks
+            .spawn_thread("state-size", move || {
+                sample_state_bytes(&sampler, &m, &c);
+                Ok(())
+            })
+            .map_err(|e| NodeError::Bind(format!("cannot start the state-size sampler: {e}")))?;
+
         let router = router(
             IngestState {
                 appender,
@@ -241,6 +273,10 @@ impl Node {
                 partitions: cfg.log.partitions,
                 progress_interval: cfg.ingest.progress_interval,
                 last_progress: Default::default(),
+                tracked_gateways: Default::default(),
+                body_timeout: cfg.http.body_read_timeout,
+                auth: Arc::new(crate::auth::Auth::new(&cfg.auth)),
+                gateway_rate: cfg.ingest.gateway_rate(),
             },
             ApiState {
                 store: Arc::new(Mutex::new(reader)),
@@ -250,18 +286,28 @@ impl Node {
             },
             Arc::new(registry),
         );
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let http = Http { header_timeout: cfg.http.header_read_timeout, tls, metrics: metrics.clone() };
         let c = cancel.clone();
         tasks.spawn("http", async move {
-            axum::serve(listener, router).with_graceful_shutdown(c.cancelled_owned()).await.map_err(|e| e.to_string())
+            serve_http(listener, router, http, c).await;
+            Ok(())
         });
 
         tracing::info!(
             http = %http_addr,
+            scheme,
+            auth_required = cfg.auth.required,
             data_dir = %cfg.data_dir.display(),
             partitions = cfg.log.partitions,
+            log = match &log {
+                EventLog::Sqlite(_) => "sqlite",
+                EventLog::Kafka(_) => "kafka",
+            },
+            shutdown_deadline = %humantime::format_duration(cfg.shutdown_deadline),
             "Cloud node started."
         );
-        Ok(Node { http_addr, running: tasks.run_in_background("cloud node", SHUTDOWN_DEADLINE) })
+        Ok(Node { http_addr, running: tasks.run_in_background("cloud node", cfg.shutdown_deadline) })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
@@ -284,32 +330,144 @@ impl Node {
     }
 }
 
+/// Every 10 s until `cancel`: the bytes of checkpointed state, into the
+/// metrics (a view or pipeline whose state emptied reads 0).
+fn sample_state_bytes(store: &ViewStore, metrics: &CloudMetrics, cancel: &CancellationToken) {
+    let (mut views, mut pipelines) = (HashSet::new(), HashSet::new());
+    while !cancel.is_cancelled() {
+        match store.state_bytes() {
+            Ok(b) => {
+                publish_sizes(&metrics.state_bytes, "view", &mut views, b.views);
+                publish_sizes(&metrics.dedup_state_bytes, "pipeline", &mut pipelines, b.dedup);
+            }
+            Err(e) => tracing::warn!(error = %e, "Cannot measure the size of the checkpointed state."),
+        }
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < until && !cancel.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Sets `family{label=key}` to each size, and to 0 for keys seen before but gone now.
+fn publish_sizes(
+    family: &prometheus_client::metrics::family::Family<
+        crate::metrics::ViewLabel,
+        prometheus_client::metrics::gauge::Gauge,
+    >,
+    label: &'static str,
+    known: &mut HashSet<String>,
+    sizes: Vec<(String, i64)>,
+) {
+    let now: HashSet<String> = sizes.iter().map(|(k, _)| k.clone()).collect();
+    for gone in known.difference(&now) {
+        family.get_or_create(&[(label, gone.clone())]).set(0);
+    }
+    for (key, bytes) in sizes {
+        family.get_or_create(&[(label, key)]).set(bytes);
+    }
+    known.extend(now);
+}
+
+/// How the HTTP listener serves connections.
+struct Http {
+    /// A client must send a request's headers (and finish a TLS handshake) within this.
+    header_timeout: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    metrics: Arc<CloudMetrics>,
+}
+
+/// Serves `router` until `cancel` fires, then lets open requests finish.
+/// Unlike `axum::serve`, every connection must send a request's headers
+/// within `header_timeout` (idle keep-alive connections included), so slow
+/// or silent clients cannot hold connections open. With TLS the handshake
+/// has the same deadline.
+async fn serve_http(listener: TcpListener, router: Router, http: Http, cancel: CancellationToken) {
+    let http = Arc::new(http);
+    let mut connections = tokio::task::JoinSet::new();
+    while let Some(stream) = kappa_runtime::net::accept(&listener, &cancel).await {
+        while connections.try_join_next().is_some() {}
+        let (router, http, cancel) = (router.clone(), http.clone(), cancel.clone());
+        connections.spawn(async move {
+            let Some(acceptor) = &http.tls else {
+                return serve_connection(stream, router, http.header_timeout, cancel).await;
+            };
+            match tokio::time::timeout(http.header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_connection(tls, router, http.header_timeout, cancel).await,
+                Ok(Err(e)) => {
+                    http.metrics.tls_handshake_failures.inc();
+                    tracing::debug!(error = %e, "A TLS handshake failed.");
+                }
+                Err(_) => {
+                    http.metrics.tls_handshake_failures.inc();
+                    tracing::debug!("A TLS handshake did not finish in time.");
+                }
+            }
+        });
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+async fn serve_connection<S>(io: S, router: Router, header_timeout: Duration, cancel: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper_util::service::TowerToHyperService::new(router);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
 /// A replaying processor, over the archive or (with no archive) the log.
 enum Replay {
-    Archive(Processor<ChainSource<SqliteSource>>),
-    Log(Processor<SqliteSource>),
+    Archive(Processor<ChainSource<Box<dyn LogSource>>>),
+    Log(Processor<Box<dyn LogSource>>),
 }
 
 /// Every HTTP route of a node.
 pub fn router<A: LogAppender>(ingest: IngestState<A>, api: ApiState, registry: Arc<Registry>) -> Router {
+    let ready_metrics = ingest.metrics.clone();
+    let read = crate::auth::ApiGuard {
+        auth: ingest.auth.clone(),
+        role: crate::auth::Role::Read,
+        metrics: ingest.metrics.clone(),
+    };
+    let admin = crate::auth::ApiGuard { role: crate::auth::Role::Admin, ..read.clone() };
     let ingest = Router::new()
         .route("/v1/ingest", post(ingest::ingest::<A>))
         .route("/v1/heartbeat", post(ingest::heartbeat::<A>))
         .with_state(Arc::new(ingest));
+    let api_state = Arc::new(api);
+    let acknowledge = Router::new()
+        .route("/v1/alerts/{id}/ack", post(api::alerts::ack))
+        .with_state(api_state.clone())
+        .route_layer(axum::middleware::from_fn_with_state(admin, crate::auth::require));
     let api = Router::new()
         .route("/v1/devices", get(api::devices))
         .route("/v1/devices/{id}/windows", get(api::device_windows))
         .route("/v1/views", get(api::views))
         .route("/v1/views/{view}/rows", get(api::view_rows))
         .route("/v1/late", get(api::late))
+        .route("/v1/aggregates", get(api::aggregates::list))
         .route("/v1/alerts", get(api::alerts::list))
         .route("/v1/alerts/{id}", get(api::alerts::get))
-        .route("/v1/alerts/{id}/ack", post(api::alerts::ack))
-        .with_state(Arc::new(api));
+        .with_state(api_state)
+        .route_layer(axum::middleware::from_fn_with_state(read, crate::auth::require))
+        .merge(acknowledge);
     let ops = Router::new()
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(api::dashboard))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ok\n" }))
+        .route("/readyz", get(move || readyz(ready_metrics.clone())))
         .route("/", get(index))
         .with_state(registry);
     ingest.merge(api).merge(ops)
@@ -326,20 +484,37 @@ async fn metrics(State(registry): State<Arc<Registry>>) -> axum::response::Respo
     }
 }
 
+/// Ready while the event log takes appends: after an append failed (the
+/// disk, the Kafka brokers), 503 until one succeeds again. `/healthz` only
+/// says the process answers.
+async fn readyz(metrics: Arc<CloudMetrics>) -> (axum::http::StatusCode, &'static str) {
+    if metrics.log_available.get() == 1 {
+        (axum::http::StatusCode::OK, "ready\n")
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the event log refused the last append; ingest answers 503\n",
+        )
+    }
+}
+
 async fn index() -> &'static str {
     "Kappa IoT cloud node\n\n\
+     GET  /dashboard                      the operator's dashboard (fleet, devices, alerts, pipeline health)\n\
      POST /v1/ingest                      edge batches (zstd + CBOR)\n\
      GET  /v1/devices                     devices (rows of api.devices_view)\n\
      GET  /v1/devices/{id}/windows        one device's windows (?from=&to=&limit=&after=&view=)\n\
      GET  /v1/views                       view versions and definitions\n\
      GET  /v1/views/{view}/rows           any view's rows (?key=&from=&to=&limit=&after=)\n\
      GET  /v1/late                        the late-events log (?view=&device=&from=&to=&limit=&after=)\n\
+     GET  /v1/aggregates                  edge aggregates (?device=&metric=&window=&from=&to=&limit=&after=)\n\
      GET  /v1/alerts                      alerts (?state=&severity=&device=&rule=&from=&to=&limit=&after=)\n\
      GET  /v1/alerts/{id}                 one alert, its history and webhook deliveries\n\
      POST /v1/alerts/{id}/ack             acknowledge ({\"by\": ..., \"note\": ...})\n\
      POST /v1/heartbeat                   a gateway's heartbeat ({\"gateway\": ..., \"ts_ms\": ...})\n\
      GET  /metrics                        Prometheus metrics\n\
-     GET  /healthz, /readyz               health\n"
+     GET  /healthz                        the process answers\n\
+     GET  /readyz                         ready: 503 while the event log refuses appends\n"
 }
 
 /// Why the node could not start or had to stop.

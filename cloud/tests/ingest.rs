@@ -61,6 +61,21 @@ async fn bad_batches_are_refused_by_reason_and_good_ones_still_land_once() {
     future_format.format = 99;
     let bomb = frame::compress(&vec![0u8; 64 << 20], 19);
     let oversized: Vec<u8> = (0..200_000u32).flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()).collect();
+    // A CBOR map nested 5,000 levels deep (random keys, so it does not
+    // compress like a bomb): refused at the parser's recursion limit.
+    let mut deep = Vec::new();
+    let mut x = 0x9e37_79b9_u32;
+    for _ in 0..5_000 {
+        deep.extend_from_slice(&[0xa1, 0x68]);
+        for _ in 0..8 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            deep.push(b'a' + (x % 26) as u8);
+        }
+    }
+    deep.push(0x00);
+    let nested = frame::compress(&deep, 3);
 
     let cases: Vec<(&str, Vec<u8>, &str, u16, &str)> = vec![
         ("good batch", good.clone(), "zstd", 200, "\"accepted\":10"),
@@ -70,6 +85,7 @@ async fn bad_batches_are_refused_by_reason_and_good_ones_still_land_once() {
         ("zstd of garbage", frame::compress(b"\xff\xfe not cbor", 1), "zstd", 400, "malformed_batch"),
         ("unknown batch format", batch::encode(&future_format, 3), "zstd", 400, "unknown_batch_format"),
         ("a zstd bomb", bomb, "zstd", 413, "decompression_bomb"),
+        ("5,000 levels of nesting", nested, "zstd", 400, "malformed_batch"),
         ("an oversized body", oversized, "zstd", 413, "body_too_large"),
         ("wrong content encoding", good, "gzip", 415, "unsupported_encoding"),
     ];
@@ -82,7 +98,7 @@ async fn bad_batches_are_refused_by_reason_and_good_ones_still_land_once() {
     let metrics = get(&node, "/metrics").await;
     for (reason, n) in [
         ("corrupt_frame", 1),
-        ("malformed_batch", 1),
+        ("malformed_batch", 2),
         ("unknown_batch_format", 1),
         ("decompression_bomb", 1),
         ("body_too_large", 1),
@@ -154,4 +170,43 @@ async fn the_query_api_pages_windows_and_refuses_bad_parameters() {
     assert_eq!(bad.status().as_u16(), 400);
     let missing = reqwest::get(format!("http://{}/v1/views/nope/rows", node.http_addr())).await.unwrap();
     assert_eq!(missing.status().as_u16(), 404);
+}
+
+/// Over `ingest.max_gateway_readings_per_second` a gateway gets 429 with
+/// Retry-After (counted as rate_limited); other gateways are not slowed, and
+/// the same batch passes once the wait is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_over_its_rate_gets_429_with_retry_after_and_others_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CloudConfig::from_toml(&format!(
+        "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[ingest]\nmax_gateway_readings_per_second = 100\n",
+        dir.path().join("data")
+    ))
+    .unwrap();
+    let node = Node::start(cfg).await.unwrap();
+    let send = |gateway: &'static str, id: u64, n: u64| {
+        let url = format!("http://{}/v1/ingest", node.http_addr());
+        let body = batch::encode(
+            &EdgeBatch::new(gateway, id, (1..=n).map(|s| reading(gateway, id * 10_000 + s)).collect()),
+            3,
+        );
+        async move {
+            let resp =
+                reqwest::Client::new().post(url).header("content-encoding", "zstd").body(body).send().await.unwrap();
+            let retry = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            (resp.status().as_u16(), retry, resp.text().await.unwrap())
+        }
+    };
+    // The bucket holds 10 s (1,000 readings): a batch of 1,500 passes from a
+    // full bucket and leaves 500 in debt, so the next one waits ~5 s.
+    assert_eq!(send("gw-1", 1, 1500).await.0, 200);
+    let (status, retry, body) = send("gw-1", 2, 10).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("\"reason\":\"rate_limited\""), "{body}");
+    assert!(matches!(retry, Some(5..=6)), "Retry-After {retry:?}");
+    assert_eq!(send("gw-2", 3, 10).await.0, 200, "another gateway has its own bucket");
+    let metrics = get(&node, "/metrics").await;
+    assert!(metrics.contains("kappa_cloud_ingest_rejected_total{reason=\"rate_limited\"} 1"), "{metrics}");
+    tokio::time::sleep(Duration::from_secs(retry.unwrap_or(6))).await;
+    assert_eq!(send("gw-1", 2, 10).await.0, 200, "after the wait the batch passes");
 }

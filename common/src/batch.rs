@@ -5,20 +5,25 @@
 //! batch after a lost response resends the same id with the same readings.
 //!
 //! Format versions: the `format` field names the layout; a receiver refuses a
-//! layout it does not know with [`BatchError::UnknownFormat`].
+//! layout it does not know with [`BatchError::UnknownFormat`]. Format 1 is
+//! packed CBOR, one record per reading; format 2 ([`crate::columnar`]) is
+//! columns per device, several times smaller on the wire. Both are one zstd
+//! frame, and a receiver tells them apart by their first bytes.
 
 use serde::{Deserialize, Serialize};
 
+use crate::aggregate::Aggregate;
 use crate::frame::{self, FrameError, FrameLimits};
 use crate::reading::{Reading, validate_device_id};
 
-/// The batch layout this crate writes.
+/// The record-per-reading CBOR layout.
 pub const BATCH_FORMAT: u16 = 1;
+pub use crate::columnar::COLUMNAR_FORMAT;
 
 /// A batch of readings from one gateway.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EdgeBatch {
-    /// Layout version ([`BATCH_FORMAT`]).
+    /// Layout version ([`BATCH_FORMAT`] or [`COLUMNAR_FORMAT`]).
     pub format: u16,
     /// The sending gateway's id (same character rules as device ids).
     pub gateway: String,
@@ -26,6 +31,9 @@ pub struct EdgeBatch {
     pub batch_id: u64,
     /// The readings, in the gateway's log order.
     pub readings: Vec<Reading>,
+    /// Pre-aggregated windows (partials; see [`crate::aggregate`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aggregates: Vec<Aggregate>,
 }
 
 /// Limits on one received batch.
@@ -42,9 +50,19 @@ impl Default for BatchLimits {
 }
 
 impl EdgeBatch {
-    /// A batch in the current layout.
+    /// A batch in the CBOR layout (format 1).
     pub fn new(gateway: impl Into<String>, batch_id: u64, readings: Vec<Reading>) -> Self {
-        Self { format: BATCH_FORMAT, gateway: gateway.into(), batch_id, readings }
+        Self { format: BATCH_FORMAT, gateway: gateway.into(), batch_id, readings, aggregates: Vec::new() }
+    }
+
+    /// The same batch carrying `aggregates` too.
+    pub fn with_aggregates(self, aggregates: Vec<Aggregate>) -> Self {
+        Self { aggregates, ..self }
+    }
+
+    /// The same batch in another layout.
+    pub fn with_format(self, format: u16) -> Self {
+        Self { format, ..self }
     }
 }
 
@@ -54,9 +72,11 @@ pub fn to_cbor(batch: &EdgeBatch) -> Vec<u8> {
     serde_cbor::ser::to_vec_packed(batch).unwrap_or_default()
 }
 
-/// Encodes a batch for the wire: packed CBOR in one zstd frame at `level`.
+/// Encodes a batch for the wire in its `format` (columnar for
+/// [`COLUMNAR_FORMAT`], packed CBOR otherwise), in one zstd frame at `level`.
 pub fn encode(batch: &EdgeBatch, level: i32) -> Vec<u8> {
-    frame::compress(&to_cbor(batch), level)
+    let raw = if batch.format == COLUMNAR_FORMAT { crate::columnar::encode(batch) } else { to_cbor(batch) };
+    frame::compress(&raw, level)
 }
 
 /// Decodes a batch received from the wire, refusing anything past `limits`.
@@ -64,16 +84,22 @@ pub fn encode(batch: &EdgeBatch, level: i32) -> Vec<u8> {
 /// Readings are *not* validated here: the receiver validates each one and
 /// decides per reading, so one bad reading does not sink its neighbours.
 pub fn decode(body: &[u8], limits: &BatchLimits) -> Result<EdgeBatch, BatchError> {
-    let cbor = frame::decompress(body, &limits.frame)?;
-    let batch: EdgeBatch = serde_cbor::from_slice(&cbor).map_err(|e| BatchError::Cbor(e.to_string()))?;
-    if batch.format != BATCH_FORMAT {
-        return Err(BatchError::UnknownFormat { format: batch.format });
-    }
+    let raw = frame::decompress(body, &limits.frame)?;
+    let batch = if raw.starts_with(crate::columnar::MAGIC) {
+        crate::columnar::decode(&raw, limits.max_readings)?
+    } else {
+        let batch: EdgeBatch = serde_cbor::from_slice(&raw).map_err(|e| BatchError::Cbor(e.to_string()))?;
+        if batch.format != BATCH_FORMAT {
+            return Err(BatchError::UnknownFormat { format: batch.format });
+        }
+        batch
+    };
     if validate_device_id(&batch.gateway).is_err() {
         return Err(BatchError::BadGateway);
     }
-    if batch.readings.len() > limits.max_readings {
-        return Err(BatchError::TooManyReadings { count: batch.readings.len(), max: limits.max_readings });
+    let count = batch.readings.len() + batch.aggregates.len();
+    if count > limits.max_readings {
+        return Err(BatchError::TooManyReadings { count, max: limits.max_readings });
     }
     Ok(batch)
 }
@@ -86,11 +112,11 @@ pub enum BatchError {
     Frame(#[from] FrameError),
     #[error("malformed batch CBOR: {0}")]
     Cbor(String),
-    #[error("unknown batch format {format} (supported: {BATCH_FORMAT})")]
+    #[error("unknown batch format {format} (supported: {BATCH_FORMAT}, {COLUMNAR_FORMAT})")]
     UnknownFormat { format: u16 },
     #[error("gateway id must be 1-64 characters of A-Z a-z 0-9 _ . -")]
     BadGateway,
-    #[error("batch carries {count} readings, more than the limit of {max}")]
+    #[error("batch carries {count} readings and aggregates, more than the limit of {max}")]
     TooManyReadings { count: usize, max: usize },
 }
 
@@ -116,6 +142,30 @@ mod tests {
     fn a_batch_survives_the_wire() {
         let batch = EdgeBatch::new("gw-1", 7, vec![sample(), sample()]);
         assert_eq!(decode(&encode(&batch, 3), &BatchLimits::default()), Ok(batch));
+    }
+
+    #[test]
+    fn both_layouts_survive_the_wire() {
+        let batch = EdgeBatch::new("gw-1", 7, vec![sample(), sample()]).with_format(COLUMNAR_FORMAT);
+        assert_eq!(decode(&encode(&batch, 3), &BatchLimits::default()), Ok(batch));
+    }
+
+    #[test]
+    fn a_columnar_batch_is_capped_like_a_cbor_one() {
+        let batch = EdgeBatch::new("gw-1", 1, vec![sample(); 3]).with_format(COLUMNAR_FORMAT);
+        let limits = BatchLimits { max_readings: 2, ..BatchLimits::default() };
+        assert_eq!(decode(&encode(&batch, 1), &limits).unwrap_err().reason(), "too_many_readings");
+    }
+
+    #[test]
+    fn aggregates_travel_in_both_layouts() {
+        let aggs = crate::aggregate::aggregate(&[sample(), sample()], 60_000);
+        for format in [BATCH_FORMAT, COLUMNAR_FORMAT] {
+            let batch = EdgeBatch::new("gw-1", 7, vec![sample()]).with_format(format).with_aggregates(aggs.clone());
+            assert_eq!(decode(&encode(&batch, 3), &BatchLimits::default()), Ok(batch));
+            let only = EdgeBatch::new("gw-1", 8, vec![]).with_format(format).with_aggregates(aggs.clone());
+            assert_eq!(decode(&encode(&only, 3), &BatchLimits::default()), Ok(only));
+        }
     }
 
     #[test]

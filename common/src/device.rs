@@ -184,6 +184,29 @@ mod tests {
     use super::*;
     use crate::reading::tests::sample;
 
+    /// Deeply nested payloads (100,000 levels, within the size limit) are
+    /// refused with an error and a reason, never a stack overflow: nesting
+    /// where a number belongs is a type error at the first level, and nesting
+    /// in an unknown field is skipped without recursing (JSON) or stopped by
+    /// the parser's recursion limit (CBOR).
+    #[test]
+    fn deeply_nested_payloads_are_refused_not_recursed_into() {
+        let limits = Limits { max_payload_bytes: 1 << 20, ..Limits::default() };
+        let depth = 100_000;
+        let nest = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let in_data = format!(r#"{{"v":2,"boot":1,"seq":1,"ts":1767225600000,"data":{{"t":{nest}}}}}"#);
+        let err = decode("dev-1", in_data.as_bytes(), &limits).unwrap_err();
+        assert_eq!(err.reason(), "malformed_json", "{err}");
+        let in_unknown = format!(r#"{{"v":2,"boot":1,"seq":1,"ts":1767225600000,"x":{nest},"data":{{}}}}"#);
+        assert!(decode("dev-1", in_unknown.as_bytes(), &limits).is_err());
+        // CBOR: a map whose unknown key holds 100,000 nested one-element arrays.
+        let mut cbor = vec![0xa2, 0x61, b'v', 0x02, 0x61, b'x'];
+        cbor.extend(std::iter::repeat_n(0x81, depth));
+        cbor.push(0x00);
+        let err = decode("dev-1", &cbor, &limits).unwrap_err();
+        assert_eq!(err.reason(), "malformed_cbor", "{err}");
+    }
+
     #[test]
     fn cbor_and_json_payloads_decode_to_the_same_reading() {
         let r = sample();

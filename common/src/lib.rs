@@ -7,10 +7,13 @@
 //!   everywhere (dedup, ordering, gap detection).
 //! * [`device`]: what devices publish on `devices/{id}/telemetry` (CBOR or JSON,
 //!   schema versions 1 and 2, upgraded to the current model on decode).
+//! * [`aggregate`]: pre-aggregated windows (mergeable partials) from the edge.
 //! * [`batch`]: what an edge agent POSTs to the cloud (CBOR, then a zstd frame).
+//! * [`columnar`]: the compact batch layout (columns per device, differences).
 //! * [`frame`]: zstd framing that refuses to inflate past a cap.
 //! * [`record`]: what the cloud appends to its event log.
 //! * [`partition`]: the stable device-id → partition function every log uses.
+//! * [`segment`]: the archive's segment files (blocks of log records, CRC-checked).
 //!
 //! ```
 //! use kappa_common::{device, Reading};
@@ -20,12 +23,15 @@
 //! assert_eq!(reading.metric("temperature"), Some(21.5));
 //! ```
 
+pub mod aggregate;
 pub mod batch;
+pub mod columnar;
 pub mod device;
 pub mod frame;
 pub mod partition;
 pub mod reading;
 pub mod record;
+pub mod segment;
 pub mod window;
 
 pub use reading::{Reading, ReadingId, ValidationError};

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::aggregate::Aggregate;
 use crate::reading::Reading;
 
 /// One entry of the event log.
@@ -42,6 +43,9 @@ pub enum LogEvent {
     Progress {
         ts_ms: i64,
     },
+    /// A window pre-aggregated at the edge (a mergeable partial). Views are
+    /// computed from readings; aggregates have their own store and query.
+    Aggregate(Aggregate),
 }
 
 impl LogRecord {
@@ -49,14 +53,16 @@ impl LogRecord {
     pub fn key(&self) -> &str {
         match &self.event {
             LogEvent::Reading(r) => &r.device,
+            LogEvent::Aggregate(a) => &a.device,
             LogEvent::Heartbeat { .. } | LogEvent::Progress { .. } => &self.gateway,
         }
     }
 
-    /// The event time.
+    /// The event time (an aggregate's window start).
     pub fn ts_ms(&self) -> i64 {
         match &self.event {
             LogEvent::Reading(r) => r.ts_ms,
+            LogEvent::Aggregate(a) => a.start_ms,
             LogEvent::Heartbeat { ts_ms } | LogEvent::Progress { ts_ms } => *ts_ms,
         }
     }
@@ -65,7 +71,7 @@ impl LogRecord {
     pub fn reading(&self) -> Option<&Reading> {
         match &self.event {
             LogEvent::Reading(r) => Some(r),
-            LogEvent::Heartbeat { .. } | LogEvent::Progress { .. } => None,
+            LogEvent::Heartbeat { .. } | LogEvent::Progress { .. } | LogEvent::Aggregate(_) => None,
         }
     }
 
@@ -73,7 +79,7 @@ impl LogRecord {
     pub fn into_reading(self) -> Option<Reading> {
         match self.event {
             LogEvent::Reading(r) => Some(r),
-            LogEvent::Heartbeat { .. } | LogEvent::Progress { .. } => None,
+            LogEvent::Heartbeat { .. } | LogEvent::Progress { .. } | LogEvent::Aggregate(_) => None,
         }
     }
 }

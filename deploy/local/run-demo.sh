@@ -68,6 +68,7 @@ cat <<MSG
 
 Kappa IoT is running: $DEVICES simulated devices -> edge agent (MQTT :11883) -> cloud (:8080).
 
+  Dashboard                  http://127.0.0.1:8080/dashboard
   Devices and their totals   curl -s 'http://127.0.0.1:8080/v1/devices?limit=5'
   One device's windows       curl -s 'http://127.0.0.1:8080/v1/devices/sim-00000/windows?limit=5'
   All views                  curl -s  http://127.0.0.1:8080/v1/views

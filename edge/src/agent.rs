@@ -19,15 +19,20 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{EdgeConfig, MqttMode};
+use crate::aggregate::{self, Folder};
+use crate::config::{EdgeConfig, ForwardMode, MqttMode};
+use crate::ingest::Decoder;
 use crate::ingest::writer::{self, WriterConfig};
 use crate::log::{EdgeLog, LogError, SharedLog};
 use crate::metrics::EdgeMetrics;
-use crate::mqtt::{embedded, external};
-use crate::{forward, http, now_ms};
+use crate::mqtt::{embedded, external, gate};
+use crate::{forward, housekeeping, http, now_ms};
 
-/// How long a graceful shutdown may take before tasks are aborted.
-const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+/// The writer connection's SQLite page cache.
+const WRITER_CACHE_BYTES: u64 = 4 << 20;
+
+/// The other connections' caches: they scan, and scans do not need a big cache.
+const READER_CACHE_BYTES: u64 = 512 << 10;
 
 /// A running agent.
 #[derive(Debug)]
@@ -40,14 +45,27 @@ impl Agent {
     /// Opens the log, binds the listeners and starts every task.
     pub async fn start(cfg: EdgeConfig) -> Result<Agent, AgentError> {
         cfg.check().map_err(|e| AgentError::Config(e.to_string()))?;
+        let shutdown_deadline = cfg.shutdown_deadline;
         let mut registry = Registry::default();
         let metrics = Arc::new(EdgeMetrics::new(&mut registry));
         let path = cfg.log_path();
         let mut writer_log = EdgeLog::open(&path, cfg.log.durability)?;
         writer_log.set_quarantine_keep(cfg.log.quarantine_keep);
+        writer_log.set_cache_bytes(WRITER_CACHE_BYTES)?;
+        writer_log.set_checkpointing()?;
         let writer_log = SharedLog::new(writer_log);
-        let forward_log = SharedLog::new(EdgeLog::open(&path, cfg.log.durability)?);
-        let stats_log = SharedLog::new(EdgeLog::open_read_only(&path)?);
+        let open_small = || -> Result<EdgeLog, LogError> {
+            let mut log = EdgeLog::open(&path, cfg.log.durability)?;
+            log.set_cache_bytes(READER_CACHE_BYTES)?;
+            Ok(log)
+        };
+        let mut forward_log = open_small()?;
+        forward_log.set_folding(cfg.forward.mode != ForwardMode::Raw);
+        let forward_log = SharedLog::new(forward_log);
+        let housekeeping_log = SharedLog::new(open_small()?);
+        let mut stats_log = EdgeLog::open_read_only(&path)?;
+        stats_log.set_cache_bytes(READER_CACHE_BYTES)?;
+        let stats_log = SharedLog::new(stats_log);
         let listener = TcpListener::bind(cfg.http.listen)
             .await
             .map_err(|e| AgentError::Bind(format!("HTTP endpoint cannot listen on {}: {e}", cfg.http.listen)))?;
@@ -57,34 +75,95 @@ impl Agent {
         let mut tasks = Tasks::new(cancel.clone());
         let (tx, rx) = mpsc::channel(cfg.mqtt.queue_capacity);
         let committed = Arc::new(Notify::new());
-        let limits = device::Limits { max_payload_bytes: cfg.mqtt.max_payload_bytes, ..device::Limits::default() };
+        let decoder = Decoder {
+            topic_prefix: cfg.mqtt.topic_prefix.clone(),
+            limits: device::Limits { max_payload_bytes: cfg.mqtt.max_payload_bytes, ..device::Limits::default() },
+            clock: cfg.clock,
+            metrics: metrics.clone(),
+            rate: (cfg.mqtt.max_device_rate > 0).then(|| {
+                Arc::new(kappa_runtime::rate::KeyedRate::new(
+                    f64::from(cfg.mqtt.max_device_rate),
+                    f64::from(cfg.mqtt.max_device_burst),
+                ))
+            }),
+        };
 
         let acks = match cfg.mqtt.mode {
             MqttMode::Embedded => {
-                let broker =
-                    embedded::start(cfg.mqtt.listen, &cfg.mqtt.telemetry_filter(), cfg.mqtt.max_payload_bytes, 20_000)
-                        .map_err(AgentError::Broker)?;
-                let (prefix, m, c) = (cfg.mqtt.topic_prefix.clone(), metrics.clone(), cancel.clone());
+                let max_connections = 20_000;
+                let broker = if cfg.mqtt.gated() {
+                    // Devices reach rumqttd only through the gate: rumqttd
+                    // listens on loopback and demands a login only the gate has.
+                    let settings = gate_settings(&cfg, max_connections)?;
+                    let listeners = gate::bind(&settings).await.map_err(AgentError::Broker)?;
+                    let internal = kappa_runtime::net::free_loopback_port().map_err(AgentError::Broker)?;
+                    let login = embedded::InternalLogin::random().map_err(AgentError::Broker)?;
+                    let broker = embedded::start(
+                        internal,
+                        &cfg.mqtt.telemetry_filter(),
+                        cfg.mqtt.max_payload_bytes,
+                        max_connections,
+                        Some(&login),
+                    )
+                    .map_err(AgentError::Broker)?;
+                    let gate =
+                        gate::Gate::new(settings, internal, login, metrics.clone()).map_err(AgentError::Broker)?;
+                    let c = cancel.clone();
+                    tasks.spawn("mqtt-gate", async move {
+                        gate.run(listeners, c).await;
+                        Ok(())
+                    });
+                    broker
+                } else {
+                    embedded::start(
+                        cfg.mqtt.listen,
+                        &cfg.mqtt.telemetry_filter(),
+                        cfg.mqtt.max_payload_bytes,
+                        max_connections,
+                        None,
+                    )
+                    .map_err(AgentError::Broker)?
+                };
+                metrics.mqtt_connected.set(1);
+                let c = cancel.clone();
                 tasks.spawn("mqtt-embedded", async move {
-                    embedded::run(broker, tx, prefix, limits, m, c).await;
+                    embedded::run(broker, tx, decoder, c).await;
                     Ok(())
                 });
                 None
             }
             MqttMode::External => {
                 let (host, port) = cfg.mqtt.broker_host_port().map_err(AgentError::Config)?;
+                let credentials = match &cfg.mqtt.username {
+                    None => None,
+                    Some(username) => {
+                        let var = &cfg.mqtt.password_env;
+                        let password = std::env::var(var).map_err(|_| {
+                            AgentError::Config(format!(
+                                "mqtt.password_env: the environment variable {var} (the password for mqtt.username {username:?}) is not set"
+                            ))
+                        })?;
+                        Some(external::Credentials { username: username.clone(), password })
+                    }
+                };
                 let src = external::ExternalSource {
                     host,
                     port,
                     client_id: cfg.client_id(),
+                    credentials,
                     filter: cfg.mqtt.telemetry_filter(),
-                    topic_prefix: cfg.mqtt.topic_prefix.clone(),
-                    limits,
+                    decoder,
+                    ack_on_receipt: std::env::var(FAULT_ACK_ON_RECEIPT).is_ok_and(|v| v == "1"),
                 };
+                if src.ack_on_receipt {
+                    tracing::warn!(
+                        "{FAULT_ACK_ON_RECEIPT}=1: acknowledging messages before they are committed. This is fault injection for tests; a crash will lose readings."
+                    );
+                }
                 let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-                let (m, c) = (metrics.clone(), cancel.clone());
+                let c = cancel.clone();
                 tasks.spawn("mqtt-external", async move {
-                    external::run(src, tx, ack_rx, m, c).await;
+                    external::run(src, tx, ack_rx, c).await;
                     Ok(())
                 });
                 Some(ack_tx)
@@ -92,16 +171,56 @@ impl Agent {
         };
 
         let writer_cfg = WriterConfig { linger: cfg.log.commit_linger, max_entries: cfg.log.max_commit_readings };
-        let (m, c, n) = (metrics.clone(), cancel.clone(), committed.clone());
+        let disk_full = Arc::new(Notify::new());
+        let mut wake = writer::Wake { committed: vec![committed.clone()], disk_full: disk_full.clone() };
+        if cfg.forward.mode != ForwardMode::Raw {
+            let folder =
+                Folder::new(&cfg.aggregate, cfg.forward.mode, &cfg.forward.hybrid).map_err(AgentError::Config)?;
+            let log = SharedLog::new(open_small()?);
+            let to_fold = Arc::new(Notify::new());
+            wake.committed.push(to_fold.clone());
+            let (m, c, folded) = (metrics.clone(), cancel.clone(), committed.clone());
+            tasks.spawn("aggregator", async move {
+                aggregate::run(log, folder, to_fold, folded, m, c).await.map_err(|e| e.to_string())
+            });
+        }
+        let (m, c) = (metrics.clone(), cancel.clone());
         tasks.spawn("writer", async move {
-            writer::run(writer_log, rx, acks, n, writer_cfg, m, c).await;
+            writer::run(writer_log, rx, acks, wake, writer_cfg, m, c).await;
             Ok(())
+        });
+
+        let limits = housekeeping::Limits::new(&cfg.data_dir, &cfg.log);
+        let (m, c, every) = (metrics.clone(), cancel.clone(), cfg.log.housekeeping_interval);
+        tasks.spawn("housekeeping", async move {
+            housekeeping::run(housekeeping_log, limits, every, disk_full, m, c).await.map_err(|e| e.to_string())
         });
 
         let (m, c, n) = (metrics.clone(), cancel.clone(), committed.clone());
         let (fcfg, gateway) = (cfg.forward.clone(), cfg.gateway_id.clone());
+        let security = forward::client::Security {
+            ca_pem: match &cfg.forward.ca_file {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    AgentError::Config(format!("forward.ca_file: cannot read {}: {e}", path.display()))
+                })?),
+                None => None,
+            },
+            token: std::env::var(&cfg.forward.token_env).ok().filter(|t| !t.trim().is_empty()),
+        };
+        if security.token.is_some() && cfg.forward.cloud_url.starts_with("http://") {
+            tracing::warn!(
+                cloud = %cfg.forward.cloud_url,
+                "The ingest token goes over plain HTTP: anyone on the path can read it. Use an https:// cloud_url."
+            );
+        }
+        tracing::info!(
+            cloud = %cfg.forward.cloud_url,
+            private_ca = security.ca_pem.is_some(),
+            token = security.token.is_some(),
+            "Forwarding to the cloud."
+        );
         tasks.spawn("forwarder", async move {
-            forward::run(forward_log, fcfg, gateway, n, m, c).await.map_err(|e| e.to_string())
+            forward::run(forward_log, fcfg, gateway, security, n, m, c).await.map_err(|e| e.to_string())
         });
 
         let (m, c) = (metrics.clone(), cancel.clone());
@@ -110,8 +229,9 @@ impl Agent {
 
         let c = cancel.clone();
         let registry = Arc::new(registry);
+        let http_metrics = metrics.clone();
         tasks.spawn("http", async move {
-            http::serve(listener, registry, c).await;
+            http::serve(listener, registry, http_metrics, c).await;
             Ok(())
         });
 
@@ -121,9 +241,10 @@ impl Agent {
             mqtt = ?cfg.mqtt.mode,
             cloud = %cfg.forward.cloud_url,
             metrics = %format!("http://{http_addr}/metrics"),
+            shutdown_deadline = %humantime::format_duration(shutdown_deadline),
             "Edge agent started."
         );
-        Ok(Agent { http_addr, running: tasks.run_in_background("edge agent", SHUTDOWN_DEADLINE) })
+        Ok(Agent { http_addr, running: tasks.run_in_background("edge agent", shutdown_deadline) })
     }
 
     /// Where `/metrics` and `/healthz` are served.
@@ -147,19 +268,58 @@ impl Agent {
     }
 }
 
+/// The environment switch that makes the external source acknowledge before commit (tests only).
+pub const FAULT_ACK_ON_RECEIPT: &str = "KAPPA_EDGE_FAULT_ACK_ON_RECEIPT";
+
+/// What the device gate enforces, from the `[mqtt]` section.
+fn gate_settings(cfg: &EdgeConfig, max_connections: usize) -> Result<gate::GateSettings, AgentError> {
+    use kappa_runtime::tls::ClientAuth;
+    let m = &cfg.mqtt;
+    let access = m.access.clone().unwrap_or_default();
+    let tls = match &m.tls {
+        None => None,
+        Some(t) => {
+            let clients = match (&t.client_ca_file, t.require_client_certificate) {
+                (None, _) => ClientAuth::None,
+                (Some(ca), false) => ClientAuth::Optional(ca),
+                (Some(ca), true) => ClientAuth::Required(ca),
+            };
+            let config = kappa_runtime::tls::server_config("mqtt.tls", &t.cert_file, &t.key_file, clients)
+                .map_err(AgentError::Config)?;
+            Some((t.listen, Arc::new(config)))
+        }
+    };
+    Ok(gate::GateSettings {
+        plain: m.plain.then_some(m.listen),
+        tls,
+        anonymous: access.anonymous,
+        password_file: access.password_file,
+        revoked: access.revoked.into_iter().collect(),
+        topic_prefix: m.topic_prefix.clone(),
+        // Like the broker: payloads up to this far over the limit reach the
+        // agent and are quarantined with a reason; bigger packets end the session.
+        max_packet: m.max_payload_bytes.saturating_mul(embedded::OVERSIZE_FACTOR) + 1024,
+        max_connections,
+        connect_timeout: access.connect_timeout,
+    })
+}
+
 async fn refresh_log_metrics(
     log: SharedLog,
     metrics: Arc<EdgeMetrics>,
     cancel: CancellationToken,
 ) -> Result<(), LogError> {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    // Counting the backlog reads all of it: every 2 s while it is small, every 10 s once it is not.
+    let mut every = Duration::from_secs(2);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(every) => {}
         }
         let s = log.call(|l| l.backlog()).await?;
+        every = Duration::from_secs(if s.readings < 50_000 { 2 } else { 10 });
         metrics.backlog_readings.set(s.readings as i64);
+        metrics.backlog_bytes.set(s.bytes as i64);
         metrics.oldest_unforwarded_age_seconds.set(s.oldest_received_ms.map_or(0, |t| (now_ms() - t).max(0) / 1000));
         metrics.log_file_bytes.set(s.file_bytes as i64);
     }

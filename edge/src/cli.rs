@@ -18,6 +18,7 @@ use crate::log::EdgeLog;
 ///   kappa-edge config check --config deploy/edge/gateway.toml
 ///   kappa-edge log stats --config deploy/edge/gateway.toml
 ///   kappa-edge log export --config gw.toml --from 2026-11-26T00:00:00Z --format csv
+///   kappa-edge mosquitto credentials --out creds --device sensor-1 --device sensor-2
 #[derive(Debug, Parser)]
 #[command(name = "kappa-edge", version, verbatim_doc_comment)]
 pub struct Args {
@@ -38,9 +39,46 @@ pub enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Inspect the durable log (safe while the agent runs).
+    /// Inspect the durable log (safe while the agent runs; `compact` pauses its commits).
     #[command(subcommand)]
     Log(LogCommand),
+    /// Lock an external Mosquitto down for the fleet (no config needed).
+    #[command(subcommand)]
+    Mosquitto(MosquittoCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MosquittoCommand {
+    /// Write DIR/kappa.passwd (a login per device and one for the agent),
+    /// DIR/kappa.acl (deny by default: each device writes only its own
+    /// telemetry topic, the agent reads them all) and DIR/new-credentials.csv
+    /// (the passwords created now, 0600). Existing logins are kept.
+    ///
+    /// Examples:
+    ///   kappa-edge mosquitto credentials --out /etc/mosquitto/kappa --devices devices.txt
+    ///   kappa-edge mosquitto credentials --out creds --device sensor-1 --device sensor-2
+    #[command(verbatim_doc_comment)]
+    Credentials {
+        /// Directory for the files.
+        #[arg(long)]
+        out: PathBuf,
+        /// A file with one device id per line (`#` starts a comment).
+        #[arg(long)]
+        devices: Option<PathBuf>,
+        /// A device id (repeatable).
+        #[arg(long = "device")]
+        device: Vec<String>,
+        /// The agent's login (its mqtt.username).
+        #[arg(long, default_value = "kappa-edge")]
+        agent_user: String,
+        /// The agent's mqtt.topic_prefix.
+        #[arg(long, default_value = "")]
+        topic_prefix: String,
+        /// The group the broker runs as: the password file becomes 0640 and
+        /// that group's ("" for 0600, owner only).
+        #[arg(long, default_value = "mosquitto")]
+        group: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,6 +107,21 @@ pub enum LogCommand {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Send the raw readings of an event-time range that stayed local
+    /// (forward.mode aggregate or hybrid). The running agent picks them up;
+    /// each reading is sent once however often this is asked.
+    Backfill {
+        /// Start of the range: RFC 3339 or Unix milliseconds.
+        #[arg(long)]
+        from: String,
+        /// End of the range, exclusive.
+        #[arg(long)]
+        to: String,
+    },
+    /// Rewrite the log compactly (VACUUM) and give free space back to the
+    /// filesystem. Needs free space about the log's size; while it runs the
+    /// agent's commits wait (readings queue and are acknowledged after).
+    Compact,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -116,10 +169,45 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             println!("{}: ok", args.config.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Log(cmd) => {
-            let cfg = load(&args.config)?;
-            let log = EdgeLog::open_read_only(&cfg.log_path())?;
-            log_command(&log, cmd)
+        Command::Log(cmd) => log_command(&load(&args.config)?, cmd),
+        Command::Mosquitto(MosquittoCommand::Credentials { out, devices, device, agent_user, topic_prefix, group }) => {
+            let gid = match group.as_str() {
+                "" => None,
+                name => Some(crate::mosquitto::group_id(name).ok_or_else(|| {
+                    anyhow::anyhow!("--group {name}: no such group (pass --group \"\" for an owner-only file)")
+                })?),
+            };
+            let mut ids = device;
+            if let Some(file) = devices {
+                let text =
+                    std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("--devices {}: {e}", file.display()))?;
+                ids.extend(
+                    text.lines()
+                        .map(|l| l.split('#').next().unwrap_or("").trim())
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_string),
+                );
+            }
+            if ids.is_empty() {
+                anyhow::bail!("name the devices: --device ID (repeatable) or --devices FILE");
+            }
+            let w = crate::mosquitto::write_credentials(&out, &agent_user, &ids, &topic_prefix, gid)?;
+            println!(
+                "wrote {} ({} logins kept, {} created) and {}",
+                w.passwd.display(),
+                w.kept,
+                w.created.len(),
+                w.acl.display()
+            );
+            if let Some(csv) = w.new_credentials {
+                println!("the new passwords are in {} (0600): hand them to the devices, then delete it", csv.display());
+            }
+            println!(
+                "Mosquitto needs:\n  allow_anonymous false\n  password_file {}\n  acl_file {}",
+                w.passwd.display(),
+                w.acl.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -128,7 +216,32 @@ fn load(path: &Path) -> anyhow::Result<EdgeConfig> {
     Ok(EdgeConfig::load(path)?)
 }
 
-fn log_command(log: &EdgeLog, cmd: LogCommand) -> anyhow::Result<ExitCode> {
+fn log_command(cfg: &EdgeConfig, cmd: LogCommand) -> anyhow::Result<ExitCode> {
+    let path = cfg.log_path();
+    if let LogCommand::Backfill { from, to } = &cmd {
+        let (from, to) = (parse_time(from)?, parse_time(to)?);
+        if !path.exists() {
+            anyhow::bail!("no edge log at {}", path.display());
+        }
+        let mut log = EdgeLog::open(&path, cfg.log.durability)?;
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let (batches, readings) = log.request_backfill(from, to, cfg.forward.max_batch_readings, now)?;
+        println!("{}", serde_json::json!({ "batches": batches, "readings": readings }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let LogCommand::Compact = cmd {
+        if !path.exists() {
+            anyhow::bail!("no edge log at {}", path.display());
+        }
+        let mut log = EdgeLog::open(&path, cfg.log.durability)?;
+        let before = log.usage()?;
+        log.compact()?;
+        let after = log.usage()?;
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "before": before, "after": after }))?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let log = EdgeLog::open_read_only(&path)?;
     match cmd {
         LogCommand::Stats => {
             println!("{}", serde_json::to_string_pretty(&log.stats()?)?);
@@ -146,6 +259,7 @@ fn log_command(log: &EdgeLog, cmd: LogCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
+        LogCommand::Compact | LogCommand::Backfill { .. } => Ok(ExitCode::SUCCESS),
         LogCommand::Export { from, to, format, output } => {
             let from = from.as_deref().map(parse_time).transpose()?.unwrap_or(i64::MIN);
             let to = to.as_deref().map(parse_time).transpose()?.unwrap_or(i64::MAX);

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use kappa_runtime::config::ConfigError;
-use kappa_runtime::config::{self, Validate};
+
+/// Environment variables `KAPPA_EDGE__SECTION__KEY=value` override config keys.
+pub const ENV_PREFIX: &str = "KAPPA_EDGE";
+use kappa_runtime::config::{self, ByteSize, Validate};
 use serde::Deserialize;
 
 /// The whole agent configuration.
@@ -25,13 +28,29 @@ pub struct EdgeConfig {
     pub mqtt: MqttConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub clock: ClockConfig,
+    #[serde(default)]
+    pub aggregate: AggregateConfig,
     pub forward: ForwardConfig,
     #[serde(default)]
     pub http: HttpConfig,
+    /// On SIGINT/SIGTERM every part drains (the writer commits what it was
+    /// handed, the forwarder finishes its request) within this; what is left
+    /// after it is aborted, and nothing unacknowledged is lost either way.
+    #[serde(default = "default_shutdown_deadline", with = "humantime_serde")]
+    pub shutdown_deadline: Duration,
+}
+
+fn default_password_env() -> String {
+    "KAPPA_EDGE_MQTT_PASSWORD".into()
 }
 
 fn default_data_dir() -> PathBuf {
     PathBuf::from("data/edge")
+}
+fn default_shutdown_deadline() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// How devices reach the agent.
@@ -55,6 +74,13 @@ pub struct MqttConfig {
     /// External mode: the broker to subscribe to, `mqtt://HOST:PORT`.
     #[serde(default = "default_broker_url")]
     pub broker_url: String,
+    /// External mode: the agent's username at the broker (none: anonymous).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// External mode: the environment variable that holds the password for
+    /// `username` (the password itself is never in the file or the logs).
+    #[serde(default = "default_password_env")]
+    pub password_env: String,
     /// External mode: client id of the agent's persistent session (default `kappa-edge-{gateway_id}`).
     #[serde(default)]
     pub client_id: Option<String>,
@@ -67,6 +93,89 @@ pub struct MqttConfig {
     /// Readings decoded but not yet committed (back-pressure beyond this).
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
+    /// Most messages per second one device may publish, as a token bucket
+    /// that holds `max_device_burst`; the excess is quarantined as
+    /// `rate_limited` and counted. 0: no limit. Set it near the fastest real
+    /// device (the default only stops floods).
+    #[serde(default = "default_device_rate")]
+    pub max_device_rate: u32,
+    #[serde(default = "default_device_burst")]
+    pub max_device_burst: u32,
+    /// Embedded mode: accept plain-text MQTT on `listen`. Production
+    /// configs set it to false; devices then connect with `[mqtt.tls]`.
+    #[serde(default = "default_plain")]
+    pub plain: bool,
+    /// Embedded mode: MQTT over TLS, and device certificates.
+    #[serde(default)]
+    pub tls: Option<MqttTlsConfig>,
+    /// Embedded mode: who may connect; with it (or `tls`) devices reach the
+    /// broker only through the device gate, which also enforces that a
+    /// device publishes only to its own telemetry topic.
+    #[serde(default)]
+    pub access: Option<DeviceAccessConfig>,
+}
+
+/// The embedded broker's TLS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTlsConfig {
+    #[serde(default = "default_mqtt_tls_listen")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain of the gateway (leaf first).
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// PEM file of the CA that signs device certificates. With it, a device
+    /// may present a certificate whose subject common name is its device id
+    /// (and must be its MQTT client id).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Every device must present a certificate (no password logins on TLS).
+    #[serde(default)]
+    pub require_client_certificate: bool,
+}
+
+/// Device identity and rights at the embedded broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceAccessConfig {
+    /// Let clients with neither certificate nor login connect as their
+    /// client id (development only; rights still apply).
+    #[serde(default)]
+    pub anonymous: bool,
+    /// Mosquitto-format password file (`device:$7$...`, as written by
+    /// `kappa-edge mosquitto credentials`): username = client id = device id.
+    /// Re-read when it changes, so adding or removing a device needs no restart.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Device ids refused whatever credential they present.
+    #[serde(default)]
+    pub revoked: Vec<String>,
+    /// TLS handshake and CONNECT must arrive within this.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for DeviceAccessConfig {
+    fn default() -> Self {
+        Self { anonymous: false, password_file: None, revoked: Vec::new(), connect_timeout: default_connect_timeout() }
+    }
+}
+
+fn default_plain() -> bool {
+    true
+}
+fn default_mqtt_tls_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8883))
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_device_rate() -> u32 {
+    1000
+}
+fn default_device_burst() -> u32 {
+    2000
 }
 
 fn default_mode() -> MqttMode {
@@ -91,15 +200,71 @@ impl Default for MqttConfig {
             mode: default_mode(),
             listen: default_mqtt_listen(),
             broker_url: default_broker_url(),
+            username: None,
+            password_env: default_password_env(),
             client_id: None,
             topic_prefix: String::new(),
             max_payload_bytes: default_max_payload(),
             queue_capacity: default_queue(),
+            max_device_rate: default_device_rate(),
+            max_device_burst: default_device_burst(),
+            plain: default_plain(),
+            tls: None,
+            access: None,
         }
     }
 }
 
 impl MqttConfig {
+    /// Whether devices reach the embedded broker through the device gate.
+    pub fn gated(&self) -> bool {
+        self.mode == MqttMode::Embedded && (self.tls.is_some() || self.access.is_some() || !self.plain)
+    }
+
+    fn gate_problems(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if self.mode == MqttMode::External {
+            for (set, key) in
+                [(self.tls.is_some(), "mqtt.tls"), (self.access.is_some(), "mqtt.access"), (!self.plain, "mqtt.plain")]
+            {
+                if set {
+                    errors.push(format!(
+                        "{key}: is for the embedded broker; lock an external broker down with `kappa-edge mosquitto credentials`"
+                    ));
+                }
+            }
+            return errors;
+        }
+        if !self.plain && self.tls.is_none() {
+            errors.push("mqtt.plain: false leaves devices no listener; add [mqtt.tls]".into());
+        }
+        let access = self.access.clone().unwrap_or_default();
+        let certificates = self.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
+        if self.gated() && !access.anonymous && !certificates && access.password_file.is_none() {
+            errors.push(
+                "mqtt.access: devices have no way to identify themselves; set mqtt.tls.client_ca_file, mqtt.access.password_file or mqtt.access.anonymous = true"
+                    .into(),
+            );
+        }
+        if let Some(t) = &self.tls {
+            if t.require_client_certificate && t.client_ca_file.is_none() {
+                errors.push("mqtt.tls.require_client_certificate: needs mqtt.tls.client_ca_file".into());
+            }
+            if t.listen == self.listen && self.plain {
+                errors.push(format!("mqtt.tls.listen: {} is also mqtt.listen", t.listen));
+            }
+        }
+        if access.connect_timeout.is_zero() {
+            errors.push("mqtt.access.connect_timeout: must be positive".into());
+        }
+        for id in &access.revoked {
+            if kappa_common::reading::validate_device_id(id).is_err() {
+                errors.push(format!("mqtt.access.revoked: {id:?} is not a device id"));
+            }
+        }
+        errors
+    }
+
     /// The subscription filter for device telemetry.
     pub fn telemetry_filter(&self) -> String {
         format!("{}devices/+/telemetry", self.topic_prefix)
@@ -138,6 +303,69 @@ pub struct LogConfig {
     /// Quarantined (rejected) payloads kept for inspection.
     #[serde(default = "default_quarantine_keep")]
     pub quarantine_keep: u64,
+    /// Hard budget for the log: data pages plus the WAL.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Free space to keep on the data directory's filesystem; below it the log sheds.
+    #[serde(default = "default_min_free")]
+    pub min_free_bytes: ByteSize,
+    /// Forwarded readings are kept locally this long (for export and backfill), then deleted.
+    #[serde(default = "default_retention", with = "humantime_serde")]
+    pub retention: Duration,
+    /// Window of the rollups that replace old unforwarded raw readings under pressure.
+    #[serde(default = "default_rollup_window", with = "humantime_serde")]
+    pub rollup_window: Duration,
+    /// Age past which data of each class is deleted, forwarded or not.
+    #[serde(default)]
+    pub ttl: TtlConfig,
+    /// How often retention and the budget are enforced (also at once when a commit fails for space).
+    #[serde(default = "default_housekeeping", with = "humantime_serde")]
+    pub housekeeping_interval: Duration,
+}
+
+/// Age limits per data class.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtlConfig {
+    #[serde(default = "default_ttl_raw", with = "humantime_serde")]
+    pub raw: Duration,
+    #[serde(default = "default_ttl_aggregate", with = "humantime_serde")]
+    pub aggregate: Duration,
+    #[serde(default = "default_ttl_exception", with = "humantime_serde")]
+    pub exception: Duration,
+}
+
+fn default_ttl_raw() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+fn default_ttl_aggregate() -> Duration {
+    Duration::from_secs(90 * 86_400)
+}
+fn default_ttl_exception() -> Duration {
+    Duration::from_secs(365 * 86_400)
+}
+
+impl Default for TtlConfig {
+    fn default() -> Self {
+        Self { raw: default_ttl_raw(), aggregate: default_ttl_aggregate(), exception: default_ttl_exception() }
+    }
+}
+
+fn default_rollup_window() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_max_bytes() -> ByteSize {
+    ByteSize(1 << 30)
+}
+fn default_min_free() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_retention() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn default_housekeeping() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_durability() -> Durability {
@@ -160,21 +388,161 @@ impl Default for LogConfig {
             commit_linger: default_linger(),
             max_commit_readings: default_max_commit(),
             quarantine_keep: default_quarantine_keep(),
+            max_bytes: default_max_bytes(),
+            min_free_bytes: default_min_free(),
+            retention: default_retention(),
+            rollup_window: default_rollup_window(),
+            ttl: TtlConfig::default(),
+            housekeeping_interval: default_housekeeping(),
         }
     }
+}
+
+/// What to do with a reading whose device clock disagrees with the gateway's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockPolicy {
+    /// Refuse the reading: it goes to the quarantine table with reason `clock_skew`.
+    Quarantine,
+    /// Keep the reading with the gateway's receive time as its timestamp.
+    Correct,
+}
+
+/// Device clock checks, against the gateway clock at receipt.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockConfig {
+    /// A device timestamp further ahead than this is skewed.
+    #[serde(default = "default_max_ahead", with = "humantime_serde")]
+    pub max_ahead: Duration,
+    /// A device timestamp further behind than this is skewed (devices that
+    /// buffer through an outage send legitimately old readings: size this
+    /// for the longest buffering you expect).
+    #[serde(default = "default_max_behind", with = "humantime_serde")]
+    pub max_behind: Duration,
+    #[serde(default = "default_clock_policy")]
+    pub policy: ClockPolicy,
+}
+
+fn default_max_ahead() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_behind() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
+fn default_clock_policy() -> ClockPolicy {
+    ClockPolicy::Quarantine
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        Self { max_ahead: default_max_ahead(), max_behind: default_max_behind(), policy: default_clock_policy() }
+    }
+}
+
+/// Pre-aggregation: per device and metric, event-time windows with count,
+/// min, max, sum, sum of squares, first and last.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    /// Window sizes, e.g. `["10s", "1m"]` (each divides a day evenly).
+    #[serde(default = "default_windows")]
+    pub windows: Vec<String>,
+    /// A window closes once its device's readings reach this far past its end...
+    #[serde(default = "default_agg_lateness", with = "humantime_serde")]
+    pub lateness: Duration,
+    /// ...or once no reading for it arrived for this long (gateway clock).
+    #[serde(default = "default_idle_close", with = "humantime_serde")]
+    pub idle_close: Duration,
+}
+
+fn default_windows() -> Vec<String> {
+    vec!["1m".into()]
+}
+fn default_agg_lateness() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_close() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for AggregateConfig {
+    fn default() -> Self {
+        Self { windows: default_windows(), lateness: default_agg_lateness(), idle_close: default_idle_close() }
+    }
+}
+
+impl AggregateConfig {
+    /// The window sizes in milliseconds.
+    pub fn window_ms(&self) -> Result<Vec<i64>, String> {
+        self.windows
+            .iter()
+            .map(|w| {
+                let ms = humantime::parse_duration(w).map_err(|e| format!("{w:?} is not a duration: {e}"))?.as_millis();
+                if ms == 0 || 86_400_000 % ms != 0 {
+                    return Err(format!("{w:?} must be above zero and divide a day evenly"));
+                }
+                Ok(ms as i64)
+            })
+            .collect()
+    }
+}
+
+/// What the forwarder sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardMode {
+    /// Every raw reading.
+    Raw,
+    /// Closed windows only; raw readings stay in the local log.
+    Aggregate,
+    /// Closed windows, plus the raw readings that moved past a deadband or trip a rule.
+    Hybrid,
+}
+
+/// Which raw readings `hybrid` mode forwards.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HybridConfig {
+    /// Per metric: forward a reading whose value moved more than this since
+    /// the last one forwarded for its device (the first one always goes).
+    #[serde(default)]
+    pub deadband: std::collections::BTreeMap<String, f64>,
+    /// Local rules, `metric > number` (also `>=`, `<`, `<=`, `==`, `!=`):
+    /// a reading that trips one is forwarded.
+    #[serde(default)]
+    pub rules: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardConfig {
+    /// `raw` (default), `aggregate` or `hybrid`.
+    #[serde(default = "default_forward_mode")]
+    pub mode: ForwardMode,
+    #[serde(default)]
+    pub hybrid: HybridConfig,
     /// The cloud ingest base URL, e.g. `http://cloud.example:8080`.
     pub cloud_url: String,
     /// Most readings in one batch.
     #[serde(default = "default_batch_readings")]
     pub max_batch_readings: usize,
+    /// Batches on the wire at once (pipelining for high-latency links).
+    /// Above 1, batches can reach the cloud out of order, by up to this many
+    /// minus one batches: the cloud's views must allow that much lateness.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+    /// New batches are built at most this many readings per second, so a
+    /// backlog drains at a bounded rate; 0 means no bound.
+    #[serde(default = "default_forward_rate")]
+    pub max_readings_per_second: u64,
     /// A partial batch leaves once its oldest reading waited this long.
     #[serde(default = "default_batch_age", with = "humantime_serde")]
     pub max_batch_age: Duration,
+    /// Batch layout on the wire: `columnar` (format 2, the default) or `cbor`
+    /// (format 1, for a cloud older than the columnar layout).
+    #[serde(default = "default_encoding")]
+    pub encoding: BatchEncoding,
     #[serde(default = "default_zstd_level")]
     pub zstd_level: i32,
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
@@ -190,12 +558,59 @@ pub struct ForwardConfig {
     /// offline gateway); zero turns heartbeats off.
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// PEM file of the CA that signed the cloud's certificate: with it, the
+    /// agent trusts only that CA for an `https://` cloud_url; without it, the
+    /// system's roots.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The environment variable that holds this gateway's ingest token, sent
+    /// as `Authorization: Bearer` (never written to the config or the logs).
+    /// Unset variable: no token is sent.
+    #[serde(default = "default_token_env")]
+    pub token_env: String,
+}
+
+fn default_token_env() -> String {
+    "KAPPA_EDGE_CLOUD_TOKEN".into()
+}
+
+/// How batches are laid out before zstd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchEncoding {
+    /// Columns per device with differences (batch format 2): the smallest.
+    Columnar,
+    /// One CBOR record per reading (batch format 1).
+    Cbor,
+}
+
+impl BatchEncoding {
+    /// The batch format number this encoding writes.
+    pub fn format(self) -> u16 {
+        match self {
+            Self::Columnar => kappa_common::batch::COLUMNAR_FORMAT,
+            Self::Cbor => kappa_common::batch::BATCH_FORMAT,
+        }
+    }
+}
+
+fn default_encoding() -> BatchEncoding {
+    BatchEncoding::Columnar
 }
 
 fn default_heartbeat() -> Duration {
     Duration::from_secs(5)
 }
 
+fn default_forward_mode() -> ForwardMode {
+    ForwardMode::Raw
+}
+fn default_in_flight() -> usize {
+    1
+}
+fn default_forward_rate() -> u64 {
+    100_000
+}
 fn default_batch_readings() -> usize {
     5000
 }
@@ -239,9 +654,10 @@ impl EdgeConfig {
         config::from_toml(text)
     }
 
-    /// Reads and checks a configuration file.
+    /// Reads and checks a configuration file, with `KAPPA_EDGE__SECTION__KEY`
+    /// environment overrides (see `kappa_runtime::config`).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        config::load(path)
+        config::load_with_env(path, ENV_PREFIX)
     }
 
     /// The external-broker client id.
@@ -259,6 +675,9 @@ impl Validate for EdgeConfig {
     /// Semantic checks the types cannot express.
     fn problems(&self) -> Vec<String> {
         let mut errors = Vec::new();
+        if self.shutdown_deadline.is_zero() {
+            errors.push("shutdown_deadline: must be positive".into());
+        }
         if kappa_common::reading::validate_device_id(&self.gateway_id).is_err() {
             errors.push(format!("gateway_id: {:?} must be 1-64 characters of A-Z a-z 0-9 _ . -", self.gateway_id));
         }
@@ -270,20 +689,58 @@ impl Validate for EdgeConfig {
         if self.mqtt.topic_prefix.contains(['+', '#']) {
             errors.push("mqtt.topic_prefix: must not contain MQTT wildcards".into());
         }
+        if self.mqtt.username.as_deref().is_some_and(str::is_empty) {
+            errors.push("mqtt.username: must not be empty (leave it out for an anonymous connection)".into());
+        }
+        if self.mqtt.username.is_some() && self.mqtt.mode == MqttMode::Embedded {
+            errors.push("mqtt.username: is for the external broker; the embedded broker has no agent login".into());
+        }
+        errors.extend(self.mqtt.gate_problems());
         if self.mqtt.queue_capacity == 0 {
             errors.push("mqtt.queue_capacity: must be at least 1".into());
+        }
+        if self.mqtt.max_device_rate > 0 && self.mqtt.max_device_burst == 0 {
+            errors.push("mqtt.max_device_burst: must be at least 1 when mqtt.max_device_rate is set".into());
         }
         if !(self.forward.cloud_url.starts_with("http://") || self.forward.cloud_url.starts_with("https://")) {
             errors.push(format!("forward.cloud_url: {:?} must start with http:// or https://", self.forward.cloud_url));
         }
+        if self.forward.ca_file.is_some() && !self.forward.cloud_url.starts_with("https://") {
+            errors.push("forward.ca_file: only used with an https:// cloud_url".into());
+        }
         if self.forward.max_batch_readings == 0 {
             errors.push("forward.max_batch_readings: must be at least 1".into());
+        }
+        if !(1..=64).contains(&self.forward.max_in_flight) {
+            errors.push(format!("forward.max_in_flight: {} is outside 1..=64", self.forward.max_in_flight));
         }
         if !(1..=19).contains(&self.forward.zstd_level) {
             errors.push(format!("forward.zstd_level: {} is outside 1..=19", self.forward.zstd_level));
         }
         if self.forward.retry_min > self.forward.retry_max {
             errors.push("forward.retry_min: must not exceed forward.retry_max".into());
+        }
+        if self.log.max_bytes.0 < 1 << 20 {
+            errors.push(format!("log.max_bytes: {} is below the 1MiB minimum", self.log.max_bytes));
+        }
+        if self.log.housekeeping_interval.is_zero() {
+            errors.push("log.housekeeping_interval: must be above zero".into());
+        }
+        if let Err(e) = self.aggregate.window_ms() {
+            errors.push(format!("aggregate.windows: {e}"));
+        }
+        if self.forward.mode != ForwardMode::Raw && self.aggregate.windows.is_empty() {
+            errors.push("aggregate.windows: forward.mode aggregate and hybrid need at least one window".into());
+        }
+        for rule in &self.forward.hybrid.rules {
+            if let Err(e) = crate::aggregate::Rule::parse(rule) {
+                errors.push(format!("forward.hybrid.rules: {e}"));
+            }
+        }
+        for (metric, band) in &self.forward.hybrid.deadband {
+            if !band.is_finite() || *band < 0.0 {
+                errors.push(format!("forward.hybrid.deadband.{metric}: {band} must be a number ≥ 0"));
+            }
         }
         if self.log.max_commit_readings == 0 {
             errors.push("log.max_commit_readings: must be at least 1".into());
@@ -331,6 +788,30 @@ zstd_level = 40
         let err = EdgeConfig::from_toml(text).unwrap_err();
         let keys: Vec<_> = err.0.iter().map(|m| m.split(':').next().unwrap_or_default().to_string()).collect();
         assert_eq!(keys, ["gateway_id", "mqtt.broker_url", "forward.cloud_url", "forward.zstd_level"]);
+    }
+
+    #[test]
+    fn a_gate_without_a_way_to_identify_devices_or_a_listener_is_refused() {
+        let keys = |extra: &str| -> Vec<String> {
+            match EdgeConfig::from_toml(&format!(
+                "gateway_id = \"gw-1\"\n{extra}\n[forward]\ncloud_url = \"http://x\"\n"
+            )) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.0.iter().map(|m| m.split(':').next().unwrap_or_default().to_string()).collect(),
+            }
+        };
+        let tls = "[mqtt.tls]\ncert_file = \"g.pem\"\nkey_file = \"g.key\"\n";
+        assert_eq!(keys("[mqtt]\nplain = false"), ["mqtt.plain", "mqtt.access"]);
+        assert_eq!(keys(&format!("[mqtt]\nplain = false\n{tls}")), ["mqtt.access"]);
+        assert_eq!(keys(&format!("{tls}client_ca_file = \"ca.pem\"\n")), Vec::<String>::new());
+        assert_eq!(
+            keys(&format!("{tls}require_client_certificate = true\n")),
+            ["mqtt.access", "mqtt.tls.require_client_certificate"]
+        );
+        assert_eq!(keys("[mqtt.access]\nanonymous = true\nrevoked = [\"a/b\"]"), ["mqtt.access.revoked"]);
+        assert_eq!(keys("[mqtt]\nmode = \"external\"\n[mqtt.access]\nanonymous = true"), ["mqtt.access"]);
+        let cfg = EdgeConfig::from_toml(MINIMAL).unwrap();
+        assert!(!cfg.mqtt.gated(), "the demo's broker is open, without the gate's hop");
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! The agent's small HTTP endpoint: `/metrics` (Prometheus text) and `/healthz`.
+//! The agent's small HTTP endpoint: `/metrics` (Prometheus text), `/healthz`
+//! (the process answers) and `/readyz` (it can take readings: MQTT side up,
+//! log not full; 503 with the reason otherwise).
 //! Plain hyper, so the agent carries no web framework.
 
 use std::convert::Infallible;
@@ -17,24 +19,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Serves until `cancel` fires.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>, cancel: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Cannot accept an HTTP connection.");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let registry = registry.clone();
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    metrics: Arc<crate::metrics::EdgeMetrics>,
+    cancel: CancellationToken,
+) {
+    while let Some(stream) = kappa_runtime::net::accept(&listener, &cancel).await {
+        let (registry, metrics) = (registry.clone(), metrics.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let registry = registry.clone();
-                async move { Ok::<_, Infallible>(route(&req, &registry)) }
+                let (registry, metrics) = (registry.clone(), metrics.clone());
+                async move { Ok::<_, Infallible>(route(&req, &registry, &metrics)) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -45,7 +41,18 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, cancel: Cance
     }
 }
 
-fn route(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+/// Why the agent cannot take readings now, if it cannot.
+fn not_ready(m: &crate::metrics::EdgeMetrics) -> Option<&'static str> {
+    if m.mqtt_connected.get() != 1 {
+        Some("not ready: the MQTT side is down (no broker connection, or the embedded broker is not listening)\n")
+    } else if m.log_full.get() == 1 {
+        Some("not ready: the log is full; new readings are not acknowledged until space returns\n")
+    } else {
+        None
+    }
+}
+
+fn route(req: &Request<Incoming>, registry: &Registry, metrics: &crate::metrics::EdgeMetrics) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match req.uri().path() {
         "/metrics" => {
             let mut text = String::new();
@@ -54,8 +61,12 @@ fn route(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> 
                 Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "cannot encode metrics\n".into()),
             }
         }
-        "/healthz" | "/readyz" => (StatusCode::OK, "text/plain", "ok\n".into()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics or /healthz\n".into()),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => match not_ready(metrics) {
+            None => (StatusCode::OK, "text/plain", "ready\n".into()),
+            Some(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", why.into()),
+        },
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz or /readyz\n".into()),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;

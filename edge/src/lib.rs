@@ -17,13 +17,16 @@
 //! ```
 
 pub mod agent;
+pub mod aggregate;
 pub mod cli;
 pub mod config;
 pub mod forward;
+pub mod housekeeping;
 pub mod http;
 pub mod ingest;
 pub mod log;
 pub mod metrics;
+pub mod mosquitto;
 pub mod mqtt;
 
 /// Wall clock, Unix milliseconds.

@@ -19,9 +19,11 @@ pub struct EdgeMetrics {
     pub readings_committed: Counter,
     pub readings_duplicate: Counter,
     pub readings_rejected: Family<Label, Counter>,
+    pub clock_skew: Family<[(&'static str, &'static str); 2], Counter>,
     pub commits: Counter,
     pub commit_readings: Histogram,
     pub commit_seconds: Histogram,
+    pub ingest_to_durable_seconds: Histogram,
     pub log_write_errors: Family<Label, Counter>,
     pub forward_attempts: Counter,
     pub forward_failures: Family<Label, Counter>,
@@ -31,9 +33,29 @@ pub struct EdgeMetrics {
     pub readings_forwarded: Counter,
     pub forward_bytes: Counter,
     pub batch_readings: Histogram,
+    pub batch_bytes: Histogram,
+    pub forward_in_flight: Gauge,
+    pub backlog_bytes: Gauge,
     pub backlog_readings: Gauge,
     pub oldest_unforwarded_age_seconds: Gauge,
     pub log_file_bytes: Gauge,
+    pub readings_pruned: Family<Label, Counter>,
+    pub readings_shed: Family<[(&'static str, &'static str); 2], Counter>,
+    pub readings_rolled_up: Family<Label, Counter>,
+    pub rollups: Counter,
+    pub log_budget_bytes: Gauge,
+    pub log_used_bytes: Gauge,
+    pub disk_free_bytes: Gauge,
+    pub log_full: Gauge,
+    /// 1 while the MQTT side can take messages (embedded broker listening, or connected to the external one).
+    pub mqtt_connected: Gauge,
+    pub aggregate_readings: Counter,
+    pub aggregates_closed: Counter,
+    pub aggregate_raw_forwarded: Counter,
+    pub aggregate_open_windows: Gauge,
+    pub mqtt_refused: Family<Label, Counter>,
+    pub mqtt_denied: Family<Label, Counter>,
+    pub mqtt_gate_connections: Gauge,
 }
 
 impl EdgeMetrics {
@@ -44,9 +66,11 @@ impl EdgeMetrics {
             readings_committed: Counter::default(),
             readings_duplicate: Counter::default(),
             readings_rejected: Family::default(),
+            clock_skew: Family::default(),
             commits: Counter::default(),
             commit_readings: Histogram::new(exponential_buckets(1.0, 4.0, 8)),
             commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
+            ingest_to_durable_seconds: Histogram::new(exponential_buckets(0.000_1, 1.25, 48)),
             log_write_errors: Family::default(),
             forward_attempts: Counter::default(),
             forward_failures: Family::default(),
@@ -56,25 +80,70 @@ impl EdgeMetrics {
             readings_forwarded: Counter::default(),
             forward_bytes: Counter::default(),
             batch_readings: Histogram::new(exponential_buckets(1.0, 4.0, 8)),
+            batch_bytes: Histogram::new(exponential_buckets(64.0, 4.0, 10)),
+            forward_in_flight: Gauge::default(),
+            backlog_bytes: Gauge::default(),
             backlog_readings: Gauge::default(),
             oldest_unforwarded_age_seconds: Gauge::default(),
             log_file_bytes: Gauge::default(),
+            readings_pruned: Family::default(),
+            readings_shed: Family::default(),
+            readings_rolled_up: Family::default(),
+            rollups: Counter::default(),
+            log_budget_bytes: Gauge::default(),
+            log_used_bytes: Gauge::default(),
+            disk_free_bytes: Gauge::default(),
+            log_full: Gauge::default(),
+            mqtt_connected: Gauge::default(),
+            aggregate_readings: Counter::default(),
+            aggregates_closed: Counter::default(),
+            aggregate_raw_forwarded: Counter::default(),
+            aggregate_open_windows: Gauge::default(),
+            mqtt_refused: Family::default(),
+            mqtt_denied: Family::default(),
+            mqtt_gate_connections: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("kappa_edge");
         r.register("mqtt_messages_received", "Telemetry messages received from devices", m.messages_received.clone());
+        r.register(
+            "mqtt_connections_refused",
+            "Device connections the gate refused or cut off, by reason (tls, no_identity, bad_password, revoked, packet_too_large, ...)",
+            m.mqtt_refused.clone(),
+        );
+        r.register(
+            "mqtt_denied",
+            "Device requests outside the device's rights, by reason (publish_topic, subscribe)",
+            m.mqtt_denied.clone(),
+        );
+        r.register("mqtt_gate_connections", "Device sessions open through the gate", m.mqtt_gate_connections.clone());
         r.register("readings_committed", "Readings committed to the durable log", m.readings_committed.clone());
+        r.register(
+            "mqtt_connected",
+            "1 while devices' messages can reach the agent: the embedded broker listens, or the agent is connected to the external broker",
+            m.mqtt_connected.clone(),
+        );
         r.register(
             "readings_duplicate",
             "Readings already in the log (device resends), stored once",
             m.readings_duplicate.clone(),
         );
         r.register("readings_rejected", "Payloads refused and quarantined, by reason", m.readings_rejected.clone());
+        r.register(
+            "clock_skew",
+            "Readings whose device clock was beyond the allowed skew, by direction and policy applied",
+            m.clock_skew.clone(),
+        );
         r.register("log_commits", "Durable log transactions committed", m.commits.clone());
         r.register("log_commit_readings", "Entries per log commit (group commit size)", m.commit_readings.clone());
         r.register(
             "log_commit_seconds",
             "Time to commit one log transaction, fsync included",
             m.commit_seconds.clone(),
+        );
+        r.register(
+            "ingest_to_durable_seconds",
+            "From a message reaching the agent to its reading being committed (linger and queueing included)",
+            m.ingest_to_durable_seconds.clone(),
         );
         r.register(
             "log_write_errors",
@@ -97,6 +166,13 @@ impl EdgeMetrics {
         r.register("forward_readings", "Readings the cloud acknowledged", m.readings_forwarded.clone());
         r.register("forward_bytes", "Request body bytes sent to the cloud", m.forward_bytes.clone());
         r.register("forward_batch_readings", "Readings per forwarded batch", m.batch_readings.clone());
+        r.register("forward_batch_bytes", "Body bytes per forwarded batch", m.batch_bytes.clone());
+        r.register("forward_in_flight", "Batches on the wire now", m.forward_in_flight.clone());
+        r.register(
+            "backlog_bytes",
+            "Stored bytes of the readings not yet acknowledged by the cloud (estimated from the newest 1,000)",
+            m.backlog_bytes.clone(),
+        );
         r.register(
             "backlog_readings",
             "Readings in the log not yet acknowledged by the cloud",
@@ -108,6 +184,42 @@ impl EdgeMetrics {
             m.oldest_unforwarded_age_seconds.clone(),
         );
         r.register("log_file_bytes", "Size of the durable log file", m.log_file_bytes.clone());
+        r.register(
+            "readings_pruned",
+            "Forwarded readings deleted from the edge log (the cloud has them), by reason",
+            m.readings_pruned.clone(),
+        );
+        r.register(
+            "readings_shed",
+            "Unforwarded readings dropped to stay within the log's limits (they never reach the cloud), by reason",
+            m.readings_shed.clone(),
+        );
+        r.register(
+            "readings_rolled_up",
+            "Unforwarded raw readings replaced by per-window rollups to stay within the log's limits, by reason",
+            m.readings_rolled_up.clone(),
+        );
+        r.register("rollups", "Rollup aggregates written in place of raw readings", m.rollups.clone());
+        r.register("log_budget_bytes", "The log's byte budget (log.max_bytes)", m.log_budget_bytes.clone());
+        r.register(
+            "log_used_bytes",
+            "Bytes counted against the budget: data pages plus the WAL",
+            m.log_used_bytes.clone(),
+        );
+        r.register("disk_free_bytes", "Free space on the data directory's filesystem", m.disk_free_bytes.clone());
+        r.register("aggregate_readings", "Readings folded into pre-aggregated windows", m.aggregate_readings.clone());
+        r.register("aggregates_closed", "Window partials closed and queued for the cloud", m.aggregates_closed.clone());
+        r.register(
+            "aggregate_raw_forwarded",
+            "Raw readings hybrid mode forwards (past a deadband or tripping a rule)",
+            m.aggregate_raw_forwarded.clone(),
+        );
+        r.register("aggregate_open_windows", "Pre-aggregation windows open now", m.aggregate_open_windows.clone());
+        r.register(
+            "log_full",
+            "1 while commits fail for lack of space (nothing new is acknowledged), else 0",
+            m.log_full.clone(),
+        );
         m
     }
 

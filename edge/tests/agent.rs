@@ -16,7 +16,7 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn config(dir: &std::path::Path, mqtt_port: u16) -> EdgeConfig {
+fn config(dir: &std::path::Path, mqtt_port: u16, extra: &str) -> EdgeConfig {
     EdgeConfig::from_toml(&format!(
         r#"
 gateway_id = "gw-bad-input"
@@ -24,11 +24,14 @@ data_dir = {:?}
 [mqtt]
 mode = "embedded"
 listen = "127.0.0.1:{mqtt_port}"
+[clock]
+max_behind = "36500d"     # the test readings are from 2026-01-01
 [forward]
 # Nothing listens here: readings stay in the log for inspection.
 cloud_url = "http://127.0.0.1:9"
 [http]
 listen = "127.0.0.1:0"
+{extra}
 "#,
         dir.join("data")
     ))
@@ -76,12 +79,13 @@ async fn metrics(agent: &Agent) -> String {
 async fn bad_payloads_are_counted_by_reason_and_quarantined_while_good_ones_are_kept() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let cfg = config(dir.path(), port);
+    let cfg = config(dir.path(), port, "");
     let log_path = cfg.log_path();
     let agent = Agent::start(cfg).await.unwrap();
 
     let topic = "devices/dev-1/telemetry".to_string();
     let unknown_version = br#"{"v":9,"boot":1,"seq":5,"ts":1767225600000,"data":{"temperature":1}}"#.to_vec();
+    let from_2099 = br#"{"v":2,"boot":1,"seq":7,"ts":4070908800000,"data":{"temperature":1}}"#.to_vec();
     let mut oversized = device::encode_cbor(&reading(6));
     oversized.resize(8000, 0);
     publish_all(
@@ -91,6 +95,7 @@ async fn bad_payloads_are_counted_by_reason_and_quarantined_while_good_ones_are_
             (topic.clone(), b"\xff\x00 definitely not cbor".to_vec()),
             (topic.clone(), device::encode_json(&reading(2))),
             (topic.clone(), unknown_version),
+            (topic.clone(), from_2099),
             (topic.clone(), oversized),
             (topic.clone(), b"{\"v\":2, broken json".to_vec()),
             (topic.clone(), device::encode_cbor(&reading(3))),
@@ -112,7 +117,7 @@ async fn bad_payloads_are_counted_by_reason_and_quarantined_while_good_ones_are_
     })
     .await
     .expect("three good readings committed, one duplicate");
-    for reason in ["malformed_cbor", "unknown_schema", "too_large", "malformed_json"] {
+    for reason in ["malformed_cbor", "unknown_schema", "too_large", "malformed_json", "clock_skew"] {
         assert!(
             text.contains(&format!("kappa_edge_readings_rejected_total{{reason=\"{reason}\"}} 1")),
             "{reason} not counted once:\n{text}"
@@ -120,7 +125,7 @@ async fn bad_payloads_are_counted_by_reason_and_quarantined_while_good_ones_are_
     }
 
     let stats = EdgeLog::open_read_only(&log_path).unwrap().stats().unwrap();
-    assert_eq!((stats.readings, stats.quarantined), (3, 4), "{stats:?}");
+    assert_eq!((stats.readings, stats.quarantined), (3, 5), "{stats:?}");
     agent.shutdown();
     agent.wait().await.unwrap();
 }
@@ -130,6 +135,60 @@ async fn a_broker_port_in_use_is_a_clear_startup_error() {
     let dir = tempfile::tempdir().unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let err = Agent::start(config(dir.path(), port)).await.unwrap_err();
+    let err = Agent::start(config(dir.path(), port, "")).await.unwrap_err();
     assert!(err.to_string().contains(&format!("cannot listen on 127.0.0.1:{port}")), "{err}");
+}
+
+/// Observations of a histogram on a metrics page at or below `bound` seconds.
+fn at_or_below(text: &str, histogram: &str, bound: f64) -> f64 {
+    let prefix = format!("{histogram}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| {
+            let (le, count) = l.strip_prefix(&prefix)?.split_once("\"} ")?;
+            Some((le.parse::<f64>().ok()?, count.trim().parse::<f64>().ok()?))
+        })
+        .filter(|(le, _)| *le <= bound)
+        .map(|(_, count)| count)
+        .fold(0.0, f64::max)
+}
+
+/// Group commit at low load: a reading that arrives after a quiet spell is
+/// committed at once, not after the linger; one that follows another closely
+/// still lingers for company.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_after_a_quiet_spell_does_not_wait_for_the_linger() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let agent = Agent::start(config(dir.path(), port, "[log]\ncommit_linger = \"1500ms\"")).await.unwrap();
+    let topic = "devices/dev-1/telemetry".to_string();
+    let committed = |n: u64| {
+        let agent = &agent;
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !metrics(agent).await.contains(&format!("kappa_edge_readings_committed_total {n}")) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .expect("committed");
+        }
+    };
+    publish_all(port, vec![(topic.clone(), device::encode_cbor(&reading(1)))]).await;
+    committed(1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    publish_all(port, vec![(topic.clone(), device::encode_cbor(&reading(2)))]).await;
+    committed(2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    publish_all(port, vec![(topic.clone(), device::encode_cbor(&reading(3)))]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publish_all(port, vec![(topic.clone(), device::encode_cbor(&reading(4)))]).await;
+    committed(4).await;
+
+    let text = metrics(&agent).await;
+    let h = "kappa_edge_ingest_to_durable_seconds";
+    assert!(text.contains(&format!("{h}_count 4")), "{text}");
+    assert_eq!(at_or_below(&text, h, 0.5), 3.0, "three readings came after quiet spells:\n{text}");
+    assert_eq!(at_or_below(&text, h, 1.0), 3.0, "the fourth followed the third closely and lingered:\n{text}");
+    agent.shutdown();
+    agent.wait().await.unwrap();
 }

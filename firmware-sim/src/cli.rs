@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::anomaly::{Kind, Scenario};
 use crate::fleet::{self, FleetConfig, FleetStats};
+use crate::security::DeviceSecurity;
 
 /// Simulate a fleet of IoT devices publishing telemetry over MQTT (QoS 1).
 ///
@@ -22,6 +23,7 @@ use crate::fleet::{self, FleetConfig, FleetStats};
 /// Examples:
 ///   kappa-sim --broker 127.0.0.1:1883 --devices 100 --rate 1
 ///   kappa-sim --devices 50 --readings 600 --rate 20 --event-interval 1s --seed 7 --truth truth.json
+///   kappa-sim --broker gw:8883 --tls-ca ca.pem --cert-dir certs/ --id-prefix dev- --devices 10
 #[derive(Debug, Parser)]
 #[command(name = "kappa-sim", version, verbatim_doc_comment)]
 pub struct Args {
@@ -85,6 +87,17 @@ pub struct Args {
     /// reading AT for FOR readings, then sends the backlog: `AT+FOR`, e.g. `600+60`.
     #[arg(long)]
     pub gateway_offline: Option<String>,
+    /// TLS: trust this CA (PEM) for the broker's certificate.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// With --tls-ca, device ID presents DIR/ID.pem and DIR/ID.key (e.g.
+    /// from `kappa-cloud pki issue --kind device --name ID`).
+    #[arg(long)]
+    pub cert_dir: Option<PathBuf>,
+    /// Per-device passwords: the `login,password` CSV written by
+    /// `kappa-edge mosquitto credentials` (login = device id).
+    #[arg(long)]
+    pub credentials: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: String,
@@ -147,6 +160,12 @@ impl Args {
             v1_share: self.v1_share,
             drain_timeout: self.drain_timeout,
             scenario: Scenario { every: self.anomaly_every, warmup: self.anomaly_warmup, kinds, gateway_offline },
+            security: DeviceSecurity::load(
+                self.tls_ca.as_deref(),
+                self.cert_dir.as_deref(),
+                self.credentials.as_deref(),
+            )
+            .map_err(anyhow::Error::msg)?,
         })
     }
 }

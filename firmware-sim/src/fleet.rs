@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::anomaly::{AnomalyTruth, DevicePlan, Fault, Kind, Scenario};
 use crate::firmware::{Encoding, Firmware, Schema};
+use crate::security::DeviceSecurity;
 use crate::signal::device_seed;
 use crate::truth::{DeviceTruth, GroundTruth};
 
@@ -52,6 +53,8 @@ pub struct FleetConfig {
     pub drain_timeout: Duration,
     /// Anomalies to inject.
     pub scenario: Scenario,
+    /// TLS and credentials (default: plain text, anonymous).
+    pub security: DeviceSecurity,
 }
 
 impl FleetConfig {
@@ -177,6 +180,10 @@ async fn run_device(
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_session(true);
     opts.set_inflight(4);
+    if let Err(e) = cfg.security.apply(&id, &mut opts) {
+        tracing::error!(device = %id, error = %e, "Device cannot start.");
+        return outcome;
+    }
     let (client, mut eventloop) = AsyncClient::new(opts, 4);
     let (tx, mut rx) = mpsc::channel(16);
     let net_abort = abort.child_token();

@@ -16,5 +16,6 @@ pub mod anomaly;
 pub mod cli;
 pub mod firmware;
 pub mod fleet;
+pub mod security;
 pub mod signal;
 pub mod truth;

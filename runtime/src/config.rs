@@ -1,5 +1,15 @@
-//! TOML configuration files: parse, then check everything the types cannot
-//! express, and report every problem at once with its key path.
+//! TOML configuration files: parse, apply environment overrides, then check
+//! everything the types cannot express, and report every problem at once
+//! with its key path.
+//!
+//! Any key can be overridden from the environment without editing the file:
+//! `{PREFIX}__SECTION__KEY=value` sets `section.key` (levels separated by
+//! a double underscore, names case-insensitive), e.g.
+//! `KAPPA_CLOUD__LOG__PARTITIONS=12` or `KAPPA_EDGE__FORWARD__CLOUD_URL=https://ingest.example`.
+//! The value is read as a TOML value when it is one (`12`, `true`,
+//! `"5s"`, `["a", "b"]`) and as a string otherwise (`5s`, `https://...`).
+//! Keys inside arrays of tables (`[[views]]`) and keys with dots in their
+//! names cannot be addressed this way.
 
 use std::path::Path;
 
@@ -31,13 +41,160 @@ pub fn load<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigErro
     from_toml(&text).map_err(|e| ConfigError(e.0.into_iter().map(|m| format!("{}: {m}", path.display())).collect()))
 }
 
+/// Reads, parses and checks a configuration file after applying the
+/// process's environment overrides named `{prefix}__...`; problems name the
+/// file, and the overrides applied when there are any.
+pub fn load_with_env<T: DeserializeOwned + Validate>(path: &Path, prefix: &str) -> Result<T, ConfigError> {
+    load_with_vars(path, prefix, std::env::vars())
+}
+
+/// [`load_with_env`] with the variables given.
+pub fn load_with_vars<T: DeserializeOwned + Validate>(
+    path: &Path,
+    prefix: &str,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    let in_file = |m: String| format!("{}: {m}", path.display());
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError(vec![in_file(e.to_string())]))?;
+    let applied = apply_env(&mut table, prefix, vars)?;
+    let note = |m: String| {
+        if applied.is_empty() {
+            in_file(m)
+        } else {
+            in_file(format!("{m} (environment overrides: {})", applied.join(", ")))
+        }
+    };
+    let cfg: T =
+        toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError(vec![note(e.to_string())]))?;
+    cfg.check().map_err(|e| ConfigError(e.0.into_iter().map(note).collect()))?;
+    Ok(cfg)
+}
+
+/// Applies every `{prefix}__A__B=value` in `vars` to `table` as key `a.b`;
+/// returns the names of the variables applied, sorted.
+pub fn apply_env(
+    table: &mut toml::Table,
+    prefix: &str,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<String>, ConfigError> {
+    let lead = format!("{prefix}__");
+    let mut applied: Vec<(String, String)> =
+        vars.into_iter().filter(|(name, _)| name.starts_with(&lead) && name.len() > lead.len()).collect();
+    applied.sort();
+    let mut problems = Vec::new();
+    for (name, raw) in &applied {
+        let path: Vec<String> = name[lead.len()..].split("__").map(str::to_lowercase).collect();
+        if path.iter().any(String::is_empty) {
+            problems.push(format!("{name}: empty key between double underscores"));
+            continue;
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        if let Err(depth) = set_path(table, &path, value) {
+            problems.push(format!("{name}: {} is not a table", path[..=depth].join(".")));
+        }
+    }
+    if problems.is_empty() {
+        Ok(applied.into_iter().map(|(name, _)| name).collect())
+    } else {
+        Err(ConfigError(problems))
+    }
+}
+
+/// Sets `path` in `table`, making tables on the way; on a non-table in the
+/// way, its depth.
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), usize> {
+    match path {
+        [] => Ok(()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => {
+            match table.entry(first.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new())) {
+                toml::Value::Table(t) => set_path(t, rest, value).map_err(|d| d + 1),
+                _ => Err(0),
+            }
+        }
+    }
+}
+
 /// Every problem found in a configuration, one per line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration:\n  {}", .0.join("\n  "))]
 pub struct ConfigError(pub Vec<String>);
 
+/// A size in bytes, written in a config file as an integer or with a unit:
+/// `"512MiB"`, `"2GiB"`, `"64kB"` (binary `KiB`/`MiB`/`GiB`/`TiB`, decimal
+/// `kB`/`MB`/`GB`/`TB`, or `B`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `"512MiB"`-style text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size like \"512MiB\""))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "kB" | "KB" => 1000,
+            "MB" => 1000_u64.pow(2),
+            "GB" => 1000_u64.pow(3),
+            "TB" => 1000_u64.pow(4),
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            other => return Err(format!("unknown size unit {other:?} in {text:?} (use B, kB, MB, GB, KiB, MiB, GiB)")),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("{text:?} is too large"))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let units = [(1u64 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        match units.iter().find(|(u, _)| self.0 >= *u && self.0.is_multiple_of(*u)) {
+            Some((u, name)) => write!(f, "{}{name}", self.0 / u),
+            None => write!(f, "{}B", self.0),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => ByteSize::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_read_like_humans_write_them() {
+        for (text, bytes) in [("512MiB", 512 << 20), ("2 GiB", 2 << 30), ("64kB", 64_000), ("100", 100), ("7B", 7)] {
+            assert_eq!(ByteSize::parse(text), Ok(ByteSize(bytes)), "{text}");
+        }
+        assert!(ByteSize::parse("12 parsecs").unwrap_err().contains("unknown size unit"));
+        assert!(ByteSize::parse("MiB").is_err());
+        assert!(ByteSize::parse("99999999999TiB").unwrap_err().contains("too large"));
+        assert_eq!(ByteSize(3 << 20).to_string(), "3MiB");
+    }
+
     use super::*;
 
     #[derive(Debug, serde::Deserialize)]
@@ -68,5 +225,56 @@ mod tests {
         assert_eq!(err.0, [format!("{}: a: must be at most 9", path.display())]);
         std::fs::write(&path, "b = 1").unwrap();
         assert!(load::<Cfg>(&path).unwrap_err().to_string().contains("unknown field `b`"));
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn environment_variables_override_nested_keys_with_typed_values() {
+        let mut t: toml::Table = toml::from_str("top = 1\n[log]\npartitions = 8\n[http]\nlisten = \"a\"\n").unwrap();
+        let applied = apply_env(
+            &mut t,
+            "KAPPA_X",
+            vars(&[
+                ("KAPPA_X__LOG__PARTITIONS", "12"),
+                ("KAPPA_X__HTTP__LISTEN", "0.0.0.0:8080"),
+                ("KAPPA_X__LOG__KAFKA__BROKERS", "k:9092"),
+                ("KAPPA_X__FLAG", "true"),
+                ("KAPPA_X_NOT_A_KEY", "1"),
+                ("OTHER__LOG__PARTITIONS", "3"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            applied,
+            ["KAPPA_X__FLAG", "KAPPA_X__HTTP__LISTEN", "KAPPA_X__LOG__KAFKA__BROKERS", "KAPPA_X__LOG__PARTITIONS"]
+        );
+        let expect: toml::Table = toml::from_str(
+            "top = 1\nflag = true\n[log]\npartitions = 12\n[log.kafka]\nbrokers = \"k:9092\"\n[http]\nlisten = \"0.0.0.0:8080\"\n",
+        )
+        .unwrap();
+        assert_eq!(t, expect);
+        let err =
+            apply_env(&mut t, "KAPPA_X", vars(&[("KAPPA_X__TOP__A", "1"), ("KAPPA_X__LOG____A", "1")])).unwrap_err();
+        assert_eq!(
+            err.0,
+            ["KAPPA_X__LOG____A: empty key between double underscores", "KAPPA_X__TOP__A: top is not a table"]
+        );
+    }
+
+    #[test]
+    fn an_override_is_checked_like_the_file_and_named_in_the_problem() {
+        let dir = std::env::temp_dir().join(format!("kappa-runtime-env-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "a = 1").unwrap();
+        let cfg: Cfg = load_with_vars(&path, "K", vars(&[("K__A", "7")])).unwrap();
+        assert_eq!(cfg.a, 7);
+        let err = load_with_vars::<Cfg>(&path, "K", vars(&[("K__A", "70")])).unwrap_err();
+        assert_eq!(err.0, [format!("{}: a: must be at most 9 (environment overrides: K__A)", path.display())]);
+        let err = load_with_vars::<Cfg>(&path, "K", vars(&[("K__B", "1")])).unwrap_err().to_string();
+        assert!(err.contains("unknown field `b`") && err.contains("K__B"), "{err}");
     }
 }

@@ -19,5 +19,9 @@
 pub mod config;
 pub mod limits;
 pub mod logging;
+pub mod net;
+pub mod rate;
 pub mod signal;
 pub mod tasks;
+#[cfg(feature = "tls")]
+pub mod tls;

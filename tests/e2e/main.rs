@@ -9,7 +9,16 @@
 
 mod alerts;
 mod configs;
+mod dashboard;
+mod device_gate;
+mod edge_aggregate;
+mod edge_disk;
+mod kafka_log;
+mod limits;
+mod metrics_docs;
+mod mqtt_auth;
 mod pipeline;
 mod processor;
 mod replay;
+mod security;
 mod util;

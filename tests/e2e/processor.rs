@@ -10,7 +10,7 @@ use crate::util::*;
 
 /// The reference views, with a short out-of-orderness bound so the scenario
 /// has late data, plus `poll`/`checkpoint` settings.
-fn config(poll: usize, checkpoint_ms: u64) -> String {
+pub(crate) fn config(poll: usize, checkpoint_ms: u64) -> String {
     let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/cloud/single-node.toml"))
         .expect("example config");
     let views = &example[example.find("[schema]").expect("schema section")..];
@@ -19,7 +19,7 @@ fn config(poll: usize, checkpoint_ms: u64) -> String {
     )
 }
 
-async fn until_processed(cloud: &Cloud, records: u64) {
+pub(crate) async fn until_processed(cloud: &Cloud, records: u64) {
     wait_for("every record checkpointed", Duration::from_secs(180), || async move {
         (cloud.checkpointed_offsets() >= records).then_some(())
     })

@@ -60,6 +60,17 @@ impl Proc {
         self.child.id().map_or(0, |p| p as i32)
     }
 
+    /// The process's peak resident memory so far (VmHWM), in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmHWM for {}", self.name));
+        kib / 1024.0
+    }
+
     /// SIGKILL, then reap.
     pub async fn kill9(&mut self) {
         let _ = self.child.start_kill();
@@ -232,6 +243,7 @@ pub struct Edge {
     pub proc: Proc,
     dir: PathBuf,
     name: String,
+    env: Vec<(String, String)>,
 }
 
 impl Edge {
@@ -242,6 +254,19 @@ impl Edge {
     /// An agent named `name` (its config, data and log carry the name) for
     /// gateway `gateway`, with `extra` TOML appended to `[forward]`.
     pub async fn start_named(dir: &Path, name: &str, gateway: &str, mqtt: Mqtt, cloud_url: &str, extra: &str) -> Edge {
+        Self::start_env(dir, name, gateway, mqtt, cloud_url, extra, &[]).await
+    }
+
+    /// [`Edge::start_named`] with extra environment variables (kept across restarts).
+    pub async fn start_env(
+        dir: &Path,
+        name: &str,
+        gateway: &str,
+        mqtt: Mqtt,
+        cloud_url: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Edge {
         let http_port = free_port();
         let config = dir.join(format!("{name}.toml"));
         let (mqtt_port, mqtt_section) = match &mqtt {
@@ -256,19 +281,21 @@ impl Edge {
         std::fs::write(
             &config,
             format!(
-                "gateway_id = {gateway:?}\ndata_dir = {:?}\n[mqtt]\n{mqtt_section}[forward]\ncloud_url = {cloud_url:?}\nmax_batch_readings = 2000\nmax_batch_age = \"200ms\"\nretry_min = \"100ms\"\nretry_max = \"1s\"\n{extra}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+                "gateway_id = {gateway:?}\ndata_dir = {:?}\n[mqtt]\n{mqtt_section}[clock]\nmax_behind = \"{HISTORY_DAYS}d\"\n[forward]\ncloud_url = {cloud_url:?}\nmax_batch_readings = 2000\nmax_batch_age = \"200ms\"\nretry_min = \"100ms\"\nretry_max = \"1s\"\n{extra}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n",
                 dir.join(if name == "edge" { "edge-data".to_string() } else { format!("{name}-data") })
             ),
         )
         .expect("write edge config");
-        let proc = Self::spawn(name, &config, dir);
-        let edge = Edge { mqtt_port, http_port, config, proc, dir: dir.to_path_buf(), name: name.to_string() };
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let proc = Self::spawn(name, &config, dir, &env);
+        let edge = Edge { mqtt_port, http_port, config, proc, dir: dir.to_path_buf(), name: name.to_string(), env };
         edge.wait_ready(matches!(mqtt, Mqtt::Embedded(_))).await;
         edge
     }
 
-    fn spawn(name: &str, config: &Path, dir: &Path) -> Proc {
-        Proc::spawn(name, "edge", &["run", "--config", config.to_str().unwrap_or_default()], dir)
+    fn spawn(name: &str, config: &Path, dir: &Path, env: &[(String, String)]) -> Proc {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Proc::spawn_env(name, BIN, &["edge", "run", "--config", config.to_str().unwrap_or_default()], dir, &env)
     }
 
     async fn wait_ready(&self, embedded: bool) {
@@ -280,7 +307,7 @@ impl Edge {
 
     /// Starts the agent again with the same configuration and data.
     pub async fn restart(&mut self, embedded: bool) {
-        self.proc = Self::spawn(&self.name, &self.config, &self.dir);
+        self.proc = Self::spawn(&self.name, &self.config, &self.dir, &self.env);
         self.wait_ready(embedded).await;
     }
 
@@ -296,6 +323,7 @@ impl Edge {
 pub struct Mosquitto {
     pub port: u16,
     pub proc: Proc,
+    conf: PathBuf,
 }
 
 impl Mosquitto {
@@ -311,7 +339,13 @@ impl Mosquitto {
         .expect("write mosquitto config");
         let proc = Proc::spawn_cmd("mosquitto", "mosquitto", &["-c", conf.to_str().unwrap_or_default()], dir);
         wait_for_port(port).await;
-        Mosquitto { port, proc }
+        Mosquitto { port, proc, conf }
+    }
+
+    /// Starts it again on the same port (after `proc.kill9()`).
+    pub async fn restart(&mut self, dir: &Path) {
+        self.proc = Proc::spawn_cmd("mosquitto", "mosquitto", &["-c", self.conf.to_str().unwrap_or_default()], dir);
+        wait_for_port(self.port).await;
     }
 }
 
@@ -401,6 +435,11 @@ impl Fleet {
     }
 }
 
+/// The status code of `GET url` (0 when nothing answers).
+pub async fn status(url: &str) -> u16 {
+    reqwest::get(url).await.map_or(0, |r| r.status().as_u16())
+}
+
 /// A counter or gauge value from a Prometheus text page (summing label sets).
 pub async fn metric(url: &str, name: &str) -> Option<f64> {
     let text = reqwest::get(url).await.ok()?.text().await.ok()?;
@@ -415,9 +454,26 @@ pub async fn metric(url: &str, name: &str) -> Option<f64> {
     found
 }
 
+/// The value of one labelled series on a Prometheus page, e.g.
+/// `kappa_cloud_ingest_requests_total{result="accepted"}` (0 when absent).
+pub async fn series(url: &str, series: &str) -> f64 {
+    series_with(&reqwest::Client::new(), url, series).await
+}
+
+/// [`series`] with a client of the caller's (TLS roots).
+pub async fn series_with(client: &reqwest::Client, url: &str, series: &str) -> f64 {
+    let page = client.get(format!("{url}/metrics")).send().await.expect("metrics");
+    let text = page.text().await.expect("metrics text");
+    text.lines().filter_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok()).next().unwrap_or(0.0)
+}
+
 /// Every row of a view, through the paginated API.
 pub async fn fetch_rows(cloud_url: &str, view: &str) -> Vec<RowOut> {
-    let client = reqwest::Client::new();
+    fetch_rows_with(&reqwest::Client::new(), cloud_url, view).await
+}
+
+/// [`fetch_rows`] with a client of the caller's (TLS roots, a token).
+pub async fn fetch_rows_with(client: &reqwest::Client, cloud_url: &str, view: &str) -> Vec<RowOut> {
     let mut rows = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -525,6 +581,10 @@ pub fn assert_exact(truth: &GroundTruth, rows: &[RowOut], procs: &[&Proc]) {
 /// 2026-01-01T00:00:00Z.
 pub const T0: i64 = 1_767_225_600_000;
 
+/// The simulated fleets start at [`T0`] (2026-01-01), in the gateway's past:
+/// the agents under test accept device clocks this far behind their own.
+pub const HISTORY_DAYS: u32 = 36_500;
+
 /// 30 devices, 2,000 readings each, one per second, in batches of 500; with
 /// `messy`, blocks of readings reversed (out of order), one in twenty sent
 /// twice, a few far too late.
@@ -592,4 +652,48 @@ pub async fn ingest(cloud: &Cloud, batches: &[EdgeBatch]) -> u64 {
         records += b.readings.len() as u64;
     }
     records
+}
+
+/// A Kafka-protocol broker process (tansu, in-memory storage) on its own port.
+pub struct Tansu {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl Tansu {
+    fn binary() -> PathBuf {
+        kappa_tests::tansu_binary().unwrap_or_else(|| {
+            panic!(
+                "no tansu broker: build it with `cargo install tansu --locked --version 0.6.0 --features dynostore \
+                 --root ~/.cache/kappa-tools/tansu-0.6.0` (about 18 minutes; .ci/run does it) or set KAPPA_TANSU"
+            )
+        })
+    }
+
+    pub async fn start(dir: &Path) -> Tansu {
+        let port = free_port();
+        let listener = format!("tcp://127.0.0.1:{port}");
+        let bin = Self::binary();
+        let proc = Proc::spawn_cmd(
+            "tansu",
+            bin.to_str().unwrap_or_default(),
+            &[
+                "broker",
+                "--listener-url",
+                &listener,
+                "--advertised-listener-url",
+                &listener,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            dir,
+        );
+        wait_for_port(port).await;
+        Tansu { port, proc }
+    }
+
+    /// `host:port` for `bootstrap.servers`.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
 }

@@ -15,3 +15,14 @@ pub fn run_role(role: &str, args: impl Iterator<Item = OsString>) -> Option<Exit
         _ => return None,
     })
 }
+
+/// The tansu broker binary (a Kafka-protocol broker) for tests and
+/// benchmarks: `KAPPA_TANSU`, or where `.ci/run` builds it once per machine
+/// (`~/.cache/kappa-tools`). `None` when it is not there.
+pub fn tansu_binary() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("KAPPA_TANSU").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/kappa-tools/tansu-0.6.0/bin/tansu")
+    });
+    path.exists().then_some(path)
+}

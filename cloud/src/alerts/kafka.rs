@@ -12,19 +12,15 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::deliver::{Outcome, RetryPolicy, deliver_loop};
+use crate::kafka::{ProducerSlot, TopicSpec, client_config, ensure_topic, topic_problem};
 use crate::metrics::CloudMetrics;
 
 /// The outbox target of the Kafka topic (`#` keeps it apart from webhook names).
@@ -77,10 +73,7 @@ impl KafkaAlertsConfig {
         if self.brokers.trim().is_empty() {
             out.push("alerts.kafka.brokers: must name at least one host:port".into());
         }
-        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-        if self.topic.is_empty() || self.topic.len() > 249 || !self.topic.chars().all(legal) {
-            out.push(format!("alerts.kafka.topic: {:?} is not a legal Kafka topic name", self.topic));
-        }
+        out.extend(topic_problem("alerts.kafka.topic", &self.topic));
         if self.partitions < 1 {
             out.push("alerts.kafka.partitions: must be at least 1".into());
         }
@@ -93,42 +86,16 @@ impl KafkaAlertsConfig {
         out
     }
 
-    fn client_config(&self) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers);
-        for (k, v) in &self.properties {
-            c.set(k, v);
-        }
-        c
-    }
-}
-
-/// Creates the topic unless it exists (or checks that it exists).
-async fn ensure_topic(cfg: &KafkaAlertsConfig) -> Result<(), String> {
-    let admin: AdminClient<DefaultClientContext> =
-        cfg.client_config().create().map_err(|e| format!("alerts.kafka: cannot create an admin client: {e}"))?;
-    if !cfg.create_topic {
-        let md = admin
-            .inner()
-            .fetch_metadata(Some(&cfg.topic), cfg.timeout)
-            .map_err(|e| format!("alerts.kafka: cannot read metadata of {:?}: {e}", cfg.topic))?;
-        let missing = md.topics().iter().all(|t| t.name() != cfg.topic || t.error().is_some());
-        return if missing {
-            Err(format!("alerts.kafka: topic {:?} does not exist and create_topic is false", cfg.topic))
-        } else {
-            Ok(())
-        };
-    }
-    let topic = NewTopic::new(&cfg.topic, cfg.partitions, TopicReplication::Fixed(cfg.replication_factor));
-    let opts = AdminOptions::new().operation_timeout(Some(cfg.timeout));
-    let results = admin.create_topics([&topic], &opts).await.map_err(|e| format!("alerts.kafka: {e}"))?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => return Err(format!("alerts.kafka: cannot create topic {name:?}: {code}")),
+    fn topic_spec(&self) -> TopicSpec<'_> {
+        TopicSpec {
+            name: &self.topic,
+            partitions: self.partitions,
+            replication_factor: self.replication_factor,
+            create: self.create_topic,
+            timeout: self.timeout,
+            section: "alerts.kafka",
         }
     }
-    Ok(())
 }
 
 /// Produces the `#kafka` outbox rows in order until `cancel` fires.
@@ -141,8 +108,8 @@ pub async fn run(
     // The broker may be down at startup: keep trying until the topic is there.
     let mut wait = Duration::from_millis(200);
     loop {
-        match ensure_topic(&cfg).await {
-            Ok(()) => break,
+        match ensure_topic(&client_config(&cfg.brokers, &cfg.properties), &cfg.topic_spec()).await {
+            Ok(_) => break,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?wait, "The alerts topic is not ready; retrying.");
                 tokio::select! {
@@ -153,16 +120,8 @@ pub async fn run(
             }
         }
     }
-    let make_producer = || -> Result<FutureProducer, String> {
-        cfg.client_config()
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("message.timeout.ms", cfg.timeout.as_millis().to_string())
-            .create()
-            .map_err(|e| format!("alerts.kafka: cannot create the producer: {e}"))
-    };
-    let producer = Arc::new(std::sync::Mutex::new(make_producer()?));
-    let failures = Arc::new(AtomicU32::new(0));
+    let producer =
+        Arc::new(ProducerSlot::new(client_config(&cfg.brokers, &cfg.properties), cfg.timeout, "alerts.kafka")?);
     tracing::info!(brokers = %cfg.brokers, topic = %cfg.topic, "Alerts go to Kafka.");
     let policy = RetryPolicy {
         max_attempts: u32::MAX,
@@ -172,22 +131,12 @@ pub async fn run(
     let topic = cfg.topic.clone();
     deliver_loop(TARGET, policy, store_path, metrics, cancel, |d| {
         let topic = topic.clone();
-        let failures = failures.clone();
         let slot = producer.clone();
-        // An idempotent producer that hit a fatal error, or keeps failing,
-        // is replaced by a new one (a new producer id); the outbox row is
-        // simply sent again.
-        if failures.load(Ordering::Relaxed) >= RECREATE_AFTER_FAILURES
-            && let Ok(fresh) = make_producer()
-            && let Ok(mut p) = slot.lock()
-        {
-            tracing::warn!("Replacing the alerts producer after repeated failures.");
-            *p = fresh;
-            failures.store(0, Ordering::Relaxed);
-        }
-        let producer: Option<FutureProducer> = slot.lock().ok().map(|p| p.clone());
         async move {
-            let Some(producer) = producer else { return Outcome::Failed("producer lock poisoned".into()) };
+            let producer = match slot.get() {
+                Ok(p) => p,
+                Err(e) => return Outcome::Failed(e),
+            };
             let key = d.idempotency_key();
             let headers = OwnedHeaders::new()
                 .insert(Header { key: "idempotency-key", value: Some(key.as_bytes()) })
@@ -195,15 +144,11 @@ pub async fn run(
             let record = FutureRecord::to(&topic).key(&d.alert_id).payload(&d.payload).headers(headers);
             match producer.send(record, Duration::ZERO).await {
                 Ok(_) => {
-                    failures.store(0, Ordering::Relaxed);
+                    slot.succeeded();
                     Outcome::Delivered
                 }
                 Err((e, _)) => {
-                    let fatal = matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
-                    let n = failures.fetch_add(1, Ordering::Relaxed) + 1;
-                    if fatal {
-                        failures.store(RECREATE_AFTER_FAILURES, Ordering::Relaxed);
-                    }
+                    let n = slot.failed(&e);
                     Outcome::Failed(format!("{e} (failure {n} in a row)"))
                 }
             }
@@ -211,6 +156,3 @@ pub async fn run(
     })
     .await
 }
-
-/// Consecutive failed produces after which the producer is recreated.
-const RECREATE_AFTER_FAILURES: u32 = 3;

@@ -3,6 +3,7 @@
 //! RFC 3339). A view is named by its name (the version its alias points to)
 //! or as `name@version`.
 
+pub mod aggregates;
 pub mod alerts;
 
 use std::sync::{Arc, Mutex};
@@ -263,6 +264,15 @@ pub async fn late(State(st): State<Arc<ApiState>>, Query(p): Query<LateParams>) 
         })
         .flatten();
     Ok(Json(LatePage { events, next }))
+}
+
+/// `GET /dashboard`: the operator's page (fleet, a device's windows, alerts,
+/// pipeline health). One self-contained HTML file built into the binary; it
+/// reads the JSON API and `/metrics` like any other client.
+pub async fn dashboard() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    ([("content-type", "text/html; charset=utf-8"), ("cache-control", "no-cache")], include_str!("dashboard.html"))
+        .into_response()
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@
 
 pub mod archiver;
 pub mod export;
-pub mod segment;
+/// The segment format lives with the other wire codecs.
+pub use kappa_common::segment;
 pub mod source;
 pub mod store;
 

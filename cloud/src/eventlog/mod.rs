@@ -2,8 +2,8 @@
 //!
 //! One interface, several backends. Ingest appends through a [`LogAppender`];
 //! the processor (and later the archiver and replay) read through a
-//! [`LogSource`]. The embedded backend is SQLite ([`sqlite`]); the interface
-//! is shaped after Kafka's, so a Kafka backend fits behind it:
+//! [`LogSource`]. The embedded backend is SQLite ([`sqlite`]), the cluster
+//! backend Kafka ([`kafka`]); the interface is shaped after Kafka's:
 //!
 //! * records are keyed by device id, and the partition is
 //!   [`kappa_common::partition::partition_for`] of the key, so one device's
@@ -14,6 +14,7 @@
 //!   consumer-group share for Kafka), is told where to start with
 //!   [`LogSource::seek`], and polls records in offset order per partition.
 
+pub mod kafka;
 pub mod memory;
 pub mod sqlite;
 
@@ -100,4 +101,101 @@ pub enum EventLogError {
     /// The stored log disagrees with the configuration or is damaged.
     #[error("event log is inconsistent: {0}")]
     Inconsistent(String),
+}
+
+impl LogSource for Box<dyn LogSource> {
+    fn assigned(&self) -> Vec<Partition> {
+        (**self).assigned()
+    }
+    fn seek(&mut self, partition: Partition, offset: Offset) {
+        (**self).seek(partition, offset);
+    }
+    fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<ConsumedRecord>, EventLogError> {
+        (**self).poll(max, timeout)
+    }
+    fn end_offsets(&mut self) -> Result<Vec<(Partition, Offset)>, EventLogError> {
+        (**self).end_offsets()
+    }
+    fn skipped(&self) -> u64 {
+        (**self).skipped()
+    }
+    fn caught_up(&self, partition: Partition) -> bool {
+        (**self).caught_up(partition)
+    }
+}
+
+/// The configured log backend, opened.
+#[derive(Debug)]
+pub enum EventLog {
+    Sqlite(sqlite::SqliteLog),
+    Kafka(kafka::KafkaLog),
+}
+
+impl EventLog {
+    /// Opens the log `cfg` names, creating it (or its topic) if allowed.
+    pub async fn open(cfg: &crate::config::CloudConfig) -> Result<Self, EventLogError> {
+        match (&cfg.log.backend, &cfg.log.kafka) {
+            (crate::config::LogBackend::Kafka, Some(k)) => {
+                Ok(Self::Kafka(kafka::KafkaLog::connect(k.clone(), cfg.log.partitions).await?))
+            }
+            _ => Self::open_existing(cfg),
+        }
+    }
+
+    /// Opens the log `cfg` names without creating a Kafka topic (offline tools).
+    pub fn open_existing(cfg: &crate::config::CloudConfig) -> Result<Self, EventLogError> {
+        match (&cfg.log.backend, &cfg.log.kafka) {
+            (crate::config::LogBackend::Kafka, Some(k)) => {
+                Ok(Self::Kafka(kafka::KafkaLog::existing(k.clone(), cfg.log.partitions)))
+            }
+            (crate::config::LogBackend::Kafka, None) => {
+                Err(EventLogError::Inconsistent("log.backend is kafka but there is no [log.kafka]".into()))
+            }
+            (crate::config::LogBackend::Sqlite, _) => Ok(Self::Sqlite(sqlite::SqliteLog::open(
+                &cfg.data_dir.join("eventlog.sqlite"),
+                cfg.log.partitions,
+                cfg.log.durability,
+            )?)),
+        }
+    }
+
+    /// Where ingest appends; `queue` appends may wait for the embedded writer.
+    pub fn appender(&self, queue: usize) -> Result<Appender, EventLogError> {
+        Ok(match self {
+            Self::Sqlite(l) => Appender::Sqlite(l.start_writer(queue)?),
+            Self::Kafka(l) => Appender::Kafka(l.appender()?),
+        })
+    }
+
+    /// A source over every partition, from offset 0.
+    pub fn source(&self) -> Result<Box<dyn LogSource>, EventLogError> {
+        Ok(match self {
+            Self::Sqlite(l) => Box::new(l.source()?),
+            Self::Kafka(l) => Box::new(l.source()?),
+        })
+    }
+
+    /// The next offset of every partition (read beside a running node).
+    pub fn end_offsets(cfg: &crate::config::CloudConfig) -> Result<Vec<(Partition, Offset)>, EventLogError> {
+        match (&cfg.log.backend, &cfg.log.kafka) {
+            (crate::config::LogBackend::Kafka, Some(k)) => kafka::end_offsets(k, cfg.log.partitions),
+            _ => sqlite::SqliteLog::end_offsets_at(&cfg.data_dir.join("eventlog.sqlite")),
+        }
+    }
+}
+
+/// The appender of whichever backend is configured.
+#[derive(Debug, Clone)]
+pub enum Appender {
+    Sqlite(sqlite::SqliteAppender),
+    Kafka(kafka::KafkaAppender),
+}
+
+impl LogAppender for Appender {
+    async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, EventLogError> {
+        match self {
+            Self::Sqlite(a) => a.append(batch).await,
+            Self::Kafka(a) => a.append(batch).await,
+        }
+    }
 }

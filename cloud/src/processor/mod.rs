@@ -48,6 +48,9 @@ pub trait Operator: Send + std::fmt::Debug {
     /// A gateway's heartbeat or progress marker, as it appears in
     /// `partition`, appended at `ingest_ms` (cloud clock).
     fn on_gateway_clock(&mut self, _partition: Partition, _gateway: &str, _clock: GatewayClock, _ingest_ms: i64) {}
+    /// An aggregate partial the edge computed, with the gateway batch it
+    /// came in (views ignore them).
+    fn on_aggregate(&mut self, _gateway: &str, _batch_id: u64, _aggregate: &kappa_common::aggregate::Aggregate) {}
     /// The global watermark moved to `watermark`.
     fn on_watermark(&mut self, _watermark: i64) {}
     /// Adds what changed since the last checkpoint.
@@ -162,6 +165,8 @@ pub struct Processor<S: LogSource> {
     last_checkpoint: Instant,
     last_lag: Instant,
     emit_latencies: Vec<Duration>,
+    /// Ingest time of the newest record processed (cloud clock), for the lag in seconds.
+    newest_ingest_ms: i64,
 }
 
 impl<S: LogSource> Processor<S> {
@@ -259,6 +264,7 @@ impl<S: LogSource> Processor<S> {
             last_checkpoint: Instant::now(),
             last_lag: Instant::now() - Duration::from_secs(60),
             emit_latencies: Vec::new(),
+            newest_ingest_ms: 0,
         })
     }
 
@@ -295,7 +301,11 @@ impl<S: LogSource> Processor<S> {
         let now = Instant::now();
         for rec in records {
             self.positions.insert(rec.partition, rec.offset + 1);
-            let (gateway, ingest_ms, reading) = match record::decode(&rec.value) {
+            let decoded = record::decode(&rec.value);
+            if let Ok(r) = &decoded {
+                self.newest_ingest_ms = self.newest_ingest_ms.max(r.ingest_ms);
+            }
+            let (gateway, ingest_ms, reading) = match decoded {
                 Ok(r) => match r.event {
                     LogEvent::Reading(reading) => (r.gateway, r.ingest_ms, reading),
                     LogEvent::Heartbeat { ts_ms } => {
@@ -313,6 +323,13 @@ impl<S: LogSource> Processor<S> {
                                 r.ingest_ms,
                             );
                         }
+                        continue;
+                    }
+                    LogEvent::Aggregate(a) => {
+                        for op in &mut self.ops {
+                            op.on_aggregate(&r.gateway, r.batch_id, &a);
+                        }
+                        self.metrics.aggregates_processed.inc();
                         continue;
                     }
                 },
@@ -370,6 +387,9 @@ impl<S: LogSource> Processor<S> {
         {
             self.checkpoint()?;
         }
+        if n > 0 {
+            self.metrics.batch_seconds.observe(now.elapsed().as_secs_f64());
+        }
         if self.last_lag.elapsed() >= Duration::from_secs(2) {
             self.report_lag(now)?;
         }
@@ -425,6 +445,16 @@ impl<S: LogSource> Processor<S> {
             behind += end.saturating_sub(done);
             self.metrics.lag_records.get_or_create(&[("partition", p)]).set(end.saturating_sub(done) as i64);
         }
+        // Seconds behind: how long ago the newest processed record was
+        // appended, while records wait behind it; zero when caught up.
+        let lag_seconds = if behind == 0 || self.newest_ingest_ms == 0 {
+            0
+        } else {
+            let now_ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            (now_ms - self.newest_ingest_ms).max(0) / 1000
+        };
+        self.metrics.lag_seconds.set(lag_seconds);
         let skipped = self.source.skipped();
         self.metrics.archive_skipped_records.set(skipped as i64);
         if self.building && behind == 0 {

@@ -16,6 +16,7 @@
 //! | `processor_meta(pipeline, key, value)` | `global_watermark` |
 //! | `late_events(view_id, partition, offset, window_start, ...)` | readings too late for a window, with the reason |
 //! | `alerts`, `alert_events`, `alert_state`, `alert_outbox`, `alert_acks` | see [`alerts`] |
+//! | `edge_aggregates` | see [`aggregates`] |
 //!
 //! [`ViewStore::checkpoint`] writes everything a checkpoint holds in one
 //! transaction: rows, state, dedup, late events and log positions always
@@ -29,6 +30,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value as Json;
 
+pub mod aggregates;
 pub mod alerts;
 
 use crate::alerts::engine::AlertChanges;
@@ -124,6 +126,8 @@ pub struct Checkpoint {
     pub late: Vec<LateEvent>,
     /// The alert operator's part, in the alert pipeline.
     pub alerts: Option<AlertChanges>,
+    /// Edge aggregate partials to merge, in the aggregates pipeline.
+    pub aggregates: Vec<aggregates::AggregatePart>,
 }
 
 impl Checkpoint {
@@ -147,6 +151,15 @@ pub type ViewState = (Option<i64>, Vec<(String, WinState)>);
 #[derive(Debug)]
 pub struct ViewStore {
     conn: Connection,
+}
+
+/// What [`ViewStore::state_bytes`] measures.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StateBytes {
+    /// `(view id, bytes)` of each view's open-window state.
+    pub views: Vec<(String, i64)>,
+    /// `(pipeline, bytes)` of each pipeline's dedup state.
+    pub dedup: Vec<(String, i64)>,
 }
 
 impl ViewStore {
@@ -174,6 +187,7 @@ impl ViewStore {
         }
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(alerts::SCHEMA)?;
+        conn.execute_batch(aggregates::SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self { conn })
     }
@@ -449,6 +463,7 @@ impl ViewStore {
             if let Some(ch) = &cp.alerts {
                 alerts::write(&tx, ch)?;
             }
+            aggregates::merge(&tx, &cp.aggregates)?;
             if cp.caught_up {
                 tx.execute(
                     "UPDATE pipelines SET state = 'live', detail = '' WHERE pipeline = ?1 AND state = 'building'",
@@ -682,6 +697,20 @@ impl ViewStore {
     }
 
     /// The late log in canonical order, for dumps.
+    /// Bytes of checkpointed operator state: per view (its open windows)
+    /// and per pipeline (its dedup state), as stored.
+    pub fn state_bytes(&self) -> Result<StateBytes, StoreError> {
+        let sum = |sql: &str| -> Result<Vec<(String, i64)>, StoreError> {
+            let mut stmt = self.conn.prepare(sql)?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        };
+        Ok(StateBytes {
+            views: sum("SELECT view_id, COALESCE(SUM(LENGTH(state)), 0) FROM view_state GROUP BY view_id")?,
+            dedup: sum("SELECT pipeline, COALESCE(SUM(LENGTH(state)), 0) FROM dedup GROUP BY pipeline")?,
+        })
+    }
+
     pub fn dump_late(&self) -> Result<String, StoreError> {
         let q = LateQuery {
             view_id: None,
@@ -769,6 +798,23 @@ mod tests {
         let q = RowQuery { view_id: "v@1".into(), key: None, from: i64::MIN, to: i64::MAX, after: None, limit: 10 };
         assert_eq!(s.rows(&q).unwrap()[0].values["n"], 3);
         assert_eq!(s.view_state("v@1").unwrap().0, Some(5));
+    }
+
+    #[test]
+    fn state_bytes_follow_the_checkpointed_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = ViewStore::open(&dir.path().join("v.sqlite")).unwrap();
+        assert_eq!(s.state_bytes().unwrap(), StateBytes::default());
+        let mut cp = cp_with_rows(vec![], 1);
+        cp.views[0].1.state_upserts = vec![("a".into(), 0, vec![0; 100]), ("b".into(), 0, vec![0; 50])];
+        cp.dedup_upserts = vec![("a".into(), 1, vec![0; 30])];
+        s.checkpoint(&cp).unwrap();
+        let b = s.state_bytes().unwrap();
+        assert_eq!((b.views, b.dedup), (vec![("v@1".into(), 150)], vec![("main".into(), 30)]));
+        let mut cp = cp_with_rows(vec![], 2);
+        cp.views[0].1.state_deletes = vec![("a".into(), 0)];
+        s.checkpoint(&cp).unwrap();
+        assert_eq!(s.state_bytes().unwrap().views, vec![("v@1".into(), 50)]);
     }
 
     #[test]

@@ -18,6 +18,39 @@ pub enum PostOutcome {
     Refused { status: u16, detail: String },
 }
 
+/// What the gateway reports about itself with every request, for the
+/// cloud's dashboard (`x-kappa-backlog-readings`, `x-kappa-oldest-unforwarded-seconds`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GatewayStatus {
+    pub backlog_readings: i64,
+    pub oldest_unforwarded_seconds: i64,
+}
+
+impl GatewayStatus {
+    fn headers(self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        req.header("x-kappa-backlog-readings", self.backlog_readings.max(0).to_string())
+            .header("x-kappa-oldest-unforwarded-seconds", self.oldest_unforwarded_seconds.max(0).to_string())
+    }
+}
+
+/// Whom the client trusts and how it proves who it is.
+#[derive(Clone, Default)]
+pub struct Security {
+    /// PEM of the only CA to trust for the cloud's certificate; `None`: the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The gateway's ingest token (`Authorization: Bearer`).
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|p| format!("{} bytes", p.len())))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 /// An HTTP client for one cloud ingest endpoint.
 #[derive(Debug, Clone)]
 pub struct CloudClient {
@@ -25,29 +58,53 @@ pub struct CloudClient {
     url: String,
     heartbeat_url: String,
     gateway: String,
+    /// `Bearer <token>`, marked sensitive so it never shows in debug output.
+    authorization: Option<reqwest::header::HeaderValue>,
 }
 
 impl CloudClient {
-    pub fn new(base_url: &str, gateway: &str, timeout: Duration) -> Result<Self, reqwest::Error> {
-        let http =
-            reqwest::Client::builder().timeout(timeout).connect_timeout(timeout.min(Duration::from_secs(5))).build()?;
+    pub fn new(base_url: &str, gateway: &str, timeout: Duration, security: &Security) -> Result<Self, String> {
+        let mut builder =
+            reqwest::Client::builder().timeout(timeout).connect_timeout(timeout.min(Duration::from_secs(5)));
+        if let Some(pem) = &security.ca_pem {
+            let ca = reqwest::Certificate::from_pem(pem).map_err(|e| format!("forward.ca_file: {e}"))?;
+            builder = builder.tls_certs_only([ca]);
+        }
+        let http = builder.build().map_err(|e| format!("cannot build the HTTP client: {}", error_chain(&e)))?;
+        let authorization = match &security.token {
+            None => None,
+            Some(token) => {
+                let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                    .map_err(|_| "the ingest token has characters a header cannot carry".to_string())?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
         let base = base_url.trim_end_matches('/');
         Ok(Self {
             http,
             url: format!("{base}/v1/ingest"),
             heartbeat_url: format!("{base}/v1/heartbeat"),
             gateway: gateway.to_string(),
+            authorization,
         })
     }
 
+    /// A POST to `url` with the gateway's credentials and status.
+    fn request(&self, url: &str, status: GatewayStatus) -> reqwest::RequestBuilder {
+        let req = status.headers(self.http.post(url)).header("x-kappa-gateway", &self.gateway);
+        match &self.authorization {
+            Some(v) => req.header(reqwest::header::AUTHORIZATION, v.clone()),
+            None => req,
+        }
+    }
+
     /// Tells the cloud the gateway has forwarded everything up to `ts_ms`.
-    pub async fn heartbeat(&self, ts_ms: i64) -> Result<(), String> {
+    pub async fn heartbeat(&self, ts_ms: i64, status: GatewayStatus) -> Result<(), String> {
         let body = serde_json::json!({ "gateway": self.gateway, "ts_ms": ts_ms }).to_string();
         let response = self
-            .http
-            .post(&self.heartbeat_url)
+            .request(&self.heartbeat_url, status)
             .header("content-type", "application/json")
-            .header("x-kappa-gateway", &self.gateway)
             .body(body)
             .send()
             .await
@@ -56,13 +113,11 @@ impl CloudClient {
     }
 
     /// Sends one encoded batch.
-    pub async fn post(&self, batch_id: u64, body: Bytes) -> PostOutcome {
+    pub async fn post(&self, batch_id: u64, body: Bytes, status: GatewayStatus) -> PostOutcome {
         let response = self
-            .http
-            .post(&self.url)
+            .request(&self.url, status)
             .header("content-type", BATCH_CONTENT_TYPE)
             .header("content-encoding", "zstd")
-            .header("x-kappa-gateway", &self.gateway)
             .header("x-kappa-batch-id", batch_id.to_string())
             .body(body)
             .send()
@@ -100,6 +155,7 @@ pub fn classify(status: u16, detail: String, retry_after: Option<Duration>) -> P
     match status {
         400 | 413 | 415 | 422 => PostOutcome::Refused { status, detail },
         401 | 403 => PostOutcome::Retry { reason: "unauthorized", detail, retry_after },
+        408 => PostOutcome::Retry { reason: "timeout", detail, retry_after },
         429 => PostOutcome::Retry { reason: "throttled", detail, retry_after },
         500..=599 => PostOutcome::Retry { reason: "server_error", detail, retry_after },
         _ => {

@@ -1,12 +1,27 @@
 //! Store-and-forward: from the log's outbox to the cloud.
 //!
-//! The forwarder resends the oldest unacknowledged batch first (after a
-//! restart, the very batch it was sending), otherwise builds the next one
-//! from readings after the last assigned id: as soon as `max_batch_readings`
-//! are waiting, or when the oldest has waited `max_batch_age`. The cursor
-//! moves only when the cloud answers 2xx, which it does only after the batch
-//! is durably in its log. Failures back off with jitter and retry forever; an
-//! outage only grows the backlog.
+//! Batches go oldest first. The forwarder resends pending outbox batches
+//! first (after a restart, the very batches it was sending), otherwise builds
+//! the next one from readings after the last assigned id: as soon as
+//! `max_batch_readings` are waiting, or when the oldest has waited
+//! `max_batch_age`. Up to `max_in_flight` batches (default 1) are on the wire
+//! at once, so a high-latency link can still carry a full pipe; each one
+//! retries on its own with backoff and jitter, forever (an outage only grows
+//! the backlog). Batches in flight together can land in the cloud's log in
+//! any order among themselves, which its event-time views see as lateness:
+//! the default keeps strict order, and docs/edge.md says how to size
+//! `allowed_lateness` before raising it. The
+//! cursor moves only past batches the cloud answered 2xx, which it does only
+//! once a batch is durably in its log: a later batch completing first does
+//! not move it past an earlier one still pending.
+//!
+//! New batches are built at most `max_readings_per_second` readings per
+//! second (a token bucket), so a gateway coming back from a long outage
+//! drains its backlog at a bounded rate instead of flooding the link and the
+//! cloud. The order stays oldest first, so live readings queue behind the
+//! backlog: the cloud computes event-time windows with a watermark per
+//! gateway, and readings sent out of event-time order would arrive behind it
+//! and count as late. See docs/edge.md.
 //!
 //! With nothing left to forward, the forwarder sends a heartbeat every
 //! `heartbeat_interval`: "every reading received up to (now - 1 s) is in
@@ -16,19 +31,23 @@
 
 pub mod backoff;
 pub mod client;
+mod limiter;
 
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kappa_common::batch::{self, EdgeBatch};
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use self::backoff::Backoff;
-use self::client::{CloudClient, PostOutcome};
+use self::client::{CloudClient, PostOutcome, Security};
+use self::limiter::Limiter;
 use crate::config::ForwardConfig;
-use crate::log::{LogError, OutboxEntry, SharedLog};
+use crate::log::{BatchKind, LogError, OutboxEntry, SharedLog};
 use crate::metrics::EdgeMetrics;
 use crate::now_ms;
 
@@ -38,15 +57,16 @@ pub async fn run(
     log: SharedLog,
     cfg: ForwardConfig,
     gateway: String,
+    security: Security,
     committed: Arc<Notify>,
     metrics: Arc<EdgeMetrics>,
     cancel: CancellationToken,
 ) -> Result<(), LogError> {
-    let client = CloudClient::new(&cfg.cloud_url, &gateway, cfg.request_timeout)
-        .map_err(|e| LogError::Io(format!("cannot build the HTTP client: {e}")))?;
-    let mut backoff = Backoff::new(cfg.retry_min, cfg.retry_max);
+    let client = CloudClient::new(&cfg.cloud_url, &gateway, cfg.request_timeout, &security).map_err(LogError::Io)?;
+    let fwd = Forwarder { log, cfg: Arc::new(cfg), gateway: Arc::from(gateway), client, metrics };
+    let mut limiter = Limiter::new(fwd.cfg.max_readings_per_second);
     loop {
-        match forward_loop(&log, &cfg, &gateway, &client, &mut backoff, &committed, &metrics, &cancel).await {
+        match fwd.forward_loop(&mut limiter, &committed, &cancel).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "The forwarder hit a transient log error; retrying.");
@@ -60,87 +80,14 @@ pub async fn run(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn forward_loop(
-    log: &SharedLog,
-    cfg: &ForwardConfig,
-    gateway: &str,
-    client: &CloudClient,
-    backoff: &mut Backoff,
-    committed: &Notify,
-    metrics: &EdgeMetrics,
-    cancel: &CancellationToken,
-) -> Result<(), LogError> {
-    let mut last_contact = std::time::Instant::now();
-    loop {
-        if cancel.is_cancelled() {
-            return Ok(());
-        }
-        let entry = match next_batch(log, cfg, committed, cancel).await? {
-            Next::Batch(entry) => entry,
-            Next::Wait => continue,
-            Next::CaughtUp => {
-                if !cfg.heartbeat_interval.is_zero() && last_contact.elapsed() >= cfg.heartbeat_interval {
-                    match client.heartbeat(now_ms() - HEARTBEAT_MARGIN_MS).await {
-                        Ok(()) => {
-                            metrics.heartbeats.inc();
-                        }
-                        Err(e) => {
-                            metrics.forward_failures.get_or_create(&[("reason", "heartbeat")]).inc();
-                            tracing::debug!(error = %e, "Heartbeat failed.");
-                        }
-                    }
-                    last_contact = std::time::Instant::now();
-                }
-                continue;
-            }
-        };
-        let readings = log.call(move |l| l.load_batch(&entry)).await?;
-        let count = readings.len();
-        let body = Bytes::from(batch::encode(&EdgeBatch::new(gateway, entry.batch_id, readings), cfg.zstd_level));
-        loop {
-            metrics.forward_attempts.inc();
-            metrics.forward_bytes.inc_by(body.len() as u64);
-            let outcome = tokio::select! {
-                o = client.post(entry.batch_id, body.clone()) => o,
-                _ = cancel.cancelled() => return Ok(()),
-            };
-            match outcome {
-                PostOutcome::Accepted => {
-                    last_contact = std::time::Instant::now();
-                    log.call(move |l| l.complete_batch(entry.batch_id)).await?;
-                    metrics.batches_forwarded.inc();
-                    metrics.readings_forwarded.inc_by(count as u64);
-                    metrics.batch_readings.observe(count as f64);
-                    backoff.reset();
-                    tracing::debug!(
-                        batch_id = entry.batch_id,
-                        readings = count,
-                        bytes = body.len(),
-                        "Batch accepted by the cloud."
-                    );
-                    break;
-                }
-                PostOutcome::Refused { status, detail } => {
-                    let reason = format!("HTTP {status}: {detail}");
-                    tracing::error!(batch_id = entry.batch_id, readings = count, %reason, "The cloud refused a batch; it stays in the edge log as a dead letter.");
-                    log.call(move |l| l.dead_letter_batch(entry.batch_id, &reason, now_ms())).await?;
-                    metrics.forward_failures.get_or_create(&[("reason", "refused")]).inc();
-                    metrics.batches_dead_lettered.inc();
-                    break;
-                }
-                PostOutcome::Retry { reason, detail, retry_after } => {
-                    metrics.forward_failures.get_or_create(&[("reason", reason)]).inc();
-                    let delay = backoff.next_delay().max(retry_after.unwrap_or_default());
-                    tracing::warn!(batch_id = entry.batch_id, reason, detail = %detail, retry_in = ?delay, "Forwarding failed; will retry.");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = cancel.cancelled() => return Ok(()),
-                    }
-                }
-            }
-        }
-    }
+/// What every send needs; cheap to clone into a task.
+#[derive(Debug, Clone)]
+struct Forwarder {
+    log: SharedLog,
+    cfg: Arc<ForwardConfig>,
+    gateway: Arc<str>,
+    client: CloudClient,
+    metrics: Arc<EdgeMetrics>,
 }
 
 /// How far behind the gateway's clock a heartbeat claims completeness.
@@ -149,39 +96,172 @@ const HEARTBEAT_MARGIN_MS: i64 = 1000;
 /// What the forwarder does next.
 enum Next {
     Batch(OutboxEntry),
-    /// Readings are waiting for their batch to fill or age.
-    Wait,
-    /// Nothing left to forward (woken by a commit, a timer or cancellation).
+    /// Readings are waiting for their batch to fill or age, or for the rate bound.
+    Wait(Duration),
+    /// Nothing left to build.
     CaughtUp,
 }
 
-/// The batch to send next, waiting for readings if there are too few.
-async fn next_batch(
-    log: &SharedLog,
-    cfg: &ForwardConfig,
-    committed: &Notify,
-    cancel: &CancellationToken,
-) -> Result<Next, LogError> {
-    if let Some(pending) = log.call(|l| l.outbox()).await?.into_iter().next() {
-        return Ok(Next::Batch(pending));
-    }
-    let max = cfg.max_batch_readings;
-    let (waiting, oldest) = log.call(move |l| l.unassigned(max)).await?;
-    let wait = match oldest {
-        None => cfg.heartbeat_interval.clamp(Duration::from_millis(100), Duration::from_secs(1)),
-        Some(_) if waiting >= max => Duration::ZERO,
-        Some(oldest) => {
-            let age = Duration::from_millis(now_ms().saturating_sub(oldest).max(0) as u64);
-            cfg.max_batch_age.saturating_sub(age)
+impl Forwarder {
+    async fn forward_loop(
+        &self,
+        limiter: &mut Limiter,
+        committed: &Notify,
+        cancel: &CancellationToken,
+    ) -> Result<(), LogError> {
+        // Dropping the set (on return) aborts the sends; their batches stay in the outbox.
+        let mut in_flight: JoinSet<Result<u64, LogError>> = JoinSet::new();
+        let mut sending: HashSet<u64> = HashSet::new();
+        let mut last_contact = Instant::now();
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            let mut wait = self.cfg.heartbeat_interval.clamp(Duration::from_millis(100), Duration::from_secs(1));
+            let mut caught_up = false;
+            while in_flight.len() < self.cfg.max_in_flight {
+                match self.next_batch(&sending, limiter).await? {
+                    Next::Batch(entry) => {
+                        sending.insert(entry.batch_id);
+                        let me = self.clone();
+                        in_flight.spawn(async move { me.send(entry).await.map(|()| entry.batch_id) });
+                    }
+                    Next::Wait(d) => {
+                        wait = d;
+                        break;
+                    }
+                    Next::CaughtUp => {
+                        caught_up = true;
+                        break;
+                    }
+                }
+            }
+            self.metrics.forward_in_flight.set(in_flight.len() as i64);
+            if caught_up && in_flight.is_empty() {
+                let hb = self.cfg.heartbeat_interval;
+                if !hb.is_zero() && last_contact.elapsed() >= hb {
+                    self.heartbeat().await;
+                    last_contact = Instant::now();
+                }
+            }
+            tokio::select! {
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    let batch_id = done.map_err(|e| LogError::Io(format!("a send task failed: {e}")))??;
+                    sending.remove(&batch_id);
+                    last_contact = Instant::now();
+                }
+                _ = committed.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = cancel.cancelled() => return Ok(()),
+            }
         }
-    };
-    if oldest.is_some() && wait.is_zero() {
-        return Ok(log.call(move |l| l.assign_batch(max, now_ms())).await?.map_or(Next::Wait, Next::Batch));
     }
-    tokio::select! {
-        _ = committed.notified() => {}
-        _ = tokio::time::sleep(wait) => {}
-        _ = cancel.cancelled() => {}
+
+    /// The batch to send next: a pending one not on the wire yet, else a new
+    /// one if enough readings are waiting and the rate bound allows.
+    async fn next_batch(&self, sending: &HashSet<u64>, limiter: &mut Limiter) -> Result<Next, LogError> {
+        let pending = self.log.call(|l| l.outbox()).await?;
+        if let Some(entry) = pending.into_iter().find(|b| !sending.contains(&b.batch_id)) {
+            // Backfill is new traffic on the link: it takes the rate bound too.
+            if entry.kind == BatchKind::Backfill {
+                if let Some(delay) = limiter.delay() {
+                    return Ok(Next::Wait(delay));
+                }
+                limiter.take(entry.count);
+            }
+            return Ok(Next::Batch(entry));
+        }
+        let max = self.cfg.max_batch_readings;
+        let (waiting, oldest) = self.log.call(move |l| l.unassigned(max)).await?;
+        let Some(oldest) = oldest else { return Ok(Next::CaughtUp) };
+        if waiting < max {
+            let age = Duration::from_millis(now_ms().saturating_sub(oldest).max(0) as u64);
+            let left = self.cfg.max_batch_age.saturating_sub(age);
+            if !left.is_zero() {
+                return Ok(Next::Wait(left));
+            }
+        }
+        if let Some(delay) = limiter.delay() {
+            return Ok(Next::Wait(delay));
+        }
+        let entry = self.log.call(move |l| l.assign_batch(max, now_ms())).await?;
+        Ok(match entry {
+            Some(entry) => {
+                limiter.take(entry.count);
+                Next::Batch(entry)
+            }
+            None => Next::CaughtUp,
+        })
     }
-    Ok(if oldest.is_none() { Next::CaughtUp } else { Next::Wait })
+
+    /// Sends one batch until the cloud accepts or refuses it.
+    async fn send(&self, entry: OutboxEntry) -> Result<(), LogError> {
+        if entry.count == 0 {
+            // A range of readings that all stay local (aggregate and hybrid modes): nothing to send.
+            return self.log.call(move |l| l.complete_batch(entry.batch_id)).await;
+        }
+        let (readings, aggregates) =
+            self.log.call(move |l| Ok((l.load_batch(&entry)?, l.load_aggregates(&entry)?))).await?;
+        let count = readings.len() + aggregates.len();
+        let batch = EdgeBatch::new(&*self.gateway, entry.batch_id, readings)
+            .with_aggregates(aggregates)
+            .with_format(self.cfg.encoding.format());
+        let body = Bytes::from(batch::encode(&batch, self.cfg.zstd_level));
+        let mut backoff = Backoff::new(self.cfg.retry_min, self.cfg.retry_max);
+        let m = &self.metrics;
+        loop {
+            m.forward_attempts.inc();
+            m.forward_bytes.inc_by(body.len() as u64);
+            match self.client.post(entry.batch_id, body.clone(), self.status()).await {
+                PostOutcome::Accepted => {
+                    self.log.call(move |l| l.complete_batch(entry.batch_id)).await?;
+                    m.batches_forwarded.inc();
+                    m.readings_forwarded.inc_by(count as u64);
+                    m.batch_readings.observe(count as f64);
+                    m.batch_bytes.observe(body.len() as f64);
+                    tracing::debug!(
+                        batch_id = entry.batch_id,
+                        readings = count,
+                        bytes = body.len(),
+                        "Batch accepted by the cloud."
+                    );
+                    return Ok(());
+                }
+                PostOutcome::Refused { status, detail } => {
+                    let reason = format!("HTTP {status}: {detail}");
+                    tracing::error!(batch_id = entry.batch_id, readings = count, %reason, "The cloud refused a batch; it stays in the edge log as a dead letter.");
+                    self.log.call(move |l| l.dead_letter_batch(entry.batch_id, &reason, now_ms())).await?;
+                    m.forward_failures.get_or_create(&[("reason", "refused")]).inc();
+                    m.batches_dead_lettered.inc();
+                    return Ok(());
+                }
+                PostOutcome::Retry { reason, detail, retry_after } => {
+                    m.forward_failures.get_or_create(&[("reason", reason)]).inc();
+                    let delay = backoff.next_delay().max(retry_after.unwrap_or_default());
+                    tracing::warn!(batch_id = entry.batch_id, reason, detail = %detail, retry_in = ?delay, "Forwarding failed; will retry.");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// The backlog as the gauges last saw it, for the cloud's dashboard.
+    fn status(&self) -> client::GatewayStatus {
+        client::GatewayStatus {
+            backlog_readings: self.metrics.backlog_readings.get(),
+            oldest_unforwarded_seconds: self.metrics.oldest_unforwarded_age_seconds.get(),
+        }
+    }
+
+    async fn heartbeat(&self) {
+        match self.client.heartbeat(now_ms() - HEARTBEAT_MARGIN_MS, self.status()).await {
+            Ok(()) => {
+                self.metrics.heartbeats.inc();
+            }
+            Err(e) => {
+                self.metrics.forward_failures.get_or_create(&[("reason", "heartbeat")]).inc();
+                tracing::debug!(error = %e, "Heartbeat failed.");
+            }
+        }
+    }
 }

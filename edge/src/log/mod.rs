@@ -2,10 +2,13 @@
 //!
 //! On-disk format (schema version 1):
 //!
-//! * `readings(id, device, boot, seq, ts_ms, received_ms, body)`: every
-//!   accepted reading, `id` strictly increasing (AUTOINCREMENT, never reused),
-//!   `body` the reading in packed CBOR, `(device, boot, seq)` unique so a
-//!   device's resend is stored once.
+//! * `readings(id, device, boot, seq, ts_ms, received_ms, body, fwd, dev_ts)`:
+//!   every accepted reading, `id` strictly increasing (AUTOINCREMENT, never
+//!   reused), `body` the reading in packed CBOR. `(dev_ts, device, boot, seq)`
+//!   is unique, `dev_ts` being the timestamp the device sent: a resend
+//!   carries the same one, so it is stored once, and because the key leads
+//!   with time, a commit's inserts land together at the end of the index
+//!   instead of dirtying one index page per device.
 //! * `quarantine(id, received_ms, topic, reason, detail, payload)`: rejected
 //!   payloads with the reason, newest `quarantine_keep` kept.
 //! * `outbox(batch_id, first_id, last_id, count, created_ms)`: batches built
@@ -28,7 +31,13 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::config::Durability;
 
-const SCHEMA_VERSION: i64 = 1;
+mod aggregates;
+mod budget;
+
+pub use aggregates::FoldStep;
+pub use budget::{Class, Usage};
+
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS readings (
@@ -39,7 +48,9 @@ CREATE TABLE IF NOT EXISTS readings (
     ts_ms INTEGER NOT NULL,
     received_ms INTEGER NOT NULL,
     body BLOB NOT NULL,
-    UNIQUE (device, boot, seq)
+    fwd INTEGER NOT NULL DEFAULT 1,
+    dev_ts INTEGER NOT NULL,
+    UNIQUE (dev_ts, device, boot, seq)
 );
 CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -54,7 +65,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     first_id INTEGER NOT NULL,
     last_id INTEGER NOT NULL,
     count INTEGER NOT NULL,
-    created_ms INTEGER NOT NULL
+    created_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'readings'
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     batch_id INTEGER PRIMARY KEY,
@@ -62,11 +74,53 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     last_id INTEGER NOT NULL,
     count INTEGER NOT NULL,
     refused_ms INTEGER NOT NULL,
-    reason TEXT NOT NULL
+    reason TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'readings'
+);
+CREATE TABLE IF NOT EXISTS aggregates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_ms INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agg_open (
+    device TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    window_ms INTEGER NOT NULL,
+    start_ms INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (device, metric, window_ms, start_ms)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES
-    ('schema_version', 1), ('cursor', 0), ('assigned_upto', 0), ('next_batch_id', 1);
+    ('schema_version', 2), ('cursor', 0), ('assigned_upto', 0), ('next_batch_id', 1),
+    ('agg_cursor', 0), ('agg_assigned_upto', 0), ('agg_done', 0);
+";
+
+/// From schema version 1 (before pre-aggregation) to 2.
+const MIGRATE_1_TO_2: &str = "
+CREATE TABLE readings_v2 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    boot INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    fwd INTEGER NOT NULL DEFAULT 1,
+    dev_ts INTEGER NOT NULL,
+    UNIQUE (dev_ts, device, boot, seq)
+);
+INSERT INTO readings_v2 (id, device, boot, seq, ts_ms, received_ms, body, fwd, dev_ts)
+    SELECT id, device, boot, seq, ts_ms, received_ms, body, 1, ts_ms FROM readings;
+CREATE TEMP TABLE readings_seq AS SELECT seq FROM sqlite_sequence WHERE name = 'readings';
+DROP TABLE readings;
+ALTER TABLE readings_v2 RENAME TO readings;
+-- Ids are never reused: carry the old high-water mark over.
+UPDATE sqlite_sequence SET seq = max(seq, coalesce((SELECT seq FROM readings_seq), 0)) WHERE name = 'readings';
+DROP TABLE readings_seq;
+ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'readings';
+ALTER TABLE dead_letters ADD COLUMN kind TEXT NOT NULL DEFAULT 'readings';
+UPDATE meta SET value = 2 WHERE key = 'schema_version';
 ";
 
 /// Largest part of a rejected payload kept in quarantine.
@@ -76,6 +130,12 @@ const QUARANTINE_PAYLOAD_MAX: usize = 4096;
 #[derive(Debug, Clone)]
 pub enum Entry {
     Reading(Reading),
+    /// A reading whose timestamp the clock policy replaced; `device_ts` is
+    /// what the device sent, so a resend is still recognised.
+    Corrected {
+        reading: Reading,
+        device_ts: i64,
+    },
     Rejected(Rejected),
 }
 
@@ -96,10 +156,33 @@ pub struct AppendOutcome {
     pub quarantined: u64,
 }
 
+/// What a batch carries: raw readings, or pre-aggregated windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchKind {
+    /// `first_id..=last_id` are reading ids; the batch holds those marked for forwarding.
+    Readings,
+    /// `first_id..=last_id` are ids in the `aggregates` table.
+    Aggregates,
+    /// Local raw readings sent on request (`kappa-edge log backfill`): those
+    /// in `first_id..=last_id` marked `fwd = 3`. The cursor ignores these.
+    Backfill,
+}
+
+impl BatchKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Readings => "readings",
+            Self::Aggregates => "aggregates",
+            Self::Backfill => "backfill",
+        }
+    }
+}
+
 /// A batch built from the log and not yet acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxEntry {
     pub batch_id: u64,
+    pub kind: BatchKind,
     pub first_id: i64,
     pub last_id: i64,
     pub count: u64,
@@ -118,12 +201,16 @@ pub struct LogStats {
     pub quarantined: u64,
     pub dead_letter_batches: u64,
     pub file_bytes: u64,
+    pub used_bytes: u64,
+    pub wal_bytes: u64,
 }
 
 /// Readings not yet acknowledged by the cloud.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Backlog {
     pub readings: u64,
+    /// Estimated: `readings` times the mean body size of the newest 1,000 readings.
+    pub bytes: u64,
     pub oldest_received_ms: Option<i64>,
     pub file_bytes: u64,
 }
@@ -133,6 +220,8 @@ pub struct Backlog {
 pub struct EdgeLog {
     conn: Connection,
     quarantine_keep: u64,
+    /// Pre-aggregation runs: readings go into batches only once folded.
+    folding: bool,
 }
 
 impl EdgeLog {
@@ -143,18 +232,29 @@ impl EdgeLog {
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // Only takes effect on a new database (before its first table): pages
+        // freed by pruning and shedding can then go back to the filesystem.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "journal_size_limit", budget::WAL_SIZE_LIMIT)?;
         let sync = match durability {
             Durability::Full => "FULL",
             Durability::Normal => "NORMAL",
         };
         conn.pragma_update(None, "synchronous", sync)?;
+        let existing: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .optional()
+            .or_else(|e| if e.to_string().contains("no such table") { Ok(None) } else { Err(e) })?;
+        if existing == Some(1) {
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_1_TO_2} COMMIT;"))?;
+        }
         conn.execute_batch(SCHEMA)?;
         let version: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))?;
         if version != SCHEMA_VERSION {
             return Err(LogError::Corrupt(format!("log schema version {version}; this agent reads {SCHEMA_VERSION}")));
         }
-        Ok(Self { conn, quarantine_keep: 10_000 })
+        Ok(Self { conn, quarantine_keep: 10_000, folding: false })
     }
 
     /// Opens an existing log read-only (for inspection while the agent runs).
@@ -165,7 +265,29 @@ impl EdgeLog {
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        Ok(Self { conn, quarantine_keep: 0 })
+        Ok(Self { conn, quarantine_keep: 0, folding: false })
+    }
+
+    /// With pre-aggregation on, a reading is put in a batch only after the
+    /// aggregator has folded it (and decided whether its raw form is forwarded).
+    pub fn set_folding(&mut self, on: bool) {
+        self.folding = on;
+    }
+
+    /// The page cache of this connection. The writer's must hold the hot
+    /// pages of the `(device, boot, seq)` index (one per active device) or
+    /// every insert reads pages back from the file.
+    pub fn set_cache_bytes(&mut self, bytes: u64) -> Result<(), LogError> {
+        self.conn.pragma_update(None, "cache_size", -((bytes / 1024) as i64))?;
+        Ok(())
+    }
+
+    /// Makes this connection the one that checkpoints the WAL as it grows:
+    /// every 16 MiB, so the hot pages many commits rewrite reach the
+    /// database file once, not once per 4 MiB (SQLite's default).
+    pub fn set_checkpointing(&mut self) -> Result<(), LogError> {
+        self.conn.pragma_update(None, "wal_autocheckpoint", 4096)?;
+        Ok(())
     }
 
     /// How many quarantined payloads to keep.
@@ -180,33 +302,36 @@ impl EdgeLog {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO readings (device, boot, seq, ts_ms, received_ms, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR IGNORE INTO readings (device, boot, seq, ts_ms, received_ms, body, dev_ts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             let mut quarantine = tx.prepare_cached(
                 "INSERT INTO quarantine (received_ms, topic, reason, detail, payload) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             for entry in entries {
-                match entry {
-                    Entry::Reading(r) => {
-                        let n = insert.execute(params![
-                            r.device,
-                            r.boot,
-                            r.seq as i64,
-                            r.ts_ms,
-                            now_ms,
-                            r.to_packed_cbor()
-                        ])?;
-                        if n == 1 {
-                            out.inserted += 1;
-                        } else {
-                            out.duplicates += 1;
-                        }
-                    }
+                let (r, dev_ts) = match entry {
+                    Entry::Reading(r) => (r, r.ts_ms),
+                    Entry::Corrected { reading, device_ts } => (reading, *device_ts),
                     Entry::Rejected(q) => {
                         let payload = &q.payload[..q.payload.len().min(QUARANTINE_PAYLOAD_MAX)];
                         quarantine.execute(params![now_ms, q.topic, q.reason, q.detail, payload])?;
                         out.quarantined += 1;
+                        continue;
                     }
+                };
+                let n = insert.execute(params![
+                    r.device,
+                    r.boot,
+                    r.seq as i64,
+                    r.ts_ms,
+                    now_ms,
+                    r.to_packed_cbor(),
+                    dev_ts
+                ])?;
+                if n == 1 {
+                    out.inserted += 1;
+                } else {
+                    out.duplicates += 1;
                 }
             }
         }
@@ -226,9 +351,9 @@ impl EdgeLog {
 
     /// Batches built but not yet acknowledged, oldest first.
     pub fn outbox(&self) -> Result<Vec<OutboxEntry>, LogError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT batch_id, first_id, last_id, count, created_ms FROM outbox ORDER BY batch_id")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT batch_id, first_id, last_id, count, created_ms, kind FROM outbox ORDER BY batch_id",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok(OutboxEntry {
                 batch_id: r.get::<_, i64>(0)? as u64,
@@ -236,55 +361,115 @@ impl EdgeLog {
                 last_id: r.get(2)?,
                 count: r.get::<_, i64>(3)? as u64,
                 created_ms: r.get(4)?,
+                kind: match r.get::<_, String>(5)?.as_str() {
+                    "aggregates" => BatchKind::Aggregates,
+                    "backfill" => BatchKind::Backfill,
+                    _ => BatchKind::Readings,
+                },
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Readings not yet in any batch: how many (up to `limit`) and when the oldest arrived.
+    /// The last reading id that may go into a batch.
+    fn batchable_upto(&self) -> Result<i64, LogError> {
+        if self.folding { self.meta("agg_cursor") } else { Ok(i64::MAX) }
+    }
+
+    /// Readings and aggregates not yet in any batch: how many (up to
+    /// `limit`) and when the oldest arrived.
     pub fn unassigned(&self, limit: usize) -> Result<(usize, Option<i64>), LogError> {
-        let upto = self.meta("assigned_upto")?;
-        let oldest: Option<i64> = self
+        let (upto, gate) = (self.meta("assigned_upto")?, self.batchable_upto()?);
+        let oldest_reading: Option<i64> = self
             .conn
-            .query_row("SELECT received_ms FROM readings WHERE id > ?1 ORDER BY id LIMIT 1", [upto], |r| r.get(0))
+            .query_row(
+                "SELECT received_ms FROM readings WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT 1",
+                [upto, gate],
+                |r| r.get(0),
+            )
             .optional()?;
+        let agg_upto = self.meta("agg_assigned_upto")?;
+        let oldest_aggregate: Option<i64> = self
+            .conn
+            .query_row("SELECT created_ms FROM aggregates WHERE id > ?1 ORDER BY id LIMIT 1", [agg_upto], |r| r.get(0))
+            .optional()?;
+        let oldest = match (oldest_reading, oldest_aggregate) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if oldest.is_none() {
             return Ok((0, None));
         }
-        let count: i64 = self.conn.query_row(
-            "SELECT count(*) FROM (SELECT 1 FROM readings WHERE id > ?1 ORDER BY id LIMIT ?2)",
-            params![upto, limit as i64],
+        let readings: i64 = self.conn.query_row(
+            "SELECT count(*) FROM (SELECT 1 FROM readings WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3)",
+            params![upto, gate, limit as i64],
             |r| r.get(0),
         )?;
-        Ok((count as usize, oldest))
+        let aggregates: i64 = self.conn.query_row(
+            "SELECT count(*) FROM (SELECT 1 FROM aggregates WHERE id > ?1 ORDER BY id LIMIT ?2)",
+            params![agg_upto, limit as i64],
+            |r| r.get(0),
+        )?;
+        Ok(((readings + aggregates).min(limit as i64) as usize, oldest))
     }
 
-    /// Puts up to `max` unassigned readings into a new outbox batch.
+    /// Puts up to `max` unassigned aggregates, or else readings, into a new outbox batch.
     pub fn assign_batch(&mut self, max: usize, now_ms: i64) -> Result<Option<OutboxEntry>, LogError> {
+        let gate = self.batchable_upto()?;
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let upto: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'assigned_upto'", [], |r| r.get(0))?;
+        let meta = |key: &str| -> Result<i64, rusqlite::Error> {
+            tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        };
+        let agg_upto = meta("agg_assigned_upto")?;
         let (first, last, count): (Option<i64>, Option<i64>, i64) = tx.query_row(
-            "SELECT min(id), max(id), count(*) FROM (SELECT id FROM readings WHERE id > ?1 ORDER BY id LIMIT ?2)",
-            params![upto, max as i64],
+            "SELECT min(id), max(id), count(*) FROM (SELECT id FROM aggregates WHERE id > ?1 ORDER BY id LIMIT ?2)",
+            params![agg_upto, max as i64],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        let (Some(first_id), Some(last_id)) = (first, last) else { return Ok(None) };
-        let batch_id: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'next_batch_id'", [], |r| r.get(0))?;
+        let (kind, first_id, last_id, count, pointer) = match (first, last) {
+            (Some(f), Some(l)) => (BatchKind::Aggregates, f, l, count, "agg_assigned_upto"),
+            _ => {
+                let upto = meta("assigned_upto")?;
+                // A batch covers a range of ids; only readings marked for forwarding travel.
+                let (first, last, count): (Option<i64>, Option<i64>, i64) = tx.query_row(
+                    "SELECT min(id), max(id), coalesce(sum(fwd), 0) FROM
+                         (SELECT id, fwd FROM readings WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3)",
+                    params![upto, gate, max as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?;
+                let (Some(f), Some(l)) = (first, last) else { return Ok(None) };
+                (BatchKind::Readings, f, l, count, "assigned_upto")
+            }
+        };
+        let batch_id = meta("next_batch_id")?;
         tx.execute(
-            "INSERT INTO outbox (batch_id, first_id, last_id, count, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![batch_id, first_id, last_id, count, now_ms],
+            "INSERT INTO outbox (batch_id, first_id, last_id, count, created_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![batch_id, first_id, last_id, count, now_ms, kind.as_str()],
         )?;
-        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'assigned_upto'", [last_id])?;
+        tx.execute("UPDATE meta SET value = ?1 WHERE key = ?2", params![last_id, pointer])?;
         tx.execute("UPDATE meta SET value = ?1 WHERE key = 'next_batch_id'", [batch_id + 1])?;
         tx.commit()?;
-        Ok(Some(OutboxEntry { batch_id: batch_id as u64, first_id, last_id, count: count as u64, created_ms: now_ms }))
+        Ok(Some(OutboxEntry {
+            batch_id: batch_id as u64,
+            kind,
+            first_id,
+            last_id,
+            count: count as u64,
+            created_ms: now_ms,
+        }))
     }
 
-    /// The readings of an outbox batch, in log order.
+    /// The readings of an outbox batch, in log order (none for an aggregates batch).
     pub fn load_batch(&self, entry: &OutboxEntry) -> Result<Vec<Reading>, LogError> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT id, body FROM readings WHERE id BETWEEN ?1 AND ?2 ORDER BY id")?;
-        let mut rows = stmt.query(params![entry.first_id, entry.last_id])?;
+        let marked = match entry.kind {
+            BatchKind::Aggregates => return Ok(Vec::new()),
+            BatchKind::Readings => 1,
+            BatchKind::Backfill => 3,
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, body FROM readings WHERE id BETWEEN ?1 AND ?2 AND fwd = ?3 ORDER BY id")?;
+        let mut rows = stmt.query(params![entry.first_id, entry.last_id, marked])?;
         let mut out = Vec::with_capacity(entry.count as usize);
         while let Some(row) = rows.next()? {
             let id: i64 = row.get(0)?;
@@ -294,6 +479,42 @@ impl EdgeLog {
             out.push(reading);
         }
         Ok(out)
+    }
+
+    /// Queues the local-only raw readings with `from_ms <= ts_ms < to_ms` for
+    /// sending, in batches of up to `max` (kind [`BatchKind::Backfill`]).
+    /// Returns `(batches, readings)`; readings already sent are not queued again.
+    pub fn request_backfill(
+        &mut self,
+        from_ms: i64,
+        to_ms: i64,
+        max: usize,
+        now_ms: i64,
+    ) -> Result<(u64, u64), LogError> {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let ids: Vec<i64> = {
+            let mut stmt =
+                tx.prepare("SELECT id FROM readings WHERE fwd = 0 AND ts_ms >= ?1 AND ts_ms < ?2 ORDER BY id")?;
+            stmt.query_map(params![from_ms, to_ms], |r| r.get(0))?.collect::<Result<_, _>>()?
+        };
+        let mut batches = 0;
+        for chunk in ids.chunks(max.max(1)) {
+            let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
+            tx.execute(
+                "UPDATE readings SET fwd = 3 WHERE id BETWEEN ?1 AND ?2 AND fwd = 0 AND ts_ms >= ?3 AND ts_ms < ?4",
+                params![first, last, from_ms, to_ms],
+            )?;
+            let batch_id: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'next_batch_id'", [], |r| r.get(0))?;
+            tx.execute(
+                "INSERT INTO outbox (batch_id, first_id, last_id, count, created_ms, kind)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'backfill')",
+                params![batch_id, first, last, chunk.len() as i64, now_ms],
+            )?;
+            tx.execute("UPDATE meta SET value = ?1 WHERE key = 'next_batch_id'", [batch_id + 1])?;
+            batches += 1;
+        }
+        tx.commit()?;
+        Ok((batches, ids.len() as u64))
     }
 
     /// The cloud durably accepted `batch_id`: drop it from the outbox and move
@@ -312,8 +533,8 @@ impl EdgeLog {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         if let Some((reason, now_ms)) = dead {
             tx.execute(
-                "INSERT OR REPLACE INTO dead_letters (batch_id, first_id, last_id, count, refused_ms, reason)
-                 SELECT batch_id, first_id, last_id, count, ?2, ?3 FROM outbox WHERE batch_id = ?1",
+                "INSERT OR REPLACE INTO dead_letters (batch_id, first_id, last_id, count, refused_ms, reason, kind)
+                 SELECT batch_id, first_id, last_id, count, ?2, ?3, kind FROM outbox WHERE batch_id = ?1",
                 params![batch_id as i64, now_ms, reason],
             )?;
         }
@@ -321,9 +542,16 @@ impl EdgeLog {
         // Everything before the oldest batch still pending has been accepted.
         tx.execute(
             "UPDATE meta SET value = coalesce(
-                (SELECT min(first_id) - 1 FROM outbox),
+                (SELECT min(first_id) - 1 FROM outbox WHERE kind = 'readings'),
                 (SELECT value FROM meta WHERE key = 'assigned_upto'))
              WHERE key = 'cursor'",
+            [],
+        )?;
+        tx.execute(
+            "UPDATE meta SET value = coalesce(
+                (SELECT min(first_id) - 1 FROM outbox WHERE kind = 'aggregates'),
+                (SELECT value FROM meta WHERE key = 'agg_assigned_upto'))
+             WHERE key = 'agg_done'",
             [],
         )?;
         tx.commit()?;
@@ -335,14 +563,22 @@ impl EdgeLog {
     pub fn backlog(&self) -> Result<Backlog, LogError> {
         let cursor = self.meta("cursor")?;
         let readings: i64 =
-            self.conn.query_row("SELECT count(*) FROM readings WHERE id > ?1", [cursor], |r| r.get(0))?;
+            self.conn.query_row("SELECT count(*) FROM readings WHERE id > ?1 AND fwd = 1", [cursor], |r| r.get(0))?;
         let oldest_received_ms = self
             .conn
             .query_row("SELECT received_ms FROM readings WHERE id > ?1 ORDER BY id LIMIT 1", [cursor], |r| r.get(0))
             .optional()?;
-        let page_count: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-        let page_size: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        Ok(Backlog { readings: readings as u64, oldest_received_ms, file_bytes: (page_count * page_size) as u64 })
+        let mean_body: f64 = self.conn.query_row(
+            "SELECT coalesce(avg(length(body)), 0) FROM (SELECT body FROM readings ORDER BY id DESC LIMIT 1000)",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(Backlog {
+            readings: readings as u64,
+            bytes: (readings as f64 * mean_body) as u64,
+            oldest_received_ms,
+            file_bytes: self.usage()?.file_bytes,
+        })
     }
 
     /// A summary for metrics and the CLI.
@@ -351,11 +587,10 @@ impl EdgeLog {
         let count = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<u64, LogError> {
             Ok(self.conn.query_row(sql, p, |r| r.get::<_, i64>(0))? as u64)
         };
-        let page_count: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
-        let page_size: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let usage = self.usage()?;
         Ok(LogStats {
             readings: count("SELECT count(*) FROM readings", &[])?,
-            backlog_readings: count("SELECT count(*) FROM readings WHERE id > ?1", &[&cursor])?,
+            backlog_readings: count("SELECT count(*) FROM readings WHERE id > ?1 AND fwd = 1", &[&cursor])?,
             oldest_unforwarded_received_ms: self
                 .conn
                 .query_row("SELECT received_ms FROM readings WHERE id > ?1 ORDER BY id LIMIT 1", [cursor], |r| r.get(0))
@@ -365,7 +600,9 @@ impl EdgeLog {
             outbox_batches: count("SELECT count(*) FROM outbox", &[])?,
             quarantined: count("SELECT count(*) FROM quarantine", &[])?,
             dead_letter_batches: count("SELECT count(*) FROM dead_letters", &[])?,
-            file_bytes: (page_count * page_size) as u64,
+            file_bytes: usage.file_bytes,
+            used_bytes: usage.used_bytes,
+            wal_bytes: usage.wal_bytes,
         })
     }
 
@@ -384,13 +621,29 @@ impl EdgeLog {
         if cursor > upto {
             problems.push(format!("cursor {cursor} is past assigned_upto {upto}"));
         }
-        let covered: i64 = self.conn.query_row("SELECT coalesce(sum(count), 0) FROM outbox", [], |r| r.get(0))?;
-        let expected: i64 =
+        let covered: i64 =
             self.conn
-                .query_row("SELECT count(*) FROM readings WHERE id > ?1 AND id <= ?2", [cursor, upto], |r| r.get(0))?;
+                .query_row("SELECT coalesce(sum(count), 0) FROM outbox WHERE kind = 'readings'", [], |r| r.get(0))?;
+        let expected: i64 = self.conn.query_row(
+            "SELECT count(*) FROM readings WHERE id > ?1 AND id <= ?2 AND fwd = 1",
+            [cursor, upto],
+            |r| r.get(0),
+        )?;
         if covered != expected {
             problems
                 .push(format!("outbox covers {covered} readings but {expected} lie between cursor and assigned_upto"));
+        }
+        let (done, agg_upto) = (self.meta("agg_done")?, self.meta("agg_assigned_upto")?);
+        let covered: i64 =
+            self.conn
+                .query_row("SELECT coalesce(sum(count), 0) FROM outbox WHERE kind = 'aggregates'", [], |r| r.get(0))?;
+        let expected: i64 = self.conn.query_row(
+            "SELECT count(*) FROM aggregates WHERE id > ?1 AND id <= ?2",
+            [done, agg_upto],
+            |r| r.get(0),
+        )?;
+        if covered != expected {
+            problems.push(format!("outbox covers {covered} aggregates but {expected} are assigned and not done"));
         }
         let mut bodies = self.conn.prepare("SELECT id, body FROM readings WHERE id > ?1 ORDER BY id")?;
         let mut rows = bodies.query([cursor])?;
@@ -496,7 +749,7 @@ impl From<rusqlite::Error> for LogError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
@@ -519,8 +772,102 @@ mod tests {
         (dir, log)
     }
 
-    fn entries(device: &str, seqs: std::ops::Range<u64>) -> Vec<Entry> {
+    pub(crate) fn entries(device: &str, seqs: std::ops::Range<u64>) -> Vec<Entry> {
         seqs.map(|s| Entry::Reading(reading(device, s))).collect()
+    }
+
+    #[test]
+    fn a_version_1_log_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.sqlite");
+        let v1 = Connection::open(&path).unwrap();
+        v1.execute_batch(
+            "CREATE TABLE readings (id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, boot INTEGER NOT NULL,
+                 seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL, body BLOB NOT NULL,
+                 UNIQUE (device, boot, seq));
+             CREATE TABLE quarantine (id INTEGER PRIMARY KEY AUTOINCREMENT, received_ms INTEGER NOT NULL,
+                 topic TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, payload BLOB NOT NULL);
+             CREATE TABLE outbox (batch_id INTEGER PRIMARY KEY, first_id INTEGER NOT NULL, last_id INTEGER NOT NULL,
+                 count INTEGER NOT NULL, created_ms INTEGER NOT NULL);
+             CREATE TABLE dead_letters (batch_id INTEGER PRIMARY KEY, first_id INTEGER NOT NULL,
+                 last_id INTEGER NOT NULL, count INTEGER NOT NULL, refused_ms INTEGER NOT NULL, reason TEXT NOT NULL);
+             CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             INSERT INTO meta VALUES ('schema_version', 1), ('cursor', 0), ('assigned_upto', 2), ('next_batch_id', 2);
+             INSERT INTO outbox VALUES (1, 1, 2, 2, 0);",
+        )
+        .unwrap();
+        for seq in 1..=3 {
+            let r = reading("a", seq);
+            v1.execute(
+                "INSERT INTO readings (device, boot, seq, ts_ms, received_ms, body) VALUES ('a', 1, ?1, ?2, 0, ?3)",
+                params![seq as i64, r.ts_ms, r.to_packed_cbor()],
+            )
+            .unwrap();
+        }
+        // The newest reading was shed: its id must not come back.
+        v1.execute("DELETE FROM readings WHERE id = 3", []).unwrap();
+        drop(v1);
+        let mut log = EdgeLog::open(&path, Durability::Normal).unwrap();
+        assert_eq!(log.meta("schema_version").unwrap(), SCHEMA_VERSION);
+        log.append(&entries("b", 1..2), 0).unwrap();
+        let ids: Vec<i64> = log
+            .conn
+            .prepare("SELECT id FROM readings ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(ids, vec![1, 2, 4], "ids are never reused across the migration");
+        // A resend of a migrated reading is still recognised.
+        assert_eq!(log.append(&entries("a", 1..2), 0).unwrap().duplicates, 1);
+        let pending = log.outbox().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!((pending[0].kind, log.load_batch(&pending[0]).unwrap().len()), (BatchKind::Readings, 2));
+        assert!(log.check().unwrap().is_empty(), "{:?}", log.check());
+        assert_eq!(log.assign_batch(10, 0).unwrap().map(|b| b.count), Some(1));
+    }
+
+    #[test]
+    fn a_resend_of_a_clock_corrected_reading_is_stored_once() {
+        let (_d, mut log) = open();
+        let device_ts = 4_070_908_800_000; // 2099: the device clock is off
+        let corrected = |now: i64| {
+            let mut r = reading("a", 1);
+            r.ts_ms = now;
+            Entry::Corrected { reading: r, device_ts }
+        };
+        assert_eq!(log.append(&[corrected(1_000)], 0).unwrap().inserted, 1);
+        // The resend arrives later, so its corrected time differs; its device time does not.
+        let again = log.append(&[corrected(9_000)], 0).unwrap();
+        assert_eq!((again.inserted, again.duplicates), (0, 1));
+    }
+
+    #[test]
+    fn backfill_sends_local_readings_of_a_time_range_once_and_leaves_the_cursor_alone() {
+        let (_d, mut log) = open();
+        log.set_folding(true);
+        log.append(&entries("a", 1..21), 0).unwrap();
+        // Aggregate mode: every reading folded and kept local.
+        let step = FoldStep { from: 0, upto: 20, forward_only: Some(vec![]), ..Default::default() };
+        log.commit_fold(&step, 0).unwrap();
+        let passed = log.assign_batch(100, 0).unwrap().unwrap();
+        assert_eq!(passed.count, 0);
+        log.complete_batch(passed.batch_id).unwrap();
+        let cursor = log.stats().unwrap().cursor;
+
+        let from = reading("a", 5).ts_ms;
+        assert_eq!(log.request_backfill(from, from + 10_000, 4, 0).unwrap(), (3, 10));
+        let pending = log.outbox().unwrap();
+        assert!(pending.iter().all(|b| b.kind == BatchKind::Backfill));
+        let seqs: Vec<u64> = pending.iter().flat_map(|b| log.load_batch(b).unwrap()).map(|r| r.seq).collect();
+        assert_eq!(seqs, (5..15).collect::<Vec<_>>());
+        for b in pending {
+            log.complete_batch(b.batch_id).unwrap();
+        }
+        assert_eq!(log.stats().unwrap().cursor, cursor, "backfill does not move the cursor");
+        assert_eq!(log.request_backfill(from, from + 10_000, 4, 0).unwrap(), (0, 0), "sent once");
+        assert!(log.check().unwrap().is_empty());
     }
 
     #[test]

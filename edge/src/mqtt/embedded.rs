@@ -2,20 +2,19 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use kappa_common::device;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, ServerSettings};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::ingest::{Ack, Incoming, decode_message};
-use crate::metrics::EdgeMetrics;
+use super::packet::Connect;
+use crate::ingest::{Ack, Decoder, Incoming};
+use crate::now_ms;
 
 /// Payloads up to this many times the configured limit reach the agent (and
 /// are quarantined with a reason); bigger ones make rumqttd drop the client.
-const OVERSIZE_FACTOR: usize = 16;
+pub(crate) const OVERSIZE_FACTOR: usize = 16;
 
 /// A running embedded broker's link into the agent.
 pub struct EmbeddedBroker {
@@ -29,12 +28,39 @@ impl std::fmt::Debug for EmbeddedBroker {
     }
 }
 
-/// Starts rumqttd listening on `listen` and subscribes the agent's link to `filter`.
+/// The login every client of rumqttd must present when devices reach it
+/// only through the device gate (`mqtt::gate`).
+#[derive(Clone)]
+pub struct InternalLogin {
+    pub username: String,
+    pub password: String,
+}
+
+impl InternalLogin {
+    /// A login with a random password, new at every start.
+    pub fn random() -> Result<Self, String> {
+        let mut bytes = [0u8; 24];
+        aws_lc_rs::rand::fill(&mut bytes).map_err(|_| "no randomness from the system".to_string())?;
+        let password = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Self { username: "kappa-device-gate".into(), password })
+    }
+}
+
+impl std::fmt::Debug for InternalLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InternalLogin").field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+/// Starts rumqttd listening on `listen` and subscribes the agent's link to
+/// `filter`. With `login`, rumqttd refuses every client that does not
+/// present it.
 pub fn start(
     listen: SocketAddr,
     filter: &str,
     max_payload: usize,
     max_connections: usize,
+    login: Option<&InternalLogin>,
 ) -> Result<EmbeddedBroker, String> {
     // rumqttd reports a bind failure only in its log; find out first, clearly.
     std::net::TcpListener::bind(listen).map_err(|e| format!("embedded MQTT broker cannot listen on {listen}: {e}"))?;
@@ -42,7 +68,7 @@ pub fn start(
         connection_timeout_ms: 10_000,
         max_payload_size: max_payload.saturating_mul(OVERSIZE_FACTOR),
         max_inflight_count: 100,
-        auth: None,
+        auth: login.map(|l| HashMap::from([(l.username.clone(), l.password.clone())])),
         external_auth: None,
         dynamic_filters: true,
     };
@@ -72,7 +98,7 @@ pub fn start(
             }
         })
         .map_err(|e| format!("cannot start the embedded broker thread: {e}"))?;
-    wait_until_listening(listen)?;
+    wait_until_listening(listen, login)?;
     tracing::info!(%listen, filter, "Embedded MQTT broker listening.");
     Ok(EmbeddedBroker { link_tx, link_rx })
 }
@@ -80,15 +106,20 @@ pub fn start(
 /// rumqttd binds on its own thread; the agent is ready only once a device
 /// can connect. The probe is a real MQTT 3.1.1 session: CONNECT, CONNACK,
 /// DISCONNECT.
-fn wait_until_listening(listen: SocketAddr) -> Result<(), String> {
+fn wait_until_listening(listen: SocketAddr, login: Option<&InternalLogin>) -> Result<(), String> {
     let target = if listen.ip().is_unspecified() {
         SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())
     } else {
         listen
     };
+    let mut connect = Connect::new("kappa-edge-readiness", 10);
+    if let Some(l) = login {
+        connect = connect.with_login(&l.username, l.password.as_bytes());
+    }
+    let connect = connect.encode();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        match probe(target) {
+        match probe(target, &connect) {
             Ok(()) => return Ok(()),
             Err(e) if std::time::Instant::now() > deadline => {
                 return Err(format!("embedded MQTT broker is not accepting connections on {listen}: {e}"));
@@ -98,17 +129,12 @@ fn wait_until_listening(listen: SocketAddr) -> Result<(), String> {
     }
 }
 
-fn probe(target: SocketAddr) -> std::io::Result<()> {
+fn probe(target: SocketAddr, connect: &[u8]) -> std::io::Result<()> {
     use std::io::{Read, Write};
-    const CLIENT_ID: &[u8] = b"kappa-edge-readiness";
     let timeout = std::time::Duration::from_millis(500);
     let mut s = std::net::TcpStream::connect_timeout(&target, timeout)?;
     s.set_read_timeout(Some(timeout))?;
-    // CONNECT: protocol "MQTT" level 4, clean session, keep-alive 10 s.
-    let mut connect = vec![0x10, (12 + CLIENT_ID.len()) as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 10, 0];
-    connect.push(CLIENT_ID.len() as u8);
-    connect.extend_from_slice(CLIENT_ID);
-    s.write_all(&connect)?;
+    s.write_all(connect)?;
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack)?;
     if connack[0] != 0x20 || connack[3] != 0 {
@@ -118,14 +144,7 @@ fn probe(target: SocketAddr) -> std::io::Result<()> {
 }
 
 /// Feeds broker messages to the writer until `cancel` fires.
-pub async fn run(
-    broker: EmbeddedBroker,
-    tx: mpsc::Sender<Incoming>,
-    prefix: String,
-    limits: device::Limits,
-    metrics: Arc<EdgeMetrics>,
-    cancel: CancellationToken,
-) {
+pub async fn run(broker: EmbeddedBroker, tx: mpsc::Sender<Incoming>, decoder: Decoder, cancel: CancellationToken) {
     let EmbeddedBroker { link_tx: _link_tx, mut link_rx } = broker;
     loop {
         let next = tokio::select! {
@@ -134,10 +153,11 @@ pub async fn run(
         };
         match next {
             Ok(Some(Notification::Forward(f))) => {
+                let received = std::time::Instant::now();
                 let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
-                let entry = decode_message(&topic, f.publish.payload, &prefix, &limits, &metrics);
+                let entry = decoder.decode(&topic, f.publish.payload, now_ms());
                 tokio::select! {
-                    sent = tx.send(Incoming { entry, ack: Ack::None }) => if sent.is_err() { break },
+                    sent = tx.send(Incoming { entry, ack: Ack::None, received }) => if sent.is_err() { break },
                     _ = cancel.cancelled() => break,
                 }
             }

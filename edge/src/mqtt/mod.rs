@@ -14,5 +14,12 @@
 //! milliseconds under normal load; longer if the disk stalls) loses readings
 //! the device believes delivered. Use the external mode where that matters.
 
+//!
+//! **Device gate** (`[mqtt.tls]` or `[mqtt.access]` with the embedded
+//! broker): TLS, device identity and per-device topic rights in front of
+//! rumqttd; see `gate`.
+
 pub mod embedded;
 pub mod external;
+pub mod gate;
+pub mod packet;

@@ -120,8 +120,11 @@ pub fn latency(dir: &Path, scale: f64) -> Value {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cloud/single-node.toml"))
             .unwrap();
     text = text.replace("data_dir = \"data/cloud\"", &format!("data_dir = {:?}", dir.join("alert-latency")));
-    text = text.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"127.0.0.1:{port}\""));
-    let cfg = CloudConfig::from_toml(&text).unwrap();
+    let mut cfg = CloudConfig::from_toml(&text).unwrap();
+    // The example is a production config (HTTPS, tokens); the benchmark measures the pipeline on loopback.
+    cfg.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    cfg.http.tls = None;
+    cfg.auth = Default::default();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async move {
         let node = kappa_cloud::node::Node::start(cfg).await.unwrap();

@@ -1,13 +1,17 @@
 //! `kappa-bench`: baseline throughput and wire-cost figures. It measures and
 //! reports; it asserts nothing about speed.
 //!
-//!   cargo run --release -p kappa-tests --bin kappa-bench            # full run, about 2 minutes
+//!   cargo run --release -p kappa-tests --bin kappa-bench            # full run: every section 3 times (medians, min-max)
 //!   cargo run --release -p kappa-tests --bin kappa-bench -- --quick # seconds, proves the harness runs
 //!
 //! Figures: the machine (CPU, cores, memory, fsync latency of the data
 //! directory), edge log commit throughput, edge ingest through MQTT per agent
-//! CPU-second, cloud processor throughput, and bytes per reading on the
-//! edge-to-cloud link including HTTP framing. JSON goes to
+//! CPU-second, cloud processor throughput, bytes per reading on the
+//! edge-to-cloud link including HTTP framing, and ingest into the log on
+//! Kafka beside rdkafka's own producer. It first measures the machine's
+//! limits (fsync, memory bandwidth, loopback TCP) and writes, next to the
+//! JSON, a Markdown summary with each figure bounded by one of them as a
+//! ratio to it. JSON goes to
 //! `target/bench/baseline.json` (or `--out`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a measuring tool: any failure aborts the run loudly
@@ -37,6 +41,10 @@ use serde_json::{Value, json};
 
 #[path = "../bench/alerts.rs"]
 mod alerts;
+#[path = "../bench/kafka.rs"]
+mod kafka;
+#[path = "../bench/summary.rs"]
+mod summary;
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1).peekable();
@@ -65,9 +73,11 @@ fn main() -> ExitCode {
         .map(|s| s.split(',').map(str::to_string).collect());
     let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     let mut report = BTreeMap::new();
-    report.insert("machine", machine(dir.path()));
+    let mut machine = machine(dir.path());
+    machine["limits"] = summary::limits(scale);
+    report.insert("machine", machine);
     type Section = fn(&Path, f64) -> Value;
-    let sections: [(&str, Section); 9] = [
+    let sections: [(&str, Section); 10] = [
         ("edge_log_commit", edge_log_commit),
         ("edge_ingest_mqtt", edge_ingest_mqtt),
         ("cloud_processor", cloud_processor),
@@ -77,10 +87,20 @@ fn main() -> ExitCode {
         ("wire_bytes", |_, scale| wire_bytes(scale)),
         ("alert_scoring", |_, scale| alerts::scoring(scale)),
         ("alert_latency", alerts::latency),
+        ("kafka_ingest", kafka::ingest),
     ];
+    // `--runs N`: each section N times, every figure the median with its range (default 3; 1 with --quick).
+    let runs: usize = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(if quick { 1 } else { 3 })
+        .max(1);
     for (name, run) in sections {
         if wanted(name) {
-            report.insert(name, run(dir.path(), scale));
+            let results = (0..runs).map(|_| run(dir.path(), scale)).collect();
+            report.insert(name, summary::combine(results));
         }
     }
     let json = serde_json::to_string_pretty(&report).unwrap();
@@ -88,7 +108,9 @@ fn main() -> ExitCode {
         std::fs::create_dir_all(parent).unwrap();
     }
     std::fs::write(&out, format!("{json}\n")).unwrap();
-    println!("\nwrote {}", out.display());
+    let md = out.with_extension("md");
+    std::fs::write(&md, summary::markdown(&serde_json::to_value(&report).unwrap())).unwrap();
+    println!("\nwrote {} and {}", out.display(), md.display());
     ExitCode::SUCCESS
 }
 
@@ -192,6 +214,30 @@ fn cpu_seconds(pid: u32) -> f64 {
     (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / tck
 }
 
+/// Cumulative `(le, count)` buckets of a histogram on `/metrics`.
+fn scrape_buckets(port: u16, name: &str) -> Vec<(f64, f64)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bucket bound at quantile `q` of the observations between two scrapes.
+fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let diff: Vec<(f64, f64)> = after.iter().zip(before).map(|((le, a), (_, b))| (*le, a - b)).collect();
+    let total = diff.last().map_or(0.0, |d| d.1);
+    diff.iter().find(|(_, c)| *c >= q * total).map_or(f64::NAN, |d| d.0)
+}
+
 fn scrape(port: u16, name: &str) -> f64 {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n").unwrap();
@@ -214,20 +260,82 @@ fn wait_port(port: u16) {
 /// The agent as a process with its embedded broker, fed by the simulator
 /// (another process), forwarding disabled (the cloud URL is unreachable).
 fn edge_ingest_mqtt(dir: &Path, scale: f64) -> Value {
+    json!({
+        "embedded": edge_ingest_run(dir, scale, false, 500, 100),
+        "external": edge_ingest_run(dir, scale, true, 500, 100),
+        // The RSS goal is for 10,000 connected devices: they connect to the gateway's broker.
+        "external_10k_devices": edge_ingest_run(dir, scale, true, 10_000, 1),
+        // Low load (100 readings/s): what a reading's latency to durable is when commits need not wait for company.
+        "external_low_load": edge_ingest_run(dir, scale, true, 50, 2),
+    })
+}
+
+/// The agent binary: `kappa-edge` next to this one when it was built, else this one's `edge` role.
+fn edge_command() -> (std::process::Command, &'static str) {
+    let exe = std::env::current_exe().unwrap();
+    let sibling = exe.with_file_name("kappa-edge");
+    if sibling.exists() {
+        (std::process::Command::new(sibling), "kappa-edge")
+    } else {
+        let mut c = std::process::Command::new(exe);
+        c.arg("edge");
+        (c, "kappa-bench edge (build kappa-edge --release for its own RSS)")
+    }
+}
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+/// `devices` simulated devices offer `rate` readings/s each to the agent,
+/// through its embedded broker or through a private Mosquitto (external mode).
+fn edge_ingest_run(dir: &Path, scale: f64, external: bool, devices: u32, rate: u32) -> Value {
     let exe = std::env::current_exe().unwrap();
     let (mqtt, http) = (free_port(), free_port());
-    let cfg = dir.join("bench-edge.toml");
+    let quiet = || std::process::Stdio::null();
+    let name = if external { "external" } else { "embedded" };
+    let mut broker = None;
+    let mqtt_section = if external {
+        let conf = dir.join("bench-mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {mqtt} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\n"),
+        )
+        .unwrap();
+        broker = Some(
+            std::process::Command::new("mosquitto")
+                .args(["-c", conf.to_str().unwrap()])
+                .stdout(quiet())
+                .stderr(quiet())
+                .spawn()
+                .expect("mosquitto (the external-mode benchmark needs it on PATH)"),
+        );
+        wait_port(mqtt);
+        format!("mode = \"external\"\nbroker_url = \"mqtt://127.0.0.1:{mqtt}\"\n")
+    } else {
+        format!("mode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n")
+    };
+    let tag = format!("{name}-{devices}");
+    let cfg = dir.join(format!("bench-edge-{tag}.toml"));
     std::fs::write(
         &cfg,
         format!(
-            "gateway_id = \"bench\"\ndata_dir = {:?}\n[mqtt]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[forward]\ncloud_url = \"http://127.0.0.1:9\"\nretry_min = \"10s\"\nretry_max = \"60s\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
-            dir.join("bench-edge")
+            "gateway_id = \"bench\"\ndata_dir = {:?}\n[mqtt]\n{mqtt_section}[clock]\nmax_behind = \"36500d\"\n[forward]\ncloud_url = \"http://127.0.0.1:9\"\nretry_min = \"10s\"\nretry_max = \"60s\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+            dir.join(format!("bench-edge-{tag}"))
         ),
     )
     .unwrap();
-    let quiet = || std::process::Stdio::null();
-    let mut edge = std::process::Command::new(&exe)
-        .args(["edge", "run", "--config", cfg.to_str().unwrap()])
+    let (mut edge_cmd, binary) = edge_command();
+    let mut edge = edge_cmd
+        .args(["run", "--config", cfg.to_str().unwrap()])
         .env("RUST_LOG", "error")
         .stdout(quiet())
         .stderr(quiet())
@@ -237,14 +345,16 @@ fn edge_ingest_mqtt(dir: &Path, scale: f64) -> Value {
     wait_port(mqtt);
     let seconds = (20.0 * scale).max(3.0);
     let mut sim = std::process::Command::new(&exe)
-        .args(["sim", "--broker", &format!("127.0.0.1:{mqtt}"), "--devices", "500", "--rate", "100"])
-        .args(["--duration", &format!("{}s", seconds + 4.0), "--event-interval", "10ms", "--drain-timeout", "5s"])
+        .args(["sim", "--broker", &format!("127.0.0.1:{mqtt}"), "--devices", &devices.to_string()])
+        .args(["--rate", &rate.to_string(), "--duration", &format!("{}s", seconds + 4.0)])
+        .args(["--event-interval", &format!("{}ms", 1000 / rate.max(1)), "--drain-timeout", "5s"])
         .env("RUST_LOG", "error")
         .stdout(quiet())
         .stderr(quiet())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(3)); // connect and warm up
+    std::thread::sleep(Duration::from_secs(if devices > 1000 { 8 } else { 3 })); // connect and warm up
+    let lat0 = scrape_buckets(http, "kappa_edge_ingest_to_durable_seconds");
     let (c0, cpu0, n0, t0) = (
         scrape(http, "kappa_edge_log_commits_total"),
         cpu_seconds(edge.id()),
@@ -258,24 +368,32 @@ fn edge_ingest_mqtt(dir: &Path, scale: f64) -> Value {
         scrape(http, "kappa_edge_readings_committed_total"),
         t0.elapsed().as_secs_f64(),
     );
+    let rss = rss_mib(edge.id());
+    let lat1 = scrape_buckets(http, "kappa_edge_ingest_to_durable_seconds");
+    let (p50, p99) = (bucket_quantile(&lat0, &lat1, 0.5) * 1e3, bucket_quantile(&lat0, &lat1, 0.99) * 1e3);
     let _ = sim.wait();
     let _ = edge.kill();
     let _ = edge.wait();
+    if let Some(mut b) = broker {
+        let _ = b.kill();
+        let _ = b.wait();
+    }
     let readings = n1 - n0;
     let cpu = (cpu1 - cpu0).max(0.01);
-    let v = json!({
-        "devices": 500, "offered_per_s": 50_000, "seconds": wall,
-        "readings_per_s": readings / wall, "agent_cpu_seconds": cpu,
-        "readings_per_agent_cpu_second": readings / cpu,
-        "readings_per_commit": readings / (c1 - c0).max(1.0),
-    });
     println!(
-        "edge ingest via MQTT (500 devices, embedded broker, durability=full): {:.0} readings/s, {:.0} readings per agent CPU-second, {:.0} readings per commit",
+        "edge ingest via MQTT ({devices} devices at {rate}/s, {name} broker, durability=full): {:.0} readings/s, {:.0} readings per agent CPU-second, {:.0} readings per commit, agent RSS {rss:.1} MiB, arrival to durable p50 <= {p50:.2} ms p99 <= {p99:.2} ms ({binary})",
         readings / wall,
         readings / cpu,
         readings / (c1 - c0).max(1.0)
     );
-    v
+    json!({
+        "broker": name, "devices": devices, "offered_per_s": devices * rate, "seconds": wall, "agent_binary": binary,
+        "readings_per_s": readings / wall, "agent_cpu_seconds": cpu,
+        "readings_per_agent_cpu_second": readings / cpu,
+        "readings_per_commit": readings / (c1 - c0).max(1.0),
+        "agent_rss_mib": rss,
+        "arrival_to_durable_ms": { "p50_at_most": p50, "p99_at_most": p99, "buckets": "x1.25 from 0.1 ms" },
+    })
 }
 
 /// The processor over a pre-filled embedded log: decode, window, checkpoint.
@@ -545,10 +663,65 @@ fn prometheus_client_registry() -> prometheus_client::registry::Registry {
 /// byte it receives, request line and headers included.
 fn wire_bytes(scale: f64) -> Value {
     let readings = fleet_readings(100, (600.0 * scale).max(50.0) as u64);
-    let batches = readings.len().div_ceil(5000);
+    let n = readings.len() as f64;
+    let device_cbor: usize = readings.iter().map(|r| device::encode_cbor(r).len()).sum();
+    let device_json: usize = readings.iter().map(|r| device::encode_json(r).len()).sum();
+    let mut out = json!({
+        "readings": readings.len(), "batch_readings": 5000, "zstd_level": 3,
+        "device_cbor_bytes_per_reading": device_cbor as f64 / n, "device_json_bytes_per_reading": device_json as f64 / n,
+    });
+    // Aggregate mode: the same readings as one-minute windows (4 metrics per reading), columnar batches.
+    let aggregates = kappa_common::aggregate::aggregate(&readings, 60_000);
+    let aggregate_batches: Vec<EdgeBatch> = aggregates
+        .chunks(5000)
+        .enumerate()
+        .map(|(i, chunk)| {
+            EdgeBatch::new("gw-bench-01", i as u64 + 1, Vec::new())
+                .with_aggregates(chunk.to_vec())
+                .with_format(batch::COLUMNAR_FORMAT)
+        })
+        .collect();
+    let modes = [
+        ("cbor", reading_batches(&readings, batch::BATCH_FORMAT)),
+        ("columnar", reading_batches(&readings, batch::COLUMNAR_FORMAT)),
+        ("aggregate_1m", aggregate_batches),
+    ];
+    for (name, batches) in modes {
+        let (wire, body, raw) = post_batches(batches);
+        println!(
+            "edge->cloud wire, {name} batches: {:.2} bytes/reading including HTTP framing ({:.2} body only; {:.1} before zstd)",
+            wire as f64 / n,
+            body as f64 / n,
+            raw as f64 / n,
+        );
+        out[name] = json!({
+            "wire_bytes_per_reading": wire as f64 / n, "body_bytes_per_reading": body as f64 / n,
+            "uncompressed_bytes_per_reading": raw as f64 / n,
+        });
+    }
+    println!(
+        "device payloads: {:.1} bytes CBOR, {:.1} JSON per reading",
+        device_cbor as f64 / n,
+        device_json as f64 / n
+    );
+    out
+}
+
+/// `readings` as the forwarder cuts them: batches of 5,000 in `format`.
+fn reading_batches(readings: &[Reading], format: u16) -> Vec<EdgeBatch> {
+    readings
+        .chunks(5000)
+        .enumerate()
+        .map(|(i, chunk)| EdgeBatch::new("gw-bench-01", i as u64 + 1, chunk.to_vec()).with_format(format))
+        .collect()
+}
+
+/// POSTs `batches` with the agent's client to a server that counts every
+/// byte: (wire bytes, body bytes, bytes before zstd).
+fn post_batches(all: Vec<EdgeBatch>) -> (usize, usize, usize) {
+    let batches = all.len();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    // Counts every byte of `batches` requests, then stops.
     let counter = std::thread::spawn(move || {
         let (mut total, mut requests) = (0usize, 0usize);
         for stream in listener.incoming() {
@@ -580,33 +753,26 @@ fn wire_bytes(scale: f64) -> Value {
         total
     });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let client = CloudClient::new(&format!("http://127.0.0.1:{port}"), "gw-bench-01", Duration::from_secs(10)).unwrap();
-    let (mut body_bytes, mut cbor_bytes) = (0usize, 0usize);
-    for (i, chunk) in readings.chunks(5000).enumerate() {
-        let b = EdgeBatch::new("gw-bench-01", i as u64 + 1, chunk.to_vec());
-        cbor_bytes += batch::to_cbor(&b).len();
-        let body = batch::encode(&b, 3);
+    let client = CloudClient::new(
+        &format!("http://127.0.0.1:{port}"),
+        "gw-bench-01",
+        Duration::from_secs(10),
+        &Default::default(),
+    )
+    .unwrap();
+    let (mut body_bytes, mut raw_bytes) = (0usize, 0usize);
+    for b in &all {
+        raw_bytes += if b.format == batch::COLUMNAR_FORMAT {
+            kappa_common::columnar::encode(b).len()
+        } else {
+            batch::to_cbor(b).len()
+        };
+        let body = batch::encode(b, 3);
         body_bytes += body.len();
-        assert_eq!(rt.block_on(client.post(i as u64 + 1, body.into())), PostOutcome::Accepted);
+        let status = kappa_edge::forward::client::GatewayStatus::default();
+        assert_eq!(rt.block_on(client.post(b.batch_id, body.into(), status)), PostOutcome::Accepted);
     }
-    let wire = counter.join().unwrap();
-    let n = readings.len() as f64;
-    let device_cbor: usize = readings.iter().map(|r| device::encode_cbor(r).len()).sum();
-    let device_json: usize = readings.iter().map(|r| device::encode_json(r).len()).sum();
-    println!(
-        "edge->cloud wire: {:.2} bytes/reading including HTTP framing ({:.2} body only; {:.1} as uncompressed batch CBOR; device payloads: {:.1} CBOR, {:.1} JSON)",
-        wire as f64 / n,
-        body_bytes as f64 / n,
-        cbor_bytes as f64 / n,
-        device_cbor as f64 / n,
-        device_json as f64 / n
-    );
-    json!({
-        "readings": readings.len(), "batch_readings": 5000, "zstd_level": 3,
-        "wire_bytes_per_reading": wire as f64 / n, "body_bytes_per_reading": body_bytes as f64 / n,
-        "batch_cbor_bytes_per_reading": cbor_bytes as f64 / n,
-        "device_cbor_bytes_per_reading": device_cbor as f64 / n, "device_json_bytes_per_reading": device_json as f64 / n,
-    })
+    (counter.join().unwrap(), body_bytes, raw_bytes)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

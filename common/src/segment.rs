@@ -85,7 +85,7 @@ impl SegmentWriter {
         let first = self.block[0].0;
         let entries: Vec<Entry> = self.block.drain(..).map(|(o, v)| Entry(o, v.to_vec())).collect();
         let cbor = serde_cbor::to_vec(&entries).unwrap_or_default();
-        let payload = kappa_common::frame::compress(&cbor, 3);
+        let payload = crate::frame::compress(&cbor, 3);
         let records = entries.len() as u32;
         let crc = block_crc(first, records, &payload);
         self.out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -216,13 +216,9 @@ impl SegmentReader {
                 reason: "checksum mismatch".into(),
             });
         }
-        let decoded = kappa_common::frame::decompress(
+        let decoded = crate::frame::decompress(
             payload,
-            &kappa_common::frame::FrameLimits {
-                max_compressed: len,
-                max_decompressed: MAX_BLOCK_BYTES,
-                max_ratio: 1000,
-            },
+            &crate::frame::FrameLimits { max_compressed: len, max_decompressed: MAX_BLOCK_BYTES, max_ratio: 1000 },
         )
         .map_err(|e| e.to_string())
         .and_then(|cbor| serde_cbor::from_slice::<Vec<Entry>>(&cbor).map_err(|e| e.to_string()));

@@ -1,0 +1,355 @@
+//! Who may ingest and who may query: bearer tokens, stored as their SHA-256.
+//!
+//! ```toml
+//! [auth]
+//! required = true
+//! [[auth.gateways]]            # may POST /v1/ingest and /v1/heartbeat as this gateway
+//! id = "gw-0001"
+//! token_sha256 = "…"           # `kappa-cloud auth token` prints a token and this
+//! devices = ["dev-1", "dev-2"] # optional device registry: only these devices' readings
+//! [[auth.tokens]]              # may use the query API
+//! name = "grafana"
+//! token_sha256 = "…"
+//! role = "read"                # or "admin": also acknowledges alerts
+//! ```
+//!
+//! A credential with `revoked = true` is refused like an unknown one, and
+//! counted apart. Tokens themselves are never stored, logged or echoed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use crate::metrics::CloudMetrics;
+
+/// The `[auth]` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Refuse ingest and API requests without a valid token. Off by default
+    /// for local development; the production example configs turn it on.
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub gateways: Vec<GatewayCredential>,
+    #[serde(default)]
+    pub tokens: Vec<ApiToken>,
+}
+
+/// One gateway's ingest credential.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayCredential {
+    /// The gateway id its batches must carry.
+    pub id: String,
+    pub token_sha256: String,
+    /// The devices registered to this gateway; readings of any other device
+    /// are refused (counted as `unregistered_device`). Absent: any device.
+    #[serde(default)]
+    pub devices: Option<Vec<String>>,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// One API token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    /// Who holds it (for the operator; appears in logs when refused).
+    pub name: String,
+    pub token_sha256: String,
+    pub role: Role,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+/// What an API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Queries: devices, views, late events, aggregates, alerts.
+    Read,
+    /// Everything `read` may, and acknowledging alerts.
+    Admin,
+}
+
+impl AuthConfig {
+    /// Every problem, with its key path.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.required && self.gateways.is_empty() && self.tokens.is_empty() {
+            out.push(
+                "auth.required: there are no [[auth.gateways]] or [[auth.tokens]]: nobody could ingest or query".into(),
+            );
+        }
+        let mut ids = HashSet::new();
+        let mut hashes: Vec<(String, &str)> = Vec::new();
+        for (i, g) in self.gateways.iter().enumerate() {
+            if let Err(e) = kappa_common::reading::validate_device_id(&g.id) {
+                out.push(format!("auth.gateways[{i}].id: {e}"));
+            }
+            if !ids.insert(g.id.as_str()) {
+                out.push(format!("auth.gateways[{i}].id: {:?} has two credentials", g.id));
+            }
+            hashes.push((format!("auth.gateways[{i}].token_sha256"), &g.token_sha256));
+            for (j, d) in g.devices.iter().flatten().enumerate() {
+                if let Err(e) = kappa_common::reading::validate_device_id(d) {
+                    out.push(format!("auth.gateways[{i}].devices[{j}]: {e}"));
+                }
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, t) in self.tokens.iter().enumerate() {
+            if t.name.trim().is_empty() || !names.insert(t.name.as_str()) {
+                out.push(format!("auth.tokens[{i}].name: {:?} is empty or used twice", t.name));
+            }
+            hashes.push((format!("auth.tokens[{i}].token_sha256"), &t.token_sha256));
+        }
+        let mut first: HashMap<&str, &str> = HashMap::new();
+        for (key, hash) in &hashes {
+            if !is_sha256_hex(hash) {
+                out.push(format!(
+                    "{key}: must be 64 lowercase hex digits (the SHA-256 of the token; see `kappa-cloud auth token`)"
+                ));
+            } else if let Some(earlier) = first.insert(*hash, key.as_str()) {
+                out.push(format!("{key}: the same token as {}", earlier.trim_end_matches(".token_sha256")));
+            }
+        }
+        out
+    }
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The SHA-256 of a token, as the config stores it.
+pub fn token_sha256(token: &str) -> String {
+    crate::pki::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+/// An authenticated gateway.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub id: String,
+    /// The registered devices; `None`: any.
+    pub devices: Option<HashSet<String>>,
+}
+
+impl Gateway {
+    /// May this gateway forward `device`'s readings?
+    pub fn may_send(&self, device: &str) -> bool {
+        self.devices.as_ref().is_none_or(|d| d.contains(device))
+    }
+}
+
+#[derive(Debug)]
+enum Principal {
+    Gateway(Gateway, bool),
+    Api(String, Role, bool),
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("this endpoint needs `Authorization: Bearer <token>`")]
+    Missing,
+    #[error("the token is not known")]
+    Unknown,
+    #[error("the token was revoked")]
+    Revoked,
+    #[error("the token is not allowed here")]
+    Forbidden,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNAUTHORIZED,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Missing => "unauthenticated",
+            Self::Unknown => "unknown_credential",
+            Self::Revoked => "revoked_credential",
+            Self::Forbidden => "forbidden",
+        }
+    }
+}
+
+/// The credentials, looked up by the SHA-256 of the presented token.
+#[derive(Debug, Default)]
+pub struct Auth {
+    required: bool,
+    by_hash: HashMap<String, Principal>,
+}
+
+impl Auth {
+    pub fn new(cfg: &AuthConfig) -> Self {
+        let mut by_hash = HashMap::new();
+        for g in &cfg.gateways {
+            let devices = g.devices.as_ref().map(|d| d.iter().cloned().collect());
+            by_hash
+                .insert(g.token_sha256.clone(), Principal::Gateway(Gateway { id: g.id.clone(), devices }, g.revoked));
+        }
+        for t in &cfg.tokens {
+            by_hash.insert(t.token_sha256.clone(), Principal::Api(t.name.clone(), t.role, t.revoked));
+        }
+        Self { required: cfg.required, by_hash }
+    }
+
+    /// Tokens are checked at all.
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    fn principal(&self, headers: &HeaderMap) -> Result<&Principal, Refusal> {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(Refusal::Missing)?;
+        self.by_hash.get(&token_sha256(token)).ok_or(Refusal::Unknown)
+    }
+
+    /// The gateway a request comes from: `Ok(None)` when tokens are not
+    /// required.
+    pub fn gateway(&self, headers: &HeaderMap) -> Result<Option<&Gateway>, Refusal> {
+        if !self.required {
+            return Ok(None);
+        }
+        match self.principal(headers)? {
+            Principal::Gateway(_, true) | Principal::Api(_, _, true) => Err(Refusal::Revoked),
+            Principal::Gateway(g, false) => Ok(Some(g)),
+            Principal::Api(..) => Err(Refusal::Forbidden),
+        }
+    }
+
+    /// Checks an API request that needs `role`; returns who made it.
+    pub fn api(&self, headers: &HeaderMap, role: Role) -> Result<Option<&str>, Refusal> {
+        if !self.required {
+            return Ok(None);
+        }
+        match self.principal(headers)? {
+            Principal::Gateway(_, true) | Principal::Api(_, _, true) => Err(Refusal::Revoked),
+            Principal::Api(name, held, false) if *held >= role => Ok(Some(name)),
+            _ => Err(Refusal::Forbidden),
+        }
+    }
+}
+
+/// The state of the API middleware.
+#[derive(Debug, Clone)]
+pub struct ApiGuard {
+    pub auth: Arc<Auth>,
+    pub role: Role,
+    pub metrics: Arc<CloudMetrics>,
+}
+
+/// Refuses API requests without a token of the guard's role (401/403, JSON
+/// with a reason, counted in `kappa_cloud_api_refused_total`).
+pub async fn require(State(guard): State<ApiGuard>, req: Request, next: Next) -> Response {
+    match guard.auth.api(req.headers(), guard.role) {
+        Ok(_) => next.run(req).await,
+        Err(refusal) => {
+            guard.metrics.api_refused.get_or_create(&[("reason", refusal.reason())]).inc();
+            tracing::warn!(path = %req.uri().path(), reason = refusal.reason(), "Refused an API request.");
+            refusal_response(refusal)
+        }
+    }
+}
+
+/// The answer to a refused request.
+pub fn refusal_response(refusal: Refusal) -> Response {
+    let body = serde_json::json!({ "error": refusal.to_string(), "reason": refusal.reason() }).to_string();
+    let mut resp = (refusal.status(), [("content-type", "application/json")], body).into_response();
+    if refusal.status() == StatusCode::UNAUTHORIZED
+        && let Ok(v) = "Bearer".parse()
+    {
+        resp.headers_mut().insert("www-authenticate", v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        h
+    }
+
+    fn config() -> AuthConfig {
+        toml::from_str(&format!(
+            r#"required = true
+            [[gateways]]
+            id = "gw-1"
+            token_sha256 = "{}"
+            devices = ["dev-1"]
+            [[gateways]]
+            id = "gw-old"
+            token_sha256 = "{}"
+            revoked = true
+            [[tokens]]
+            name = "grafana"
+            token_sha256 = "{}"
+            role = "read"
+            [[tokens]]
+            name = "oncall"
+            token_sha256 = "{}"
+            role = "admin""#,
+            token_sha256("g1"),
+            token_sha256("old"),
+            token_sha256("r"),
+            token_sha256("a")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_token_may_do_what_its_role_allows_and_nothing_else() {
+        let cfg = config();
+        assert!(cfg.problems().is_empty(), "{:?}", cfg.problems());
+        let auth = Auth::new(&cfg);
+        let gw = auth.gateway(&headers("g1")).unwrap().unwrap();
+        assert_eq!(gw.id, "gw-1");
+        assert!(gw.may_send("dev-1") && !gw.may_send("dev-2"));
+        assert_eq!(auth.gateway(&HeaderMap::new()).unwrap_err(), Refusal::Missing);
+        assert_eq!(auth.gateway(&headers("nope")).unwrap_err(), Refusal::Unknown);
+        assert_eq!(auth.gateway(&headers("old")).unwrap_err(), Refusal::Revoked);
+        assert_eq!(auth.gateway(&headers("r")).unwrap_err(), Refusal::Forbidden, "an API token cannot ingest");
+        assert_eq!(auth.api(&headers("r"), Role::Read).unwrap(), Some("grafana"));
+        assert_eq!(auth.api(&headers("r"), Role::Admin).unwrap_err(), Refusal::Forbidden);
+        assert_eq!(auth.api(&headers("a"), Role::Admin).unwrap(), Some("oncall"));
+        assert_eq!(auth.api(&headers("g1"), Role::Read).unwrap_err(), Refusal::Forbidden, "a gateway cannot query");
+        let open = Auth::new(&AuthConfig::default());
+        assert!(open.gateway(&HeaderMap::new()).unwrap().is_none());
+        assert!(open.api(&HeaderMap::new(), Role::Admin).unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_credentials_are_reported_with_their_key_paths() {
+        let mut cfg = config();
+        cfg.gateways[1].token_sha256 = cfg.gateways[0].token_sha256.clone();
+        cfg.gateways[1].id = "gw-1".into();
+        cfg.tokens[0].token_sha256 = "not-a-hash".into();
+        let problems = cfg.problems().join("\n");
+        assert!(problems.contains("auth.gateways[1].id: \"gw-1\" has two credentials"), "{problems}");
+        assert!(problems.contains("auth.gateways[1].token_sha256: the same token as auth.gateways[0]"), "{problems}");
+        assert!(problems.contains("auth.tokens[0].token_sha256: must be 64"), "{problems}");
+        let empty = AuthConfig { required: true, ..Default::default() };
+        assert!(empty.problems()[0].starts_with("auth.required"));
+    }
+}

@@ -1,0 +1,450 @@
+//! The event log on Kafka (librdkafka through rdkafka), for clusters.
+//!
+//! One topic holds the log; its partitions are the log's partitions, and a
+//! record goes to `partition_for(device id)` exactly as in the embedded log,
+//! so ingest, processor, archiver and replay see the same layout on both
+//! backends. Kafka offsets are the log's offsets.
+//!
+//! * **Append**: the idempotent producer with `acks=all`. An append resolves
+//!   only when every record of the batch has a successful delivery report;
+//!   any failure (broker down, `delivery_timeout` passed, queue full) is
+//!   [`EventLogError::Unavailable`], which ingest answers with 503.
+//! * **Resent batches**: Kafka does not know gateway batches, so a batch the
+//!   edge sends again (its first answer was lost) is appended again. The
+//!   processor drops the repeated readings by `(device, boot, seq)` and the
+//!   repeated aggregate partials by `(gateway, batch id)`, so views still count
+//!   each once; the duplicates stay visible in the log.
+//! * **Read**: a consumer with manually assigned partitions and no committed
+//!   group offsets: positions live in the processor's checkpoints, as with the
+//!   embedded log. Broker outages are waited out, never fatal to a pipeline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use kappa_common::partition::partition_for;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureRecord;
+use rdkafka::{ClientConfig, Message, TopicPartitionList};
+use serde::Deserialize;
+
+use super::{AppendBatch, AppendOutcome, ConsumedRecord, EventLogError, LogAppender, LogSource, Offset, Partition};
+use crate::kafka::{ProducerSlot, TopicSpec, client_config, ensure_topic, topic_problem};
+
+/// `[log.kafka]` of the cloud config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaLogConfig {
+    /// `host:port,host:port` (librdkafka's `bootstrap.servers`).
+    pub brokers: String,
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Create the topic (with `log.partitions` partitions) if it is missing;
+    /// otherwise a missing topic stops the node at startup.
+    #[serde(default = "default_true")]
+    pub create_topic: bool,
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// How long an append may wait for its delivery reports before ingest
+    /// answers 503 (librdkafka's `message.timeout.ms`).
+    #[serde(default = "default_delivery_timeout", with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// Passed to librdkafka as they are, e.g. `"security.protocol" = "SASL_SSL"`.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_topic() -> String {
+    "kappa-events".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_replication() -> i32 {
+    1
+}
+fn default_delivery_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl KafkaLogConfig {
+    /// Problems, each with its key path.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.brokers.trim().is_empty() {
+            out.push("log.kafka.brokers: must name at least one host:port".into());
+        }
+        out.extend(topic_problem("log.kafka.topic", &self.topic));
+        if self.replication_factor < 1 {
+            out.push("log.kafka.replication_factor: must be at least 1".into());
+        }
+        if self.delivery_timeout < Duration::from_millis(100) {
+            out.push("log.kafka.delivery_timeout: must be at least 100ms".into());
+        }
+        for key in ["bootstrap.servers", "enable.idempotence", "acks"] {
+            if self.properties.contains_key(key) {
+                out.push(format!("log.kafka.properties: {key:?} is set by the log itself and cannot be overridden"));
+            }
+        }
+        out
+    }
+
+    fn client(&self) -> ClientConfig {
+        client_config(&self.brokers, &self.properties)
+    }
+}
+
+/// The log on a Kafka topic: hands out appenders and sources.
+#[derive(Debug, Clone)]
+pub struct KafkaLog {
+    cfg: KafkaLogConfig,
+    partitions: u32,
+}
+
+impl KafkaLog {
+    /// Checks (or creates) the topic; its partition count must be `partitions`.
+    pub async fn connect(cfg: KafkaLogConfig, partitions: u32) -> Result<Self, EventLogError> {
+        let spec = TopicSpec {
+            name: &cfg.topic,
+            partitions: partitions as i32,
+            replication_factor: cfg.replication_factor,
+            create: cfg.create_topic,
+            timeout: Duration::from_secs(10).max(cfg.delivery_timeout),
+            section: "log.kafka",
+        };
+        let found = ensure_topic(&cfg.client(), &spec).await.map_err(EventLogError::Unavailable)?;
+        if found != partitions {
+            return Err(EventLogError::Inconsistent(format!(
+                "topic {:?} has {found} partitions but log.partitions is {partitions}; records are placed by \
+                 partition_for(device, log.partitions), so the two must agree",
+                cfg.topic
+            )));
+        }
+        Ok(Self::existing(cfg, partitions))
+    }
+
+    /// The log on a topic known to exist (offline tools): no broker round trip.
+    pub fn existing(cfg: KafkaLogConfig, partitions: u32) -> Self {
+        Self { cfg, partitions }
+    }
+
+    pub fn appender(&self) -> Result<KafkaAppender, EventLogError> {
+        let producer = ProducerSlot::new(self.cfg.client(), self.cfg.delivery_timeout, "log.kafka")
+            .map_err(EventLogError::Unavailable)?;
+        let ack_before_delivery = std::env::var_os(FAULT_ACK_BEFORE_DELIVERY).is_some();
+        if ack_before_delivery {
+            tracing::warn!(
+                "{FAULT_ACK_BEFORE_DELIVERY} is set: ingest answers before Kafka confirms. Acknowledged batches CAN BE LOST. Tests only."
+            );
+        }
+        Ok(KafkaAppender {
+            producer: std::sync::Arc::new(producer),
+            topic: self.cfg.topic.clone(),
+            partitions: self.partitions,
+            ack_before_delivery,
+        })
+    }
+
+    /// A source over every partition, starting at offset 0.
+    pub fn source(&self) -> Result<KafkaSource, EventLogError> {
+        let consumer: BaseConsumer = self
+            .cfg
+            .client()
+            .set("group.id", "kappa-unused")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "50")
+            .create()
+            .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot create a consumer: {e}")))?;
+        let mut src = KafkaSource {
+            consumer,
+            topic: self.cfg.topic.clone(),
+            positions: (0..self.partitions).map(|p| (p, 0)).collect(),
+            at_end: BTreeSet::new(),
+            reassign: true,
+            ends: (0..self.partitions).map(|p| (p, 0)).collect(),
+            last_warning: None,
+        };
+        src.assign()?;
+        Ok(src)
+    }
+}
+
+/// TEST ONLY: with this environment variable set, an append resolves as
+/// soon as its records are queued, before any delivery report. It exists to
+/// show that the broker-outage test catches an ingest that answers 2xx for
+/// records Kafka never confirmed.
+pub const FAULT_ACK_BEFORE_DELIVERY: &str = "KAPPA_TEST_KAFKA_ACK_BEFORE_DELIVERY";
+
+/// The ingest side: the idempotent producer.
+#[derive(Debug, Clone)]
+pub struct KafkaAppender {
+    producer: std::sync::Arc<ProducerSlot>,
+    topic: String,
+    partitions: u32,
+    ack_before_delivery: bool,
+}
+
+impl LogAppender for KafkaAppender {
+    async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, EventLogError> {
+        let producer = self.producer.get().map_err(EventLogError::Unavailable)?;
+        let mut deliveries = Vec::with_capacity(batch.records.len());
+        for rec in &batch.records {
+            let p = match rec.partition {
+                Some(p) if p < self.partitions => p,
+                _ => partition_for(&rec.key, self.partitions),
+            };
+            let record = FutureRecord::to(&self.topic).key(&rec.key).payload(&rec.value).partition(p as i32);
+            match producer.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((e, _)) => {
+                    self.producer.failed(&e);
+                    return Err(EventLogError::Unavailable(format!("the Kafka producer refused a record: {e}")));
+                }
+            }
+        }
+        if self.ack_before_delivery {
+            return Ok(AppendOutcome::Appended { records: batch.records.len() });
+        }
+        let mut failure: Option<KafkaError> = None;
+        // Every record is in flight already; waiting in order costs nothing.
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => failure = Some(e),
+                Err(_) => failure = Some(KafkaError::Canceled),
+            }
+        }
+        match failure {
+            None => {
+                self.producer.succeeded();
+                Ok(AppendOutcome::Appended { records: batch.records.len() })
+            }
+            Some(e) => {
+                let n = self.producer.failed(&e);
+                Err(EventLogError::Unavailable(format!("Kafka did not confirm the batch: {e} (failure {n} in a row)")))
+            }
+        }
+    }
+}
+
+/// The read side: every partition assigned, positions set by `seek`.
+pub struct KafkaSource {
+    consumer: BaseConsumer,
+    topic: String,
+    positions: BTreeMap<Partition, Offset>,
+    /// Partitions whose last fetch reached the end of what the broker holds.
+    at_end: BTreeSet<Partition>,
+    /// Positions changed by `seek`: assign again before the next poll.
+    reassign: bool,
+    /// The last end offsets read (kept through broker outages).
+    ends: BTreeMap<Partition, Offset>,
+    last_warning: Option<Instant>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource").field("topic", &self.topic).field("positions", &self.positions).finish()
+    }
+}
+
+impl KafkaSource {
+    fn assign(&mut self) -> Result<(), EventLogError> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &self.positions {
+            tpl.add_partition_offset(&self.topic, *p as i32, rdkafka::Offset::Offset(*o as i64))
+                .map_err(|e| EventLogError::Unavailable(format!("log.kafka: {e}")))?;
+        }
+        self.consumer.assign(&tpl).map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot assign: {e}")))?;
+        self.reassign = false;
+        Ok(())
+    }
+
+    /// Logs a broker problem at most every 10 s; the pipeline waits it out.
+    fn warn(&mut self, e: &KafkaError) {
+        if self.last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            tracing::warn!(topic = %self.topic, error = %e, "Reading the Kafka log failed; retrying.");
+            self.last_warning = Some(Instant::now());
+        }
+    }
+}
+
+impl LogSource for KafkaSource {
+    fn assigned(&self) -> Vec<Partition> {
+        self.positions.keys().copied().collect()
+    }
+
+    fn seek(&mut self, partition: Partition, offset: Offset) {
+        if let Some(pos) = self.positions.get_mut(&partition) {
+            *pos = offset;
+            self.at_end.remove(&partition);
+            self.reassign = true;
+        }
+    }
+
+    fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<ConsumedRecord>, EventLogError> {
+        if self.reassign {
+            self.assign()?;
+        }
+        let mut out = Vec::new();
+        let mut wait = timeout;
+        while out.len() < max {
+            let Some(next) = self.consumer.poll(wait) else { break };
+            wait = Duration::ZERO;
+            match next {
+                Ok(m) => {
+                    let (p, offset) = (m.partition() as Partition, m.offset() as Offset);
+                    let Some(pos) = self.positions.get_mut(&p) else { continue };
+                    if offset < *pos {
+                        continue; // fetched before a seek moved past it
+                    }
+                    *pos = offset + 1;
+                    self.at_end.remove(&p);
+                    let value = bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default());
+                    out.push(ConsumedRecord { partition: p, offset, value });
+                }
+                Err(KafkaError::PartitionEOF(p)) => {
+                    self.at_end.insert(p as Partition);
+                }
+                Err(e) => {
+                    self.warn(&e);
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn end_offsets(&mut self) -> Result<Vec<(Partition, Offset)>, EventLogError> {
+        for p in self.positions.keys() {
+            match self.consumer.fetch_watermarks(&self.topic, *p as i32, Duration::from_secs(2)) {
+                Ok((_, high)) => {
+                    self.ends.insert(*p, high.max(0) as Offset);
+                }
+                Err(e) => {
+                    // Keep the last known ends: lag reporting must not stop a pipeline.
+                    self.warn(&e);
+                    break;
+                }
+            }
+        }
+        Ok(self.ends.iter().map(|(p, o)| (*p, *o)).collect())
+    }
+
+    fn caught_up(&self, partition: Partition) -> bool {
+        self.at_end.contains(&partition)
+    }
+}
+
+/// The end offset of every partition of `cfg`'s topic (for tools beside a node).
+pub fn end_offsets(cfg: &KafkaLogConfig, partitions: u32) -> Result<Vec<(Partition, Offset)>, EventLogError> {
+    let consumer: BaseConsumer = cfg
+        .client()
+        .create()
+        .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot create a consumer: {e}")))?;
+    (0..partitions)
+        .map(|p| {
+            let (_, high) = consumer.fetch_watermarks(&cfg.topic, p as i32, Duration::from_secs(10)).map_err(|e| {
+                EventLogError::Unavailable(format!("log.kafka: cannot read the end of partition {p}: {e}"))
+            })?;
+            Ok((p, high.max(0) as Offset))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eventlog::AppendRecord;
+
+    fn config(brokers: &str) -> KafkaLogConfig {
+        KafkaLogConfig {
+            brokers: brokers.into(),
+            topic: "events".into(),
+            create_topic: false,
+            replication_factor: 1,
+            delivery_timeout: Duration::from_secs(5),
+            properties: BTreeMap::new(),
+        }
+    }
+
+    /// librdkafka's mock cluster: enough for the read and write paths; the
+    /// outage and cluster behaviour is tested against a broker process.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_come_back_per_partition_in_offset_order_and_seek_rewinds() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("events", 4, 1).unwrap();
+        let log = KafkaLog::connect(config(&cluster.bootstrap_servers()), 4).await.unwrap();
+        let appender = log.appender().unwrap();
+        let records: Vec<AppendRecord> = (0..40)
+            .map(|i| AppendRecord { key: format!("dev-{}", i % 7), partition: None, value: vec![i as u8] })
+            .collect();
+        let batch = AppendBatch { gateway: "gw".into(), batch_id: 1, records };
+        assert_eq!(appender.append(batch).await.unwrap(), AppendOutcome::Appended { records: 40 });
+
+        let mut src = log.source().unwrap();
+        let got = tokio::task::spawn_blocking(move || {
+            let mut got = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while got.len() < 40 && Instant::now() < deadline {
+                got.extend(src.poll(100, Duration::from_millis(200)).unwrap());
+            }
+            assert_eq!(src.end_offsets().unwrap().iter().map(|(_, o)| o).sum::<u64>(), 40);
+            src.seek(got[0].partition, 1);
+            let mut again = Vec::new();
+            while again.is_empty() && Instant::now() < deadline {
+                again = src.poll(100, Duration::from_millis(200)).unwrap();
+            }
+            (got, again)
+        })
+        .await
+        .unwrap();
+        let (got, again) = got;
+        assert_eq!(got.len(), 40);
+        for p in 0..4 {
+            let offs: Vec<u64> = got.iter().filter(|r| r.partition == p).map(|r| r.offset).collect();
+            assert_eq!(offs, (0..offs.len() as u64).collect::<Vec<_>>(), "partition {p}");
+        }
+        for r in &got {
+            let key = format!("dev-{}", r.value[0] % 7);
+            assert_eq!(r.partition, partition_for(&key, 4), "a device's records go to its partition");
+        }
+        let p = got[0].partition;
+        let expect: Vec<u64> = got.iter().filter(|r| r.partition == p).skip(1).map(|r| r.offset).collect();
+        assert_eq!(again.iter().map(|r| r.offset).collect::<Vec<_>>(), expect, "seek rewinds one partition");
+    }
+
+    #[tokio::test]
+    async fn a_missing_topic_or_another_partition_count_is_refused() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("events", 3, 1).unwrap();
+        let err = KafkaLog::connect(config(&cluster.bootstrap_servers()), 4).await.unwrap_err();
+        assert!(matches!(err, EventLogError::Inconsistent(_)) && err.to_string().contains("3 partitions"), "{err}");
+        let mut cfg = config(&cluster.bootstrap_servers());
+        cfg.topic = "absent".into();
+        let err = KafkaLog::connect(cfg, 4).await.unwrap_err();
+        assert!(err.to_string().contains("does not exist and create_topic is false"), "{err}");
+    }
+
+    #[test]
+    fn settings_the_log_owns_cannot_be_overridden() {
+        let mut cfg = config("k:9092");
+        cfg.properties.insert("acks".into(), "1".into());
+        cfg.properties.insert("security.protocol".into(), "SSL".into());
+        let problems = cfg.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("\"acks\""), "{problems:?}");
+    }
+
+    /// The bundled librdkafka is built without OpenSSL (docs/cluster.md):
+    /// a TLS setting is refused when the client is made, with its reason.
+    #[test]
+    fn tls_settings_reach_librdkafka() {
+        let mut cfg = config("k:9092");
+        cfg.properties.insert("security.protocol".into(), "SSL".into());
+        let err = KafkaLog::existing(cfg, 1).appender().unwrap_err().to_string();
+        assert!(err.contains("security.protocol") && err.contains("OpenSSL not available at build time"), "{err}");
+    }
+}

@@ -1,0 +1,128 @@
+//! Slow and silent HTTP clients cannot hold the cloud's connections: a
+//! connection that sends no request, or only part of its headers, is closed
+//! after `http.header_read_timeout`; a body that trickles in gets 408 after
+//! `http.body_read_timeout` (counted), and the node keeps serving others.
+//! Decompression bombs, oversized bodies and publishes, and deeply nested
+//! payloads are refused at their limits with the processes' peak memory
+//! measured and bounded.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+/// Reads until the server closes the connection; what it sent, and when it closed.
+async fn until_closed(mut s: TcpStream, limit: Duration) -> (String, Duration) {
+    let t = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(limit, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the server kept the connection open for {limit:?}"),
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), t.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_silent_clients_are_cut_off_at_their_timeouts() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("KAPPA_CLOUD__HTTP__HEADER_READ_TIMEOUT", "1s"), ("KAPPA_CLOUD__HTTP__BODY_READ_TIMEOUT", "1s")];
+    let cloud = Cloud::start_with(dir.path(), "cloud", "", &env).await;
+    let addr = ("127.0.0.1", cloud.port);
+
+    // Silent: connects and sends nothing.
+    let silent = TcpStream::connect(addr).await.unwrap();
+    // Slow headers: half a request line and one header, then nothing.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"POST /v1/ingest HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    // Slow body: complete headers announcing 1,000 bytes, then 3.
+    let mut trickle = TcpStream::connect(addr).await.unwrap();
+    trickle
+        .write_all(b"POST /v1/ingest HTTP/1.1\r\nhost: x\r\ncontent-encoding: zstd\r\ncontent-length: 1000\r\n\r\nabc")
+        .await
+        .unwrap();
+
+    let limit = Duration::from_secs(8);
+    let ((_, silent_after), (_, slow_after), (answer, trickle_after)) =
+        tokio::join!(until_closed(silent, limit), until_closed(slow, limit), until_closed(trickle, limit));
+    for (what, after) in [("silent", silent_after), ("slow headers", slow_after), ("slow body", trickle_after)] {
+        assert!(after < Duration::from_secs(4), "{what}: closed after {after:?} (timeout 1 s)");
+    }
+    assert!(answer.starts_with("HTTP/1.1 408"), "a trickling body gets 408: {answer:?}");
+    let url = format!("{}/metrics", cloud.url());
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    assert!(text.contains("kappa_cloud_ingest_rejected_total{reason=\"body_timeout\"} 1"), "{text}");
+
+    // Everyone else is served as before.
+    assert_eq!(ingest(&cloud, &scenario(false)[..2]).await, 1000);
+}
+
+/// Posts `body` as a zstd batch; the status, or 0 when the server closed
+/// the connection before answering (it may, while a refused body still flows).
+async fn post_zstd(url: &str, body: Vec<u8>) -> u16 {
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/v1/ingest"))
+        .header("content-encoding", "zstd")
+        .body(body)
+        .send()
+        .await;
+    resp.map_or(0, |r| r.status().as_u16())
+}
+
+/// A zstd frame of 256 MiB of zeros (about 8 KiB), made once.
+fn bomb() -> &'static [u8] {
+    static BOMB: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    // calloc'd zeros: the test itself barely touches the memory.
+    BOMB.get_or_init(|| kappa_common::frame::compress(&vec![0u8; 256 << 20], 1))
+}
+
+/// `copies` 256 MiB zstd bombs and as many 64 MiB bodies at once: their
+/// statuses and how far the node's peak memory rose (MiB).
+async fn hostile_bodies(cloud: &Cloud, copies: usize) -> (Vec<u16>, f64) {
+    let bomb = bomb().to_vec();
+    // The size limit is on the bytes received, whatever they are.
+    let oversized = vec![7u8; 64 << 20];
+    let before = cloud.proc.peak_rss_mib();
+    let url = cloud.url();
+    let mut sends = tokio::task::JoinSet::new();
+    for body in [&bomb, &oversized].repeat(copies) {
+        let (url, body) = (url.clone(), body.clone());
+        sends.spawn(async move { post_zstd(&url, body).await });
+    }
+    let statuses = sends.join_all().await;
+    (statuses, cloud.proc.peak_rss_mib() - before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bombs_and_oversized_bodies_are_refused_with_the_nodes_memory_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start_with(dir.path(), "cloud", "", &[]).await;
+    assert_eq!(ingest(&cloud, &scenario(false)[..2]).await, 1000, "warm up with good batches");
+    let (statuses, grew) = hostile_bodies(&cloud, 4).await;
+    eprintln!("limits on: statuses {statuses:?}, peak memory rose {grew:.1} MiB");
+    assert!(statuses.iter().all(|s| *s == 413 || *s == 0), "{statuses:?}");
+    let url = cloud.url();
+    assert_eq!(series(&url, "kappa_cloud_ingest_rejected_total{reason=\"decompression_bomb\"}").await, 4.0);
+    assert_eq!(series(&url, "kappa_cloud_ingest_rejected_total{reason=\"body_too_large\"}").await, 4.0);
+    // 1 GiB of bombs and 256 MiB of bodies; the limits (4 MiB compressed,
+    // 32 MiB and 100:1 decompressed) allow a few tens of MiB.
+    assert!(grew < 96.0, "the node's peak memory rose {grew:.1} MiB");
+    assert_eq!(ingest(&cloud, &scenario(false)[2..4]).await, 1000, "and it still serves");
+
+    // Negative control: with the limits lifted, the same measurement sees
+    // a bomb go off.
+    let lifted = [
+        ("KAPPA_CLOUD__INGEST__MAX_BODY_BYTES", "1073741824"),
+        ("KAPPA_CLOUD__INGEST__MAX_DECOMPRESSED_BYTES", "1073741824"),
+        ("KAPPA_CLOUD__INGEST__MAX_RATIO", "1000000000"),
+    ];
+    let open = Cloud::start_with(dir.path(), "open", "", &lifted).await;
+    let (statuses, grew) = hostile_bodies(&open, 1).await;
+    eprintln!("limits lifted: statuses {statuses:?}, peak memory rose {grew:.1} MiB");
+    assert!(grew > 200.0, "without limits a bomb should cost its 256 MiB; the measurement saw {grew:.1} MiB");
+}
