@@ -44,7 +44,7 @@ fn every_example_edge_config_is_valid() {
 
 #[test]
 fn the_example_configs_ship_the_rules_the_alert_tests_score() {
-    let tested = kappa_cloud::config::CloudConfig::from_toml(crate::alerts::RULES).unwrap().rule_specs().unwrap();
+    let tested = kappa_cloud::config::CloudConfig::from_toml(crate::alert_kit::RULES).unwrap().rule_specs().unwrap();
     for f in ["../deploy/cloud/single-node.toml", "../deploy/local/cloud.toml"] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
         let shipped = kappa_cloud::config::CloudConfig::load(&path).unwrap().rule_specs().unwrap();

@@ -98,7 +98,7 @@ fn first_difference(a: &str, b: &str) -> String {
 /// how many ingest requests were answered 2xx and 503 while it was paused.
 async fn broker_outage(dir: &std::path::Path, pause: Duration, env: &[(&str, &str)]) -> Outage {
     let broker = Tansu::start(dir).await;
-    let config = kafka_config(&broker, "events", "[processor]\ncheckpoint_interval = \"500ms\"\n");
+    let config = kafka_config(&broker, "events", FLEET_PROCESSOR);
     let cloud = Cloud::start_with(dir, "cloud", &config, env).await;
     let mqtt_port = free_port();
     let edge = Edge::start(dir, Mqtt::Embedded(mqtt_port), &cloud.url()).await;

@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
+mod alert_kit;
 mod alerts;
 mod configs;
 mod dashboard;

@@ -164,24 +164,6 @@ async fn the_edge_agent_works_against_the_machines_mosquitto() {
     edge.proc.terminate().await;
 }
 
-/// One simulator process runs 10,000 devices, each with its own MQTT
-/// connection, and every reading they publish is committed by the agent.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_devices_run_in_one_simulator_process() {
-    let dir = tempfile::tempdir().unwrap();
-    let mqtt_port = free_port();
-    // No cloud: this is about the fleet and the agent's intake.
-    let edge = Edge::start(dir.path(), Mqtt::Embedded(mqtt_port), "http://127.0.0.1:9").await;
-    let mut sim = Fleet::new(10_000, 3, 1.0).start(mqtt_port, dir.path());
-    let truth = Fleet::finish(&mut sim, dir.path()).await;
-    assert_eq!((truth.sampled, truth.acked, truth.dropped_on_device), (30_000, 30_000, 0));
-    let committed = wait_for("every reading committed", Duration::from_secs(60), || async {
-        edge.metric("kappa_edge_readings_committed_total").await.filter(|n| *n >= 30_000.0)
-    })
-    .await;
-    assert_eq!(committed, 30_000.0, "{}", edge.proc.tail());
-}
-
 /// The cloud is gone for over a minute while the fleet keeps publishing: the
 /// outage only grows the gateway's backlog; when the cloud is back the
 /// backlog drains while the fleet is still publishing, and the views end
@@ -193,9 +175,9 @@ async fn a_minute_long_cloud_outage_only_grows_the_backlog_which_drains_while_de
     let mqtt_port = free_port();
     let edge = Edge::start(dir.path(), Mqtt::Embedded(mqtt_port), &cloud.url()).await;
 
-    // 100 s of publishing: 50 devices at 10 readings/s.
+    // 120 s of publishing: 50 devices at 10 readings/s.
     let started = std::time::Instant::now();
-    let mut sim = Fleet::new(50, 1000, 10.0).start(mqtt_port, dir.path());
+    let mut sim = Fleet::new(50, 1200, 10.0).start(mqtt_port, dir.path());
     tokio::time::sleep(Duration::from_secs(8)).await;
     cloud.proc.kill9().await;
     let mut backlog = Vec::new();
@@ -207,16 +189,17 @@ async fn a_minute_long_cloud_outage_only_grows_the_backlog_which_drains_while_de
     assert!(backlog[3] > 25_000.0, "about 64 s of 500 readings/s waited: {backlog:?}");
     cloud.restart().await;
 
-    wait_for("the backlog to drain", Duration::from_secs(20), || async {
+    // The cloud is back about 72 s in; the fleet publishes until about 120 s.
+    wait_for("the backlog to drain", Duration::from_secs(35), || async {
         (edge.metric("kappa_edge_backlog_readings").await.unwrap_or(f64::MAX) < 2_000.0).then_some(())
     })
     .await;
     assert!(
-        started.elapsed() < Duration::from_secs(95),
+        started.elapsed() < Duration::from_secs(115),
         "the backlog should have drained while the fleet was still publishing"
     );
     let truth = Fleet::finish(&mut sim, dir.path()).await;
-    assert_eq!(truth.acked, 50 * 1000);
+    assert_eq!(truth.acked, 50 * 1200);
     wait_for_readings(&cloud.url(), truth.acked, SETTLE).await;
     let rows = fetch_rows(&cloud.url(), "device_windows").await;
     assert_exact(&truth, &rows, &[&cloud.proc, &edge.proc]);
@@ -234,8 +217,7 @@ async fn sigterm_under_load_drains_within_the_deadline_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (edge_deadline, cloud_deadline) = (Duration::from_secs(3), Duration::from_secs(4));
     let cloud_env = [("KAPPA_CLOUD__SHUTDOWN_DEADLINE", "4s")];
-    let mut cloud =
-        Cloud::start_with(dir.path(), "cloud", "[processor]\ncheckpoint_interval = \"500ms\"\n", &cloud_env).await;
+    let mut cloud = Cloud::start_with(dir.path(), "cloud", FLEET_PROCESSOR, &cloud_env).await;
     let mosquitto = Mosquitto::start(dir.path()).await;
     let mqtt =
         Mqtt::External { port: mosquitto.port, topic_prefix: String::new(), client_id: "kappa-edge-term-test".into() };
