@@ -126,3 +126,111 @@ async fn bombs_and_oversized_bodies_are_refused_with_the_nodes_memory_bounded() 
     eprintln!("limits lifted: statuses {statuses:?}, peak memory rose {grew:.1} MiB");
     assert!(grew > 200.0, "without limits a bomb should cost its 256 MiB; the measurement saw {grew:.1} MiB");
 }
+
+/// An MQTT session on the agent's embedded broker, as device `id`.
+async fn device_session(port: u16, id: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect to the embedded broker");
+    s.write_all(&kappa_edge::mqtt::packet::Connect::new(id, 30).encode()).await.unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.expect("CONNACK");
+    assert_eq!((connack[0], connack[3]), (0x20, 0), "the broker accepted {id}");
+    s
+}
+
+/// A QoS 0 PUBLISH fixed and variable header for a payload of `len` bytes.
+fn publish_header(topic: &str, len: usize) -> Vec<u8> {
+    let mut remaining = 2 + topic.len() + len;
+    let mut out = vec![0x30];
+    loop {
+        let byte = (remaining % 128) as u8;
+        remaining /= 128;
+        out.push(if remaining > 0 { byte | 0x80 } else { byte });
+        if remaining == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out
+}
+
+/// Four devices each stream one 64 MiB publish at the agent; it ends each
+/// session at the limit. Returns the MiB the agent's peak memory rose.
+async fn oversized_publishes(edge: &Edge) -> f64 {
+    let before = edge.proc.peak_rss_mib();
+    let len = 64 << 20;
+    let chunk = vec![b'x'; 1 << 20];
+    for d in 0..4 {
+        let id = format!("huge-{d}");
+        let mut s = device_session(edge.mqtt_port, &id).await;
+        let mut sent = 0usize;
+        let stream = async {
+            s.write_all(&publish_header(&format!("devices/{id}/telemetry"), len)).await?;
+            while sent < len {
+                s.write_all(&chunk).await?;
+                sent += chunk.len();
+            }
+            s.flush().await
+        };
+        // Cut off: the write fails. Accepted: it completes (and the broker
+        // holds the packet, which the memory measurement sees).
+        let _ = tokio::time::timeout(Duration::from_secs(30), stream).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    edge.proc.peak_rss_mib() - before
+}
+
+/// Devices publish oversized packets (64 MiB, streamed) and deeply nested
+/// JSON (a quarter of a million levels, within the payload limit) at the
+/// agent's embedded broker: the oversized sessions end at the limit, the
+/// nested payloads are quarantined as `malformed_json` and counted, other
+/// devices' readings still commit, and the agent's peak memory stays within
+/// a few MiB. Negative control: with the payload limit lifted, the same
+/// measurement sees the agent hold a 64 MiB publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_deeply_nested_publishes_are_refused_with_the_agents_memory_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let no_cloud = "http://127.0.0.1:9";
+    let limit = [("KAPPA_EDGE__MQTT__MAX_PAYLOAD_BYTES", "1048576")];
+    let edge =
+        Edge::start_env(dir.path(), "edge", "gw-limits", Mqtt::Embedded(free_port()), no_cloud, "", &limit).await;
+
+    let depth = 250_000;
+    let nest = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+    let payload = format!(r#"{{"v":2,"boot":1,"seq":1,"ts":1767225600000,"data":{{"t":{nest}}}}}"#);
+    let mut s = device_session(edge.mqtt_port, "nested").await;
+    for _ in 0..4 {
+        s.write_all(&publish_header("devices/nested/telemetry", payload.len())).await.unwrap();
+        s.write_all(payload.as_bytes()).await.unwrap();
+    }
+    s.flush().await.unwrap();
+    let url = format!("http://127.0.0.1:{}", edge.http_port);
+    let malformed = "kappa_edge_readings_rejected_total{reason=\"malformed_json\"}";
+    wait_for("four nested payloads quarantined", Duration::from_secs(30), || async {
+        (series(&url, malformed).await >= 4.0).then_some(())
+    })
+    .await;
+
+    let grew = oversized_publishes(&edge).await;
+    eprintln!("limit 1 MiB: four 64 MiB publishes raised the agent's peak memory {grew:.1} MiB");
+    assert!(grew < 24.0, "the agent's peak memory rose {grew:.1} MiB");
+    assert_eq!(series(&url, malformed).await, 4.0, "exactly the four nested payloads");
+
+    // A well-behaved device still gets its reading committed.
+    let committed = edge.metric("kappa_edge_readings_committed_total").await.unwrap_or(0.0);
+    let mut ok = device_session(edge.mqtt_port, "fine").await;
+    let reading = br#"{"v":2,"boot":1,"seq":1,"ts":1767225600000,"data":{"t":21.5}}"#;
+    ok.write_all(&publish_header("devices/fine/telemetry", reading.len())).await.unwrap();
+    ok.write_all(reading).await.unwrap();
+    wait_for("the good reading committed", Duration::from_secs(30), || async {
+        (edge.metric("kappa_edge_readings_committed_total").await.unwrap_or(0.0) > committed).then_some(())
+    })
+    .await;
+
+    // Negative control: the payload limit lifted to 64 MiB.
+    let lifted = [("KAPPA_EDGE__MQTT__MAX_PAYLOAD_BYTES", "67108864")];
+    let open = Edge::start_env(dir.path(), "open", "gw-open", Mqtt::Embedded(free_port()), no_cloud, "", &lifted).await;
+    let grew = oversized_publishes(&open).await;
+    eprintln!("limit lifted: four 64 MiB publishes raised the agent's peak memory {grew:.1} MiB");
+    assert!(grew > 60.0, "without the limit a 64 MiB publish should cost its size; the measurement saw {grew:.1} MiB");
+}
