@@ -12,6 +12,8 @@ pub type Label = [(&'static str, &'static str); 1];
 pub type PartitionLabel = [(&'static str, u32); 1];
 /// A `view` label (`name@version`).
 pub type ViewLabel = [(&'static str, String); 1];
+/// A `pipeline` label (`main`, `alerts`, `edge_aggregates`, a version being rebuilt).
+pub type PipelineLabel = [(&'static str, String); 1];
 /// Two labels with values known only at run time (`rule` and `transition`, `webhook` and `result`).
 pub type PairLabel = [(&'static str, String); 2];
 
@@ -36,12 +38,14 @@ pub struct CloudMetrics {
     pub checkpoints: Counter,
     pub checkpoint_seconds: Histogram,
     pub batch_seconds: Histogram,
-    pub lag_seconds: Gauge,
+    /// Per pipeline: the live views, edge aggregates, alerts and any
+    /// version being rebuilt each run their own processor.
+    pub lag_seconds: Family<PipelineLabel, Gauge>,
     pub checkpoint_rows: Histogram,
     pub checkpoint_commit_seconds: Histogram,
     pub window_emit_seconds: Histogram,
-    pub lag_records: Family<PartitionLabel, Gauge>,
-    pub watermark_ms: Gauge,
+    pub lag_records: Family<PairLabel, Gauge>,
+    pub watermark_ms: Family<PipelineLabel, Gauge>,
     pub archive_records: Counter,
     pub archive_segments: Counter,
     pub archive_bytes: Counter,
@@ -94,12 +98,12 @@ impl CloudMetrics {
             checkpoints: Counter::default(),
             checkpoint_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
             batch_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
-            lag_seconds: Gauge::default(),
+            lag_seconds: Family::default(),
             checkpoint_rows: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
             checkpoint_commit_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             window_emit_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
             lag_records: Family::default(),
-            watermark_ms: Gauge::default(),
+            watermark_ms: Family::default(),
             archive_records: Counter::default(),
             archive_segments: Counter::default(),
             archive_bytes: Counter::default(),
@@ -213,12 +217,12 @@ impl CloudMetrics {
         );
         r.register(
             "processor_lag_seconds",
-            "How long ago the newest processed record was appended, while records wait behind it (0 when caught up)",
+            "How long ago the newest processed record was appended, while records wait behind it (0 when caught up), per pipeline",
             m.lag_seconds.clone(),
         );
         r.register(
             "processor_lag_records",
-            "Records in the log not yet processed, per partition",
+            "Records in the log not yet processed, per pipeline and partition",
             m.lag_records.clone(),
         );
         r.register("archive_records", "Log records copied into the archive", m.archive_records.clone());

@@ -430,3 +430,62 @@ aggregates = [{ name = "n", fn = "count" }]
         "without idleness the quiet partition holds every window open"
     );
 }
+
+/// Every pipeline (live views, alerts, edge aggregates, a version being
+/// rebuilt) runs its own processor over the same log with the node's one
+/// set of metrics: each reports its own lag, not whichever wrote last.
+#[test]
+fn each_pipeline_reports_its_own_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = SqliteLog::open(&dir.path().join("log.sqlite"), 1, Durability::Normal).unwrap();
+    let appender = log.start_writer(16).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let records = (0..20u64)
+        .map(|i| AppendRecord {
+            key: "dev-1".into(),
+            partition: None,
+            value: record::encode(&LogRecord {
+                gateway: "gw".into(),
+                batch_id: 0,
+                ingest_ms: 0,
+                event: LogEvent::Reading(reading("dev-1", "u", i + 1, T0 + i as i64 * 1000, "telemetry", Some(1.0))),
+            }),
+        })
+        .collect();
+    rt.block_on(appender.append(AppendBatch { gateway: "gw".into(), batch_id: 0, records })).unwrap();
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(CloudMetrics::new(&mut registry));
+    let settings = ProcessorSettings { poll_records: 5, ..ProcessorSettings::default() };
+    let processor = |name: &str| {
+        let store = ViewStore::open(&dir.path().join(format!("{name}.sqlite"))).unwrap();
+        Processor::with_operators(
+            log.source().unwrap(),
+            store,
+            name.into(),
+            Vec::new(),
+            false,
+            settings,
+            metrics.clone(),
+        )
+        .unwrap()
+    };
+    let (mut ahead, mut behind) = (processor("main"), processor("alerts"));
+    while ahead.step(Duration::from_millis(10)).unwrap() > 0 {}
+    behind.step(Duration::from_millis(10)).unwrap();
+    // Lag is reported every 2 s: one more step each after that.
+    std::thread::sleep(Duration::from_millis(2100));
+    ahead.step(Duration::from_millis(10)).unwrap();
+    behind.step(Duration::from_millis(10)).unwrap();
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let value = |series: &str| {
+        text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit_once(' ')).map(|(_, v)| v.to_string())
+    };
+    let lag = |pipeline: &str| {
+        value(&format!("kappa_cloud_processor_lag_records{{pipeline=\"{pipeline}\",partition=\"0\"}}"))
+    };
+    assert_eq!(lag("main").as_deref(), Some("0"), "{text}");
+    assert_eq!(lag("alerts").as_deref(), Some("10"), "{text}");
+}

@@ -371,7 +371,7 @@ impl<S: LogSource> Processor<S> {
                 op.on_watermark(g);
             }
             self.dedup.prune(g);
-            self.metrics.watermark_ms.set(g);
+            self.metrics.watermark_ms.get_or_create(&[("pipeline", self.pipeline.clone())]).set(g);
             closed = closed || self.ops.iter().any(|o| o.has_pending_output());
         }
         self.since_checkpoint += n;
@@ -443,7 +443,8 @@ impl<S: LogSource> Processor<S> {
         for (p, end) in self.source.end_offsets()? {
             let done = self.positions.get(&p).copied().unwrap_or(0);
             behind += end.saturating_sub(done);
-            self.metrics.lag_records.get_or_create(&[("partition", p)]).set(end.saturating_sub(done) as i64);
+            let label = [("pipeline", self.pipeline.clone()), ("partition", p.to_string())];
+            self.metrics.lag_records.get_or_create(&label).set(end.saturating_sub(done) as i64);
         }
         // Seconds behind: how long ago the newest processed record was
         // appended, while records wait behind it; zero when caught up.
@@ -454,7 +455,7 @@ impl<S: LogSource> Processor<S> {
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
             (now_ms - self.newest_ingest_ms).max(0) / 1000
         };
-        self.metrics.lag_seconds.set(lag_seconds);
+        self.metrics.lag_seconds.get_or_create(&[("pipeline", self.pipeline.clone())]).set(lag_seconds);
         let skipped = self.source.skipped();
         self.metrics.archive_skipped_records.set(skipped as i64);
         if self.building && behind == 0 {
