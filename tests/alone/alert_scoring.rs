@@ -77,7 +77,7 @@ async fn every_rule_kind_meets_its_precision_and_recall_goal_and_replays_identic
 
     let readings = 1500;
     // 25 readings a second: an offline device's 60 silent intervals last
-    // 2.4 s of wall time, well past silence_arrival_quiet (1 s) even when a
+    // 2.4 s of wall time, well past silence_arrival_quiet (1.5 s) even when a
     // loaded machine delivers batches in bursts (at 50/s, recall of silence
     // fell to 0.81 once under CI load).
     let fleet = |name: &str, seed: u64, extra: &[&str]| {

@@ -9,10 +9,14 @@ pub const RULES: &str = r#"
 [alerts]
 gateway_lateness = "10s"
 # The scoring fleet runs at 25x: a second of the cloud's clock is 25 s of
-# event time (the defaults' 30 s quiet would be 1.2 s). The gap stays below
-# the quiet, so a gateway that is away never makes its devices silent.
-silence_arrival_quiet = "1s"
-gateway_offline_gap = "500ms"
+# event time (the defaults' 30 s quiet would be 1.2 s). The gap stays well
+# below the quiet, so a gateway that is away never makes its devices silent,
+# and after it returns its devices have quiet - gap (1.2 s) to resume: the
+# simulated devices end a gateway outage on their own schedules, up to a
+# second apart (with 1 s and 500 ms, 7 of gateway A's devices were flagged
+# once, 1 run in 4).
+silence_arrival_quiet = "1500ms"
+gateway_offline_gap = "300ms"
 
 [[rules]]
 name = "overheat"
