@@ -35,10 +35,6 @@ pub enum AdminError {
     Usage(String),
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 fn archive_store(cfg: &CloudConfig) -> Result<Arc<dyn ArchiveStore>, AdminError> {
     Ok(crate::archive::store::open(cfg.archive.url.as_deref(), &cfg.archive_path()).map_err(ArchiveError::from)?)
 }
@@ -163,12 +159,12 @@ pub fn compare(cfg: &CloudConfig, name: &str, a: u32, b: u32, examples: usize) -
 
 /// `views promote NAME N`.
 pub fn promote(cfg: &CloudConfig, name: &str, version: u32) -> Result<(), AdminError> {
-    Ok(store(cfg)?.promote(name, version, now_ms())?)
+    Ok(store(cfg)?.promote(name, version, crate::now_ms())?)
 }
 
 /// `views rollback NAME`: returns the version now served.
 pub fn rollback(cfg: &CloudConfig, name: &str) -> Result<u32, AdminError> {
-    Ok(store(cfg)?.rollback(name, now_ms())?)
+    Ok(store(cfg)?.rollback(name, crate::now_ms())?)
 }
 
 /// `views drop NAME N`: returns rows removed.

@@ -269,8 +269,7 @@ async fn handle<A: LogAppender>(
     {
         return Err(IngestError::RateLimited { gateway: batch.gateway, wait: refused.wait });
     }
-    let ingest_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let ingest_ms = crate::now_ms();
     let mut records = Vec::with_capacity(batch.readings.len());
     let mut rejected = 0;
     let mut aggregates = 0u64;
@@ -407,8 +406,7 @@ pub async fn heartbeat<A: LogAppender>(
     if hb.ts_ms <= 0 {
         return refuse(&st, "heartbeat_time", format!("ts_ms {} is not a time", hb.ts_ms));
     }
-    let ingest_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let ingest_ms = crate::now_ms();
     let value = record::encode(&LogRecord {
         gateway: hb.gateway.clone(),
         batch_id: 0,

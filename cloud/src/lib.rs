@@ -40,3 +40,8 @@ pub mod processor;
 pub mod store;
 pub mod tls;
 pub mod views;
+
+/// The wall clock in Unix milliseconds (0 before 1970).
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

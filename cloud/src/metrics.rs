@@ -44,6 +44,9 @@ pub struct CloudMetrics {
     pub checkpoint_rows: Histogram,
     pub checkpoint_commit_seconds: Histogram,
     pub window_emit_seconds: Histogram,
+    /// Per pipeline: from a reading's event time to the commit that makes it
+    /// visible in the views (freshness, as the device clock counts it).
+    pub event_to_view_seconds: Family<PipelineLabel, Histogram, fn() -> Histogram>,
     pub lag_records: Family<PairLabel, Gauge>,
     pub watermark_ms: Family<PipelineLabel, Gauge>,
     pub archive_records: Counter,
@@ -102,6 +105,11 @@ impl CloudMetrics {
             checkpoint_rows: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
             checkpoint_commit_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             window_emit_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
+            event_to_view_seconds: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
+                ])
+            }),
             lag_records: Family::default(),
             watermark_ms: Family::default(),
             archive_records: Counter::default(),
@@ -209,6 +217,11 @@ impl CloudMetrics {
             "window_emit_seconds",
             "From the watermark passing closed windows to their rows being committed",
             m.window_emit_seconds.clone(),
+        );
+        r.register(
+            "event_to_view_seconds",
+            "Per pipeline: from a reading's event time (device clock) to the commit that makes it visible in the views",
+            m.event_to_view_seconds.clone(),
         );
         r.register(
             "processor_batch_seconds",

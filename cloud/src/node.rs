@@ -110,8 +110,7 @@ impl Node {
                 "KAPPA_TEST_SPLIT_CHECKPOINT is set: checkpoints are NOT atomic. Never use this outside tests."
             );
         }
-        let now_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now_ms = crate::now_ms();
         let plans = store.plan_pipelines(&specs, now_ms)?;
         let archive: Option<Arc<dyn ArchiveStore>> = if cfg.archive.enabled {
             Some(

@@ -489,3 +489,64 @@ fn each_pipeline_reports_its_own_lag() {
     assert_eq!(lag("main").as_deref(), Some("0"), "{text}");
     assert_eq!(lag("alerts").as_deref(), Some("10"), "{text}");
 }
+
+/// Freshness: each reading is observed once, from its event time to the
+/// commit of the checkpoint that makes it visible; a duplicate is not.
+#[test]
+fn freshness_is_measured_from_each_readings_event_time_to_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = SqliteLog::open(&dir.path().join("log.sqlite"), 1, Durability::Normal).unwrap();
+    let appender = log.start_writer(16).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    // Ten readings 2.5 s old and ten 0.7 s old, then the first one again.
+    let mut readings: Vec<Reading> = (0..20u64)
+        .map(|i| reading("dev-1", "u", i + 1, now - if i < 10 { 2500 } else { 700 }, "telemetry", Some(1.0)))
+        .collect();
+    readings.push(readings[0].clone());
+    let records = readings
+        .into_iter()
+        .map(|r| AppendRecord {
+            key: "dev-1".into(),
+            partition: None,
+            value: record::encode(&LogRecord {
+                gateway: "gw".into(),
+                batch_id: 0,
+                ingest_ms: now,
+                event: LogEvent::Reading(r),
+            }),
+        })
+        .collect();
+    rt.block_on(appender.append(AppendBatch { gateway: "gw".into(), batch_id: 0, records })).unwrap();
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(CloudMetrics::new(&mut registry));
+    let store = ViewStore::open(&dir.path().join("views.sqlite")).unwrap();
+    let mut p = Processor::with_operators(
+        log.source().unwrap(),
+        store,
+        "main".into(),
+        Vec::new(),
+        false,
+        ProcessorSettings::default(),
+        metrics,
+    )
+    .unwrap();
+    while p.step(Duration::from_millis(10)).unwrap() > 0 {}
+    p.checkpoint().unwrap();
+    p.sync().unwrap();
+
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let bucket = |le: &str| {
+        let le = format!("le=\"{le}\"");
+        text.lines()
+            .filter(|l| l.starts_with("kappa_cloud_event_to_view_seconds_bucket{") && l.contains("pipeline=\"main\""))
+            .find(|l| l.contains(&le))
+            .and_then(|l| l.rsplit_once(' '))
+            .map(|(_, v)| v.to_string())
+    };
+    assert_eq!(bucket("0.5").as_deref(), Some("0"), "nothing is fresher than it was when appended: {text}");
+    assert_eq!(bucket("2.0").as_deref(), Some("10"), "the ten 0.7 s old readings: {text}");
+    assert_eq!(bucket("+Inf").as_deref(), Some("20"), "every reading once, the duplicate not: {text}");
+}

@@ -55,6 +55,10 @@ pub struct Args {
     /// Event time between two readings of a device (default: 1/rate, i.e. real time).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub event_interval: Option<Duration>,
+    /// Stamp readings with the wall clock when sampled (as real devices do)
+    /// instead of their scheduled event time; for latency measurements.
+    #[arg(long)]
+    pub wall_clock: bool,
     /// Prefix before `devices/{id}/telemetry`, e.g. `site-a/`.
     #[arg(long, default_value = "")]
     pub topic_prefix: String,
@@ -154,6 +158,7 @@ impl Args {
             start_ms: self.start_ms.unwrap_or(now_ms),
             boot: self.boot.unwrap_or((self.start_ms.unwrap_or(now_ms) / 1000) as u32),
             event_interval: self.event_interval.unwrap_or_else(|| Duration::from_secs_f64(1.0 / self.rate)),
+            wall_clock: self.wall_clock,
             topic_prefix: self.topic_prefix.clone(),
             id_prefix: self.id_prefix.clone(),
             json_share: self.json_share,

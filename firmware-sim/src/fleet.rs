@@ -43,6 +43,11 @@ pub struct FleetConfig {
     pub boot: u32,
     /// Event time between two readings of a device.
     pub event_interval: Duration,
+    /// Stamp each reading with the wall clock at the moment it is sampled,
+    /// as a real device does, instead of its scheduled event time
+    /// (`start_ms + n × event_interval`): for measuring latency, where a
+    /// device sampling late must not look older than it is.
+    pub wall_clock: bool,
     pub topic_prefix: String,
     pub id_prefix: String,
     /// Share of devices that send JSON instead of CBOR.
@@ -258,7 +263,14 @@ async fn run_device(
             _ = ticker.tick(), if sampling => {
                 let fault = plan.fault(ticks);
                 if fault != Fault::Off {
-                    fw.sample_with(cfg.start_ms + ticks as i64 * interval_ms, fault);
+                    let ts = if cfg.wall_clock {
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as i64)
+                    } else {
+                        cfg.start_ms + ticks as i64 * interval_ms
+                    };
+                    fw.sample_with(ts, fault);
                     outcome.sampled += 1;
                     stats.sampled.fetch_add(1, Ordering::Relaxed);
                 }

@@ -93,10 +93,6 @@ impl WebhookConfig {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// What one attempt did.
 #[derive(Debug)]
 pub enum Outcome {
@@ -183,7 +179,7 @@ where
     Fut: std::future::Future<Output = Outcome>,
 {
     let mut store = ViewStore::open(&store_path).map_err(|e| e.to_string())?;
-    let mut rng = now_ms() as u64 | 1;
+    let mut rng = crate::now_ms() as u64 | 1;
     let label = |result: &str| [("webhook", target.to_string()), ("result", result.to_string())];
     let mut last_gauge = std::time::Instant::now();
     while !cancel.is_cancelled() {
@@ -200,7 +196,7 @@ where
                 _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
             }
         };
-        let wait = d.next_attempt_ms - now_ms();
+        let wait = d.next_attempt_ms - crate::now_ms();
         if wait > 0 {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -212,7 +208,7 @@ where
             o = send(d.clone()) => o,
         };
         let attempts = d.attempts + 1;
-        let now = now_ms();
+        let now = crate::now_ms();
         let recorded = match outcome {
             Outcome::Delivered => {
                 metrics.webhook_deliveries.get_or_create(&label("delivered")).inc();

@@ -97,7 +97,7 @@ pub async fn ack(
         return Err(bad_request("by must be 1-128 characters and note at most 4096".into()));
     }
     let writer = st.writer.clone();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let now = crate::now_ms();
     let wanted = id.clone();
     let found = tokio::task::spawn_blocking(move || {
         let mut w = writer.lock().map_err(|_| internal("store lock poisoned"))?;

@@ -302,7 +302,7 @@ fn commit(
     let mut next = next.to_vec();
     let mut outcomes = Vec::with_capacity(requests.len());
     let mut seen: HashSet<(&str, u64)> = HashSet::new();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let now = crate::now_ms();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let mut exists = tx.prepare_cached("SELECT 1 FROM batches WHERE gateway = ?1 AND batch_id = ?2")?;

@@ -20,6 +20,8 @@ pub struct Job {
     pub emit_since: Option<Instant>,
     /// TEST ONLY: commit views and the rest in two transactions.
     pub split: bool,
+    /// Event times of the readings this checkpoint makes visible; handed back in [`Done`].
+    pub event_ts: Vec<i64>,
 }
 
 /// What a commit reports back.
@@ -30,6 +32,9 @@ pub struct Done {
     pub rows: usize,
     /// From the windows becoming due to their rows being committed.
     pub emit_latency: Option<Duration>,
+    /// The job's event times, and when the commit finished (Unix ms).
+    pub event_ts: Vec<i64>,
+    pub committed_ms: i64,
 }
 
 /// The committer thread and its single in-flight slot.
@@ -46,11 +51,11 @@ impl Committer {
         let (jobs, rx) = sync_channel::<Job>(1);
         let (tx, done) = sync_channel::<Done>(1);
         let thread = std::thread::Builder::new().name("checkpoint-commit".into()).spawn(move || {
-            while let Ok(job) = rx.recv() {
+            while let Ok(mut job) = rx.recv() {
                 let started = Instant::now();
                 let rows = job.checkpoint.rows_written();
                 let result = if job.split {
-                    let mut cp = job.checkpoint;
+                    let mut cp = std::mem::take(&mut job.checkpoint);
                     let views = Checkpoint { views: std::mem::take(&mut cp.views), ..Checkpoint::default() };
                     store.checkpoint(&views).and_then(|()| {
                         std::thread::sleep(Duration::from_millis(50));
@@ -59,8 +64,14 @@ impl Committer {
                 } else {
                     store.checkpoint(&job.checkpoint)
                 };
-                let report =
-                    Done { result, commit: started.elapsed(), rows, emit_latency: job.emit_since.map(|t| t.elapsed()) };
+                let report = Done {
+                    result,
+                    commit: started.elapsed(),
+                    rows,
+                    emit_latency: job.emit_since.map(|t| t.elapsed()),
+                    event_ts: job.event_ts,
+                    committed_ms: crate::now_ms(),
+                };
                 if tx.send(report).is_err() {
                     return;
                 }

@@ -167,6 +167,10 @@ pub struct Processor<S: LogSource> {
     emit_latencies: Vec<Duration>,
     /// Ingest time of the newest record processed (cloud clock), for the lag in seconds.
     newest_ingest_ms: i64,
+    /// Event times of the readings processed since the last checkpoint: the
+    /// commit that makes them visible measures their freshness.
+    event_ts: Vec<i64>,
+    spare_ts: Vec<i64>,
 }
 
 impl<S: LogSource> Processor<S> {
@@ -179,8 +183,7 @@ impl<S: LogSource> Processor<S> {
         settings: ProcessorSettings,
         metrics: Arc<CloudMetrics>,
     ) -> Result<Self, ProcessorError> {
-        let now_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now_ms = crate::now_ms();
         let mut plans = store.plan_pipelines(&specs, now_ms)?;
         if plans.len() != 1 {
             return Err(ProcessorError::Store(StoreError(format!(
@@ -265,6 +268,8 @@ impl<S: LogSource> Processor<S> {
             last_lag: Instant::now() - Duration::from_secs(60),
             emit_latencies: Vec::new(),
             newest_ingest_ms: 0,
+            event_ts: Vec::new(),
+            spare_ts: Vec::new(),
         })
     }
 
@@ -285,9 +290,16 @@ impl<S: LogSource> Processor<S> {
         Ok(())
     }
 
-    fn record(&mut self, done: Done) {
+    fn record(&mut self, mut done: Done) {
         self.metrics.checkpoint_commit_seconds.observe(done.commit.as_secs_f64());
         self.metrics.checkpoint_rows.observe(done.rows as f64);
+        let visible = self.metrics.event_to_view_seconds.get_or_create(&[("pipeline", self.pipeline.clone())]);
+        for ts in done.event_ts.drain(..) {
+            visible.observe((done.committed_ms - ts).max(0) as f64 / 1000.0);
+        }
+        drop(visible);
+        // Two buffers take turns: one fills while the other is in flight.
+        self.spare_ts = done.event_ts;
         if let Some(latency) = done.emit_latency {
             self.metrics.window_emit_seconds.observe(latency.as_secs_f64());
             self.emit_latencies.push(latency);
@@ -357,6 +369,7 @@ impl<S: LogSource> Processor<S> {
                 op.process(&ev, &mut self.late);
             }
             self.marks.observe(rec.partition, reading.ts_ms, now);
+            self.event_ts.push(reading.ts_ms);
             self.metrics.readings_processed.inc();
         }
         let before = self.marks.global();
@@ -428,7 +441,8 @@ impl<S: LogSource> Processor<S> {
         cp.partitions = self.positions.iter().map(|(p, o)| (*p, *o, self.marks.max_ts(*p))).collect();
         cp.global_watermark = self.marks.global();
         let split = self.settings.split_checkpoint_for_tests;
-        self.committer.submit(Job { checkpoint: cp, emit_since, split })?;
+        let event_ts = std::mem::replace(&mut self.event_ts, std::mem::take(&mut self.spare_ts));
+        self.committer.submit(Job { checkpoint: cp, emit_since, split, event_ts })?;
         self.metrics.checkpoints.inc();
         self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
         self.metrics.state_rows.set(self.ops.iter().map(|o| o.state_len() as i64).sum());
@@ -451,8 +465,7 @@ impl<S: LogSource> Processor<S> {
         let lag_seconds = if behind == 0 || self.newest_ingest_ms == 0 {
             0
         } else {
-            let now_ms =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            let now_ms = crate::now_ms();
             (now_ms - self.newest_ingest_ms).max(0) / 1000
         };
         self.metrics.lag_seconds.get_or_create(&[("pipeline", self.pipeline.clone())]).set(lag_seconds);

@@ -204,13 +204,8 @@ pub fn markdown(report: &Value) -> String {
             format!("{r:.2} of rdkafka's own producer (goal ≥ 0.5)"),
         ));
     }
-    if !ratios.is_empty() {
-        s.push_str("## Against this machine's limits\n\n| figure | measured | ratio |\n|---|---|---|\n");
-        for (a, b, c) in ratios {
-            s.push_str(&format!("| {a} | {b} | {c} |\n"));
-        }
-        s.push('\n');
-    }
+    table(&mut s, "Against this machine's limits", "ratio", ratios);
+    table(&mut s, "Against the peers and the goals, same run", "against", peers(report));
     s.push_str("## Every figure\n\nA section run several times shows the median and, in brackets, the lowest and highest run.\n\n| section | figure | value |\n|---|---|---|\n");
     if let Value::Object(sections) = report {
         for (name, v) in sections.iter().filter(|(k, _)| k.as_str() != "machine") {
@@ -227,6 +222,56 @@ pub fn markdown(report: &Value) -> String {
         }
     }
     s
+}
+
+/// A three-column Markdown table under a heading, if it has rows.
+fn table(s: &mut String, title: &str, third: &str, rows: Vec<(String, String, String)>) {
+    if rows.is_empty() {
+        return;
+    }
+    s.push_str(&format!("## {title}\n\n| figure | measured | {third} |\n|---|---|---|\n"));
+    for (a, b, c) in rows {
+        s.push_str(&format!("| {a} | {b} | {c} |\n"));
+    }
+    s.push('\n');
+}
+
+/// The peers measured in the same run (Spark, a Mosquitto bridge) and the
+/// end-to-end goal, as `(figure, measured, against)`.
+fn peers(report: &Value) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let spark = &report["spark_tumbling"];
+    if let (Some(ours), Some(theirs), Some(r)) = (
+        num(spark, &["ours", "events_per_cpu_second"]),
+        num(spark, &["spark", "events_per_cpu_second"]),
+        num(spark, &["ratio", "per_cpu_second"]),
+    ) {
+        let agree = if spark["rows_agree"].as_bool() == Some(true) { "rows agree" } else { "ROWS DISAGREE" };
+        out.push((
+            "5-minute tumbling view, events per CPU-second".into(),
+            format!("{} (Spark: {})", fmt(ours), fmt(theirs)),
+            format!("{r:.2} × Spark Structured Streaming, warm ({agree})"),
+        ));
+    }
+    if let (Some(bridge), Some(ours)) = (
+        num(report, &["mqtt_bridge_bytes", "both_directions_bytes_per_reading"]),
+        num(report, &["wire_bytes", "columnar", "wire_bytes_per_reading"]),
+    ) {
+        out.push((
+            "edge → cloud bytes per reading".into(),
+            format!("{} (Mosquitto bridge, JSON: {})", fmt(ours), fmt(bridge)),
+            format!("{:.3} of the bridge's", ours / bridge),
+        ));
+    }
+    if let Some(max) = num(report, &["end_to_end", "max_sustained_per_s"]) {
+        let p99 = num(report, &["end_to_end", "at_max", "p99_le_s"]).map_or("?".into(), fmt);
+        out.push((
+            "end to end, highest sustained rate".into(),
+            format!("{} readings/s, p99 event → view ≤ {p99} s", fmt(max)),
+            "goal: p99 ≤ 1 s".into(),
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -41,8 +41,18 @@ use serde_json::{Value, json};
 
 #[path = "../bench/alerts.rs"]
 mod alerts;
+#[path = "../bench/bridge.rs"]
+mod bridge;
+#[path = "../bench/chart.rs"]
+mod chart;
+#[path = "../bench/e2e.rs"]
+mod e2e;
 #[path = "../bench/kafka.rs"]
 mod kafka;
+#[path = "../bench/micro.rs"]
+mod micro;
+#[path = "../bench/spark.rs"]
+mod spark;
 #[path = "../bench/summary.rs"]
 mod summary;
 
@@ -77,7 +87,7 @@ fn main() -> ExitCode {
     machine["limits"] = summary::limits(scale);
     report.insert("machine", machine);
     type Section = fn(&Path, f64) -> Value;
-    let sections: [(&str, Section); 10] = [
+    let sections: [(&str, Section); 15] = [
         ("edge_log_commit", edge_log_commit),
         ("edge_ingest_mqtt", edge_ingest_mqtt),
         ("cloud_processor", cloud_processor),
@@ -88,6 +98,11 @@ fn main() -> ExitCode {
         ("alert_scoring", |_, scale| alerts::scoring(scale)),
         ("alert_latency", alerts::latency),
         ("kafka_ingest", kafka::ingest),
+        ("spark_tumbling", spark::run),
+        ("mqtt_bridge_bytes", |_, scale| bridge::run(scale)),
+        ("end_to_end", e2e::run),
+        ("micro", |_, scale| micro::run(scale)),
+        ("footprint", footprint),
     ];
     // `--runs N`: each section N times, every figure the median with its range (default 3; 1 with --quick).
     let runs: usize = args
@@ -99,6 +114,8 @@ fn main() -> ExitCode {
         .max(1);
     for (name, run) in sections {
         if wanted(name) {
+            // Criterion samples each micro-benchmark many times itself: one run.
+            let runs = if name == "micro" { 1 } else { runs };
             let results = (0..runs).map(|_| run(dir.path(), scale)).collect();
             report.insert(name, summary::combine(results));
         }
@@ -109,8 +126,11 @@ fn main() -> ExitCode {
     }
     std::fs::write(&out, format!("{json}\n")).unwrap();
     let md = out.with_extension("md");
-    std::fs::write(&md, summary::markdown(&serde_json::to_value(&report).unwrap())).unwrap();
-    println!("\nwrote {} and {}", out.display(), md.display());
+    let value = serde_json::to_value(&report).unwrap();
+    std::fs::write(&md, summary::markdown(&value)).unwrap();
+    let svg = out.with_extension("svg");
+    std::fs::write(&svg, chart::svg(&value)).unwrap();
+    println!("\nwrote {}, {} and {}", out.display(), md.display(), svg.display());
     ExitCode::SUCCESS
 }
 
@@ -214,17 +234,20 @@ fn cpu_seconds(pid: u32) -> f64 {
     (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / tck
 }
 
-/// Cumulative `(le, count)` buckets of a histogram on `/metrics`.
-fn scrape_buckets(port: u16, name: &str) -> Vec<(f64, f64)> {
+/// Cumulative `(le, count)` buckets of a histogram on `/metrics`, of the
+/// series whose labels include `labels` (e.g. `pipeline="main"`; "" for any).
+fn scrape_buckets(port: u16, name: &str, labels: &str) -> Vec<(f64, f64)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let prefix = format!("{name}_bucket{{le=\"");
     text.lines()
+        .filter(|l| l.contains(labels))
         .filter_map(|l| l.strip_prefix(&prefix))
         .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"} ")?;
+            let (le, rest) = rest.split_once('"')?;
+            let (_, count) = rest.split_once("} ")?;
             let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
             Some((le, count.trim().parse().ok()?))
         })
@@ -354,7 +377,7 @@ fn edge_ingest_run(dir: &Path, scale: f64, external: bool, devices: u32, rate: u
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(if devices > 1000 { 8 } else { 3 })); // connect and warm up
-    let lat0 = scrape_buckets(http, "kappa_edge_ingest_to_durable_seconds");
+    let lat0 = scrape_buckets(http, "kappa_edge_ingest_to_durable_seconds", "");
     let (c0, cpu0, n0, t0) = (
         scrape(http, "kappa_edge_log_commits_total"),
         cpu_seconds(edge.id()),
@@ -369,7 +392,7 @@ fn edge_ingest_run(dir: &Path, scale: f64, external: bool, devices: u32, rate: u
         t0.elapsed().as_secs_f64(),
     );
     let rss = rss_mib(edge.id());
-    let lat1 = scrape_buckets(http, "kappa_edge_ingest_to_durable_seconds");
+    let lat1 = scrape_buckets(http, "kappa_edge_ingest_to_durable_seconds", "");
     let (p50, p99) = (bucket_quantile(&lat0, &lat1, 0.5) * 1e3, bucket_quantile(&lat0, &lat1, 0.99) * 1e3);
     let _ = sim.wait();
     let _ = edge.kill();
@@ -777,4 +800,34 @@ fn post_batches(all: Vec<EdgeBatch>) -> (usize, usize, usize) {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Sizes of the product binaries built beside this one (as built, and
+/// stripped of symbols when `strip` is on the PATH). The agent's RSS with
+/// 10,000 devices is in `edge_ingest_mqtt`.
+fn footprint(dir: &Path, _scale: f64) -> Value {
+    let exe = std::env::current_exe().unwrap();
+    let mut out = serde_json::Map::new();
+    for name in ["kappa-edge", "kappa-cloud", "kappa-sim"] {
+        let path = exe.with_file_name(name);
+        let Ok(meta) = std::fs::metadata(&path) else {
+            println!("footprint: {name} is not built beside kappa-bench (cargo build --release --bin {name})");
+            out.insert(name.into(), json!({ "built": false }));
+            continue;
+        };
+        let copy = dir.join(format!("{name}.stripped"));
+        let stripped = std::fs::copy(&path, &copy)
+            .ok()
+            .and_then(|_| std::process::Command::new("strip").arg(&copy).status().ok())
+            .filter(|s| s.success())
+            .and_then(|_| std::fs::metadata(&copy).ok())
+            .map(|m| m.len() as f64 / 1e6);
+        let mb = meta.len() as f64 / 1e6;
+        println!(
+            "footprint: {name} {mb:.1} MB as built, {} stripped",
+            stripped.map_or("?".into(), |s| format!("{s:.1} MB"))
+        );
+        out.insert(name.into(), json!({ "built": true, "mb": mb, "stripped_mb": stripped }));
+    }
+    Value::Object(out)
 }
