@@ -116,7 +116,15 @@ fn main() -> ExitCode {
         if wanted(name) {
             // Criterion samples each micro-benchmark many times itself: one run.
             let runs = if name == "micro" { 1 } else { runs };
-            let results = (0..runs).map(|_| run(dir.path(), scale)).collect();
+            // Each run in a directory of its own: a run must not find the
+            // previous one's log or store (it would find nothing left to do).
+            let results = (0..runs)
+                .map(|i| {
+                    let run_dir = dir.path().join(format!("{name}-{i}"));
+                    std::fs::create_dir_all(&run_dir).unwrap();
+                    run(&run_dir, scale)
+                })
+                .collect();
             report.insert(name, summary::combine(results));
         }
     }
