@@ -8,11 +8,15 @@
 //! directory), edge log commit throughput, edge ingest through MQTT per agent
 //! CPU-second, cloud processor throughput, bytes per reading on the
 //! edge-to-cloud link including HTTP framing, and ingest into the log on
-//! Kafka beside rdkafka's own producer. It first measures the machine's
+//! Kafka beside rdkafka's own producer; beside the peers, in the same run,
+//! Spark Structured Streaming on the same tumbling view (rows compared) and a
+//! Mosquitto bridge's bytes per reading; the highest end-to-end rate whose
+//! p99 event-to-view latency stays within 1 s; the criterion
+//! micro-benchmarks; binary sizes. It first measures the machine's
 //! limits (fsync, memory bandwidth, loopback TCP) and writes, next to the
 //! JSON, a Markdown summary with each figure bounded by one of them as a
-//! ratio to it. JSON goes to
-//! `target/bench/baseline.json` (or `--out`).
+//! ratio to it, and an SVG chart of throughput and p99 latency per stage.
+//! JSON goes to `target/bench/baseline.json` (or `--out`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a measuring tool: any failure aborts the run loudly
 
