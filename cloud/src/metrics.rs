@@ -26,12 +26,13 @@ pub struct CloudMetrics {
     pub aggregates_ingested: Counter,
     pub aggregates_processed: Counter,
     pub readings_rejected: Family<Label, Counter>,
-    pub readings_processed: Counter,
+    /// Per pipeline: each pipeline processes every reading once.
+    pub readings_processed: Family<PipelineLabel, Counter>,
     pub readings_duplicate: Counter,
     pub late_events: Family<ViewLabel, Counter>,
     pub view_null_inputs: Family<ViewLabel, Counter>,
     pub view_state_windows: Family<ViewLabel, Gauge>,
-    pub dedup_boots: Gauge,
+    pub dedup_boots: Family<PipelineLabel, Gauge>,
     pub idle_partitions: Gauge,
     pub records_undecodable: Counter,
     pub null_metric_values: Counter,
@@ -55,7 +56,7 @@ pub struct CloudMetrics {
     pub archive_lag_records: Family<PartitionLabel, Gauge>,
     pub archive_skipped_records: Gauge,
     pub log_records_deleted: Counter,
-    pub state_rows: Gauge,
+    pub state_rows: Family<PipelineLabel, Gauge>,
     pub heartbeats: Counter,
     pub alert_transitions: Family<PairLabel, Counter>,
     pub alert_series: Gauge,
@@ -89,12 +90,12 @@ impl CloudMetrics {
             aggregates_ingested: Counter::default(),
             aggregates_processed: Counter::default(),
             readings_rejected: Family::default(),
-            readings_processed: Counter::default(),
+            readings_processed: Family::default(),
             readings_duplicate: Counter::default(),
             late_events: Family::default(),
             view_null_inputs: Family::default(),
             view_state_windows: Family::default(),
-            dedup_boots: Gauge::default(),
+            dedup_boots: Family::default(),
             idle_partitions: Gauge::default(),
             records_undecodable: Counter::default(),
             null_metric_values: Counter::default(),
@@ -118,7 +119,7 @@ impl CloudMetrics {
             archive_lag_records: Family::default(),
             archive_skipped_records: Gauge::default(),
             log_records_deleted: Counter::default(),
-            state_rows: Gauge::default(),
+            state_rows: Family::default(),
             heartbeats: Counter::default(),
             alert_transitions: Family::default(),
             alert_series: Gauge::default(),
@@ -176,7 +177,11 @@ impl CloudMetrics {
             "Readings refused inside accepted batches, by reason",
             m.readings_rejected.clone(),
         );
-        r.register("readings_processed", "Readings applied to views by the processor", m.readings_processed.clone());
+        r.register(
+            "readings_processed",
+            "Readings a pipeline's processor handed to its operators (after dedup), per pipeline",
+            m.readings_processed.clone(),
+        );
         r.register(
             "readings_duplicate",
             "Readings whose (device, boot, seq) was already processed (dropped)",
@@ -189,7 +194,7 @@ impl CloudMetrics {
             m.view_null_inputs.clone(),
         );
         r.register("view_state_windows", "Open windows in memory, by view", m.view_state_windows.clone());
-        r.register("dedup_boots", "Device boots remembered for dedup", m.dedup_boots.clone());
+        r.register("dedup_boots", "Device boots remembered for dedup, per pipeline", m.dedup_boots.clone());
         r.register("idle_partitions", "Partitions not holding the watermark back", m.idle_partitions.clone());
         r.register(
             "log_records_undecodable",
@@ -253,7 +258,11 @@ impl CloudMetrics {
             m.log_records_deleted.clone(),
         );
         r.register("watermark_ms", "The processor's event-time watermark, Unix ms", m.watermark_ms.clone());
-        r.register("state_windows", "Open windows held in processor memory, all views", m.state_rows.clone());
+        r.register(
+            "state_windows",
+            "Open windows held in processor memory, all views of a pipeline",
+            m.state_rows.clone(),
+        );
         r.register("heartbeats", "Gateway heartbeats appended to the log", m.heartbeats.clone());
         r.register(
             "alert_transitions",

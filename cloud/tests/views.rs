@@ -433,7 +433,8 @@ aggregates = [{ name = "n", fn = "count" }]
 
 /// Every pipeline (live views, alerts, edge aggregates, a version being
 /// rebuilt) runs its own processor over the same log with the node's one
-/// set of metrics: each reports its own lag, not whichever wrote last.
+/// set of metrics: each reports its own lag and processed readings, not
+/// whichever wrote last or the sum of both.
 #[test]
 fn each_pipeline_reports_its_own_lag() {
     let dir = tempfile::tempdir().unwrap();
@@ -488,6 +489,10 @@ fn each_pipeline_reports_its_own_lag() {
     };
     assert_eq!(lag("main").as_deref(), Some("0"), "{text}");
     assert_eq!(lag("alerts").as_deref(), Some("10"), "{text}");
+    // Each pipeline counts the readings it processed, not the sum of both.
+    let processed = |pipeline: &str| value(&format!("kappa_cloud_readings_processed_total{{pipeline=\"{pipeline}\"}}"));
+    assert_eq!(processed("main").as_deref(), Some("20"), "{text}");
+    assert_eq!(processed("alerts").as_deref(), Some("10"), "{text}");
 }
 
 /// Freshness: each reading is observed once, from its event time to the

@@ -171,6 +171,9 @@ pub struct Processor<S: LogSource> {
     /// commit that makes them visible measures their freshness.
     event_ts: Vec<i64>,
     spare_ts: Vec<i64>,
+    /// This pipeline's `readings_processed`, created at its first reading
+    /// (a pipeline of aggregates never has one).
+    processed: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 impl<S: LogSource> Processor<S> {
@@ -270,6 +273,7 @@ impl<S: LogSource> Processor<S> {
             newest_ingest_ms: 0,
             event_ts: Vec::new(),
             spare_ts: Vec::new(),
+            processed: None,
         })
     }
 
@@ -370,7 +374,12 @@ impl<S: LogSource> Processor<S> {
             }
             self.marks.observe(rec.partition, reading.ts_ms, now);
             self.event_ts.push(reading.ts_ms);
-            self.metrics.readings_processed.inc();
+            let (metrics, pipeline) = (&self.metrics, &self.pipeline);
+            self.processed
+                .get_or_insert_with(|| {
+                    metrics.readings_processed.get_or_create(&[("pipeline", pipeline.clone())]).clone()
+                })
+                .inc();
         }
         let before = self.marks.global();
         // Alerts raised by these records are committed now, not at the interval.
@@ -445,8 +454,9 @@ impl<S: LogSource> Processor<S> {
         self.committer.submit(Job { checkpoint: cp, emit_since, split, event_ts })?;
         self.metrics.checkpoints.inc();
         self.metrics.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
-        self.metrics.state_rows.set(self.ops.iter().map(|o| o.state_len() as i64).sum());
-        self.metrics.dedup_boots.set(self.dedup.len() as i64);
+        let label = [("pipeline", self.pipeline.clone())];
+        self.metrics.state_rows.get_or_create(&label).set(self.ops.iter().map(|o| o.state_len() as i64).sum());
+        self.metrics.dedup_boots.get_or_create(&label).set(self.dedup.len() as i64);
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         Ok(())
