@@ -206,7 +206,7 @@ fn run_ours(src: MemorySource, n: usize, store_path: &Path) -> (Rows, Ours) {
     };
     let store = ViewStore::open(store_path).unwrap();
     let mut p = Processor::single(src, store, specs, settings, Arc::new(CloudMetrics::new(&mut registry))).unwrap();
-    let (cpu0, thread0) = (process_cpu_seconds(), super::thread_cpu_seconds());
+    let (cpu0, thread0) = (super::process_cpu_seconds(), super::thread_cpu_seconds());
     let t = Instant::now();
     let mut done = 0;
     while done < n {
@@ -217,7 +217,7 @@ fn run_ours(src: MemorySource, n: usize, store_path: &Path) -> (Rows, Ours) {
     p.checkpoint().unwrap();
     p.sync().unwrap();
     let secs = t.elapsed().as_secs_f64();
-    let cpu = process_cpu_seconds() - cpu0;
+    let cpu = super::process_cpu_seconds() - cpu0;
     drop(p);
 
     let store = ViewStore::open_read_only(store_path).unwrap();
@@ -375,15 +375,4 @@ fn compare(ours: &Rows, spark: &Rows) -> Comparison {
         }
     }
     c
-}
-
-/// CPU time of this process, all threads (the processor's committer thread included).
-fn process_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    #[allow(unsafe_code)]
-    // SAFETY: clock_gettime writes only the timespec we pass.
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts);
-    }
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }

@@ -680,11 +680,20 @@ fn archive_and_replay(dir: &Path, scale: f64) -> Value {
 
 /// CPU time of the calling thread.
 fn thread_cpu_seconds() -> f64 {
+    cpu_clock_seconds(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// CPU time of this process, all threads.
+fn process_cpu_seconds() -> f64 {
+    cpu_clock_seconds(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+fn cpu_clock_seconds(clock: libc::clockid_t) -> f64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     #[allow(unsafe_code)]
     // SAFETY: clock_gettime writes only the timespec we pass.
     unsafe {
-        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        libc::clock_gettime(clock, &mut ts);
     }
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
