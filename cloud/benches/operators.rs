@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use kappa_cloud::alerts::engine::{AlertOperator, AlertSettings, SilenceClock};
+use kappa_cloud::alerts::engine::{AlertOperator, SilenceClock};
 use kappa_cloud::config::CloudConfig;
 use kappa_cloud::processor::dedup::Dedup;
 use kappa_cloud::views::operator::{Event, ViewOperator};
@@ -159,13 +159,7 @@ fn dedup(c: &mut Criterion) {
 fn alert_scoring(c: &mut Criterion) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cloud/single-node.toml");
     let cfg = CloudConfig::load(&path).unwrap();
-    let settings = AlertSettings {
-        gateway_lateness_ms: cfg.alerts.gateway_lateness.as_millis() as i64,
-        silence_quiet_ms: cfg.alerts.silence_arrival_quiet.as_millis() as i64,
-        gateway_gap_ms: cfg.alerts.gateway_offline_gap.as_millis() as i64,
-        routes: Vec::new(),
-        silence_clock: SilenceClock::Gateway,
-    };
+    let settings = cfg.alerts.settings(Vec::new(), SilenceClock::Gateway);
     let mut op = AlertOperator::new(cfg.rule_specs().unwrap(), settings);
     op.restore(Vec::new()).unwrap();
     let mut batch = readings(DEVICES, 1);

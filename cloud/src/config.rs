@@ -90,6 +90,24 @@ pub struct AlertsConfig {
     pub kafka: Option<KafkaAlertsConfig>,
 }
 
+impl AlertsConfig {
+    /// The alert operator's settings from this section, with the given
+    /// routes and silence clock (the node derives routes from its webhooks).
+    pub fn settings(
+        &self,
+        routes: Vec<crate::alerts::engine::Route>,
+        silence_clock: crate::alerts::engine::SilenceClock,
+    ) -> crate::alerts::engine::AlertSettings {
+        crate::alerts::engine::AlertSettings {
+            gateway_lateness_ms: self.gateway_lateness.as_millis() as i64,
+            silence_quiet_ms: self.silence_arrival_quiet.as_millis() as i64,
+            gateway_gap_ms: self.gateway_offline_gap.as_millis() as i64,
+            routes,
+            silence_clock,
+        }
+    }
+}
+
 fn default_gateway_lateness() -> Duration {
     Duration::from_secs(10)
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aggregates::{AGGREGATES_PIPELINE, AggregatesOperator};
 use crate::alerts::ALERTS_PIPELINE;
-use crate::alerts::engine::{AlertOperator, AlertSettings, Route, SilenceClock};
+use crate::alerts::engine::{AlertOperator, Route, SilenceClock};
 use crate::alerts::spec::Severity;
 use crate::alerts::{deliver, kafka};
 use crate::api::{self, ApiState};
@@ -188,12 +188,8 @@ impl Node {
         if !rules.is_empty() {
             let op = AlertOperator::new(
                 rules,
-                AlertSettings {
-                    gateway_lateness_ms: cfg.alerts.gateway_lateness.as_millis() as i64,
-                    silence_quiet_ms: cfg.alerts.silence_arrival_quiet.as_millis() as i64,
-                    gateway_gap_ms: cfg.alerts.gateway_offline_gap.as_millis() as i64,
-                    routes: cfg
-                        .webhooks
+                cfg.alerts.settings(
+                    cfg.webhooks
                         .iter()
                         .map(|w| Route {
                             webhook: w.name.clone(),
@@ -206,7 +202,7 @@ impl Node {
                             rules: Vec::new(),
                         }))
                         .collect(),
-                    silence_clock: if std::env::var_os("KAPPA_TEST_GLOBAL_SILENCE_CLOCK").is_some() {
+                    if std::env::var_os("KAPPA_TEST_GLOBAL_SILENCE_CLOCK").is_some() {
                         tracing::warn!(
                             "KAPPA_TEST_GLOBAL_SILENCE_CLOCK is set: offline gateways cause silence storms. Tests only."
                         );
@@ -214,7 +210,7 @@ impl Node {
                     } else {
                         SilenceClock::Gateway
                     },
-                },
+                ),
             );
             let ops: Vec<Box<dyn Operator>> = vec![Box::new(op)];
             let src = Sources { archive: archive.as_ref(), skip_damaged: cfg.archive.skip_damaged, log: &log };

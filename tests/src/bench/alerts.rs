@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kappa_cloud::alerts::engine::{AlertOperator, AlertSettings, SilenceClock};
+use kappa_cloud::alerts::engine::{AlertOperator, SilenceClock};
 use kappa_cloud::config::CloudConfig;
 use kappa_common::Reading;
 use kappa_common::batch::{self, EdgeBatch};
@@ -43,13 +43,7 @@ pub fn scoring(scale: f64) -> Value {
     let rules = cfg.rule_specs().unwrap();
     let devices = ((10_000.0 * scale) as u32).max(100);
     let rounds = 100u64;
-    let settings = AlertSettings {
-        gateway_lateness_ms: cfg.alerts.gateway_lateness.as_millis() as i64,
-        silence_quiet_ms: cfg.alerts.silence_arrival_quiet.as_millis() as i64,
-        gateway_gap_ms: cfg.alerts.gateway_offline_gap.as_millis() as i64,
-        routes: Vec::new(),
-        silence_clock: SilenceClock::Gateway,
-    };
+    let settings = cfg.alerts.settings(Vec::new(), SilenceClock::Gateway);
     let mut op = AlertOperator::new(rules.clone(), settings);
     op.restore(Vec::new()).unwrap();
     let partitions = 8;
