@@ -14,6 +14,7 @@ use crate::store::ViewStore;
 ///
 /// Examples:
 ///   kappa-cloud run --config deploy/cloud/single-node.toml
+///   kappa-cloud worker --config deploy/cloud/cluster.toml
 ///   kappa-cloud config check --config deploy/cloud/single-node.toml
 ///   kappa-cloud views list --config deploy/cloud/single-node.toml
 ///   kappa-cloud views compare device_metrics 1 2 --config single-node.toml
@@ -39,6 +40,8 @@ pub struct Args {
 pub enum Command {
     /// Run a single node until SIGINT/SIGTERM.
     Run,
+    /// Run a processor worker of a cluster ([cluster]; docs/cluster.md) until SIGINT/SIGTERM.
+    Worker,
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -218,6 +221,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
+        Command::Worker => {
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(crate::cluster::run_until_signal(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config(ConfigCommand::Check) => {
             println!("{}: ok", args.config.display());
             Ok(ExitCode::SUCCESS)
@@ -336,6 +344,15 @@ fn views_command(cfg: &CloudConfig, cmd: ViewsCommand) -> anyhow::Result<ExitCod
         }
         ViewsCommand::Watch { view } => watch(cfg, &view),
         ViewsCommand::Dump { view } => {
+            if let Some(cluster) = &cfg.cluster {
+                // The workers' rows, in the same format: a cluster and a node compare byte for byte.
+                let pg = crate::store::pg::PgStore::connect(&cluster.store(), cfg.log.partitions)?;
+                match view {
+                    Some(v) => print!("{}", pg.dump_rows(&v)?),
+                    None => print!("{}", pg.dump()?),
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let store = ViewStore::open_read_only(&cfg.data_dir.join("views.sqlite"))?;
             match view {
                 Some(v) => print!("{}", store.dump_rows(Some(&v))?),

@@ -54,6 +54,10 @@ pub struct CloudConfig {
     pub webhooks: Vec<WebhookConfig>,
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Processor workers in a consumer group, with PostgreSQL as the store
+    /// (docs/cluster.md); absent: the node runs the views itself.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     /// Who may ingest and query (tokens stored hashed; see docs/security.md).
     #[serde(default)]
     pub auth: crate::auth::AuthConfig,
@@ -66,6 +70,43 @@ pub struct CloudConfig {
 
 fn default_shutdown_deadline() -> Duration {
     Duration::from_secs(15)
+}
+
+/// `[cluster]`: the views are computed by `kappa-cloud worker` processes,
+/// members of one Kafka consumer group, into PostgreSQL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// libpq connection string (`host=… user=… dbname=…`) or `postgresql://` URL.
+    pub postgres: String,
+    /// The PostgreSQL schema holding the tables (created if missing).
+    #[serde(default = "default_pg_schema")]
+    pub schema: String,
+    /// The consumer group the workers join.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// How long the group waits for a silent worker before moving its partitions.
+    #[serde(default = "default_session_timeout", with = "humantime_serde")]
+    pub session_timeout: Duration,
+}
+
+fn default_pg_schema() -> String {
+    "kappa".into()
+}
+
+fn default_group() -> String {
+    "kappa-views".into()
+}
+
+fn default_session_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl ClusterConfig {
+    /// The store settings.
+    pub fn store(&self) -> crate::store::pg::PgSettings {
+        crate::store::pg::PgSettings { url: self.postgres.clone(), schema: self.schema.clone() }
+    }
 }
 
 /// How the alert pipeline runs.
@@ -504,6 +545,26 @@ impl CloudConfig {
     }
 }
 
+impl CloudConfig {
+    /// The processor's settings (test-only faults from the environment).
+    pub fn processor_settings(&self) -> crate::processor::ProcessorSettings {
+        let settings = crate::processor::ProcessorSettings {
+            checkpoint_interval: self.processor.checkpoint_interval,
+            max_out_of_orderness_ms: self.processor.max_out_of_orderness.as_millis() as i64,
+            poll_records: self.processor.poll_records,
+            idle_timeout: self.processor.idle_timeout,
+            dedup_horizon_ms: self.processor.dedup_horizon.as_millis() as i64,
+            split_checkpoint_for_tests: std::env::var_os("KAPPA_TEST_SPLIT_CHECKPOINT").is_some(),
+        };
+        if settings.split_checkpoint_for_tests {
+            tracing::warn!(
+                "KAPPA_TEST_SPLIT_CHECKPOINT is set: checkpoints are NOT atomic. Never use this outside tests."
+            );
+        }
+        settings
+    }
+}
+
 impl Validate for CloudConfig {
     /// Semantic checks the types cannot express.
     fn problems(&self) -> Vec<String> {
@@ -539,6 +600,20 @@ impl Validate for CloudConfig {
                 errors.push("log.kafka: set log.backend = \"kafka\" to use it (the backend is sqlite)".into())
             }
             (LogBackend::Sqlite, None) => {}
+        }
+        if let Some(c) = &self.cluster {
+            if self.log.backend != LogBackend::Kafka {
+                errors.push("cluster: workers share the Kafka log; set log.backend = \"kafka\"".into());
+            }
+            if c.schema.is_empty() || !c.schema.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
+                errors.push(format!("cluster.schema: {:?} must be letters, digits and _", c.schema));
+            }
+            if c.group.is_empty() {
+                errors.push("cluster.group: must not be empty".into());
+            }
+            if c.session_timeout < Duration::from_secs(1) {
+                errors.push("cluster.session_timeout: must be at least 1s".into());
+            }
         }
         if self.log.retention.is_some() && !self.archive.enabled {
             errors.push("log.retention: needs archive.enabled = true (only archived records are deleted)".into());

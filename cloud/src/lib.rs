@@ -29,6 +29,7 @@ pub mod api;
 pub mod archive;
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod eventlog;
 pub mod ingest;

@@ -29,7 +29,9 @@ use crate::eventlog::{EventLog, EventLogError, LogAppender, LogSource};
 use crate::ingest::{self, IngestState};
 use crate::metrics::CloudMetrics;
 use crate::processor::{Operator, Processor, ProcessorSettings};
-use crate::store::{StoreError, ViewStore};
+use crate::store::pg::PgStore;
+use crate::store::{LateQuery, RowQuery, StoreError, StoredRow, ViewInfo, ViewReader, ViewStore};
+use crate::views::operator::LateEvent;
 
 /// Where an operator pipeline reads: the archive (when there is one), then the log.
 struct Sources<'a> {
@@ -97,21 +99,20 @@ impl Node {
         let mut store = ViewStore::open(&store_path)?;
         let reader = ViewStore::open_read_only(&store_path)?;
         let specs = cfg.view_specs().map_err(|e| NodeError::Config(e.join("\n  ")))?;
-        let settings = ProcessorSettings {
-            checkpoint_interval: cfg.processor.checkpoint_interval,
-            max_out_of_orderness_ms: cfg.processor.max_out_of_orderness.as_millis() as i64,
-            poll_records: cfg.processor.poll_records,
-            idle_timeout: cfg.processor.idle_timeout,
-            dedup_horizon_ms: cfg.processor.dedup_horizon.as_millis() as i64,
-            split_checkpoint_for_tests: std::env::var_os("KAPPA_TEST_SPLIT_CHECKPOINT").is_some(),
-        };
-        if settings.split_checkpoint_for_tests {
-            tracing::warn!(
-                "KAPPA_TEST_SPLIT_CHECKPOINT is set: checkpoints are NOT atomic. Never use this outside tests."
-            );
-        }
+        let settings = cfg.processor_settings();
         let now_ms = crate::now_ms();
-        let plans = store.plan_pipelines(&specs, now_ms)?;
+        // On a cluster the workers compute the views into PostgreSQL and the
+        // API reads them there; this node ingests and runs the rest.
+        let (plans, views): (Vec<_>, Box<dyn ViewReader>) = match &cfg.cluster {
+            None => (store.plan_pipelines(&specs, now_ms)?, Box::new(ViewStore::open_read_only(&store_path)?)),
+            Some(cluster) => {
+                let (settings, partitions) = (cluster.store(), cfg.log.partitions);
+                let pg = tokio::task::spawn_blocking(move || PgStore::connect(&settings, partitions))
+                    .await
+                    .map_err(|e| NodeError::Bind(format!("connecting to PostgreSQL: {e}")))??;
+                (Vec::new(), Box::new(PgReader(Some(pg))))
+            }
+        };
         let archive: Option<Arc<dyn ArchiveStore>> = if cfg.archive.enabled {
             Some(
                 crate::archive::store::open(cfg.archive.url.as_deref(), &cfg.archive_path())
@@ -275,6 +276,7 @@ impl Node {
             },
             ApiState {
                 store: Arc::new(Mutex::new(reader)),
+                views: Arc::new(Mutex::new(views)),
                 writer: Arc::new(Mutex::new(ViewStore::open(&store_path)?)),
                 devices_view: cfg.api.devices_view.clone(),
                 windows_view: cfg.api.windows_view.clone(),
@@ -325,6 +327,44 @@ impl Node {
     }
 }
 
+/// The API's connection to PostgreSQL. A blocking client owns a runtime of
+/// its own, which must not be dropped on an async thread: it is dropped on
+/// a thread of its own.
+#[derive(Debug)]
+struct PgReader(Option<PgStore>);
+
+impl PgReader {
+    fn store(&self) -> Result<&PgStore, StoreError> {
+        self.0.as_ref().ok_or_else(|| StoreError("the PostgreSQL connection is closed".into()))
+    }
+}
+
+impl Drop for PgReader {
+    fn drop(&mut self) {
+        if let Some(pg) = self.0.take() {
+            std::thread::spawn(move || drop(pg));
+        }
+    }
+}
+
+impl ViewReader for PgReader {
+    fn resolve_view(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.store()?.resolve_view(name)
+    }
+
+    fn rows(&self, q: &RowQuery) -> Result<Vec<StoredRow>, StoreError> {
+        self.store()?.rows_page(q)
+    }
+
+    fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
+        self.store()?.list_views()
+    }
+
+    fn late_events(&self, q: &LateQuery) -> Result<Vec<LateEvent>, StoreError> {
+        self.store()?.late_page(q)
+    }
+}
+
 /// Every 10 s until `cancel`: the bytes of checkpointed state, into the
 /// metrics (a view or pipeline whose state emptied reads 0).
 fn sample_state_bytes(store: &ViewStore, metrics: &CloudMetrics, cancel: &CancellationToken) {
@@ -365,11 +405,11 @@ fn publish_sizes(
 }
 
 /// How the HTTP listener serves connections.
-struct Http {
+pub(crate) struct Http {
     /// A client must send a request's headers (and finish a TLS handshake) within this.
-    header_timeout: Duration,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    metrics: Arc<CloudMetrics>,
+    pub(crate) header_timeout: Duration,
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) metrics: Arc<CloudMetrics>,
 }
 
 /// Serves `router` until `cancel` fires, then lets open requests finish.
@@ -377,7 +417,7 @@ struct Http {
 /// within `header_timeout` (idle keep-alive connections included), so slow
 /// or silent clients cannot hold connections open. With TLS the handshake
 /// has the same deadline.
-async fn serve_http(listener: TcpListener, router: Router, http: Http, cancel: CancellationToken) {
+pub(crate) async fn serve_http(listener: TcpListener, router: Router, http: Http, cancel: CancellationToken) {
     let http = Arc::new(http);
     let mut connections = tokio::task::JoinSet::new();
     while let Some(stream) = kappa_runtime::net::accept(&listener, &cancel).await {
@@ -459,13 +499,15 @@ pub fn router<A: LogAppender>(ingest: IngestState<A>, api: ApiState, registry: A
         .route_layer(axum::middleware::from_fn_with_state(read, crate::auth::require))
         .merge(acknowledge);
     let ops = Router::new()
-        .route("/metrics", get(metrics))
         .route("/dashboard", get(api::dashboard))
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(move || readyz(ready_metrics.clone())))
-        .route("/", get(index))
-        .with_state(registry);
-    ingest.merge(api).merge(ops)
+        .route("/", get(index));
+    ingest.merge(api).merge(ops).merge(liveness_router(registry))
+}
+
+/// `/metrics` and `/healthz`: what every process serves.
+pub(crate) fn liveness_router(registry: Arc<Registry>) -> Router {
+    Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok\n" })).with_state(registry)
 }
 
 async fn metrics(State(registry): State<Arc<Registry>>) -> axum::response::Response {

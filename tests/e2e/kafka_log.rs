@@ -86,13 +86,6 @@ async fn the_kafka_log_gives_the_same_views_as_the_embedded_log() {
     assert_eq!(kafka.dump().await, b, "a restart and a resent batch change nothing");
 }
 
-fn first_difference(a: &str, b: &str) -> String {
-    a.lines()
-        .zip(b.lines())
-        .find(|(x, y)| x != y)
-        .map_or_else(|| format!("{} vs {} lines", a.lines().count(), b.lines().count()), |(x, y)| format!("{x}\n{y}"))
-}
-
 /// Runs a fleet through edge and a Kafka-log cloud and pauses the broker
 /// (SIGSTOP) for `pause` mid-stream. Returns the ground truth, the rows, and
 /// how many ingest requests were answered 2xx and 503 while it was paused.

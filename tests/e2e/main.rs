@@ -9,6 +9,7 @@
 
 mod alert_kit;
 mod alerts;
+mod cluster;
 mod configs;
 mod dashboard;
 mod device_gate;

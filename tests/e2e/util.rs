@@ -706,3 +706,11 @@ impl Tansu {
         format!("127.0.0.1:{}", self.port)
     }
 }
+
+/// The first line where two dumps differ, or their line counts.
+pub fn first_difference(a: &str, b: &str) -> String {
+    a.lines()
+        .zip(b.lines())
+        .find(|(x, y)| x != y)
+        .map_or_else(|| format!("{} vs {} lines", a.lines().count(), b.lines().count()), |(x, y)| format!("{x}\n{y}"))
+}

@@ -16,7 +16,7 @@ pub mod spec;
 
 use crate::metrics::CloudMetrics;
 use crate::processor::{GatewayClock, Operator};
-use crate::store::{Checkpoint, StoreError, ViewStore};
+use crate::store::{Checkpoint, ProcessorStore, StoreError};
 use crate::views::operator::{Event, LateEvent};
 
 /// The pipeline the alert operator runs in.
@@ -27,7 +27,7 @@ impl Operator for engine::AlertOperator {
         engine::AlertOperator::id(self)
     }
 
-    fn on_start(&mut self, store: &ViewStore) -> Result<(), StoreError> {
+    fn on_start(&mut self, store: &dyn ProcessorStore) -> Result<(), StoreError> {
         self.restore(store.alert_state()?).map_err(StoreError)
     }
 

@@ -22,7 +22,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use kappa_common::partition::partition_for;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, DefaultConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Message, TopicPartitionList};
@@ -170,6 +174,131 @@ impl KafkaLog {
         src.assign()?;
         Ok(src)
     }
+
+    /// A source that joins consumer group `group` on the topic: Kafka
+    /// decides which partitions it reads ([`GroupSource::next_assignment`]).
+    /// `session_timeout` is how long the group waits for a silent member
+    /// (a killed worker) before moving its partitions.
+    pub fn group_source(&self, group: &str, session_timeout: Duration) -> Result<GroupSource, EventLogError> {
+        let ms = session_timeout.as_millis().max(1000);
+        let consumer: BaseConsumer<GroupContext> = self
+            .cfg
+            .client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "50")
+            .set("session.timeout.ms", ms.to_string())
+            .set("heartbeat.interval.ms", (ms / 3).to_string())
+            .create_with_context(GroupContext::default())
+            .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot create a group consumer: {e}")))?;
+        consumer
+            .subscribe(&[&self.cfg.topic])
+            .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot join group {group}: {e}")))?;
+        Ok(KafkaSource {
+            consumer,
+            topic: self.cfg.topic.clone(),
+            positions: BTreeMap::new(),
+            at_end: BTreeSet::new(),
+            reassign: false,
+            ends: BTreeMap::new(),
+            last_warning: None,
+        })
+    }
+}
+
+/// What a consumer group told this member, from librdkafka's rebalance callbacks.
+#[derive(Debug, Default)]
+pub struct GroupContext {
+    /// The partitions Kafka assigned last; `None` after a revocation.
+    assignment: Mutex<Option<Vec<Partition>>>,
+    /// The assignment changed since the source last took it.
+    moved: AtomicBool,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let assignment = match rebalance {
+            Rebalance::Assign(tpl) => Some(tpl.elements().iter().map(|e| e.partition() as Partition).collect()),
+            Rebalance::Revoke(_) => None,
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "The consumer group failed to rebalance; librdkafka retries.");
+                return;
+            }
+        };
+        tracing::info!(?assignment, "The consumer group moved partitions.");
+        if let Ok(mut a) = self.assignment.lock() {
+            *a = assignment;
+        }
+        self.moved.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A member of a consumer group, reading the share Kafka assigns it.
+pub type GroupSource = KafkaSource<GroupContext>;
+
+impl GroupSource {
+    /// Whether the group moved partitions since [`GroupSource::next_assignment`]:
+    /// the worker must checkpoint and take its new share.
+    pub fn moved(&self) -> bool {
+        self.consumer.context().moved.load(Ordering::SeqCst)
+    }
+
+    /// Makes the next [`GroupSource::next_assignment`] take the current
+    /// share again (after a failure that did not move partitions).
+    pub fn retake(&self) {
+        self.consumer.context().moved.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits (serving the group protocol) until Kafka assigns this member
+    /// its share, and reads exactly that share from offset 0 until seeked.
+    /// `None` if `stop` returned true first. An empty share is possible
+    /// (more members than partitions).
+    pub fn next_assignment(&mut self, stop: impl Fn() -> bool) -> Option<Vec<Partition>> {
+        let ctx = self.consumer.context().clone();
+        while !stop() {
+            if ctx.moved.swap(false, Ordering::SeqCst) {
+                let share = ctx.assignment.lock().ok().and_then(|a| a.clone());
+                if let Some(share) = share {
+                    self.positions = share.iter().map(|p| (*p, 0)).collect();
+                    self.ends = share.iter().map(|p| (*p, 0)).collect();
+                    self.at_end.clear();
+                    self.reassign = !share.is_empty();
+                    return Some(share);
+                }
+            }
+            // Records fetched before the share is taken are read again after
+            // the seek to the checkpoint.
+            if let Some(Err(e)) = self.consumer.poll(Duration::from_millis(100))
+                && !matches!(e, KafkaError::PartitionEOF(_))
+            {
+                self.warn(&e);
+            }
+        }
+        None
+    }
+}
+
+/// The contexts a [`KafkaSource`] runs with: fixed partitions or a group.
+pub trait SourceContext: ConsumerContext + 'static {
+    /// The partitions the source holds are no longer its own.
+    fn stale(&self) -> bool;
+}
+
+impl SourceContext for DefaultConsumerContext {
+    fn stale(&self) -> bool {
+        false
+    }
+}
+
+impl SourceContext for GroupContext {
+    fn stale(&self) -> bool {
+        self.moved.load(Ordering::SeqCst)
+    }
 }
 
 /// TEST ONLY: with this environment variable set, an append resolves as
@@ -230,9 +359,10 @@ impl LogAppender for KafkaAppender {
     }
 }
 
-/// The read side: every partition assigned, positions set by `seek`.
-pub struct KafkaSource {
-    consumer: BaseConsumer,
+/// The read side: partitions assigned (all of them, or a consumer group's
+/// share), positions set by `seek`.
+pub struct KafkaSource<C: SourceContext = DefaultConsumerContext> {
+    consumer: BaseConsumer<C>,
     topic: String,
     positions: BTreeMap<Partition, Offset>,
     /// Partitions whose last fetch reached the end of what the broker holds.
@@ -244,14 +374,18 @@ pub struct KafkaSource {
     last_warning: Option<Instant>,
 }
 
-impl std::fmt::Debug for KafkaSource {
+impl<C: SourceContext> std::fmt::Debug for KafkaSource<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSource").field("topic", &self.topic).field("positions", &self.positions).finish()
     }
 }
 
-impl KafkaSource {
+impl<C: SourceContext> KafkaSource<C> {
     fn assign(&mut self) -> Result<(), EventLogError> {
+        if self.consumer.context().stale() {
+            // The group moved these partitions away: never read them again.
+            return Ok(());
+        }
         let mut tpl = TopicPartitionList::new();
         for (p, o) in &self.positions {
             tpl.add_partition_offset(&self.topic, *p as i32, rdkafka::Offset::Offset(*o as i64))
@@ -271,7 +405,7 @@ impl KafkaSource {
     }
 }
 
-impl LogSource for KafkaSource {
+impl<C: SourceContext> LogSource for KafkaSource<C> {
     fn assigned(&self) -> Vec<Partition> {
         self.positions.keys().copied().collect()
     }

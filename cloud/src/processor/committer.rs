@@ -11,7 +11,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::store::{Checkpoint, StoreError, ViewStore};
+use crate::store::{Checkpoint, ProcessorStore, StoreError};
 
 /// A checkpoint to commit, and when the closed windows in it became due.
 #[derive(Debug)]
@@ -47,7 +47,7 @@ pub struct Committer {
 }
 
 impl Committer {
-    pub fn start(mut store: ViewStore) -> std::io::Result<Self> {
+    pub fn start<St: ProcessorStore>(mut store: St) -> std::io::Result<Self> {
         let (jobs, rx) = sync_channel::<Job>(1);
         let (tx, done) = sync_channel::<Done>(1);
         let thread = std::thread::Builder::new().name("checkpoint-commit".into()).spawn(move || {

@@ -30,7 +30,7 @@ use self::dedup::{Dedup, SeqSet};
 use self::watermark::Watermarks;
 use crate::eventlog::{EventLogError, LogSource, Offset, Partition};
 use crate::metrics::CloudMetrics;
-use crate::store::{Checkpoint, PipelinePlan, StoreError, ViewStore};
+use crate::store::{Checkpoint, PipelinePlan, ProcessorStore, StoreError, ViewChanges, ViewStore};
 use crate::views::operator::{Event, LateEvent, Tally, ViewOperator};
 use crate::views::spec::ViewSpec;
 
@@ -40,7 +40,7 @@ pub trait Operator: Send + std::fmt::Debug {
     /// Identifies the operator in the store, the late log and metrics.
     fn id(&self) -> &str;
     /// Restores state from the last checkpoint.
-    fn on_start(&mut self, _store: &ViewStore) -> Result<(), StoreError> {
+    fn on_start(&mut self, _store: &dyn ProcessorStore) -> Result<(), StoreError> {
         Ok(())
     }
     /// One reading (already deduplicated).
@@ -53,6 +53,9 @@ pub trait Operator: Send + std::fmt::Debug {
     fn on_aggregate(&mut self, _gateway: &str, _batch_id: u64, _aggregate: &kappa_common::aggregate::Aggregate) {}
     /// The global watermark moved to `watermark`.
     fn on_watermark(&mut self, _watermark: i64) {}
+    /// `partition`'s own watermark moved to `watermark` (operators that keep
+    /// state per partition close by it).
+    fn on_partition_watermark(&mut self, _partition: Partition, _watermark: i64) {}
     /// Adds what changed since the last checkpoint.
     fn on_checkpoint(&mut self, _cp: &mut Checkpoint) {}
     /// Counters since the last call.
@@ -77,8 +80,8 @@ impl Operator for ViewOperator {
         ViewOperator::id(self)
     }
 
-    fn on_start(&mut self, store: &ViewStore) -> Result<(), StoreError> {
-        let (closed, states) = store.view_state(ViewOperator::id(self))?;
+    fn on_start(&mut self, store: &dyn ProcessorStore) -> Result<(), StoreError> {
+        let (closed, states) = store.view_state(ViewOperator::id(self), None)?;
         self.restore(closed, states);
         Ok(())
     }
@@ -92,8 +95,12 @@ impl Operator for ViewOperator {
     }
 
     fn on_checkpoint(&mut self, cp: &mut Checkpoint) {
-        let changes = self.take_changes();
-        cp.views.push((ViewOperator::id(self).to_string(), changes, self.closed_through()));
+        cp.views.push(ViewChanges {
+            view: ViewOperator::id(self).to_string(),
+            partition: None,
+            changes: self.take_changes(),
+            closed_through: self.closed_through(),
+        });
     }
 
     fn take_tally(&mut self) -> Tally {
@@ -158,6 +165,8 @@ pub struct Processor<S: LogSource> {
     dedup: Dedup,
     marks: Watermarks,
     positions: BTreeMap<Partition, Offset>,
+    /// Each partition's watermark as last told to the operators.
+    told: BTreeMap<Partition, i64>,
     late: Vec<LateEvent>,
     settings: ProcessorSettings,
     metrics: Arc<CloudMetrics>,
@@ -198,9 +207,9 @@ impl<S: LogSource> Processor<S> {
     }
 
     /// Restores the pipeline's last checkpoint and seeks the source there.
-    pub fn new(
+    pub fn new<St: ProcessorStore>(
         source: S,
-        store: ViewStore,
+        store: St,
         plan: PipelinePlan,
         settings: ProcessorSettings,
         metrics: Arc<CloudMetrics>,
@@ -213,9 +222,9 @@ impl<S: LogSource> Processor<S> {
 
     /// A pipeline of any operators: restores each, and the pipeline's
     /// positions and dedup state, and seeks the source there.
-    pub fn with_operators(
+    pub fn with_operators<St: ProcessorStore>(
         mut source: S,
-        store: ViewStore,
+        store: St,
         pipeline: String,
         mut ops: Vec<Box<dyn Operator>>,
         building: bool,
@@ -263,6 +272,7 @@ impl<S: LogSource> Processor<S> {
             dedup,
             marks,
             positions,
+            told: BTreeMap::new(),
             late: Vec::new(),
             settings,
             metrics,
@@ -381,6 +391,9 @@ impl<S: LogSource> Processor<S> {
                 })
                 .inc();
         }
+        if n > 0 {
+            self.tell_partition_watermarks();
+        }
         let before = self.marks.global();
         // Alerts raised by these records are committed now, not at the interval.
         let mut closed = n > 0 && self.ops.iter().any(|o| o.has_pending_output());
@@ -416,6 +429,20 @@ impl<S: LogSource> Processor<S> {
             self.report_lag(now)?;
         }
         Ok(n)
+    }
+
+    /// Tells the operators each partition watermark that moved.
+    fn tell_partition_watermarks(&mut self) {
+        for p in self.positions.keys() {
+            let Some(w) = self.marks.partition(*p) else { continue };
+            if self.told.get(p).is_some_and(|t| *t >= w) {
+                continue;
+            }
+            self.told.insert(*p, w);
+            for op in &mut self.ops {
+                op.on_partition_watermark(*p, w);
+            }
+        }
     }
 
     /// Hands everything changed since the last checkpoint to the committer,
@@ -495,6 +522,17 @@ impl<S: LogSource> Processor<S> {
     /// Positions processed so far (not necessarily checkpointed).
     pub fn positions(&self) -> &BTreeMap<Partition, Offset> {
         &self.positions
+    }
+
+    /// The source it reads.
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+
+    /// Stops without a checkpoint and hands the source back (a worker whose
+    /// partitions were reassigned builds a new processor on it).
+    pub fn into_source(self) -> S {
+        self.source
     }
 
     /// The pipeline this processor runs.

@@ -32,6 +32,7 @@ use serde_json::Value as Json;
 
 pub mod aggregates;
 pub mod alerts;
+pub mod pg;
 
 use crate::alerts::engine::AlertChanges;
 use crate::eventlog::{Offset, Partition};
@@ -118,7 +119,7 @@ pub struct Checkpoint {
     pub caught_up: bool,
     /// Records the pipeline's source skipped as damaged, so far.
     pub skipped: u64,
-    pub views: Vec<(String, Changes, Option<i64>)>,
+    pub views: Vec<ViewChanges>,
     pub dedup_upserts: Vec<(String, u32, Vec<u8>)>,
     pub dedup_deletes: Vec<(String, u32)>,
     pub partitions: Vec<(Partition, Offset, Option<i64>)>,
@@ -132,7 +133,88 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     pub fn rows_written(&self) -> usize {
-        self.views.iter().map(|(_, c, _)| c.row_upserts.len()).sum()
+        self.views.iter().map(|v| v.changes.row_upserts.len()).sum()
+    }
+}
+
+/// What one view (or, on a cluster worker, one view's share of one
+/// partition) changed since the last checkpoint.
+#[derive(Debug, Default)]
+pub struct ViewChanges {
+    pub view: String,
+    /// `Some` when the state is kept per partition (cluster workers).
+    pub partition: Option<Partition>,
+    pub changes: Changes,
+    /// The watermark up to which windows are closed.
+    pub closed_through: Option<i64>,
+}
+
+/// What the processor needs from a store: its last checkpoint back, and a
+/// place to write the next one atomically. The embedded store is
+/// [`ViewStore`] (SQLite); cluster workers use [`pg::PgStore`].
+pub trait ProcessorStore: Send + 'static {
+    /// A pipeline's positions, watermarks and dedup state.
+    fn restore(&self, pipeline: &str) -> Result<Restored, StoreError>;
+    /// One view's open windows and closing watermark; per partition when
+    /// `partition` is given.
+    fn view_state(&self, view_id: &str, partition: Option<Partition>) -> Result<ViewState, StoreError>;
+    /// The alert operator's state.
+    fn alert_state(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Writes everything in `cp` in one transaction, or nothing.
+    fn checkpoint(&mut self, cp: &Checkpoint) -> Result<(), StoreError>;
+}
+
+/// What the view endpoints of the API read: the embedded store, or
+/// PostgreSQL when cluster workers compute the views.
+pub trait ViewReader: Send + std::fmt::Debug {
+    /// The view id a name (through its alias) or `name@version` refers to.
+    fn resolve_view(&self, name: &str) -> Result<Option<String>, StoreError>;
+    /// A page of one view's rows.
+    fn rows(&self, q: &RowQuery) -> Result<Vec<StoredRow>, StoreError>;
+    /// Every view version the store knows.
+    fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError>;
+    /// A page of late events.
+    fn late_events(&self, q: &LateQuery) -> Result<Vec<LateEvent>, StoreError>;
+}
+
+impl ViewReader for ViewStore {
+    fn resolve_view(&self, name: &str) -> Result<Option<String>, StoreError> {
+        ViewStore::resolve_view(self, name)
+    }
+
+    fn rows(&self, q: &RowQuery) -> Result<Vec<StoredRow>, StoreError> {
+        ViewStore::rows(self, q)
+    }
+
+    fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
+        ViewStore::list_views(self)
+    }
+
+    fn late_events(&self, q: &LateQuery) -> Result<Vec<LateEvent>, StoreError> {
+        ViewStore::late_events(self, q)
+    }
+}
+
+impl ProcessorStore for ViewStore {
+    fn restore(&self, pipeline: &str) -> Result<Restored, StoreError> {
+        ViewStore::restore(self, pipeline)
+    }
+
+    fn view_state(&self, view_id: &str, partition: Option<Partition>) -> Result<ViewState, StoreError> {
+        match partition {
+            None => ViewStore::view_state(self, view_id),
+            Some(p) => Err(StoreError(format!(
+                "the embedded store keeps view state for all partitions together, not for partition {p}"
+            ))),
+        }
+    }
+
+    fn alert_state(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        ViewStore::alert_state(self)
+    }
+
+    fn checkpoint(&mut self, cp: &Checkpoint) -> Result<(), StoreError> {
+        ViewStore::checkpoint(self, cp)
     }
 }
 
@@ -400,7 +482,12 @@ impl ViewStore {
                 "INSERT INTO view_meta (view_id, closed_through) VALUES (?1, ?2)
                  ON CONFLICT (view_id) DO UPDATE SET closed_through = excluded.closed_through",
             )?;
-            for (view, ch, closed) in &cp.views {
+            for ViewChanges { view, partition, changes: ch, closed_through: closed } in &cp.views {
+                if let Some(p) = partition {
+                    return Err(StoreError(format!(
+                        "view {view}: the embedded store cannot keep state per partition ({p})"
+                    )));
+                }
                 for (k, s) in &ch.row_deletes {
                     row_del.execute(params![view, k, s])?;
                 }
@@ -712,20 +799,13 @@ impl ViewStore {
     }
 
     pub fn dump_late(&self) -> Result<String, StoreError> {
-        let q = LateQuery {
-            view_id: None,
-            device: None,
-            from: i64::MIN,
-            to: i64::MAX,
-            after: None,
-            limit: usize::MAX >> 1,
-        };
-        Ok(self
-            .late_events(&q)?
-            .iter()
-            .map(|l| format!("{}\t{}\t{}\t{}\t{}\t{}\n", l.view, l.device, l.seq, l.ts_ms, l.window_start, l.reason))
-            .collect())
+        Ok(self.late_events(&LateQuery::everything(None))?.iter().map(late_dump_line).collect())
     }
+}
+
+/// One late event as `views dump` prints it.
+pub fn late_dump_line(l: &LateEvent) -> String {
+    format!("{}\t{}\t{}\t{}\t{}\t{}\n", l.view, l.device, l.seq, l.ts_ms, l.window_start, l.reason)
 }
 
 /// A page of rows to read.
@@ -751,6 +831,13 @@ pub struct LateQuery {
     pub limit: usize,
 }
 
+impl LateQuery {
+    /// Every late event (of one view, or of all), in one page.
+    pub fn everything(view_id: Option<String>) -> Self {
+        Self { view_id, device: None, from: i64::MIN, to: i64::MAX, after: None, limit: usize::MAX >> 1 }
+    }
+}
+
 /// A store failure.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("serving store: {0}")]
@@ -767,7 +854,8 @@ mod tests {
     use super::*;
     use crate::views::operator::Row;
 
-    fn row(key: &str, start: i64, n: u64) -> Row {
+    /// A one-minute row with count `n` (the PostgreSQL store's tests use it too).
+    pub(super) fn row(key: &str, start: i64, n: u64) -> Row {
         Row {
             key: key.into(),
             window_start: start,
@@ -779,7 +867,12 @@ mod tests {
     fn cp_with_rows(rows: Vec<Row>, next_offset: u64) -> Checkpoint {
         Checkpoint {
             pipeline: "main".into(),
-            views: vec![("v@1".into(), Changes { row_upserts: rows, ..Changes::default() }, Some(5))],
+            views: vec![ViewChanges {
+                view: "v@1".into(),
+                partition: None,
+                changes: Changes { row_upserts: rows, ..Changes::default() },
+                closed_through: Some(5),
+            }],
             partitions: vec![(0, next_offset, Some(100))],
             global_watermark: Some(90),
             ..Checkpoint::default()
@@ -806,13 +899,13 @@ mod tests {
         let mut s = ViewStore::open(&dir.path().join("v.sqlite")).unwrap();
         assert_eq!(s.state_bytes().unwrap(), StateBytes::default());
         let mut cp = cp_with_rows(vec![], 1);
-        cp.views[0].1.state_upserts = vec![("a".into(), 0, vec![0; 100]), ("b".into(), 0, vec![0; 50])];
+        cp.views[0].changes.state_upserts = vec![("a".into(), 0, vec![0; 100]), ("b".into(), 0, vec![0; 50])];
         cp.dedup_upserts = vec![("a".into(), 1, vec![0; 30])];
         s.checkpoint(&cp).unwrap();
         let b = s.state_bytes().unwrap();
         assert_eq!((b.views, b.dedup), (vec![("v@1".into(), 150)], vec![("main".into(), 30)]));
         let mut cp = cp_with_rows(vec![], 2);
-        cp.views[0].1.state_deletes = vec![("a".into(), 0)];
+        cp.views[0].changes.state_deletes = vec![("a".into(), 0)];
         s.checkpoint(&cp).unwrap();
         assert_eq!(s.state_bytes().unwrap().views, vec![("v@1".into(), 50)]);
     }

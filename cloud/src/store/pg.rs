@@ -1,0 +1,1328 @@
+//! The serving store and checkpoint store of cluster workers, in PostgreSQL.
+//!
+//! Several worker processes share one schema. Each owns some partitions of
+//! the event log for a pipeline (say `main`) and checkpoints what it computed
+//! from them; the API reads the rows of every worker from the same tables.
+//!
+//! Layout (all tables in the schema named by [`PgSettings::schema`];
+//! `store_meta.schema_version = 1`):
+//!
+//! | table | holds |
+//! |---|---|
+//! | `store_meta(key, value)` | `schema_version` |
+//! | `views(view_id, name, version, definition, created_ms)` | every view version a worker ran, with its canonical definition |
+//! | `view_aliases(name, version)` | which version the API serves for a name |
+//! | `view_rows(view_id, key, window_start, window_end, row)` | output rows; `row` is JSON; `window_end` NULL for global windows |
+//! | `view_state(view_id, part, key, window_start, state)` | open windows (CBOR) of each log partition, for restore |
+//! | `view_meta(view_id, part, closed_through)` | per partition, the watermark up to which windows are closed |
+//! | `dedup(pipeline, part, device, boot, state)` | sequence numbers seen per device boot (CBOR); `part` is the device's partition |
+//! | `partitions(pipeline, part, next_offset, max_ts, epoch)` | where each partition resumes, its max event time, and the epoch of its owner's claim |
+//! | `late_events(view_id, part, log_offset, window_start, device, boot, seq, ts_ms, watermark_ms, reason)` | readings too late for a window, with the reason |
+//!
+//! `part` is the log partition and `log_offset` a record's offset (`partition`
+//! and `offset` are SQL keywords). Every integer is `int8`; a reading's `seq`
+//! (a `u64` from the device) is stored bit for bit, as the embedded store does.
+//! Text keys use the `"C"` collation, so rows come back in byte order, the
+//! order of the embedded SQLite store: [`PgStore::dump_rows`] of a cluster and
+//! [`super::ViewStore::dump_rows`] of an embedded node compare byte for byte.
+//!
+//! # Why state is kept per partition
+//!
+//! A partition moves from worker to worker when the cluster rebalances. Its
+//! new owner must restore exactly that partition's open windows, closing
+//! watermark, dedup state and log position, and nothing of the partitions it
+//! does not own, which other workers keep changing. Windows close per
+//! partition too: a worker's watermark covers only its own partitions. Rows
+//! need no partition column: views are keyed by device and a device lives in
+//! one partition, so two partitions never write the same row.
+//!
+//! # Fencing
+//!
+//! 1. [`PgStore::claim`] takes partitions in one transaction: it bumps each
+//!    one's `partitions.epoch` and remembers the new epochs.
+//! 2. A checkpoint first updates the `partitions` row of every partition it
+//!    touches (its positions, its views' state, late events, the partitions of
+//!    its dedup devices) `WHERE epoch = <the epoch this worker claimed>`. A row
+//!    that does not match means another worker claimed the partition since:
+//!    the transaction rolls back, nothing of the checkpoint is written, and the
+//!    error says `fenced`.
+//! 3. Those updates take the rows' locks before anything else is written. A
+//!    claim that runs at the same time either waits for the checkpoint to
+//!    commit (and the new owner then restores it), or the checkpoint waits for
+//!    the claim and then finds the epoch moved on. No write of an earlier owner
+//!    lands after a claim. Claims and checkpoints lock partitions in ascending
+//!    order, so they do not deadlock each other.
+//!
+//! Once a worker has claimed, nobody else can commit for its partitions, so
+//! what it restores (in several calls) is stable.
+//!
+//! Connections are not encrypted (the client is built without TLS): reach the
+//! server over a local socket or a private network.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::hash::Hash;
+use std::time::Duration;
+
+use kappa_common::partition::partition_for;
+use postgres::{Client, IsolationLevel, NoTls, Transaction};
+
+use super::{Checkpoint, ProcessorStore, Restored, StoreError, StoredRow, ViewState};
+use crate::eventlog::{Offset, Partition};
+use crate::views::operator::{LateEvent, WinState};
+use crate::views::spec::ViewSpec;
+
+/// Pages, the view list and dumps, for the API and `views dump`.
+mod read;
+
+/// `(key, window_start, window_end, row)` as stored.
+type RawRow = (String, i64, Option<i64>, String);
+
+/// The layout this code reads and writes; `store_meta.schema_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `{s}` stands for the quoted schema name.
+const DDL: &str = r#"
+CREATE TABLE IF NOT EXISTS {s}.views (
+    view_id text COLLATE "C" PRIMARY KEY, name text COLLATE "C" NOT NULL, version int8 NOT NULL,
+    definition text NOT NULL, created_ms int8 NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.view_aliases (name text COLLATE "C" PRIMARY KEY, version int8 NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.view_rows (
+    view_id text COLLATE "C" NOT NULL, key text COLLATE "C" NOT NULL, window_start int8 NOT NULL,
+    window_end int8, row text NOT NULL,
+    PRIMARY KEY (view_id, key, window_start));
+CREATE TABLE IF NOT EXISTS {s}.view_state (
+    view_id text COLLATE "C" NOT NULL, part int8 NOT NULL, key text COLLATE "C" NOT NULL,
+    window_start int8 NOT NULL, state bytea NOT NULL,
+    PRIMARY KEY (view_id, part, key, window_start));
+CREATE TABLE IF NOT EXISTS {s}.view_meta (
+    view_id text COLLATE "C" NOT NULL, part int8 NOT NULL, closed_through int8,
+    PRIMARY KEY (view_id, part));
+CREATE TABLE IF NOT EXISTS {s}.dedup (
+    pipeline text COLLATE "C" NOT NULL, part int8 NOT NULL, device text COLLATE "C" NOT NULL,
+    boot int8 NOT NULL, state bytea NOT NULL,
+    PRIMARY KEY (pipeline, device, boot));
+CREATE INDEX IF NOT EXISTS dedup_by_partition ON {s}.dedup (pipeline, part);
+CREATE TABLE IF NOT EXISTS {s}.partitions (
+    pipeline text COLLATE "C" NOT NULL, part int8 NOT NULL, next_offset int8 NOT NULL, max_ts int8,
+    epoch int8 NOT NULL,
+    PRIMARY KEY (pipeline, part));
+CREATE TABLE IF NOT EXISTS {s}.late_events (
+    view_id text COLLATE "C" NOT NULL, part int8 NOT NULL, log_offset int8 NOT NULL, window_start int8 NOT NULL,
+    device text COLLATE "C" NOT NULL, boot int8 NOT NULL, seq int8 NOT NULL, ts_ms int8 NOT NULL,
+    watermark_ms int8 NOT NULL, reason text NOT NULL,
+    PRIMARY KEY (view_id, part, log_offset, window_start));
+CREATE INDEX IF NOT EXISTS late_events_by_time ON {s}.late_events (ts_ms);
+"#;
+
+/// Where the PostgreSQL store lives.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgSettings {
+    /// libpq-style `host=.. user=.. dbname=..` or a `postgresql://` URL.
+    pub url: String,
+    /// All tables live in this schema (ASCII letters, digits and `_`).
+    pub schema: String,
+}
+
+/// Not derived: the URL may hold a password.
+impl fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgSettings").field("url", &"<redacted>").field("schema", &self.schema).finish()
+    }
+}
+
+/// The partitions this process took, and the epoch of each claim.
+#[derive(Debug, Clone)]
+struct Claim {
+    pipeline: String,
+    epochs: BTreeMap<Partition, i64>,
+}
+
+/// A connection to the PostgreSQL store, for one worker.
+pub struct PgStore {
+    /// In a cell because the read methods of [`ProcessorStore`] take `&self`.
+    client: RefCell<Client>,
+    /// The schema's name, quoted, to qualify tables with.
+    s: String,
+    schema: String,
+    log_partitions: u32,
+    claim: Option<Claim>,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("schema", &self.schema)
+            .field("log_partitions", &self.log_partitions)
+            .field("claim", &self.claim)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects and creates the schema and its tables if missing.
+    ///
+    /// Workers start together: the DDL runs in one transaction holding an
+    /// advisory lock derived from the schema name, so their `CREATE ... IF NOT
+    /// EXISTS` statements do not race.
+    pub fn connect(settings: &PgSettings, log_partitions: u32) -> Result<Self, StoreError> {
+        check_schema_name(&settings.schema)?;
+        if log_partitions == 0 {
+            return Err(StoreError("the event log needs at least one partition".into()));
+        }
+        let mut config: postgres::Config = settings
+            .url
+            .parse()
+            .map_err(|e: postgres::Error| StoreError(format!("the PostgreSQL url does not parse: {e}")))?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        if config.get_application_name().is_none() {
+            config.application_name("kappa-cloud");
+        }
+        let mut client = config.connect(NoTls).map_err(|e| {
+            let StoreError(msg) = e.into();
+            StoreError(format!("cannot connect to PostgreSQL ({}): {msg}", describe_hosts(&config)))
+        })?;
+        let s = format!("\"{}\"", settings.schema);
+        let mut tx = client.transaction().context("starting to create the schema")?;
+        // Each CREATE ... IF NOT EXISTS of an existing table sends a notice.
+        tx.batch_execute("SET LOCAL client_min_messages = warning").context("quieting notices")?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(&settings.schema)])
+            .context("waiting for the schema lock")?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.store_meta (key text COLLATE \"C\" PRIMARY KEY, value int8 NOT NULL);"
+        ))
+        .context("creating the schema")?;
+        let version: Option<i64> = tx
+            .query_opt(&format!("SELECT value FROM {s}.store_meta WHERE key = 'schema_version'"), &[])
+            .context("reading the schema version")?
+            .map(|r| r.try_get(0))
+            .transpose()
+            .context("reading the schema version")?;
+        match version {
+            Some(v) if v != SCHEMA_VERSION => {
+                return Err(StoreError(format!(
+                    "the PostgreSQL schema {} has layout version {v}, this version needs {SCHEMA_VERSION}; \
+                     use a new schema (every view is rebuilt from the event log)",
+                    settings.schema
+                )));
+            }
+            Some(_) => {}
+            None => {
+                tx.execute(
+                    &format!("INSERT INTO {s}.store_meta (key, value) VALUES ('schema_version', $1)"),
+                    &[&SCHEMA_VERSION],
+                )
+                .context("recording the schema version")?;
+            }
+        }
+        tx.batch_execute(&DDL.replace("{s}", &s)).context("creating the tables")?;
+        tx.commit().context("creating the tables")?;
+        Ok(Self { client: RefCell::new(client), s, schema: settings.schema.clone(), log_partitions, claim: None })
+    }
+
+    /// Records the views this worker runs. A view already stored with a
+    /// different definition is refused: its rows and state would mean
+    /// something else. A name without an alias gets this version as its
+    /// alias. Idempotent, and safe while other workers do the same.
+    pub fn register_views(&mut self, specs: &[ViewSpec], now_ms: i64) -> Result<(), StoreError> {
+        let s = &self.s;
+        let mut tx = self.client.get_mut().transaction().context("starting to register views")?;
+        // Serialised: workers with different view lists would otherwise take
+        // the rows' locks in different orders.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(&self.schema)])
+            .context("waiting for the schema lock")?;
+        let insert = tx
+            .prepare(&format!(
+                "INSERT INTO {s}.views (view_id, name, version, definition, created_ms) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (view_id) DO NOTHING"
+            ))
+            .context("registering views")?;
+        let stored =
+            tx.prepare(&format!("SELECT definition FROM {s}.views WHERE view_id = $1")).context("registering views")?;
+        let alias = tx
+            .prepare(&format!(
+                "INSERT INTO {s}.view_aliases (name, version) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING"
+            ))
+            .context("registering views")?;
+        for spec in specs {
+            let id = spec.id();
+            let def = spec.fingerprint();
+            let version = i64::from(spec.version);
+            tx.execute(&insert, &[&id, &spec.name, &version, &def, &now_ms])
+                .with_context(|| format!("registering view {id}"))?;
+            let old: String = tx
+                .query_one(&stored, &[&id])
+                .and_then(|r| r.try_get(0))
+                .with_context(|| format!("reading the definition of view {id}"))?;
+            if old != def {
+                return Err(StoreError(format!(
+                    "view {id} was built with a different definition; give the changed view a new version \
+                     (version = {}) so both can be compared",
+                    spec.version + 1
+                )));
+            }
+            tx.execute(&alias, &[&spec.name, &version]).with_context(|| format!("setting the alias of {id}"))?;
+        }
+        tx.commit().context("registering views")?;
+        Ok(())
+    }
+
+    /// Takes `partitions` of `pipeline` for this process, replacing any
+    /// earlier claim of this store. From the moment this commits, a
+    /// checkpoint by any process that claimed one of them earlier fails.
+    pub fn claim(&mut self, pipeline: &str, partitions: &[Partition]) -> Result<(), StoreError> {
+        self.claim = None;
+        let wanted: BTreeSet<Partition> = partitions.iter().copied().collect();
+        if let Some(p) = wanted.iter().find(|p| **p >= self.log_partitions) {
+            return Err(StoreError(format!("cannot claim partition {p}: the event log has {}", self.log_partitions)));
+        }
+        let s = &self.s;
+        let mut tx = self.client.get_mut().transaction().context("starting a claim")?;
+        let bump = tx
+            .prepare(&format!(
+                "INSERT INTO {s}.partitions AS t (pipeline, part, next_offset, max_ts, epoch) VALUES ($1, $2, 0, NULL, 1)
+                 ON CONFLICT (pipeline, part) DO UPDATE SET epoch = t.epoch + 1
+                 RETURNING epoch"
+            ))
+            .context("claiming partitions")?;
+        let mut epochs = BTreeMap::new();
+        // Ascending, like checkpoints: see the module docs.
+        for p in wanted {
+            let epoch: i64 = tx
+                .query_one(&bump, &[&pipeline, &i64::from(p)])
+                .and_then(|r| r.try_get(0))
+                .with_context(|| format!("claiming partition {p} of pipeline {pipeline}"))?;
+            epochs.insert(p, epoch);
+        }
+        tx.commit().with_context(|| format!("claiming partitions of pipeline {pipeline}"))?;
+        self.claim = Some(Claim { pipeline: pipeline.to_string(), epochs });
+        Ok(())
+    }
+
+    /// The view id a name (through its alias) or `name@version` refers to.
+    pub fn resolve_view(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let s = &self.s;
+        let mut client = self.client.borrow_mut();
+        if name.contains('@') {
+            return client
+                .query_opt(&format!("SELECT view_id FROM {s}.views WHERE view_id = $1"), &[&name])
+                .and_then(|r| r.map(|r| r.try_get(0)).transpose())
+                .with_context(|| format!("resolving view {name}"));
+        }
+        let version: Option<i64> = client
+            .query_opt(&format!("SELECT version FROM {s}.view_aliases WHERE name = $1"), &[&name])
+            .and_then(|r| r.map(|r| r.try_get(0)).transpose())
+            .with_context(|| format!("resolving view {name}"))?;
+        version.map(|v| Ok(format!("{name}@{}", to_u32(v, "view version")?))).transpose()
+    }
+
+    /// All rows of a view, ordered by key (byte order), then window start.
+    pub fn rows(&self, view_id: &str) -> Result<Vec<StoredRow>, StoreError> {
+        self.rows_page(&read::all_rows(view_id))
+    }
+
+    /// A view's rows as text, in the format of [`super::ViewStore::dump_rows`]
+    /// with one view: a cluster and an embedded node compare byte for byte.
+    pub fn dump_rows(&self, view_id: &str) -> Result<String, StoreError> {
+        let mut out = String::new();
+        for (key, start, end, row) in self.raw_page(&read::all_rows(view_id))? {
+            let end = end.map_or_else(|| "-".to_string(), |e| e.to_string());
+            out.push_str(&format!("{key}\t{start}\t{end}\t{row}\n"));
+        }
+        Ok(out)
+    }
+
+    /// A view's late events, in the order of [`PgStore::late_page`].
+    pub fn late_events(&self, view_id: &str) -> Result<Vec<LateEvent>, StoreError> {
+        self.late_page(&super::LateQuery::everything(Some(view_id.to_string())))
+    }
+
+    /// Where each partition of `pipeline` resumes: its next offset.
+    pub fn positions(&self, pipeline: &str) -> Result<BTreeMap<Partition, Offset>, StoreError> {
+        let s = &self.s;
+        let rows = self
+            .client
+            .borrow_mut()
+            .query(&format!("SELECT part, next_offset FROM {s}.partitions WHERE pipeline = $1"), &[&pipeline])
+            .with_context(|| format!("reading the positions of pipeline {pipeline}"))?;
+        let mut out = BTreeMap::new();
+        for r in &rows {
+            let (p, o): (i64, i64) = (r.try_get(0)?, r.try_get(1)?);
+            out.insert(to_u32(p, "partition")?, to_u64(o, "offset")?);
+        }
+        Ok(out)
+    }
+
+    /// This store's claim on `pipeline`.
+    fn claimed(&self, pipeline: &str) -> Result<&Claim, StoreError> {
+        match &self.claim {
+            None => Err(StoreError(format!("pipeline {pipeline}: no partitions claimed yet; claim them first"))),
+            Some(c) if c.pipeline != pipeline => Err(StoreError(format!(
+                "pipeline {pipeline}: this worker claimed partitions of pipeline {} instead",
+                c.pipeline
+            ))),
+            Some(c) => Ok(c),
+        }
+    }
+}
+
+impl ProcessorStore for PgStore {
+    /// Positions, max event times and dedup state of the claimed partitions
+    /// only. There is no global watermark: workers close windows per partition.
+    fn restore(&self, pipeline: &str) -> Result<Restored, StoreError> {
+        let claim = self.claimed(pipeline)?;
+        let parts: Vec<i64> = claim.epochs.keys().map(|p| i64::from(*p)).collect();
+        let s = &self.s;
+        let mut client = self.client.borrow_mut();
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .context("starting a restore")?;
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT part, next_offset, max_ts, epoch FROM {s}.partitions
+                     WHERE pipeline = $1 AND part = ANY($2)"
+                ),
+                &[&pipeline, &parts],
+            )
+            .with_context(|| format!("reading the positions of pipeline {pipeline}"))?;
+        let mut out = Restored::default();
+        for r in &rows {
+            let (p, next, max_ts, epoch): (i64, i64, Option<i64>, i64) =
+                (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
+            let p = to_u32(p, "partition")?;
+            if claim.epochs.get(&p) != Some(&epoch) {
+                return Err(fenced(p, pipeline));
+            }
+            out.partitions.insert(p, (to_u64(next, "offset")?, max_ts));
+        }
+        if let Some(p) = claim.epochs.keys().find(|p| !out.partitions.contains_key(p)) {
+            return Err(fenced(*p, pipeline));
+        }
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT device, boot, state FROM {s}.dedup WHERE pipeline = $1 AND part = ANY($2)
+                     ORDER BY device, boot"
+                ),
+                &[&pipeline, &parts],
+            )
+            .with_context(|| format!("reading the dedup state of pipeline {pipeline}"))?;
+        for r in &rows {
+            let (device, boot, state): (String, i64, Vec<u8>) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+            out.dedup.push((device, to_u32(boot, "boot")?, state));
+        }
+        tx.commit().context("finishing a restore")?;
+        Ok(out)
+    }
+
+    fn view_state(&self, view_id: &str, partition: Option<Partition>) -> Result<ViewState, StoreError> {
+        let Some(p) = partition else {
+            return Err(StoreError(format!(
+                "view {view_id}: the PostgreSQL store keeps view state per partition; name the partition"
+            )));
+        };
+        let s = &self.s;
+        let mut client = self.client.borrow_mut();
+        let mut tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .context("starting to read view state")?;
+        let what = || format!("reading the state of {view_id} in partition {p}");
+        let closed: Option<i64> = tx
+            .query_opt(
+                &format!("SELECT closed_through FROM {s}.view_meta WHERE view_id = $1 AND part = $2"),
+                &[&view_id, &i64::from(p)],
+            )
+            .and_then(|r| r.map(|r| r.try_get::<_, Option<i64>>(0)).transpose())
+            .with_context(what)?
+            .flatten();
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT key, state FROM {s}.view_state WHERE view_id = $1 AND part = $2
+                     ORDER BY key, window_start"
+                ),
+                &[&view_id, &i64::from(p)],
+            )
+            .with_context(what)?;
+        let mut states = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let key: String = r.try_get(0).with_context(what)?;
+            let blob: &[u8] = r.try_get(1).with_context(what)?;
+            let win: WinState = serde_cbor::from_slice(blob)
+                .map_err(|e| StoreError(format!("state of {view_id} key {key:?} does not decode: {e}")))?;
+            states.push((key, win));
+        }
+        tx.commit().with_context(what)?;
+        Ok((closed, states))
+    }
+
+    fn alert_state(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Err(StoreError("alerts are kept in the embedded store; PostgreSQL holds views only".into()))
+    }
+
+    /// Writes `cp` in one transaction, after fencing (see the module docs).
+    ///
+    /// Each table gets one statement per kind of change, with the changes as
+    /// arrays, however many rows a checkpoint carries.
+    ///
+    /// `caught_up`, `skipped` and `global_watermark` are not kept: cluster
+    /// workers have no replay pipelines (yet) to mark live or to report
+    /// damaged archive blocks for, and they close windows per partition, with
+    /// each partition's `closed_through`, rather than by a global watermark.
+    fn checkpoint(&mut self, cp: &Checkpoint) -> Result<(), StoreError> {
+        let pl = cp.pipeline.as_str();
+        let claim = self.claimed(pl)?;
+        if cp.alerts.is_some() {
+            return Err(StoreError("alerts are kept in the embedded store; PostgreSQL holds views only".into()));
+        }
+        if !cp.aggregates.is_empty() {
+            return Err(StoreError(
+                "edge aggregates are kept in the embedded store; PostgreSQL holds views only".into(),
+            ));
+        }
+
+        // Everything the checkpoint touches, per partition, for the fence.
+        let positions: BTreeMap<Partition, (i64, Option<i64>)> = cp
+            .partitions
+            .iter()
+            .map(|(p, o, m)| Ok((*p, (to_i64(*o, "offset")?, *m))))
+            .collect::<Result<_, StoreError>>()?;
+        let mut touched: BTreeSet<Partition> = positions.keys().copied().collect();
+        for v in &cp.views {
+            let p = v.partition.ok_or_else(|| {
+                StoreError(format!("view {}: the PostgreSQL store keeps state per partition; none given", v.view))
+            })?;
+            touched.insert(p);
+        }
+        touched.extend(cp.late.iter().map(|l| l.partition));
+        let part_of = |device: &str| partition_for(device, self.log_partitions);
+        touched.extend(cp.dedup_upserts.iter().map(|(d, _, _)| part_of(d)));
+        touched.extend(cp.dedup_deletes.iter().map(|(d, _)| part_of(d)));
+        let fence: Vec<(Partition, i64)> = touched
+            .iter()
+            .map(|p| match claim.epochs.get(p) {
+                Some(epoch) => Ok((*p, *epoch)),
+                None => Err(StoreError(format!(
+                    "checkpoint touches partition {p} of pipeline {pl}, which this worker did not claim"
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+
+        let batch = Batch::new(cp, self.log_partitions)?;
+        let s = &self.s;
+        // Dropping `tx` on an error rolls it back: nothing is written.
+        let mut tx = self.client.get_mut().transaction().context("starting a checkpoint")?;
+        fence_partitions(&mut tx, s, pl, &fence, &positions)?;
+        batch.write(&mut tx, s, pl)?;
+        tx.commit().context("committing a checkpoint")?;
+        Ok(())
+    }
+}
+
+/// Updates the position of each partition in `fence` (or, if the checkpoint
+/// carries none, just locks its row), in ascending order, provided this
+/// worker's epoch is still the partition's.
+fn fence_partitions(
+    tx: &mut Transaction<'_>,
+    s: &str,
+    pl: &str,
+    fence: &[(Partition, i64)],
+    positions: &BTreeMap<Partition, (i64, Option<i64>)>,
+) -> Result<(), StoreError> {
+    if fence.is_empty() {
+        return Ok(());
+    }
+    let update = tx
+        .prepare(&format!(
+            "UPDATE {s}.partitions SET next_offset = $4, max_ts = $5
+             WHERE pipeline = $1 AND part = $2 AND epoch = $3"
+        ))
+        .context("fencing a checkpoint")?;
+    let lock = tx
+        .prepare(&format!(
+            "SELECT 1 FROM {s}.partitions WHERE pipeline = $1 AND part = $2 AND epoch = $3 FOR NO KEY UPDATE"
+        ))
+        .context("fencing a checkpoint")?;
+    for (p, epoch) in fence {
+        let part = i64::from(*p);
+        let matched = match positions.get(p) {
+            Some((next, max_ts)) => tx.execute(&update, &[&pl, &part, epoch, next, max_ts]),
+            None => tx.query(&lock, &[&pl, &part, epoch]).map(|r| r.len() as u64),
+        }
+        .with_context(|| format!("fencing partition {p} of pipeline {pl}"))?;
+        if matched == 0 {
+            return Err(fenced(*p, pl));
+        }
+    }
+    Ok(())
+}
+
+fn fenced(p: Partition, pipeline: &str) -> StoreError {
+    StoreError(format!("fenced: partition {p} of pipeline {pipeline} was claimed by another worker"))
+}
+
+/// A checkpoint's changes as columns: one array per column, one statement per
+/// table and kind. Upserts are de-duplicated by primary key, keeping the last
+/// occurrence (`ON CONFLICT DO UPDATE` refuses to touch a row twice).
+#[derive(Default)]
+struct Batch<'a> {
+    row_del: RowKeys<'a>,
+    row_up: Rows<'a>,
+    state_del: StateKeys<'a>,
+    state_up: States<'a>,
+    meta: Metas<'a>,
+    dedup_up: Dedups<'a>,
+    dedup_del: DedupKeys<'a>,
+    late: Lates<'a>,
+}
+
+#[derive(Default)]
+struct RowKeys<'a> {
+    view: Vec<&'a str>,
+    key: Vec<&'a str>,
+    start: Vec<i64>,
+}
+
+#[derive(Default)]
+struct Rows<'a> {
+    view: Vec<&'a str>,
+    key: Vec<&'a str>,
+    start: Vec<i64>,
+    end: Vec<Option<i64>>,
+    row: Vec<&'a str>,
+}
+
+#[derive(Default)]
+struct StateKeys<'a> {
+    view: Vec<&'a str>,
+    part: Vec<i64>,
+    key: Vec<&'a str>,
+    start: Vec<i64>,
+}
+
+#[derive(Default)]
+struct States<'a> {
+    view: Vec<&'a str>,
+    part: Vec<i64>,
+    key: Vec<&'a str>,
+    start: Vec<i64>,
+    state: Vec<&'a [u8]>,
+}
+
+#[derive(Default)]
+struct Metas<'a> {
+    view: Vec<&'a str>,
+    part: Vec<i64>,
+    closed: Vec<Option<i64>>,
+}
+
+#[derive(Default)]
+struct Dedups<'a> {
+    part: Vec<i64>,
+    device: Vec<&'a str>,
+    boot: Vec<i64>,
+    state: Vec<&'a [u8]>,
+}
+
+#[derive(Default)]
+struct DedupKeys<'a> {
+    device: Vec<&'a str>,
+    boot: Vec<i64>,
+}
+
+#[derive(Default)]
+struct Lates<'a> {
+    view: Vec<&'a str>,
+    part: Vec<i64>,
+    offset: Vec<i64>,
+    start: Vec<i64>,
+    device: Vec<&'a str>,
+    boot: Vec<i64>,
+    seq: Vec<i64>,
+    ts: Vec<i64>,
+    watermark: Vec<i64>,
+    reason: Vec<&'a str>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(cp: &'a Checkpoint, log_partitions: u32) -> Result<Self, StoreError> {
+        let mut b = Batch::default();
+        let mut rows = Vec::new();
+        let mut states = Vec::new();
+        let mut metas = Vec::new();
+        for v in &cp.views {
+            let view = v.view.as_str();
+            let part = i64::from(v.partition.unwrap_or_default());
+            for (k, start) in &v.changes.row_deletes {
+                b.row_del.view.push(view);
+                b.row_del.key.push(k.as_str());
+                b.row_del.start.push(*start);
+            }
+            rows.extend(v.changes.row_upserts.iter().map(|r| (view, r)));
+            for (k, start) in &v.changes.state_deletes {
+                b.state_del.view.push(view);
+                b.state_del.part.push(part);
+                b.state_del.key.push(k.as_str());
+                b.state_del.start.push(*start);
+            }
+            states.extend(v.changes.state_upserts.iter().map(|(k, start, blob)| (view, part, k, *start, blob)));
+            metas.push((view, part, v.closed_through));
+        }
+        for (view, r) in keep_last(rows, |(view, r)| (*view, r.key.as_str(), r.window_start)) {
+            b.row_up.view.push(view);
+            b.row_up.key.push(r.key.as_str());
+            b.row_up.start.push(r.window_start);
+            b.row_up.end.push(r.window_end);
+            b.row_up.row.push(r.values.as_str());
+        }
+        for (view, part, k, start, blob) in keep_last(states, |(v, p, k, s, _)| (*v, *p, k.as_str(), *s)) {
+            b.state_up.view.push(view);
+            b.state_up.part.push(part);
+            b.state_up.key.push(k.as_str());
+            b.state_up.start.push(start);
+            b.state_up.state.push(blob.as_slice());
+        }
+        for (view, part, closed) in keep_last(metas, |(v, p, _)| (*v, *p)) {
+            b.meta.view.push(view);
+            b.meta.part.push(part);
+            b.meta.closed.push(closed);
+        }
+        let dedup: Vec<_> = cp.dedup_upserts.iter().collect();
+        for (device, boot, state) in keep_last(dedup, |(d, b, _)| (d.as_str(), *b)) {
+            b.dedup_up.part.push(i64::from(partition_for(device, log_partitions)));
+            b.dedup_up.device.push(device.as_str());
+            b.dedup_up.boot.push(i64::from(*boot));
+            b.dedup_up.state.push(state.as_slice());
+        }
+        for (device, boot) in &cp.dedup_deletes {
+            b.dedup_del.device.push(device.as_str());
+            b.dedup_del.boot.push(i64::from(*boot));
+        }
+        for l in &cp.late {
+            b.late.view.push(l.view.as_str());
+            b.late.part.push(i64::from(l.partition));
+            b.late.offset.push(to_i64(l.offset, "offset")?);
+            b.late.start.push(l.window_start);
+            b.late.device.push(l.device.as_str());
+            b.late.boot.push(i64::from(l.boot));
+            // Stored bit for bit (see the module docs).
+            b.late.seq.push(l.seq as i64);
+            b.late.ts.push(l.ts_ms);
+            b.late.watermark.push(l.watermark_ms);
+            b.late.reason.push(l.reason);
+        }
+        Ok(b)
+    }
+
+    /// In the order of the embedded store: a row deleted and upserted in one
+    /// checkpoint ends upserted, a dedup entry upserted and deleted ends deleted.
+    fn write(&self, tx: &mut Transaction<'_>, s: &str, pl: &str) -> Result<(), StoreError> {
+        let d = &self.row_del;
+        if !d.view.is_empty() {
+            tx.execute(
+                &format!(
+                    "DELETE FROM {s}.view_rows WHERE (view_id, key, window_start) IN
+                     (SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[]))"
+                ),
+                &[&d.view, &d.key, &d.start],
+            )
+            .context("deleting view rows")?;
+        }
+        let u = &self.row_up;
+        if !u.view.is_empty() {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.view_rows AS t (view_id, key, window_start, window_end, row)
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[])
+                     ON CONFLICT (view_id, key, window_start) DO UPDATE
+                     SET window_end = EXCLUDED.window_end, row = EXCLUDED.row
+                     WHERE (t.window_end, t.row) IS DISTINCT FROM (EXCLUDED.window_end, EXCLUDED.row)"
+                ),
+                &[&u.view, &u.key, &u.start, &u.end, &u.row],
+            )
+            .context("writing view rows")?;
+        }
+        let d = &self.state_del;
+        if !d.view.is_empty() {
+            tx.execute(
+                &format!(
+                    "DELETE FROM {s}.view_state WHERE (view_id, part, key, window_start) IN
+                     (SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[]))"
+                ),
+                &[&d.view, &d.part, &d.key, &d.start],
+            )
+            .context("deleting view state")?;
+        }
+        let u = &self.state_up;
+        if !u.view.is_empty() {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.view_state AS t (view_id, part, key, window_start, state)
+                     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::bytea[])
+                     ON CONFLICT (view_id, part, key, window_start) DO UPDATE SET state = EXCLUDED.state
+                     WHERE t.state IS DISTINCT FROM EXCLUDED.state"
+                ),
+                &[&u.view, &u.part, &u.key, &u.start, &u.state],
+            )
+            .context("writing view state")?;
+        }
+        let m = &self.meta;
+        if !m.view.is_empty() {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.view_meta AS t (view_id, part, closed_through)
+                     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[])
+                     ON CONFLICT (view_id, part) DO UPDATE SET closed_through = EXCLUDED.closed_through
+                     WHERE t.closed_through IS DISTINCT FROM EXCLUDED.closed_through"
+                ),
+                &[&m.view, &m.part, &m.closed],
+            )
+            .context("writing view watermarks")?;
+        }
+        let u = &self.dedup_up;
+        if !u.device.is_empty() {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.dedup AS t (pipeline, part, device, boot, state)
+                     SELECT $1, * FROM UNNEST($2::int8[], $3::text[], $4::int8[], $5::bytea[])
+                     ON CONFLICT (pipeline, device, boot) DO UPDATE SET part = EXCLUDED.part, state = EXCLUDED.state
+                     WHERE (t.part, t.state) IS DISTINCT FROM (EXCLUDED.part, EXCLUDED.state)"
+                ),
+                &[&pl, &u.part, &u.device, &u.boot, &u.state],
+            )
+            .context("writing dedup state")?;
+        }
+        let d = &self.dedup_del;
+        if !d.device.is_empty() {
+            tx.execute(
+                &format!(
+                    "DELETE FROM {s}.dedup WHERE pipeline = $1 AND (device, boot) IN
+                     (SELECT * FROM UNNEST($2::text[], $3::int8[]))"
+                ),
+                &[&pl, &d.device, &d.boot],
+            )
+            .context("deleting dedup state")?;
+        }
+        let l = &self.late;
+        if !l.view.is_empty() {
+            // A replay writes the same late events again.
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.late_events
+                     (view_id, part, log_offset, window_start, device, boot, seq, ts_ms, watermark_ms, reason)
+                     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[],
+                                          $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::text[])
+                     ON CONFLICT (view_id, part, log_offset, window_start) DO NOTHING"
+                ),
+                &[&l.view, &l.part, &l.offset, &l.start, &l.device, &l.boot, &l.seq, &l.ts, &l.watermark, &l.reason],
+            )
+            .context("writing late events")?;
+        }
+        Ok(())
+    }
+}
+
+/// `items` without the earlier of any two with the same key, in order.
+fn keep_last<T, K: Eq + Hash>(items: Vec<T>, key: impl Fn(&T) -> K) -> Vec<T> {
+    let mut seen = HashSet::with_capacity(items.len());
+    let mut out: Vec<T> = items.into_iter().rev().filter(|t| seen.insert(key(t))).collect();
+    out.reverse();
+    out
+}
+
+/// The reasons [`crate::views::operator`] gives, back as `&'static str`.
+fn late_reason(stored: &str) -> Result<&'static str, StoreError> {
+    match stored {
+        "late" => Ok("late"),
+        "window_closed" => Ok("window_closed"),
+        other => Err(StoreError(format!("a stored late event has the unknown reason {other:?}"))),
+    }
+}
+
+fn check_schema_name(schema: &str) -> Result<(), StoreError> {
+    let ok = !schema.is_empty() && schema.len() <= 63 && schema.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError(format!("PostgreSQL schema {schema:?}: use 1 to 63 ASCII letters, digits and underscores")))
+    }
+}
+
+/// The advisory lock of a schema: FNV-1a of its name, so every worker
+/// (whatever its build) derives the same key.
+fn lock_key(schema: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in "kappa-cloud schema ".bytes().chain(schema.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+fn describe_hosts(config: &postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            postgres::config::Host::Tcp(name) => name.clone(),
+            #[cfg(unix)]
+            postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let db = config.get_dbname().unwrap_or("(default database)");
+    format!("host {}, database {db}", if hosts.is_empty() { "(default)".to_string() } else { hosts.join(",") })
+}
+
+fn to_u32(v: i64, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| StoreError(format!("stored {what} {v} is out of range")))
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError(format!("stored {what} {v} is out of range")))
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError(format!("{what} {v} does not fit in a PostgreSQL int8")))
+}
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        if let Some(db) = e.as_db_error() {
+            let mut msg = format!("PostgreSQL {} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(detail) = db.detail() {
+                msg.push_str(&format!("; detail: {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                msg.push_str(&format!("; hint: {hint}"));
+            }
+            return StoreError(msg);
+        }
+        let mut msg = format!("PostgreSQL: {e}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            msg.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        StoreError(msg)
+    }
+}
+
+/// Says what the store was doing when PostgreSQL failed.
+trait Context<T> {
+    fn context(self, what: &str) -> Result<T, StoreError>;
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T, StoreError>;
+}
+
+impl<T> Context<T> for Result<T, postgres::Error> {
+    fn context(self, what: &str) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError(format!("{what}: {}", StoreError::from(e).0)))
+    }
+
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError(format!("{}: {}", what(), StoreError::from(e).0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+    use crate::store::ViewChanges;
+    use crate::store::tests::row;
+    use crate::views::operator::{Changes, Row};
+
+    const LOG_PARTITIONS: u32 = 4;
+
+    fn url() -> String {
+        std::env::var("KAPPA_TEST_POSTGRES")
+            .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".to_string())
+    }
+
+    /// A schema of its own for one test, dropped before and after (also when
+    /// the test fails).
+    struct TestSchema {
+        settings: PgSettings,
+    }
+
+    impl TestSchema {
+        fn new(test: &str) -> Self {
+            let settings = PgSettings { url: url(), schema: format!("kappa_t_{}_{test}", std::process::id()) };
+            drop_schema(&settings.schema).unwrap();
+            Self { settings }
+        }
+
+        fn connect(&self) -> PgStore {
+            PgStore::connect(&self.settings, LOG_PARTITIONS).unwrap()
+        }
+
+        /// A plain connection, to look behind the store's back.
+        fn raw(&self) -> Client {
+            Client::connect(&self.settings.url, NoTls).unwrap()
+        }
+    }
+
+    impl Drop for TestSchema {
+        fn drop(&mut self) {
+            let _ = drop_schema(&self.settings.schema);
+        }
+    }
+
+    fn drop_schema(schema: &str) -> Result<(), postgres::Error> {
+        Client::connect(&url(), NoTls)?.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+    }
+
+    /// A device that lives in partition `p`.
+    fn device_in(p: Partition) -> String {
+        (0..).map(|i| format!("dev-{i}")).find(|d| partition_for(d, LOG_PARTITIONS) == p).unwrap()
+    }
+
+    fn win(start: i64) -> WinState {
+        WinState { start, last_ts: start + 5, aggs: vec![] }
+    }
+
+    fn cbor(w: &WinState) -> Vec<u8> {
+        serde_cbor::to_vec(w).unwrap()
+    }
+
+    fn view_changes(p: Partition, changes: Changes, closed_through: Option<i64>) -> ViewChanges {
+        ViewChanges { view: "v@1".into(), partition: Some(p), changes, closed_through }
+    }
+
+    fn late_event(p: Partition, offset: Offset, device: &str) -> LateEvent {
+        LateEvent {
+            view: "v@1".into(),
+            partition: p,
+            offset,
+            window_start: 0,
+            device: device.into(),
+            boot: 1,
+            seq: u64::MAX - 1,
+            ts_ms: 10,
+            watermark_ms: 70_000,
+            reason: "late",
+        }
+    }
+
+    /// Rows as (key, start, n), in the store's order.
+    fn rows_of(s: &PgStore) -> Vec<(String, i64, u64)> {
+        s.rows("v@1").unwrap().into_iter().map(|r| (r.key, r.window_start, r.values["n"].as_u64().unwrap())).collect()
+    }
+
+    fn views(toml_text: &str) -> Vec<ViewSpec> {
+        let doc: toml::Table = toml::from_str(toml_text).unwrap();
+        let tables: Vec<toml::Table> =
+            doc["views"].as_array().unwrap().iter().map(|v| v.as_table().unwrap().clone()).collect();
+        crate::views::spec::parse_views(&tables, &["temperature".to_string()]).unwrap()
+    }
+
+    #[test]
+    fn schema_names_are_plain_identifiers() {
+        let long = "a".repeat(64);
+        for bad in ["", "a-b", "a;drop", "ä", "x\"y", long.as_str()] {
+            let settings = PgSettings { url: url(), schema: bad.to_string() };
+            let err = PgStore::connect(&settings, 1).unwrap_err();
+            assert!(err.0.contains("ASCII letters"), "{bad:?}: {err}");
+        }
+        assert!(check_schema_name("Kappa_1").is_ok());
+    }
+
+    #[test]
+    fn an_upsert_batch_keeps_the_last_of_each_key() {
+        let kept = keep_last(vec![("a", 1), ("b", 2), ("a", 3), ("c", 4), ("b", 5)], |(k, _)| *k);
+        assert_eq!(kept, [("a", 3), ("c", 4), ("b", 5)]);
+    }
+
+    #[test]
+    fn settings_do_not_show_the_url() {
+        let settings = PgSettings { url: "host=x password=secret".into(), schema: "k".into() };
+        assert!(!format!("{settings:?}").contains("secret"));
+    }
+
+    #[test]
+    fn a_checkpoint_round_trips_per_partition() {
+        let db = TestSchema::new("roundtrip");
+        let mut a = db.connect();
+        let mut b = db.connect();
+        a.claim("main", &[0, 1]).unwrap();
+        b.claim("main", &[2, 3]).unwrap();
+        let (d0, d1, d2) = (device_in(0), device_in(1), device_in(2));
+        let cp = Checkpoint {
+            pipeline: "main".into(),
+            views: vec![
+                view_changes(
+                    0,
+                    Changes {
+                        // The second (d0, 0) wins; "Z" < "a" < "dev-" in byte order.
+                        row_upserts: vec![
+                            row(&d0, 0, 1),
+                            row(&d0, 60_000, 1),
+                            row(&d0, 0, 2),
+                            row("a", 0, 3),
+                            row("Z", 0, 4),
+                        ],
+                        state_upserts: vec![(d0.clone(), 0, cbor(&win(1))), (d0.clone(), 0, cbor(&win(0)))],
+                        ..Changes::default()
+                    },
+                    Some(5),
+                ),
+                view_changes(
+                    1,
+                    Changes {
+                        row_upserts: vec![Row { window_end: None, ..row(&d1, 0, 7) }],
+                        state_upserts: vec![(d1.clone(), 60_000, cbor(&win(60_000)))],
+                        ..Changes::default()
+                    },
+                    None,
+                ),
+            ],
+            dedup_upserts: vec![(d0.clone(), 1, vec![1]), (d1.clone(), 2, vec![9]), (d1.clone(), 2, vec![2])],
+            partitions: vec![(0, 10, Some(100)), (1, 20, None)],
+            late: vec![late_event(0, 3, &d0), late_event(0, 3, &d0)],
+            // Not kept: windows close per partition.
+            global_watermark: Some(90),
+            caught_up: true,
+            ..Checkpoint::default()
+        };
+        a.checkpoint(&cp).unwrap();
+        b.checkpoint(&Checkpoint {
+            pipeline: "main".into(),
+            dedup_upserts: vec![(d2.clone(), 1, vec![7])],
+            partitions: vec![(2, 5, Some(50))],
+            ..Checkpoint::default()
+        })
+        .unwrap();
+
+        let r = a.restore("main").unwrap();
+        assert_eq!(r.partitions, BTreeMap::from([(0, (10, Some(100))), (1, (20, None))]));
+        assert_eq!(r.global_watermark, None);
+        let mut dedup = r.dedup;
+        dedup.sort();
+        let mut want = vec![(d0.clone(), 1, vec![1]), (d1.clone(), 2, vec![2])];
+        want.sort();
+        assert_eq!(dedup, want, "the dedup state of the claimed partitions only, the last upsert winning");
+        assert_eq!(b.restore("main").unwrap().dedup, [(d2.clone(), 1, vec![7])]);
+
+        assert_eq!(a.view_state("v@1", Some(0)).unwrap(), (Some(5), vec![(d0.clone(), win(0))]));
+        assert_eq!(a.view_state("v@1", Some(1)).unwrap(), (None, vec![(d1.clone(), win(60_000))]));
+        assert_eq!(a.view_state("v@1", Some(2)).unwrap(), (None, vec![]));
+        assert!(a.view_state("v@1", None).is_err());
+        assert!(a.alert_state().unwrap_err().0.contains("embedded store"));
+
+        let mut want = vec![
+            (d0.clone(), 0, 2),
+            (d0.clone(), 60_000, 1),
+            (d1.clone(), 0, 7),
+            ("a".to_string(), 0, 3),
+            ("Z".to_string(), 0, 4),
+        ];
+        want.sort();
+        assert_eq!(rows_of(&a), want);
+        let global = a.rows("v@1").unwrap().into_iter().find(|r| r.key == d1).unwrap();
+        assert_eq!(global.window_end, None);
+        let dump = a.dump_rows("v@1").unwrap();
+        assert!(dump.starts_with("Z\t0\t60000\t{\"n\":4}\na\t0\t60000\t{\"n\":3}\n"), "{dump}");
+        assert!(dump.contains(&format!("{d1}\t0\t-\t{{\"n\":7}}\n")), "{dump}");
+        assert_eq!(dump.lines().count(), 5);
+
+        let late = a.late_events("v@1").unwrap();
+        assert_eq!(late, [late_event(0, 3, &d0)], "a late event is written once, its seq bit for bit");
+        assert_eq!(a.positions("main").unwrap(), BTreeMap::from([(0, 10), (1, 20), (2, 5), (3, 0)]));
+
+        // The same checkpoint again (a retry) changes nothing, not even the row versions.
+        let versions = |c: &mut Client| -> Vec<String> {
+            c.query(
+                &format!("SELECT xmin::text FROM \"{}\".view_rows ORDER BY key, window_start", db.settings.schema),
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+        };
+        let mut raw = db.raw();
+        let before = versions(&mut raw);
+        a.checkpoint(&cp).unwrap();
+        assert_eq!(a.dump_rows("v@1").unwrap(), dump);
+        assert_eq!(versions(&mut raw), before);
+        assert_eq!(a.late_events("v@1").unwrap().len(), 1);
+
+        // Deletes.
+        a.checkpoint(&Checkpoint {
+            pipeline: "main".into(),
+            views: vec![view_changes(
+                0,
+                Changes {
+                    row_deletes: vec![(d0.clone(), 60_000)],
+                    state_deletes: vec![(d0.clone(), 0)],
+                    ..Changes::default()
+                },
+                Some(6),
+            )],
+            dedup_deletes: vec![(d0.clone(), 1)],
+            partitions: vec![(0, 11, Some(100))],
+            ..Checkpoint::default()
+        })
+        .unwrap();
+        assert_eq!(rows_of(&a).len(), 4);
+        assert!(!rows_of(&a).contains(&(d0.clone(), 60_000, 1)));
+        assert_eq!(a.view_state("v@1", Some(0)).unwrap(), (Some(6), vec![]));
+        let r = a.restore("main").unwrap();
+        assert_eq!(r.dedup, [(d1.clone(), 2, vec![2])]);
+        assert_eq!(r.partitions[&0], (11, Some(100)));
+
+        let err = a
+            .checkpoint(&Checkpoint {
+                pipeline: "main".into(),
+                views: vec![ViewChanges { view: "v@1".into(), ..ViewChanges::default() }],
+                ..Checkpoint::default()
+            })
+            .unwrap_err();
+        assert!(err.0.contains("per partition"), "{err}");
+        let err = a.checkpoint(&Checkpoint { pipeline: "other".into(), ..Checkpoint::default() }).unwrap_err();
+        assert!(err.0.contains("claimed partitions of pipeline main"), "{err}");
+    }
+
+    #[test]
+    fn a_worker_that_lost_a_partition_cannot_commit_for_it() {
+        let db = TestSchema::new("fencing");
+        let mut a = db.connect();
+        let mut b = db.connect();
+        let (d0, d1) = (device_in(0), device_in(1));
+        let cp = |views: Vec<ViewChanges>, partitions: Vec<(Partition, Offset, Option<i64>)>| Checkpoint {
+            pipeline: "main".into(),
+            views,
+            partitions,
+            ..Checkpoint::default()
+        };
+        let rows = |rows: Vec<Row>| Changes { row_upserts: rows, ..Changes::default() };
+
+        a.claim("main", &[0, 1]).unwrap();
+        a.checkpoint(&cp(vec![view_changes(0, rows(vec![row(&d0, 0, 1)]), Some(1))], vec![(0, 5, Some(50))])).unwrap();
+        b.claim("main", &[1]).unwrap();
+
+        let both = cp(
+            vec![
+                view_changes(0, rows(vec![row(&d0, 0, 2)]), Some(2)),
+                view_changes(1, rows(vec![row(&d1, 0, 2)]), Some(2)),
+            ],
+            vec![(0, 9, Some(90)), (1, 9, Some(90))],
+        );
+        let err = a.checkpoint(&both).unwrap_err();
+        assert!(err.0.contains("fenced: partition 1 of pipeline main"), "{err}");
+        assert_eq!(rows_of(&a), [(d0.clone(), 0, 1)], "nothing of the fenced checkpoint was written");
+        assert_eq!(a.positions("main").unwrap(), BTreeMap::from([(0, 5), (1, 0)]));
+        assert_eq!(a.view_state("v@1", Some(0)).unwrap().0, Some(1));
+
+        // Fenced too when the checkpoint carries no position for the partition.
+        let err = a.checkpoint(&cp(vec![view_changes(1, rows(vec![row(&d1, 0, 3)]), None)], vec![])).unwrap_err();
+        assert!(err.0.contains("fenced"), "{err}");
+        let mut dedup_only = cp(vec![], vec![]);
+        dedup_only.dedup_upserts = vec![(d1.clone(), 1, vec![1])];
+        assert!(a.checkpoint(&dedup_only).unwrap_err().0.contains("fenced"));
+        assert!(a.restore("main").unwrap_err().0.contains("fenced"), "a restore notices too");
+        let err = a.checkpoint(&cp(vec![view_changes(2, rows(vec![]), None)], vec![])).unwrap_err();
+        assert!(err.0.contains("did not claim"), "{err}");
+
+        b.checkpoint(&cp(vec![view_changes(1, rows(vec![row(&d1, 0, 4)]), Some(4))], vec![(1, 7, Some(70))])).unwrap();
+        a.checkpoint(&cp(vec![view_changes(0, rows(vec![row(&d0, 0, 5)]), Some(5))], vec![(0, 12, Some(120))]))
+            .unwrap();
+        assert_eq!(a.positions("main").unwrap(), BTreeMap::from([(0, 12), (1, 7)]));
+        let mut want = vec![(d0.clone(), 0, 5), (d1.clone(), 0, 4)];
+        want.sort();
+        assert_eq!(rows_of(&a), want);
+        assert_eq!(b.restore("main").unwrap().partitions, BTreeMap::from([(1, (7, Some(70)))]));
+    }
+
+    #[test]
+    fn workers_starting_together_create_the_schema_once() {
+        let db = TestSchema::new("ddlrace");
+        let start = Arc::new(Barrier::new(3));
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                let (settings, start) = (db.settings.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    PgStore::connect(&settings, LOG_PARTITIONS).map(|_| ())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap().unwrap();
+        }
+        let tables: i64 = db
+            .raw()
+            .query_one("SELECT count(*) FROM information_schema.tables WHERE table_schema = $1", &[&db.settings.schema])
+            .unwrap()
+            .get(0);
+        assert_eq!(tables, 9);
+    }
+
+    #[test]
+    fn a_changed_definition_needs_a_new_version() {
+        let db = TestSchema::new("views");
+        let mut s = db.connect();
+        let v1 = views(
+            r#"
+[[views]]
+name = "v"
+key = "device"
+window = { kind = "global" }
+aggregates = [{ name = "n", fn = "count" }]
+"#,
+        );
+        s.register_views(&v1, 1).unwrap();
+        s.register_views(&v1, 2).unwrap();
+        db.connect().register_views(&v1, 3).unwrap();
+        let mut changed = v1.clone();
+        changed[0].window = crate::views::spec::WindowSpec::Tumbling { size_ms: 60_000 };
+        let err = s.register_views(&changed, 4).unwrap_err();
+        assert!(err.0.contains("different definition") && err.0.contains("version = 2"), "{err}");
+        changed[0].version = 2;
+        s.register_views(&[v1[0].clone(), changed[0].clone()], 5).unwrap();
+        assert_eq!(s.resolve_view("v").unwrap().as_deref(), Some("v@1"), "the alias stays on the first version");
+        assert_eq!(s.resolve_view("v@2").unwrap().as_deref(), Some("v@2"));
+        assert_eq!(s.resolve_view("v@3").unwrap(), None);
+        assert_eq!(s.resolve_view("w").unwrap(), None);
+        db.raw().execute(&format!("UPDATE \"{}\".view_aliases SET version = 2", db.settings.schema), &[]).unwrap();
+        assert_eq!(s.resolve_view("v").unwrap().as_deref(), Some("v@2"), "the alias decides");
+    }
+
+    #[test]
+    fn a_checkpoint_of_ten_thousand_rows_is_written_whole() {
+        let db = TestSchema::new("bulk");
+        let mut s = db.connect();
+        s.claim("main", &[0, 1]).unwrap();
+        let changes = |p: Partition| Changes {
+            row_upserts: (0..5_000).map(|i| row(&format!("p{p}-{i:05}"), i * 60_000, 1)).collect(),
+            state_upserts: (0..5_000).map(|i| (format!("p{p}-{i:05}"), i * 60_000, cbor(&win(i)))).collect(),
+            ..Changes::default()
+        };
+        let cp = Checkpoint {
+            pipeline: "main".into(),
+            views: vec![view_changes(0, changes(0), Some(1)), view_changes(1, changes(1), Some(1))],
+            partitions: vec![(0, 5_000, Some(1)), (1, 5_000, Some(1))],
+            ..Checkpoint::default()
+        };
+        let started = std::time::Instant::now();
+        s.checkpoint(&cp).unwrap();
+        eprintln!("10,000 rows and 10,000 states in {:?}", started.elapsed());
+        let rows = s.rows("v@1").unwrap();
+        assert_eq!(rows.len(), 10_000);
+        assert_eq!((rows[0].key.as_str(), rows[9_999].key.as_str()), ("p0-00000", "p1-04999"));
+        assert_eq!(s.view_state("v@1", Some(1)).unwrap().1.len(), 5_000);
+        assert_eq!(s.positions("main").unwrap().values().sum::<u64>(), 10_000);
+    }
+}

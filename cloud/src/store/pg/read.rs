@@ -1,0 +1,157 @@
+//! What the API and `views dump` read from the cluster store: pages of rows
+//! and late events in the orders the embedded store serves them, the view
+//! list, and canonical dumps that compare byte for byte with an embedded
+//! node's.
+
+use postgres::Row;
+use serde_json::Value as Json;
+
+use super::{Context, PgStore, RawRow, late_reason, to_u32, to_u64};
+use crate::store::{LateQuery, MAIN_PIPELINE, RowQuery, StoreError, StoredRow, ViewInfo, late_dump_line};
+use crate::views::operator::LateEvent;
+
+impl PgStore {
+    /// A page of one view's rows, as [`crate::store::ViewStore::rows`] pages them.
+    pub fn rows_page(&self, q: &RowQuery) -> Result<Vec<StoredRow>, StoreError> {
+        self.raw_page(q)?
+            .into_iter()
+            .map(|(key, window_start, window_end, json)| {
+                let values = serde_json::from_str(&json)
+                    .map_err(|e| StoreError(format!("stored row {key:?} of {} does not parse: {e}", q.view_id)))?;
+                Ok(StoredRow { key, window_start, window_end, values })
+            })
+            .collect()
+    }
+
+    /// A page of rows with their JSON as stored.
+    pub(super) fn raw_page(&self, q: &RowQuery) -> Result<Vec<RawRow>, StoreError> {
+        let s = &self.s;
+        let (after_key, after_start) = q.after.clone().unwrap_or((String::new(), i64::MIN));
+        let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+        let rows = self
+            .client
+            .borrow_mut()
+            .query(
+                &format!(
+                    "SELECT key, window_start, window_end, row FROM {s}.view_rows
+                     WHERE view_id = $1 AND ($2::text IS NULL OR key = $2) AND window_start >= $3 AND window_start < $4
+                       AND (key > $5 OR (key = $5 AND window_start > $6))
+                     ORDER BY key, window_start LIMIT $7"
+                ),
+                &[&q.view_id, &q.key, &q.from, &q.to, &after_key, &after_start, &limit],
+            )
+            .with_context(|| format!("reading the rows of {}", q.view_id))?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+            .collect::<Result<_, postgres::Error>>()
+            .with_context(|| format!("reading the rows of {}", q.view_id))
+    }
+
+    /// Every view version the workers registered. They all run in one live
+    /// pipeline (replay pipelines are not built on a cluster).
+    pub fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
+        let s = &self.s;
+        let rows = self
+            .client
+            .borrow_mut()
+            .query(
+                &format!(
+                    "SELECT v.name, v.version, v.view_id, v.definition, a.version IS NOT NULL,
+                            (SELECT count(*) FROM {s}.view_rows r WHERE r.view_id = v.view_id)
+                     FROM {s}.views v LEFT JOIN {s}.view_aliases a ON a.name = v.name AND a.version = v.version
+                     ORDER BY v.name, v.version"
+                ),
+                &[],
+            )
+            .context("listing the views")?;
+        rows.iter()
+            .map(|r| {
+                let definition: String = r.try_get(3).context("listing the views")?;
+                Ok(ViewInfo {
+                    name: r.try_get(0).context("listing the views")?,
+                    version: to_u32(r.try_get(1).context("listing the views")?, "view version")?,
+                    id: r.try_get(2).context("listing the views")?,
+                    current: r.try_get(4).context("listing the views")?,
+                    state: "live".into(),
+                    detail: String::new(),
+                    pipeline: MAIN_PIPELINE.into(),
+                    rows: to_u64(r.try_get(5).context("listing the views")?, "row count")?,
+                    definition: serde_json::from_str(&definition).unwrap_or(Json::Null),
+                })
+            })
+            .collect()
+    }
+
+    /// A page of late events, as [`crate::store::ViewStore::late_events`] pages them.
+    pub fn late_page(&self, q: &LateQuery) -> Result<Vec<LateEvent>, StoreError> {
+        let s = &self.s;
+        let (a_ts, a_view, a_p, a_o, a_w) = q.after.clone().unwrap_or((i64::MIN, String::new(), 0, 0, i64::MIN));
+        let (a_p, a_o) = (i64::from(a_p), i64::try_from(a_o).unwrap_or(i64::MAX));
+        let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+        let rows = self
+            .client
+            .borrow_mut()
+            .query(
+                &format!(
+                    "SELECT view_id, part, log_offset, window_start, device, boot, seq, ts_ms, watermark_ms, reason
+                     FROM {s}.late_events
+                     WHERE ($1::text IS NULL OR view_id = $1) AND ($2::text IS NULL OR device = $2)
+                       AND ts_ms >= $3 AND ts_ms < $4
+                       AND (ts_ms, view_id, part, log_offset, window_start) > ($5, $6, $7, $8, $9)
+                     ORDER BY ts_ms, view_id, part, log_offset, window_start LIMIT $10"
+                ),
+                &[&q.view_id, &q.device, &q.from, &q.to, &a_ts, &a_view, &a_p, &a_o, &a_w, &limit],
+            )
+            .context("reading the late events")?;
+        rows.iter().map(late_event).collect()
+    }
+
+    /// Every view's rows and the late log, in the format of the embedded
+    /// store's `views dump`.
+    pub fn dump(&self) -> Result<String, StoreError> {
+        let mut out = String::new();
+        let mut ids: Vec<String> = self.list_views()?.into_iter().map(|v| v.id).collect();
+        ids.sort();
+        for id in ids {
+            for line in self.dump_rows(&id)?.lines() {
+                out.push_str(&format!("{id}\t{line}\n"));
+            }
+        }
+        out.push_str("# late\n");
+        for l in self.late_page(&LateQuery::everything(None))? {
+            out.push_str(&late_dump_line(&l));
+        }
+        Ok(out)
+    }
+}
+
+/// Every row of a view, in one page.
+pub(super) fn all_rows(view_id: &str) -> RowQuery {
+    RowQuery {
+        view_id: view_id.to_string(),
+        key: None,
+        from: i64::MIN,
+        to: i64::MAX,
+        after: None,
+        limit: usize::MAX >> 1,
+    }
+}
+
+/// One row of `late_events` (columns in table order).
+pub(super) fn late_event(r: &Row) -> Result<LateEvent, StoreError> {
+    let what = "reading a late event";
+    let reason: String = r.try_get(9).context(what)?;
+    Ok(LateEvent {
+        view: r.try_get(0).context(what)?,
+        partition: to_u32(r.try_get(1).context(what)?, "partition")?,
+        offset: to_u64(r.try_get(2).context(what)?, "offset")?,
+        window_start: r.try_get(3).context(what)?,
+        device: r.try_get(4).context(what)?,
+        boot: to_u32(r.try_get(5).context(what)?, "boot")?,
+        // Stored bit for bit (see the module docs).
+        seq: r.try_get::<_, i64>(6).context(what)? as u64,
+        ts_ms: r.try_get(7).context(what)?,
+        watermark_ms: r.try_get(8).context(what)?,
+        reason: late_reason(&reason)?,
+    })
+}

@@ -1,0 +1,198 @@
+//! Processor workers as a Kafka consumer group (tansu) writing the views
+//! into PostgreSQL, which the node's API reads. A fleet publishes through an
+//! edge agent and an ingest node while workers are killed (`kill -9`) and
+//! added: the views stay exact against the ground truth. The negative
+//! control starts each share without restoring its partitions' state and
+//! shows that the same test catches it.
+
+use std::time::Duration;
+
+use crate::util::*;
+
+/// PostgreSQL on this machine (`.ci/run` starts it): trust auth, database `test`.
+fn postgres() -> String {
+    std::env::var("KAPPA_TEST_POSTGRES").unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
+}
+
+/// A PostgreSQL schema of the test's own, dropped first (a rerun starts clean).
+fn fresh_schema(name: &str) -> String {
+    let schema = format!("kappa_e2e_{name}_{}", std::process::id());
+    let drop = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+    // The blocking client runs a runtime of its own: not on the test's.
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&postgres(), postgres::NoTls).expect("PostgreSQL at 127.0.0.1:5432");
+        client.batch_execute(&drop).expect("drop the test schema");
+    })
+    .join()
+    .expect("the schema is dropped");
+    schema
+}
+
+/// The node's and the workers' config (without `data_dir` and `[http]`),
+/// with `extra` (processor settings, views) at the end.
+fn cluster_config(broker: &Tansu, schema: &str, extra: &str) -> String {
+    format!(
+        "[log]\nbackend = \"kafka\"\npartitions = 6\n[log.kafka]\nbrokers = \"{}\"\ntopic = \"events\"\n\
+         delivery_timeout = \"3s\"\n[cluster]\npostgres = \"{}\"\nschema = \"{schema}\"\n\
+         session_timeout = \"6s\"\n{extra}",
+        broker.brokers(),
+        postgres()
+    )
+}
+
+/// A `kappa-cloud worker` process with `/metrics` on a port of its own.
+struct Worker {
+    port: u16,
+    proc: Proc,
+}
+
+impl Worker {
+    async fn start(dir: &std::path::Path, name: &str, config: &str, env: &[(&str, &str)]) -> Worker {
+        let port = free_port();
+        let path = dir.join(format!("{name}.toml"));
+        let data = dir.join(format!("{name}-data"));
+        std::fs::write(&path, format!("data_dir = {data:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{config}"))
+            .expect("write the worker config");
+        let proc =
+            Proc::spawn_env(name, BIN, &["cloud", "worker", "--config", path.to_str().unwrap_or_default()], dir, env);
+        wait_for_port(port).await;
+        Worker { port, proc }
+    }
+
+    /// Readings this worker has processed so far.
+    async fn processed(&self) -> f64 {
+        series(&format!("http://127.0.0.1:{}", self.port), r#"kappa_cloud_readings_processed_total{pipeline="main"}"#)
+            .await
+    }
+}
+
+struct Run {
+    truth: kappa_sim::truth::GroundTruth,
+    rows: Vec<kappa_cloud::api::RowOut>,
+    /// Readings each surviving worker processed (the killed one is gone).
+    processed: Vec<f64>,
+    logs: String,
+}
+
+/// Three workers over six partitions; one is killed with SIGKILL mid-stream
+/// and, later, a fourth joins. Returns the truth and the rows the API serves
+/// once they hold every acknowledged reading, or after `settle`.
+async fn kill_and_join(dir: &std::path::Path, name: &str, env: &[(&str, &str)], settle: Duration) -> Run {
+    let broker = Tansu::start(dir).await;
+    let config = cluster_config(&broker, &fresh_schema(name), FLEET_PROCESSOR);
+    let cloud = Cloud::start_with(dir, "cloud", &config, &[]).await;
+    let mut workers = Vec::new();
+    for i in 0..3 {
+        workers.push(Worker::start(dir, &format!("worker-{i}"), &config, env).await);
+    }
+    let mqtt_port = free_port();
+    let edge = Edge::start(dir, Mqtt::Embedded(mqtt_port), &cloud.url()).await;
+    let mut sim = Fleet::new(20, 600, 10.0).start(mqtt_port, dir);
+    wait_for_readings(&cloud.url(), 2_000, Duration::from_secs(90)).await;
+
+    workers[0].proc.kill9().await;
+    // The group moves its partitions after the session timeout (6 s).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    workers.push(Worker::start(dir, "worker-3", &config, env).await);
+
+    let truth = Fleet::finish(&mut sim, dir).await;
+    wait_for_readings(&cloud.url(), truth.acked, settle).await;
+    let rows = fetch_rows(&cloud.url(), "device_windows").await;
+    let mut processed = Vec::new();
+    for w in &workers[1..] {
+        processed.push(w.processed().await);
+    }
+    let logs = workers.iter().map(|w| w.proc.tail()).chain([cloud.proc.tail(), edge.proc.tail()]).collect::<Vec<_>>();
+    Run { truth, rows, processed, logs: logs.join("\n") }
+}
+
+/// The example cluster config's views (keyed by the device), alerts and rules.
+fn example_views() -> String {
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/cloud/cluster.toml"))
+        .expect("example config");
+    example[example.find("[schema]").expect("schema section")..].to_string()
+}
+
+/// Test 4 of the cluster issue, on workers: the reference scenario (late
+/// data, duplicates inside batches, ten batches sent twice) into a node on
+/// the embedded log and into a cluster of two workers on Kafka. The rows and
+/// late events the cluster keeps in PostgreSQL are byte-identical to the
+/// node's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_compute_the_same_views_as_an_embedded_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Tansu::start(dir.path()).await;
+    let batches = scenario(true);
+    let processor = "[processor]\npoll_records = 500\ncheckpoint_interval = \"200ms\"\nmax_out_of_orderness = \"2m\"\n";
+    let views = format!("{processor}{}", example_views());
+
+    let mut embedded = Cloud::start_with(dir.path(), "embedded", &format!("[log]\npartitions = 6\n{views}"), &[]).await;
+    let records = ingest(&embedded, &batches).await;
+    crate::processor::until_processed(&embedded, records).await;
+    assert!(embedded.proc.terminate().await.success());
+    let expected = embedded.dump().await;
+    assert!(
+        expected.lines().count() > 100 && expected.contains("\tlate\n"),
+        "the scenario fills the views and has late data"
+    );
+
+    let config = cluster_config(&broker, &fresh_schema("same"), &views);
+    let cloud = Cloud::start_with(dir.path(), "cloud", &config, &[]).await;
+    let workers = [
+        Worker::start(dir.path(), "worker-a", &config, &[]).await,
+        Worker::start(dir.path(), "worker-b", &config, &[]).await,
+    ];
+    ingest(&cloud, &batches[..10]).await;
+    ingest(&cloud, &batches).await; // the first ten again, then the rest
+    let mut last = String::new();
+    let converged = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            last = cloud.dump().await;
+            if last == expected {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    let logs = workers.iter().map(|w| w.proc.tail()).collect::<Vec<_>>().join("\n");
+    assert!(
+        converged.is_ok(),
+        "the cluster's views differ from the embedded node's:\n{}\n{logs}",
+        first_difference(&expected, &last)
+    );
+    for w in &workers {
+        assert!(w.processed().await > 0.0, "both workers computed a share\n{logs}");
+    }
+}
+
+/// Tests 1 and 2 of the cluster issue: three workers, exact views; `kill -9`
+/// one mid-stream, its partitions move, still exact; add one, still exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_keep_the_views_exact_through_a_kill_and_a_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = kill_and_join(dir.path(), "exact", &[], Duration::from_secs(120)).await;
+    assert_eq!(run.truth.acked, run.truth.sampled, "every reading was acknowledged to its device");
+    let problems = diff_against_truth(&run.truth, &run.rows);
+    assert!(problems.is_empty(), "lost or double-counted readings: {problems:?}\n{}", run.logs);
+    // Every surviving worker, the one that joined late included, computed a share.
+    assert!(
+        run.processed.iter().all(|n| *n > 0.0),
+        "each worker processed readings: {:?}\n{}",
+        run.processed,
+        run.logs
+    );
+}
+
+/// Negative control: workers that take a share without restoring its
+/// partitions' state (`KAPPA_TEST_WORKER_SKIP_RESTORE`) start those windows
+/// from nothing after each move, and the check above catches the lost counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_workers_that_do_not_restore_state_lose_readings() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [(kappa_cloud::cluster::FAULT_SKIP_RESTORE, "1")];
+    // Lost counts never arrive: a shorter wait than the exact run's.
+    let run = kill_and_join(dir.path(), "norestore", &env, Duration::from_secs(20)).await;
+    let problems = diff_against_truth(&run.truth, &run.rows);
+    assert!(!problems.is_empty(), "starting a moved partition from empty state should lose readings");
+}
