@@ -29,9 +29,8 @@ use crate::eventlog::{EventLog, EventLogError, LogAppender, LogSource};
 use crate::ingest::{self, IngestState};
 use crate::metrics::CloudMetrics;
 use crate::processor::{Operator, Processor, ProcessorSettings};
-use crate::store::pg::PgStore;
-use crate::store::{LateQuery, RowQuery, StoreError, StoredRow, ViewInfo, ViewReader, ViewStore};
-use crate::views::operator::LateEvent;
+use crate::store::pg::{PgReader, PgStore};
+use crate::store::{StoreError, ViewReader, ViewStore};
 
 /// Where an operator pipeline reads: the archive (when there is one), then the log.
 struct Sources<'a> {
@@ -107,10 +106,11 @@ impl Node {
             None => (store.plan_pipelines(&specs, now_ms)?, Box::new(ViewStore::open_read_only(&store_path)?)),
             Some(cluster) => {
                 let (settings, partitions) = (cluster.store(), cfg.log.partitions);
+                let settings_for_api = settings.clone();
                 let pg = tokio::task::spawn_blocking(move || PgStore::connect(&settings, partitions))
                     .await
                     .map_err(|e| NodeError::Bind(format!("connecting to PostgreSQL: {e}")))??;
-                (Vec::new(), Box::new(PgReader(Some(pg))))
+                (Vec::new(), Box::new(PgReader::new(settings_for_api, partitions, pg)))
             }
         };
         let archive: Option<Arc<dyn ArchiveStore>> = if cfg.archive.enabled {
@@ -324,44 +324,6 @@ impl Node {
     /// Runs until SIGINT/SIGTERM or a failure, then stops gracefully.
     pub async fn run_until_signal(self) -> Result<(), NodeError> {
         Ok(self.running.run_until_signal().await?)
-    }
-}
-
-/// The API's connection to PostgreSQL. A blocking client owns a runtime of
-/// its own, which must not be dropped on an async thread: it is dropped on
-/// a thread of its own.
-#[derive(Debug)]
-struct PgReader(Option<PgStore>);
-
-impl PgReader {
-    fn store(&self) -> Result<&PgStore, StoreError> {
-        self.0.as_ref().ok_or_else(|| StoreError("the PostgreSQL connection is closed".into()))
-    }
-}
-
-impl Drop for PgReader {
-    fn drop(&mut self) {
-        if let Some(pg) = self.0.take() {
-            std::thread::spawn(move || drop(pg));
-        }
-    }
-}
-
-impl ViewReader for PgReader {
-    fn resolve_view(&self, name: &str) -> Result<Option<String>, StoreError> {
-        self.store()?.resolve_view(name)
-    }
-
-    fn rows(&self, q: &RowQuery) -> Result<Vec<StoredRow>, StoreError> {
-        self.store()?.rows_page(q)
-    }
-
-    fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
-        self.store()?.list_views()
-    }
-
-    fn late_events(&self, q: &LateQuery) -> Result<Vec<LateEvent>, StoreError> {
-        self.store()?.late_page(q)
     }
 }
 

@@ -26,7 +26,7 @@
 pub mod partitioned;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -159,19 +159,28 @@ impl Worker {
                     break processor.checkpoint().and_then(|()| processor.sync());
                 }
             };
+            source = processor.into_source();
             if let Err(e) = outcome {
                 tracing::warn!(error = %e, "The last checkpoint of this share did not commit; its successor reads it again.");
-                if !cancel.is_cancelled() {
+                if cancel.is_cancelled() {
+                    break;
+                }
+                if e.to_string().contains("fenced:") {
+                    // Another worker claimed some of these partitions: the
+                    // group is moving them. Wait for it to say so (at most a
+                    // session) rather than claiming them back.
+                    let until = Instant::now() + cluster.session_timeout;
+                    source.wait_for_move(|| cancel.is_cancelled() || Instant::now() >= until);
+                } else {
                     retry_pause(&cancel);
                 }
             }
-            source = processor.into_source();
             if cancel.is_cancelled() {
                 break;
             }
             if !source.moved() {
                 // The share did not move but processing failed (store down,
-                // fenced by a premature successor): take the same share again.
+                // fenced without a rebalance): take the same share again.
                 source = rejoin(source);
             }
         }

@@ -260,26 +260,38 @@ impl GroupSource {
     /// (more members than partitions).
     pub fn next_assignment(&mut self, stop: impl Fn() -> bool) -> Option<Vec<Partition>> {
         let ctx = self.consumer.context().clone();
-        while !stop() {
-            if ctx.moved.swap(false, Ordering::SeqCst) {
-                let share = ctx.assignment.lock().ok().and_then(|a| a.clone());
-                if let Some(share) = share {
-                    self.positions = share.iter().map(|p| (*p, 0)).collect();
-                    self.ends = share.iter().map(|p| (*p, 0)).collect();
-                    self.at_end.clear();
-                    self.reassign = !share.is_empty();
-                    return Some(share);
-                }
+        while self.wait_for_move(&stop) {
+            if !ctx.moved.swap(false, Ordering::SeqCst) {
+                continue;
             }
-            // Records fetched before the share is taken are read again after
-            // the seek to the checkpoint.
+            // After a revocation there is no share yet: wait for the assignment.
+            let share = ctx.assignment.lock().ok().and_then(|a| a.clone());
+            if let Some(share) = share {
+                self.positions = share.iter().map(|p| (*p, 0)).collect();
+                self.ends = share.iter().map(|p| (*p, 0)).collect();
+                self.at_end.clear();
+                self.reassign = !share.is_empty();
+                return Some(share);
+            }
+        }
+        None
+    }
+
+    /// Serves the group protocol until the group moves partitions (true) or
+    /// `stop` returns true (false). Records fetched meanwhile are dropped:
+    /// they are read again after the seek to the checkpoint.
+    pub fn wait_for_move(&mut self, stop: impl Fn() -> bool) -> bool {
+        while !stop() {
+            if self.moved() {
+                return true;
+            }
             if let Some(Err(e)) = self.consumer.poll(Duration::from_millis(100))
                 && !matches!(e, KafkaError::PartitionEOF(_))
             {
                 self.warn(&e);
             }
         }
-        None
+        false
     }
 }
 

@@ -76,6 +76,8 @@ use crate::views::spec::ViewSpec;
 /// Pages, the view list and dumps, for the API and `views dump`.
 mod read;
 
+pub use read::PgReader;
+
 /// `(key, window_start, window_end, row)` as stored.
 type RawRow = (String, i64, Option<i64>, String);
 
@@ -302,6 +304,11 @@ impl PgStore {
         tx.commit().with_context(|| format!("claiming partitions of pipeline {pipeline}"))?;
         self.claim = Some(Claim { pipeline: pipeline.to_string(), epochs });
         Ok(())
+    }
+
+    /// Whether the connection to PostgreSQL was lost.
+    pub fn is_closed(&self) -> bool {
+        self.client.borrow().is_closed()
     }
 
     /// The view id a name (through its alias) or `name@version` refers to.
@@ -1324,5 +1331,27 @@ aggregates = [{ name = "n", fn = "count" }]
         assert_eq!((rows[0].key.as_str(), rows[9_999].key.as_str()), ("p0-00000", "p1-04999"));
         assert_eq!(s.view_state("v@1", Some(1)).unwrap().1.len(), 5_000);
         assert_eq!(s.positions("main").unwrap().values().sum::<u64>(), 10_000);
+    }
+
+    /// The API's reader survives PostgreSQL dropping its connection: the
+    /// request that finds it gone fails, the next one connects again.
+    #[test]
+    fn the_api_reader_connects_again_after_its_connection_was_dropped() {
+        use crate::store::ViewReader;
+        let t = TestSchema::new("reader");
+        let reader = PgReader::new(t.settings.clone(), LOG_PARTITIONS, t.connect());
+        assert_eq!(reader.list_views().unwrap(), vec![]);
+        let mut raw = t.raw();
+        // The reader's connection: its last query named this test's schema.
+        let killed = raw
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE pid <> pg_backend_pid() AND query LIKE '%' || $1 || '%view_aliases%'",
+                &[&t.settings.schema],
+            )
+            .unwrap();
+        assert!(killed >= 1, "the reader's connection was found and terminated");
+        let attempts: Vec<bool> = (0..2).map(|_| reader.list_views().is_ok()).collect();
+        assert_eq!(attempts.last(), Some(&true), "the reader connects again: {attempts:?}");
     }
 }

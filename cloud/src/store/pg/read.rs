@@ -3,11 +3,13 @@
 //! list, and canonical dumps that compare byte for byte with an embedded
 //! node's.
 
+use std::cell::RefCell;
+
 use postgres::Row;
 use serde_json::Value as Json;
 
-use super::{Context, PgStore, RawRow, late_reason, to_u32, to_u64};
-use crate::store::{LateQuery, MAIN_PIPELINE, RowQuery, StoreError, StoredRow, ViewInfo, late_dump_line};
+use super::{Context, PgSettings, PgStore, RawRow, late_reason, to_u32, to_u64};
+use crate::store::{LateQuery, MAIN_PIPELINE, RowQuery, StoreError, StoredRow, ViewInfo, ViewReader, late_dump_line};
 use crate::views::operator::LateEvent;
 
 impl PgStore {
@@ -122,6 +124,63 @@ impl PgStore {
             out.push_str(&late_dump_line(&l));
         }
         Ok(out)
+    }
+}
+
+/// The API's connection to the cluster store. It connects again after
+/// PostgreSQL was away (a request meanwhile fails with the store's error).
+/// A blocking client owns a runtime of its own, which must not be dropped on
+/// an async thread: it is dropped on a thread of its own.
+#[derive(Debug)]
+pub struct PgReader {
+    settings: PgSettings,
+    log_partitions: u32,
+    store: RefCell<Option<PgStore>>,
+}
+
+impl PgReader {
+    pub fn new(settings: PgSettings, log_partitions: u32, store: PgStore) -> Self {
+        Self { settings, log_partitions, store: RefCell::new(Some(store)) }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&PgStore) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut slot = self.store.borrow_mut();
+        if slot.as_ref().is_none_or(PgStore::is_closed) {
+            if let Some(old) = slot.take() {
+                std::thread::spawn(move || drop(old));
+            }
+            *slot = Some(PgStore::connect(&self.settings, self.log_partitions)?);
+        }
+        match slot.as_ref() {
+            Some(store) => f(store),
+            None => Err(StoreError("no PostgreSQL connection".into())),
+        }
+    }
+}
+
+impl Drop for PgReader {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.get_mut().take() {
+            std::thread::spawn(move || drop(store));
+        }
+    }
+}
+
+impl ViewReader for PgReader {
+    fn resolve_view(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.with(|s| s.resolve_view(name))
+    }
+
+    fn rows(&self, q: &RowQuery) -> Result<Vec<StoredRow>, StoreError> {
+        self.with(|s| s.rows_page(q))
+    }
+
+    fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
+        self.with(PgStore::list_views)
+    }
+
+    fn late_events(&self, q: &LateQuery) -> Result<Vec<LateEvent>, StoreError> {
+        self.with(|s| s.late_page(q))
     }
 }
 
