@@ -346,7 +346,8 @@ fn views_command(cfg: &CloudConfig, cmd: ViewsCommand) -> anyhow::Result<ExitCod
         ViewsCommand::Dump { view } => {
             if let Some(cluster) = &cfg.cluster {
                 // The workers' rows, in the same format: a cluster and a node compare byte for byte.
-                let pg = crate::store::pg::PgStore::connect(&cluster.store(), cfg.log.partitions)?;
+                let mut pg = crate::store::pg::PgStore::connect(&cluster.store(), cfg.log.partitions)?;
+                pg.reading_views(&cfg.view_specs().map_err(|e| anyhow::anyhow!(e.join("\n  ")))?);
                 match view {
                     Some(v) => print!("{}", pg.dump_rows(&v)?),
                     None => print!("{}", pg.dump()?),

@@ -110,7 +110,7 @@ impl Node {
                 let pg = tokio::task::spawn_blocking(move || PgStore::connect(&settings, partitions))
                     .await
                     .map_err(|e| NodeError::Bind(format!("connecting to PostgreSQL: {e}")))??;
-                (Vec::new(), Box::new(PgReader::new(settings_for_api, partitions, pg)))
+                (Vec::new(), Box::new(PgReader::new(settings_for_api, partitions, pg, specs.clone())))
             }
         };
         let archive: Option<Arc<dyn ArchiveStore>> = if cfg.archive.enabled {

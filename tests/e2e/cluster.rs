@@ -156,6 +156,10 @@ async fn two_workers_compute_the_same_views_as_an_embedded_node() {
     })
     .await;
     let logs = workers.iter().map(|w| w.proc.tail()).collect::<Vec<_>>().join("\n");
+    if converged.is_err() {
+        let _ =
+            std::process::Command::new("cp").args(["-r", dir.path().to_str().unwrap(), "/tmp/cluster-fail"]).status();
+    }
     assert!(
         converged.is_ok(),
         "the cluster's views differ from the embedded node's:\n{}\n{logs}",

@@ -81,9 +81,6 @@ impl Worker {
             .clone()
             .ok_or_else(|| WorkerError::Config("a worker reads the Kafka log: set [log.kafka]".into()))?;
         let specs = cfg.view_specs().map_err(|e| WorkerError::Config(e.join("\n  ")))?;
-        for spec in &specs {
-            PartitionedView::new(spec.clone(), &[]).map_err(WorkerError::Config)?;
-        }
         let partitions = cfg.log.partitions;
         let store_settings = cluster.store();
         let registered = specs.clone();
@@ -128,13 +125,10 @@ impl Worker {
                     continue;
                 }
             };
-            let ops = specs
+            let ops: Vec<Box<dyn Operator>> = specs
                 .iter()
-                .map(|s| {
-                    PartitionedView::new(s.clone(), &share).map(|v| Box::new(v.restoring(restore)) as Box<dyn Operator>)
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(WorkerError::Config)?;
+                .map(|s| Box::new(PartitionedView::new(s.clone(), &share).restoring(restore)) as Box<dyn Operator>)
+                .collect();
             let mut processor = match Processor::with_operators(
                 source,
                 store,

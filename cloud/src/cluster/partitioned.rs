@@ -9,9 +9,12 @@
 //! happens to hold, so a view's rows are a function of the log alone,
 //! whichever worker computed which partition.
 //!
-//! This requires every row to come from one partition: the view must be keyed
-//! by the device (records are partitioned by device id). Views keyed by a tag
-//! mix partitions; [`PartitionedView::new`] refuses them.
+//! A view keyed by the device gets each row from one partition (records are
+//! partitioned by device id), so each partition writes its rows. A view keyed
+//! by a tag (a user) mixes partitions: each partition writes the *states* of
+//! its windows instead (partials), and the reader merges them across
+//! partitions ([`crate::views::operator::merge_partials`]) into the rows one
+//! operator seeing every reading would have written.
 
 use std::collections::BTreeMap;
 
@@ -28,23 +31,28 @@ pub struct PartitionedView {
     id: String,
     spec: ViewSpec,
     parts: BTreeMap<Partition, ViewOperator>,
+    /// Keyed by something else than the device: partials, merged by readers.
+    merged: bool,
     /// Restore the partitions' state on start (off only for a fault test).
     restore: bool,
 }
 
 impl PartitionedView {
     /// A view over `partitions`, each restored from the store by
-    /// [`Operator::on_start`]. Refuses a view not keyed by the device.
-    pub fn new(spec: ViewSpec, partitions: &[Partition]) -> Result<Self, String> {
-        if spec.key != Field::Device {
-            return Err(format!(
-                "view {}: cluster workers compute views keyed by the device only (key = \"device\"); \
-                 a view keyed by a tag mixes partitions that different workers own",
-                spec.id()
-            ));
+    /// [`Operator::on_start`].
+    pub fn new(spec: ViewSpec, partitions: &[Partition]) -> Self {
+        let merged = spec.key != Field::Device;
+        let mut view = Self { id: spec.id(), spec, parts: BTreeMap::new(), merged, restore: true };
+        for p in partitions {
+            let op = view.operator();
+            view.parts.insert(*p, op);
         }
-        let parts = partitions.iter().map(|p| (*p, ViewOperator::new(spec.clone()))).collect();
-        Ok(Self { id: spec.id(), spec, parts, restore: true })
+        view
+    }
+
+    fn operator(&self) -> ViewOperator {
+        let op = ViewOperator::new(self.spec.clone());
+        if self.merged { op.keeping_partials() } else { op }
     }
 
     /// Whether [`Operator::on_start`] restores state (see `cluster::FAULT_SKIP_RESTORE`).
@@ -71,8 +79,13 @@ impl Operator for PartitionedView {
     }
 
     fn process(&mut self, ev: &Event<'_>, late: &mut Vec<LateEvent>) {
-        let spec = &self.spec;
-        self.parts.entry(ev.partition).or_insert_with(|| ViewOperator::new(spec.clone())).process(ev, late);
+        if !self.parts.contains_key(&ev.partition) {
+            let op = self.operator();
+            self.parts.insert(ev.partition, op);
+        }
+        if let Some(op) = self.parts.get_mut(&ev.partition) {
+            op.process(ev, late);
+        }
     }
 
     fn on_partition_watermark(&mut self, partition: Partition, watermark: i64) {
@@ -88,6 +101,7 @@ impl Operator for PartitionedView {
                 partition: Some(*p),
                 changes: op.take_changes(),
                 closed_through: op.closed_through(),
+                merged: self.merged,
             });
         }
     }
@@ -136,14 +150,31 @@ mod tests {
     }
 
     #[test]
-    fn a_view_keyed_by_a_tag_is_refused() {
-        let err = PartitionedView::new(spec(Field::Tag("site".into())), &[0]).expect_err("refused");
-        assert!(err.contains("keyed by the device only"), "{err}");
+    fn a_view_keyed_by_a_tag_writes_partials_instead_of_rows() {
+        let mut v = PartitionedView::new(spec(Field::Tag("site".into())), &[0]);
+        let r = Reading {
+            device: "a".into(),
+            boot: 1,
+            seq: 1,
+            ts_ms: 1_000,
+            schema: 2,
+            metrics: Default::default(),
+            tags: [("site".to_string(), "north".to_string())].into(),
+        };
+        let ev = Event { partition: 0, offset: 0, gateway: "g", ingest_ms: 0, reading: &r, watermark: None };
+        v.process(&ev, &mut Vec::new());
+        v.on_partition_watermark(0, 20_000);
+        let mut cp = Checkpoint::default();
+        v.on_checkpoint(&mut cp);
+        let c = &cp.views[0];
+        assert!(c.merged && c.changes.row_upserts.is_empty(), "{c:?}");
+        assert_eq!(c.changes.partial_upserts.len(), 1);
+        assert_eq!((c.changes.partial_upserts[0].0.as_str(), c.changes.partial_upserts[0].2), ("north", Some(10_000)));
     }
 
     #[test]
     fn each_partition_closes_by_its_own_watermark() {
-        let mut v = PartitionedView::new(spec(Field::Device), &[0, 1]).expect("device-keyed");
+        let mut v = PartitionedView::new(spec(Field::Device), &[0, 1]);
         let reading = |device: &str, ts_ms: i64| Reading {
             device: device.into(),
             boot: 1,

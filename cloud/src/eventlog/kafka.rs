@@ -170,6 +170,7 @@ impl KafkaLog {
             reassign: true,
             ends: (0..self.partitions).map(|p| (p, 0)).collect(),
             last_warning: None,
+            positioned: BTreeMap::new(),
         };
         src.assign()?;
         Ok(src)
@@ -205,6 +206,7 @@ impl KafkaLog {
             reassign: false,
             ends: BTreeMap::new(),
             last_warning: None,
+            positioned: BTreeMap::new(),
         })
     }
 }
@@ -218,7 +220,16 @@ pub struct GroupContext {
     moved: AtomicBool,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    /// librdkafka reports reaching a partition's end as a "global error" to
+    /// a group member; it is how the source learns it is caught up, not a
+    /// failure. Everything else is logged.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "librdkafka reported an error.");
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -384,6 +395,8 @@ pub struct KafkaSource<C: SourceContext = DefaultConsumerContext> {
     /// The last end offsets read (kept through broker outages).
     ends: BTreeMap<Partition, Offset>,
     last_warning: Option<Instant>,
+    /// Where this source's own `assign` last positioned each partition's fetch.
+    positioned: BTreeMap<Partition, Offset>,
 }
 
 impl<C: SourceContext> std::fmt::Debug for KafkaSource<C> {
@@ -404,6 +417,7 @@ impl<C: SourceContext> KafkaSource<C> {
                 .map_err(|e| EventLogError::Unavailable(format!("log.kafka: {e}")))?;
         }
         self.consumer.assign(&tpl).map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot assign: {e}")))?;
+        self.positioned = self.positions.clone();
         self.reassign = false;
         Ok(())
     }
@@ -445,6 +459,23 @@ impl<C: SourceContext> LogSource for KafkaSource<C> {
                     let Some(pos) = self.positions.get_mut(&p) else { continue };
                     if offset < *pos {
                         continue; // fetched before a seek moved past it
+                    }
+                    if offset > *pos {
+                        if self.positioned.get(&p) != Some(pos) {
+                            // The fetch runs ahead of this source's position
+                            // (it was not positioned here since the last
+                            // seek): never skip records, position it again.
+                            self.reassign = true;
+                            break;
+                        }
+                        // Positioned exactly here and the broker starts
+                        // later: the records before were deleted (retention).
+                        tracing::warn!(
+                            partition = p,
+                            expected = *pos,
+                            offset,
+                            "The log no longer holds records this source had not read."
+                        );
                     }
                     *pos = offset + 1;
                     self.at_end.remove(&p);

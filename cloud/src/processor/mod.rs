@@ -100,6 +100,7 @@ impl Operator for ViewOperator {
             partition: None,
             changes: self.take_changes(),
             closed_through: self.closed_through(),
+            merged: false,
         });
     }
 

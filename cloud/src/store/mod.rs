@@ -147,6 +147,9 @@ pub struct ViewChanges {
     pub changes: Changes,
     /// The watermark up to which windows are closed.
     pub closed_through: Option<i64>,
+    /// The changes are partials ([`Changes::partial_upserts`], and row
+    /// deletes meaning partials) that a reader merges across partitions.
+    pub merged: bool,
 }
 
 /// What the processor needs from a store: its last checkpoint back, and a
@@ -482,7 +485,10 @@ impl ViewStore {
                 "INSERT INTO view_meta (view_id, closed_through) VALUES (?1, ?2)
                  ON CONFLICT (view_id) DO UPDATE SET closed_through = excluded.closed_through",
             )?;
-            for ViewChanges { view, partition, changes: ch, closed_through: closed } in &cp.views {
+            for ViewChanges { view, partition, changes: ch, closed_through: closed, merged } in &cp.views {
+                if *merged {
+                    return Err(StoreError(format!("view {view}: the embedded store keeps rows, not partials")));
+                }
                 if let Some(p) = partition {
                     return Err(StoreError(format!(
                         "view {view}: the embedded store cannot keep state per partition ({p})"
@@ -872,6 +878,7 @@ mod tests {
                 partition: None,
                 changes: Changes { row_upserts: rows, ..Changes::default() },
                 closed_through: Some(5),
+                merged: false,
             }],
             partitions: vec![(0, next_offset, Some(100))],
             global_watermark: Some(90),

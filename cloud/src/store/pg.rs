@@ -14,6 +14,7 @@
 //! | `view_aliases(name, version)` | which version the API serves for a name |
 //! | `view_rows(view_id, key, window_start, window_end, row)` | output rows; `row` is JSON; `window_end` NULL for global windows |
 //! | `view_state(view_id, part, key, window_start, state)` | open windows (CBOR) of each log partition, for restore |
+//! | `view_partials(view_id, key, window_start, part, window_end, state)` | for views keyed by a tag: each partition's state of each window (CBOR), merged by readers into rows |
 //! | `view_meta(view_id, part, closed_through)` | per partition, the watermark up to which windows are closed |
 //! | `dedup(pipeline, part, device, boot, state)` | sequence numbers seen per device boot (CBOR); `part` is the device's partition |
 //! | `partitions(pipeline, part, next_offset, max_ts, epoch)` | where each partition resumes, its max event time, and the epoch of its owner's claim |
@@ -100,6 +101,10 @@ CREATE TABLE IF NOT EXISTS {s}.view_state (
     view_id text COLLATE "C" NOT NULL, part int8 NOT NULL, key text COLLATE "C" NOT NULL,
     window_start int8 NOT NULL, state bytea NOT NULL,
     PRIMARY KEY (view_id, part, key, window_start));
+CREATE TABLE IF NOT EXISTS {s}.view_partials (
+    view_id text COLLATE "C" NOT NULL, key text COLLATE "C" NOT NULL, window_start int8 NOT NULL,
+    part int8 NOT NULL, window_end int8, state bytea NOT NULL,
+    PRIMARY KEY (view_id, key, window_start, part));
 CREATE TABLE IF NOT EXISTS {s}.view_meta (
     view_id text COLLATE "C" NOT NULL, part int8 NOT NULL, closed_through int8,
     PRIMARY KEY (view_id, part));
@@ -153,6 +158,8 @@ pub struct PgStore {
     schema: String,
     log_partitions: u32,
     claim: Option<Claim>,
+    /// Views whose rows readers merge from partials, by view id.
+    merged_views: BTreeMap<String, ViewSpec>,
 }
 
 impl fmt::Debug for PgStore {
@@ -224,7 +231,14 @@ impl PgStore {
         }
         tx.batch_execute(&DDL.replace("{s}", &s)).context("creating the tables")?;
         tx.commit().context("creating the tables")?;
-        Ok(Self { client: RefCell::new(client), s, schema: settings.schema.clone(), log_partitions, claim: None })
+        Ok(Self {
+            client: RefCell::new(client),
+            s,
+            schema: settings.schema.clone(),
+            log_partitions,
+            claim: None,
+            merged_views: BTreeMap::new(),
+        })
     }
 
     /// Records the views this worker runs. A view already stored with a
@@ -304,6 +318,13 @@ impl PgStore {
         tx.commit().with_context(|| format!("claiming partitions of pipeline {pipeline}"))?;
         self.claim = Some(Claim { pipeline: pipeline.to_string(), epochs });
         Ok(())
+    }
+
+    /// Tells a reader the views it serves: those keyed by something other
+    /// than the device are merged from their partitions' partials.
+    pub fn reading_views(&mut self, specs: &[ViewSpec]) {
+        self.merged_views =
+            specs.iter().filter(|s| s.key != crate::views::spec::Field::Device).map(|s| (s.id(), s.clone())).collect();
     }
 
     /// Whether the connection to PostgreSQL was lost.
@@ -589,6 +610,8 @@ struct Batch<'a> {
     row_up: Rows<'a>,
     state_del: StateKeys<'a>,
     state_up: States<'a>,
+    partial_del: StateKeys<'a>,
+    partial_up: Partials<'a>,
     meta: Metas<'a>,
     dedup_up: Dedups<'a>,
     dedup_del: DedupKeys<'a>,
@@ -625,6 +648,16 @@ struct States<'a> {
     part: Vec<i64>,
     key: Vec<&'a str>,
     start: Vec<i64>,
+    state: Vec<&'a [u8]>,
+}
+
+#[derive(Default)]
+struct Partials<'a> {
+    view: Vec<&'a str>,
+    part: Vec<i64>,
+    key: Vec<&'a str>,
+    start: Vec<i64>,
+    end: Vec<Option<i64>>,
     state: Vec<&'a [u8]>,
 }
 
@@ -668,15 +701,27 @@ impl<'a> Batch<'a> {
         let mut b = Batch::default();
         let mut rows = Vec::new();
         let mut states = Vec::new();
+        let mut partials = Vec::new();
         let mut metas = Vec::new();
         for v in &cp.views {
             let view = v.view.as_str();
             let part = i64::from(v.partition.unwrap_or_default());
             for (k, start) in &v.changes.row_deletes {
-                b.row_del.view.push(view);
-                b.row_del.key.push(k.as_str());
-                b.row_del.start.push(*start);
+                // A merged view's row deletes are its partition's partials.
+                if v.merged {
+                    b.partial_del.view.push(view);
+                    b.partial_del.part.push(part);
+                    b.partial_del.key.push(k.as_str());
+                    b.partial_del.start.push(*start);
+                } else {
+                    b.row_del.view.push(view);
+                    b.row_del.key.push(k.as_str());
+                    b.row_del.start.push(*start);
+                }
             }
+            partials.extend(
+                v.changes.partial_upserts.iter().map(|(k, start, end, blob)| (view, part, k, *start, *end, blob)),
+            );
             rows.extend(v.changes.row_upserts.iter().map(|r| (view, r)));
             for (k, start) in &v.changes.state_deletes {
                 b.state_del.view.push(view);
@@ -700,6 +745,14 @@ impl<'a> Batch<'a> {
             b.state_up.key.push(k.as_str());
             b.state_up.start.push(start);
             b.state_up.state.push(blob.as_slice());
+        }
+        for (view, part, k, start, end, blob) in keep_last(partials, |(v, p, k, s, _, _)| (*v, *p, k.as_str(), *s)) {
+            b.partial_up.view.push(view);
+            b.partial_up.part.push(part);
+            b.partial_up.key.push(k.as_str());
+            b.partial_up.start.push(start);
+            b.partial_up.end.push(end);
+            b.partial_up.state.push(blob.as_slice());
         }
         for (view, part, closed) in keep_last(metas, |(v, p, _)| (*v, *p)) {
             b.meta.view.push(view);
@@ -784,6 +837,31 @@ impl<'a> Batch<'a> {
                 &[&u.view, &u.part, &u.key, &u.start, &u.state],
             )
             .context("writing view state")?;
+        }
+        let d = &self.partial_del;
+        if !d.view.is_empty() {
+            tx.execute(
+                &format!(
+                    "DELETE FROM {s}.view_partials WHERE (view_id, part, key, window_start) IN
+                     (SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[]))"
+                ),
+                &[&d.view, &d.part, &d.key, &d.start],
+            )
+            .context("deleting partials")?;
+        }
+        let u = &self.partial_up;
+        if !u.view.is_empty() {
+            tx.execute(
+                &format!(
+                    "INSERT INTO {s}.view_partials AS t (view_id, part, key, window_start, window_end, state)
+                     SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::bytea[])
+                     ON CONFLICT (view_id, key, window_start, part) DO UPDATE
+                     SET window_end = EXCLUDED.window_end, state = EXCLUDED.state
+                     WHERE (t.window_end, t.state) IS DISTINCT FROM (EXCLUDED.window_end, EXCLUDED.state)"
+                ),
+                &[&u.view, &u.part, &u.key, &u.start, &u.end, &u.state],
+            )
+            .context("writing partials")?;
         }
         let m = &self.meta;
         if !m.view.is_empty() {
@@ -1005,7 +1083,7 @@ mod tests {
     }
 
     fn view_changes(p: Partition, changes: Changes, closed_through: Option<i64>) -> ViewChanges {
-        ViewChanges { view: "v@1".into(), partition: Some(p), changes, closed_through }
+        ViewChanges { view: "v@1".into(), partition: Some(p), changes, closed_through, merged: false }
     }
 
     fn late_event(p: Partition, offset: Offset, device: &str) -> LateEvent {
@@ -1339,7 +1417,7 @@ aggregates = [{ name = "n", fn = "count" }]
     fn the_api_reader_connects_again_after_its_connection_was_dropped() {
         use crate::store::ViewReader;
         let t = TestSchema::new("reader");
-        let reader = PgReader::new(t.settings.clone(), LOG_PARTITIONS, t.connect());
+        let reader = PgReader::new(t.settings.clone(), LOG_PARTITIONS, t.connect(), vec![]);
         assert_eq!(reader.list_views().unwrap(), vec![]);
         let mut raw = t.raw();
         // The reader's connection: its last query named this test's schema.
@@ -1353,5 +1431,70 @@ aggregates = [{ name = "n", fn = "count" }]
         assert!(killed >= 1, "the reader's connection was found and terminated");
         let attempts: Vec<bool> = (0..2).map(|_| reader.list_views().is_ok()).collect();
         assert_eq!(attempts.last(), Some(&true), "the reader connects again: {attempts:?}");
+    }
+
+    /// A view keyed by a tag: two partitions write partial sessions of one
+    /// user, and the reader serves the merged rows, paged.
+    #[test]
+    fn partials_of_a_tag_keyed_view_are_merged_and_paged_by_the_reader() {
+        use crate::views::operator::{Event, ViewOperator};
+        use crate::views::spec::{AggFn, AggSpec, Field, OutputMode, WindowSpec};
+        let spec = ViewSpec {
+            name: "sessions".into(),
+            version: 1,
+            key: Field::Tag("user".into()),
+            window: WindowSpec::Session { gap_ms: 1_000 },
+            output: OutputMode::Update,
+            allowed_lateness_ms: 0,
+            filter: vec![],
+            aggregates: vec![AggSpec { name: "n".into(), func: AggFn::Count, of: None, max: 10 }],
+        };
+        let db = TestSchema::new("partials");
+        let mut store = db.connect();
+        store.claim("main", &[0, 1]).unwrap();
+        // User u: 0 and 500 in partition 0, 900 in partition 1 (one session);
+        // 5,000 in partition 1 (a second one). User v: 100 in partition 0.
+        let readings = [(0, "u", 0), (0, "u", 500), (1, "u", 900), (1, "u", 5_000), (0, "v", 100)];
+        let mut views = Vec::new();
+        for p in [0, 1] {
+            let mut op = ViewOperator::new(spec.clone()).keeping_partials();
+            for (i, (_, user, ts)) in readings.iter().enumerate().filter(|(_, r)| r.0 == p) {
+                let r = kappa_common::reading::Reading {
+                    device: device_in(p),
+                    boot: 1,
+                    seq: i as u64,
+                    ts_ms: *ts,
+                    schema: 2,
+                    metrics: Default::default(),
+                    tags: [("user".to_string(), user.to_string())].into(),
+                };
+                let ev =
+                    Event { partition: p, offset: i as u64, gateway: "g", ingest_ms: 0, reading: &r, watermark: None };
+                op.process(&ev, &mut Vec::new());
+            }
+            views.push(ViewChanges { merged: true, ..view_changes(p, op.take_changes(), None) });
+        }
+        views.iter_mut().for_each(|v| v.view = spec.id());
+        let cp = Checkpoint { pipeline: "main".into(), views, ..Checkpoint::default() };
+        store.checkpoint(&cp).unwrap();
+        store.reading_views(std::slice::from_ref(&spec));
+        let page = |after: Option<(String, i64)>| {
+            let q = page_query(&spec.id(), after, 2);
+            store
+                .rows_page(&q)
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.key, r.window_start, r.values["n"].as_u64().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let first = page(None);
+        assert_eq!(first, vec![("u".to_string(), 0, 3), ("u".to_string(), 5_000, 1)]);
+        assert_eq!(page(Some(("u".into(), 5_000))), vec![("v".to_string(), 100, 1)]);
+        assert_eq!(store.rows_page(&page_query(&spec.id(), None, 100)).unwrap().len(), 3);
+    }
+
+    /// A page of a view's rows, all windows.
+    fn page_query(view: &str, after: Option<(String, i64)>, limit: usize) -> crate::store::RowQuery {
+        crate::store::RowQuery { view_id: view.into(), key: None, from: i64::MIN, to: i64::MAX, after, limit }
     }
 }

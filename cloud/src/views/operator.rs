@@ -100,6 +100,10 @@ pub struct Changes {
     pub state_upserts: Vec<(String, i64, Vec<u8>)>,
     pub state_deletes: Vec<(String, i64)>,
     pub row_upserts: Vec<Row>,
+    /// Instead of rows, when the operator keeps partials (see
+    /// [`ViewOperator::keeping_partials`]): `(key, window start, window end,
+    /// window state as CBOR)`.
+    pub partial_upserts: Vec<(String, i64, Option<i64>, Vec<u8>)>,
     pub row_deletes: Vec<(String, i64)>,
 }
 
@@ -127,6 +131,8 @@ pub struct ViewOperator {
     pub tally: Tally,
     /// Aggregate indices in name order: rows list their values sorted by name.
     by_name: Vec<usize>,
+    /// Write each window's state where a row would go (a reader merges them).
+    partials: bool,
 }
 
 impl ViewOperator {
@@ -141,7 +147,17 @@ impl ViewOperator {
             closed_through: None,
             pending: Changes::default(),
             tally: Tally::default(),
+            partials: false,
         }
+    }
+
+    /// Emits window states ([`Changes::partial_upserts`]) where rows would
+    /// go, and its row deletes mean partials: for cluster workers computing
+    /// a view keyed by a tag, whose rows mix partitions. The reader merges
+    /// the partials of all partitions ([`merge_partials`]).
+    pub fn keeping_partials(mut self) -> Self {
+        self.partials = true;
+        self
     }
 
     pub fn id(&self) -> &str {
@@ -365,7 +381,10 @@ impl ViewOperator {
 
     fn close(&mut self, key: String, slot: Slot) {
         let start = slot.win.start;
-        if self.spec.output == OutputMode::Final || slot.dirty {
+        if self.partials && (self.spec.output == OutputMode::Final || slot.dirty) {
+            let partial = partial_of(self.spec.window, &key, &slot.win);
+            self.pending.partial_upserts.push(partial);
+        } else if self.spec.output == OutputMode::Final || slot.dirty {
             let row = self.row(&key, &slot.win);
             self.pending.row_upserts.push(row);
         }
@@ -381,13 +400,16 @@ impl ViewOperator {
     pub fn take_changes(&mut self) -> Changes {
         let mut out = std::mem::take(&mut self.pending);
         let update = self.spec.output == OutputMode::Update;
+        let partials = self.partials;
         let Self { spec, slots, by_name, .. } = self;
         let mut keys: Vec<&String> = slots.iter().filter(|(_, l)| l.iter().any(|s| s.dirty)).map(|(k, _)| k).collect();
         keys.sort();
         let mut alive: std::collections::HashSet<(String, i64)> = std::collections::HashSet::new();
         for key in keys {
             for slot in slots.get(key).into_iter().flatten().filter(|s| s.dirty) {
-                if update {
+                if update && partials {
+                    out.partial_upserts.push(partial_of(spec.window, key, &slot.win));
+                } else if update {
                     out.row_upserts.push(row_of(spec, by_name, key, &slot.win));
                 }
                 let blob = serde_cbor::ser::to_vec_packed(&slot.win).unwrap_or_default();
@@ -424,6 +446,41 @@ fn row_of(spec: &ViewSpec, by_name: &[usize], key: &str, w: &WinState) -> Row {
     values.push('}');
     let end = Some(end_of(spec.window, w)).filter(|e| *e != i64::MAX);
     Row { key: key.to_string(), window_start: w.start, window_end: end, values }
+}
+
+/// A window's state as a partial: key, start, end (none for the global window), CBOR.
+fn partial_of(window: WindowSpec, key: &str, w: &WinState) -> (String, i64, Option<i64>, Vec<u8>) {
+    let end = Some(end_of(window, w)).filter(|e| *e != i64::MAX);
+    (key.to_string(), w.start, end, serde_cbor::ser::to_vec_packed(w).unwrap_or_default())
+}
+
+/// The rows of one key from its windows' partial states, computed apart
+/// (one per partition) and handed over in any order: fixed windows with the
+/// same start merge, and sessions merge wherever they overlap (a session
+/// spans its readings plus one gap), exactly as one operator seeing every
+/// reading would have merged them. Rows come out by window start.
+pub fn merge_partials(spec: &ViewSpec, key: &str, mut parts: Vec<WinState>) -> Vec<Row> {
+    let mut by_name: Vec<usize> = (0..spec.aggregates.len()).collect();
+    by_name.sort_by(|a, b| spec.aggregates[*a].name.cmp(&spec.aggregates[*b].name));
+    parts.sort_by_key(|w| (w.start, w.last_ts));
+    let mut merged: Vec<WinState> = Vec::with_capacity(parts.len());
+    for w in parts {
+        let joins = match (merged.last(), spec.window) {
+            (Some(cur), WindowSpec::Session { gap_ms }) => w.start < cur.last_ts.saturating_add(gap_ms),
+            (Some(cur), _) => w.start == cur.start,
+            (None, _) => false,
+        };
+        match merged.last_mut() {
+            Some(cur) if joins => {
+                cur.last_ts = cur.last_ts.max(w.last_ts);
+                for (a, b) in cur.aggs.iter_mut().zip(&w.aggs) {
+                    a.merge(b);
+                }
+            }
+            _ => merged.push(w),
+        }
+    }
+    merged.iter().map(|w| row_of(spec, &by_name, key, w)).collect()
 }
 
 /// Where a window ends (exclusive); `i64::MAX` for the global window.
@@ -610,5 +667,33 @@ mod tests {
         feed(&mut b, 20, None);
         feed(&mut a, 20, None);
         assert_eq!(a.take_changes().row_upserts, b.take_changes().row_upserts);
+    }
+
+    /// Readings split between two operators that keep partials, merged by
+    /// [`merge_partials`], give the rows one operator over all of them gives:
+    /// sessions bridged across the split, and fixed windows.
+    #[test]
+    fn partials_from_a_split_merge_into_the_rows_of_one_operator() {
+        let times = [0, 300, 700, 1_200, 5_000, 5_400, 9_900, 10_100, 10_500, 30_000];
+        for window in [WindowSpec::Session { gap_ms: 1_000 }, WindowSpec::Tumbling { size_ms: 2_000 }] {
+            let mut one = ViewOperator::new(spec(window, OutputMode::Update, 0));
+            let mut halves = [
+                ViewOperator::new(spec(window, OutputMode::Update, 0)).keeping_partials(),
+                ViewOperator::new(spec(window, OutputMode::Update, 0)).keeping_partials(),
+            ];
+            for (i, ts) in times.iter().enumerate() {
+                feed(&mut one, *ts, None);
+                // Alternate, so sessions are bridged only by the other half's readings.
+                feed(&mut halves[i % 2], *ts, None);
+            }
+            let expected = one.take_changes().row_upserts;
+            let wins: Vec<WinState> = halves
+                .iter_mut()
+                .flat_map(|h| h.take_changes().partial_upserts)
+                .map(|(_, _, _, blob)| serde_cbor::from_slice(&blob).unwrap())
+                .collect();
+            assert!(wins.len() > expected.len(), "the halves hold partial windows: {window:?}");
+            assert_eq!(merge_partials(&spec(window, OutputMode::Update, 0), "d", wins), expected, "{window:?}");
+        }
     }
 }

@@ -6,11 +6,13 @@
 use std::cell::RefCell;
 
 use postgres::Row;
+use postgres::fallible_iterator::FallibleIterator;
 use serde_json::Value as Json;
 
 use super::{Context, PgSettings, PgStore, RawRow, late_reason, to_u32, to_u64};
 use crate::store::{LateQuery, MAIN_PIPELINE, RowQuery, StoreError, StoredRow, ViewInfo, ViewReader, late_dump_line};
-use crate::views::operator::LateEvent;
+use crate::views::operator::{LateEvent, WinState, merge_partials};
+use crate::views::spec::ViewSpec;
 
 impl PgStore {
     /// A page of one view's rows, as [`crate::store::ViewStore::rows`] pages them.
@@ -25,8 +27,11 @@ impl PgStore {
             .collect()
     }
 
-    /// A page of rows with their JSON as stored.
+    /// A page of rows with their JSON as stored (or as merged from partials).
     pub(super) fn raw_page(&self, q: &RowQuery) -> Result<Vec<RawRow>, StoreError> {
+        if let Some(spec) = self.merged_views.get(&q.view_id) {
+            return self.merged_page(spec, q);
+        }
         let s = &self.s;
         let (after_key, after_start) = q.after.clone().unwrap_or((String::new(), i64::MIN));
         let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
@@ -49,6 +54,59 @@ impl PgStore {
             .with_context(|| format!("reading the rows of {}", q.view_id))
     }
 
+    /// A page of a merged view's rows: each key's partials from every
+    /// partition, merged ([`merge_partials`]), then filtered and paged like
+    /// stored rows. Reads the partials of the keys from the page's first key
+    /// on, and stops at the end of the key that fills the page.
+    fn merged_page(&self, spec: &ViewSpec, q: &RowQuery) -> Result<Vec<RawRow>, StoreError> {
+        let s = &self.s;
+        let (after_key, after_start) = q.after.clone().unwrap_or((String::new(), i64::MIN));
+        let what = || format!("reading the partials of {}", q.view_id);
+        let mut client = self.client.borrow_mut();
+        let params: [&(dyn postgres::types::ToSql + Sync); 3] = [&q.view_id, &q.key, &after_key];
+        let mut it = client
+            .query_raw(
+                &format!(
+                    "SELECT key, state FROM {s}.view_partials
+                     WHERE view_id = $1 AND ($2::text IS NULL OR key = $2) AND key >= $3
+                     ORDER BY key, window_start, part"
+                ),
+                params,
+            )
+            .with_context(what)?;
+        let mut out: Vec<RawRow> = Vec::new();
+        let mut key: Option<String> = None;
+        let mut wins: Vec<WinState> = Vec::new();
+        let flush = |key: &str, wins: Vec<WinState>, out: &mut Vec<RawRow>| {
+            for row in merge_partials(spec, key, wins) {
+                let after = key > after_key.as_str() || row.window_start > after_start;
+                if after && row.window_start >= q.from && row.window_start < q.to && out.len() < q.limit {
+                    out.push((row.key, row.window_start, row.window_end, row.values));
+                }
+            }
+        };
+        while let Some(r) = it.next().with_context(what)? {
+            let k: String = r.try_get(0).with_context(what)?;
+            let blob: &[u8] = r.try_get(1).with_context(what)?;
+            let win: WinState = serde_cbor::from_slice(blob)
+                .map_err(|e| StoreError(format!("a partial of {} key {k:?} does not decode: {e}", q.view_id)))?;
+            if key.as_deref() != Some(k.as_str()) {
+                if let Some(done) = key.take() {
+                    flush(&done, std::mem::take(&mut wins), &mut out);
+                    if out.len() >= q.limit {
+                        return Ok(out);
+                    }
+                }
+                key = Some(k);
+            }
+            wins.push(win);
+        }
+        if let Some(done) = key {
+            flush(&done, wins, &mut out);
+        }
+        Ok(out)
+    }
+
     /// Every view version the workers registered. They all run in one live
     /// pipeline (replay pipelines are not built on a cluster).
     pub fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
@@ -60,6 +118,8 @@ impl PgStore {
                 &format!(
                     "SELECT v.name, v.version, v.view_id, v.definition, a.version IS NOT NULL,
                             (SELECT count(*) FROM {s}.view_rows r WHERE r.view_id = v.view_id)
+                            + (SELECT count(*) FROM (SELECT DISTINCT key, window_start FROM {s}.view_partials p
+                                                     WHERE p.view_id = v.view_id) d)
                      FROM {s}.views v LEFT JOIN {s}.view_aliases a ON a.name = v.name AND a.version = v.version
                      ORDER BY v.name, v.version"
                 ),
@@ -135,12 +195,15 @@ impl PgStore {
 pub struct PgReader {
     settings: PgSettings,
     log_partitions: u32,
+    specs: Vec<ViewSpec>,
     store: RefCell<Option<PgStore>>,
 }
 
 impl PgReader {
-    pub fn new(settings: PgSettings, log_partitions: u32, store: PgStore) -> Self {
-        Self { settings, log_partitions, store: RefCell::new(Some(store)) }
+    /// A reader of `specs` (merged views among them) over `store`.
+    pub fn new(settings: PgSettings, log_partitions: u32, mut store: PgStore, specs: Vec<ViewSpec>) -> Self {
+        store.reading_views(&specs);
+        Self { settings, log_partitions, specs, store: RefCell::new(Some(store)) }
     }
 
     fn with<T>(&self, f: impl FnOnce(&PgStore) -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -149,7 +212,9 @@ impl PgReader {
             if let Some(old) = slot.take() {
                 std::thread::spawn(move || drop(old));
             }
-            *slot = Some(PgStore::connect(&self.settings, self.log_partitions)?);
+            let mut store = PgStore::connect(&self.settings, self.log_partitions)?;
+            store.reading_views(&self.specs);
+            *slot = Some(store);
         }
         match slot.as_ref() {
             Some(store) => f(store),
