@@ -115,9 +115,10 @@ fn example_views() -> String {
 
 /// Test 4 of the cluster issue, on workers: the reference scenario (late
 /// data, duplicates inside batches, ten batches sent twice) into a node on
-/// the embedded log and into a cluster of two workers on Kafka. The rows and
-/// late events the cluster keeps in PostgreSQL are byte-identical to the
-/// node's.
+/// the embedded log and into a cluster of two workers on Kafka, with the
+/// example cluster config's views (per-user sessions, merged across
+/// partitions by the reader, among them). The rows and late events the
+/// cluster keeps in PostgreSQL are byte-identical to the node's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_compute_the_same_views_as_an_embedded_node() {
     let dir = tempfile::tempdir().unwrap();
