@@ -171,6 +171,8 @@ impl KafkaLog {
             ends: (0..self.partitions).map(|p| (p, 0)).collect(),
             last_warning: None,
             positioned: BTreeMap::new(),
+            fresh: BTreeSet::new(),
+            rewind: BTreeMap::new(),
         };
         src.assign()?;
         Ok(src)
@@ -207,6 +209,8 @@ impl KafkaLog {
             ends: BTreeMap::new(),
             last_warning: None,
             positioned: BTreeMap::new(),
+            fresh: BTreeSet::new(),
+            rewind: BTreeMap::new(),
         })
     }
 }
@@ -397,6 +401,10 @@ pub struct KafkaSource<C: SourceContext = DefaultConsumerContext> {
     last_warning: Option<Instant>,
     /// Where this source's own `assign` last positioned each partition's fetch.
     positioned: BTreeMap<Partition, Offset>,
+    /// Partitions positioned by `assign` that have not delivered a record since.
+    fresh: BTreeSet<Partition>,
+    /// How far before its position a partition's fetch starts (see `poll`).
+    rewind: BTreeMap<Partition, Offset>,
 }
 
 impl<C: SourceContext> std::fmt::Debug for KafkaSource<C> {
@@ -412,14 +420,42 @@ impl<C: SourceContext> KafkaSource<C> {
             return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
+        self.positioned.clear();
         for (p, o) in &self.positions {
-            tpl.add_partition_offset(&self.topic, *p as i32, rdkafka::Offset::Offset(*o as i64))
+            let from = o.saturating_sub(self.rewind.get(p).copied().unwrap_or(0));
+            tpl.add_partition_offset(&self.topic, *p as i32, rdkafka::Offset::Offset(from as i64))
                 .map_err(|e| EventLogError::Unavailable(format!("log.kafka: {e}")))?;
+            self.positioned.insert(*p, from);
         }
         self.consumer.assign(&tpl).map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot assign: {e}")))?;
-        self.positioned = self.positions.clone();
+        self.fresh = self.positions.keys().copied().collect();
         self.reassign = false;
         Ok(())
+    }
+
+    /// Whether the first record after positioning `partition` may be past
+    /// `expected`: only when the log no longer holds `expected` (retention),
+    /// or when the fetch already started at the log's beginning.
+    fn skip_allowed(&mut self, partition: Partition, expected: Offset, offset: Offset) -> bool {
+        let low = match self.consumer.fetch_watermarks(&self.topic, partition as i32, Duration::from_secs(2)) {
+            Ok((low, _)) => low.max(0) as Offset,
+            Err(e) => {
+                self.warn(&e);
+                return false;
+            }
+        };
+        let from = self.positioned.get(&partition).copied().unwrap_or(expected);
+        if expected < low || from <= low {
+            tracing::warn!(
+                partition,
+                expected,
+                offset,
+                low,
+                "The log no longer holds records this source had not read."
+            );
+            return true;
+        }
+        false
     }
 
     /// Logs a broker problem at most every 10 s; the pipeline waits it out.
@@ -453,33 +489,46 @@ impl<C: SourceContext> LogSource for KafkaSource<C> {
         while out.len() < max {
             let Some(next) = self.consumer.poll(wait) else { break };
             wait = Duration::ZERO;
-            match next {
-                Ok(m) => {
-                    let (p, offset) = (m.partition() as Partition, m.offset() as Offset);
+            // Copied out at once: the message borrows the consumer.
+            let record = next.map(|m| {
+                let value = bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default());
+                (m.partition() as Partition, m.offset() as Offset, value)
+            });
+            match record {
+                Ok((p, offset, value)) => {
                     let Some(pos) = self.positions.get_mut(&p) else { continue };
+                    let fresh = self.fresh.remove(&p);
                     if offset < *pos {
-                        continue; // fetched before a seek moved past it
+                        continue; // fetched before a seek moved past it, or rewound on purpose
                     }
                     if offset > *pos {
-                        if self.positioned.get(&p) != Some(pos) {
+                        let expected = *pos;
+                        if !fresh {
                             // The fetch runs ahead of this source's position
                             // (it was not positioned here since the last
                             // seek): never skip records, position it again.
                             self.reassign = true;
                             break;
                         }
-                        // Positioned exactly here and the broker starts
-                        // later: the records before were deleted (retention).
-                        tracing::warn!(
-                            partition = p,
-                            expected = *pos,
-                            offset,
-                            "The log no longer holds records this source had not read."
-                        );
+                        if self.skip_allowed(p, expected, offset) {
+                            if let Some(pos) = self.positions.get_mut(&p) {
+                                *pos = offset;
+                            }
+                        } else {
+                            // Positioned at or before `expected`, the broker
+                            // answered from a later batch (tansu does so for
+                            // a fetch from inside a batch): start earlier and
+                            // skip the records before `expected`.
+                            let back = self.rewind.get(&p).map_or(256, |r| r.saturating_mul(2));
+                            self.rewind.insert(p, back);
+                            self.reassign = true;
+                            break;
+                        }
                     }
+                    let Some(pos) = self.positions.get_mut(&p) else { continue };
+                    self.rewind.remove(&p);
                     *pos = offset + 1;
                     self.at_end.remove(&p);
-                    let value = bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default());
                     out.push(ConsumedRecord { partition: p, offset, value });
                 }
                 Err(KafkaError::PartitionEOF(p)) => {

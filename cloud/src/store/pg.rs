@@ -1352,7 +1352,7 @@ mod tests {
             .query_one("SELECT count(*) FROM information_schema.tables WHERE table_schema = $1", &[&db.settings.schema])
             .unwrap()
             .get(0);
-        assert_eq!(tables, 9);
+        assert_eq!(tables, 10, "store_meta and the nine tables of the module docs");
     }
 
     #[test]

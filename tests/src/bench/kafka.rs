@@ -85,10 +85,10 @@ pub fn ingest(dir: &Path, scale: f64) -> Value {
         let appender = log.appender().unwrap();
         let baseline = baseline_producer(&brokers).await;
         // Warm-up, untimed: connections, metadata and the broker's first segments.
-        producer_baseline(&baseline, &records[..records.len().min(2000)]).await;
+        produce_all(&baseline, "bench-producer", PARTITIONS, &records[..records.len().min(2000)]).await;
         http_ingest(appender.clone(), &bodies[..1], 1).await;
         for _ in 0..rounds {
-            producer.push(producer_baseline(&baseline, &records).await);
+            producer.push(produce_all(&baseline, "bench-producer", PARTITIONS, &records).await);
             kafka.push(http_ingest(appender.clone(), &bodies, n).await);
         }
     });
@@ -137,13 +137,18 @@ async fn baseline_producer(brokers: &str) -> FutureProducer {
 }
 
 /// rdkafka's producer alone: every record queued, then every delivery awaited.
-async fn producer_baseline(producer: &FutureProducer, records: &[(String, Vec<u8>)]) -> f64 {
+pub async fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    partitions: u32,
+    records: &[(String, Vec<u8>)],
+) -> f64 {
     let t = Instant::now();
     let mut deliveries = Vec::with_capacity(records.len());
     for (key, value) in records {
-        let p = partition_for(key, PARTITIONS) as i32;
+        let p = partition_for(key, partitions) as i32;
         loop {
-            match producer.send_result(FutureRecord::to("bench-producer").key(key).payload(value).partition(p)) {
+            match producer.send_result(FutureRecord::to(topic).key(key).payload(value).partition(p)) {
                 Ok(d) => {
                     deliveries.push(d);
                     break;

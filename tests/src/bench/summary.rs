@@ -204,6 +204,17 @@ pub fn markdown(report: &Value) -> String {
             format!("{r:.2} of rdkafka's own producer (goal ≥ 0.5)"),
         ));
     }
+    if let (Some(one), Some(two), Some(speedup)) = (
+        num(report, &["cluster_workers", "workers_1", "readings_per_second"]),
+        num(report, &["cluster_workers", "workers_2", "readings_per_second"]),
+        num(report, &["cluster_workers", "speedup"]),
+    ) {
+        ratios.push((
+            "processor workers, Kafka → PostgreSQL".into(),
+            format!("{} readings/s with 2 workers, {} with 1", fmt(two), fmt(one)),
+            format!("{speedup:.2} × one worker, on {} cores shared with the broker and PostgreSQL", m["cores"]),
+        ));
+    }
     table(&mut s, "Against this machine's limits", "ratio", ratios);
     table(&mut s, "Against the peers and the goals, same run", "against", peers(report));
     s.push_str("## Every figure\n\nA section run several times shows the median and, in brackets, the lowest and highest run.\n\n| section | figure | value |\n|---|---|---|\n");

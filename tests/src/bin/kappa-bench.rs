@@ -8,9 +8,10 @@
 //! directory), edge log commit throughput, edge ingest through MQTT per agent
 //! CPU-second, cloud processor throughput, bytes per reading on the
 //! edge-to-cloud link including HTTP framing, and ingest into the log on
-//! Kafka beside rdkafka's own producer; beside the peers, in the same run,
-//! Spark Structured Streaming on the same tumbling view (rows compared) and a
-//! Mosquitto bridge's bytes per reading; the highest end-to-end rate whose
+//! Kafka beside rdkafka's own producer, and the views computed from Kafka
+//! into PostgreSQL by 1 and then 2 workers in a consumer group; beside the
+//! peers, in the same run, Spark Structured Streaming on the same tumbling
+//! view (rows compared) and a Mosquitto bridge's bytes per reading; the highest end-to-end rate whose
 //! p99 event-to-view latency stays within 1 s; the criterion
 //! micro-benchmarks; binary sizes. It first measures the machine's
 //! limits (fsync, memory bandwidth, loopback TCP) and writes, next to the
@@ -59,6 +60,8 @@ mod micro;
 mod spark;
 #[path = "../bench/summary.rs"]
 mod summary;
+#[path = "../bench/workers.rs"]
+mod workers;
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1).peekable();
@@ -91,7 +94,7 @@ fn main() -> ExitCode {
     machine["limits"] = summary::limits(scale);
     report.insert("machine", machine);
     type Section = fn(&Path, f64) -> Value;
-    let sections: [(&str, Section); 15] = [
+    let sections: [(&str, Section); 16] = [
         ("edge_log_commit", edge_log_commit),
         ("edge_ingest_mqtt", edge_ingest_mqtt),
         ("cloud_processor", cloud_processor),
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
         ("alert_scoring", |_, scale| alerts::scoring(scale)),
         ("alert_latency", alerts::latency),
         ("kafka_ingest", kafka::ingest),
+        ("cluster_workers", workers::run),
         ("spark_tumbling", spark::run),
         ("mqtt_bridge_bytes", |_, scale| bridge::run(scale)),
         ("end_to_end", e2e::run),
