@@ -121,7 +121,7 @@ impl Worker {
                 Err(e) => {
                     tracing::error!(error = %e, "Cannot claim the partitions; retrying.");
                     retry_pause(&cancel);
-                    source = rejoin(source);
+                    source.retake();
                     continue;
                 }
             };
@@ -175,7 +175,7 @@ impl Worker {
             if !source.moved() {
                 // The share did not move but processing failed (store down,
                 // fenced without a rebalance): take the same share again.
-                source = rejoin(source);
+                source.retake();
             }
         }
         Ok(())
@@ -212,12 +212,6 @@ pub async fn run_until_signal(cfg: CloudConfig) -> Result<(), WorkerError> {
         .run_until_signal()
         .await
         .map_err(|e| WorkerError::Config(e.to_string()))
-}
-
-/// Makes the next [`GroupSource::next_assignment`] take the current share again.
-fn rejoin(source: GroupSource) -> GroupSource {
-    source.retake();
-    source
 }
 
 fn retry_pause(cancel: &CancellationToken) {
