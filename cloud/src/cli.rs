@@ -155,6 +155,9 @@ pub enum ViewsCommand {
         /// Only this version (NAME@VERSION), without its id, so versions compare byte for byte.
         #[arg(long)]
         view: Option<String>,
+        /// Also print the alerts with their history, and the merged edge aggregates.
+        #[arg(long, conflicts_with = "view")]
+        alerts: bool,
     },
 }
 
@@ -343,7 +346,7 @@ fn views_command(cfg: &CloudConfig, cmd: ViewsCommand) -> anyhow::Result<ExitCod
             }
         }
         ViewsCommand::Watch { view } => watch(cfg, &view),
-        ViewsCommand::Dump { view } => {
+        ViewsCommand::Dump { view, alerts } => {
             if let Some(cluster) = &cfg.cluster {
                 // The workers' rows, in the same format: a cluster and a node compare byte for byte.
                 let mut pg = crate::store::pg::PgStore::connect(&cluster.store(), cfg.log.partitions)?;
@@ -352,12 +355,18 @@ fn views_command(cfg: &CloudConfig, cmd: ViewsCommand) -> anyhow::Result<ExitCod
                     Some(v) => print!("{}", pg.dump_rows(&v)?),
                     None => print!("{}", pg.dump()?),
                 }
+                if alerts {
+                    print!("# alerts\n{}# aggregates\n{}", pg.dump_alerts()?, pg.dump_aggregates()?);
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             let store = ViewStore::open_read_only(&cfg.data_dir.join("views.sqlite"))?;
             match view {
                 Some(v) => print!("{}", store.dump_rows(Some(&v))?),
                 None => print!("{}# late\n{}", store.dump()?, store.dump_late()?),
+            }
+            if alerts {
+                print!("# alerts\n{}# aggregates\n{}", store.dump_alerts()?, store.dump_aggregates()?);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -88,6 +88,17 @@ pub struct ClusterConfig {
     /// How long the group waits for a silent worker before moving its partitions.
     #[serde(default = "default_session_timeout", with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// Whether `kappa-cloud run` on this node also runs the alert and edge
+    /// aggregate pipelines, the alert deliveries and the archiver. Exactly
+    /// one node of a cluster should; the others (`primary = false`) ingest
+    /// and serve the API only. A second primary takes the pipelines over
+    /// (fenced in PostgreSQL) and the first stops with an error.
+    #[serde(default = "default_primary")]
+    pub primary: bool,
+}
+
+fn default_primary() -> bool {
+    true
 }
 
 fn default_pg_schema() -> String {
@@ -546,6 +557,13 @@ impl CloudConfig {
 }
 
 impl CloudConfig {
+    /// Whether `run` runs the alert and aggregate pipelines, the alert
+    /// deliveries and the archiver: always on one node, on a cluster only
+    /// where `cluster.primary` is set.
+    pub fn primary(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| c.primary)
+    }
+
     /// The processor's settings (test-only faults from the environment).
     pub fn processor_settings(&self) -> crate::processor::ProcessorSettings {
         let settings = crate::processor::ProcessorSettings {
@@ -726,5 +744,45 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused() {
         assert!(CloudConfig::from_toml("[log]\npartitons = 4\n").unwrap_err().to_string().contains("partitons"));
+    }
+
+    /// deploy/k8s/config/ is what the Kubernetes pods mount (kustomize's
+    /// configMapGenerator); each role is valid with the environment its
+    /// manifest sets (deploy/k8s/{primary,ingest,worker}.yaml; validate.sh
+    /// checks the manifests' own variables with `kappa-cloud config check`).
+    #[test]
+    fn the_kubernetes_config_is_valid_for_every_role() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/config");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "no TOML in {}", dir.display());
+        let pg = ("KAPPA_CLOUD__CLUSTER__POSTGRES", "postgresql://kappa:secret@kappa-pg-rw.kappa:5432/kappa");
+        let not_primary = [("KAPPA_CLOUD__CLUSTER__PRIMARY", "false")];
+        let roles: [(&str, Vec<(&str, &str)>); 3] = [
+            ("primary", vec![pg]),
+            ("ingest", std::iter::once(pg).chain(not_primary).collect()),
+            ("worker", vec![pg, ("KAPPA_CLOUD__HTTP__LISTEN", "0.0.0.0:9090")]),
+        ];
+        for f in &files {
+            for (role, vars) in &roles {
+                let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+                let cfg: CloudConfig = config::load_with_vars(f, ENV_PREFIX, vars)
+                    .unwrap_or_else(|e| panic!("{} as the {role}: {e}", f.display()));
+                let cluster = cfg.cluster.as_ref().expect("[cluster]");
+                assert_eq!(cluster.postgres, pg.1, "{role}: the Secret's URL wins");
+                let kafka = cfg.log.kafka.as_ref().expect("[log.kafka]");
+                assert!(!kafka.create_topic, "the KafkaTopic owns the topic");
+                let rules = cfg.rule_specs().unwrap();
+                match *role {
+                    "primary" => assert!(cluster.primary && !rules.is_empty() && cfg.http.tls.is_some()),
+                    "ingest" => assert!(!cluster.primary),
+                    _ => assert_eq!(cfg.http.listen.port(), 9090),
+                }
+            }
+        }
     }
 }

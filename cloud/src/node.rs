@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,14 +30,64 @@ use crate::eventlog::{EventLog, EventLogError, LogAppender, LogSource};
 use crate::ingest::{self, IngestState};
 use crate::metrics::CloudMetrics;
 use crate::processor::{Operator, Processor, ProcessorSettings};
-use crate::store::pg::{PgReader, PgStore};
-use crate::store::{StoreError, ViewReader, ViewStore};
+use crate::store::pg::{PgReader, PgSettings, PgStore};
+use crate::store::{AlertAcks, ServingReader, StoreError, ViewStore};
 
 /// Where an operator pipeline reads: the archive (when there is one), then the log.
 struct Sources<'a> {
     archive: Option<&'a Arc<dyn ArchiveStore>>,
     skip_damaged: bool,
     log: &'a EventLog,
+}
+
+/// Where the alert and aggregate pipelines keep their state and output.
+#[derive(Debug, Clone)]
+enum PipelineStore {
+    Embedded(PathBuf),
+    /// On a cluster: the pipeline claims every partition, fenced (a second
+    /// node that starts it takes over, and this one stops).
+    Cluster {
+        settings: PgSettings,
+        log_partitions: u32,
+    },
+}
+
+impl PipelineStore {
+    /// Restores `pipeline` from the store and runs it until `cancel`.
+    fn run<S: LogSource>(
+        &self,
+        source: S,
+        pipeline: &str,
+        ops: Vec<Box<dyn Operator>>,
+        settings: ProcessorSettings,
+        metrics: Arc<CloudMetrics>,
+        cancel: CancellationToken,
+    ) -> Result<(), String> {
+        let name = pipeline.to_string();
+        let p = match self {
+            PipelineStore::Embedded(path) => {
+                let store = ViewStore::open(path).map_err(|e| e.to_string())?;
+                Processor::with_operators(source, store, name, ops, false, settings, metrics)
+            }
+            PipelineStore::Cluster { settings: pg, log_partitions } => {
+                let mut store = PgStore::connect(pg, *log_partitions).map_err(|e| e.to_string())?;
+                let every: Vec<_> = (0..*log_partitions).collect();
+                store.claim(pipeline, &every).map_err(|e| e.to_string())?;
+                Processor::with_operators(source, store, name, ops, false, settings, metrics)
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        p.run(cancel).map_err(|e| e.to_string())
+    }
+
+    fn outbox(&self) -> deliver::OutboxAt {
+        match self {
+            PipelineStore::Embedded(path) => deliver::OutboxAt::Embedded(path.clone()),
+            PipelineStore::Cluster { settings, log_partitions } => {
+                deliver::OutboxAt::Cluster { settings: settings.clone(), log_partitions: *log_partitions }
+            }
+        }
+    }
 }
 
 /// Runs `ops` as the pipeline `pipeline` on its own thread; its failure stops the node.
@@ -46,25 +97,23 @@ fn spawn_operators(
     pipeline: &'static str,
     ops: Vec<Box<dyn Operator>>,
     src: &Sources<'_>,
-    store_path: &std::path::Path,
+    store: &PipelineStore,
     settings: ProcessorSettings,
     metrics: &Arc<CloudMetrics>,
     cancel: &CancellationToken,
 ) -> Result<(), NodeError> {
     let name: &'static str = Box::leak(format!("processor:{pipeline}").into_boxed_str());
-    let store = ViewStore::open(store_path)?;
-    let (c, m) = (cancel.clone(), metrics.clone());
+    let (c, m, store) = (cancel.clone(), metrics.clone(), store.clone());
     let spawned = match src.archive {
         Some(a) => {
             let archived =
                 ArchiveSource::open(a.clone(), src.skip_damaged).map_err(|e| NodeError::Bind(e.to_string()))?;
             let chain = ChainSource::new(archived, src.log.source()?);
-            let p = Processor::with_operators(chain, store, pipeline.to_string(), ops, false, settings, m)?;
-            tasks.spawn_thread(name, move || p.run(c).map_err(|e| e.to_string()))
+            tasks.spawn_thread(name, move || store.run(chain, pipeline, ops, settings, m, c))
         }
         None => {
-            let p = Processor::with_operators(src.log.source()?, store, pipeline.to_string(), ops, false, settings, m)?;
-            tasks.spawn_thread(name, move || p.run(c).map_err(|e| e.to_string()))
+            let source = src.log.source()?;
+            tasks.spawn_thread(name, move || store.run(source, pipeline, ops, settings, m, c))
         }
     };
     spawned.map_err(|e| NodeError::Bind(format!("cannot start the {pipeline} pipeline: {e}")))?;
@@ -96,24 +145,41 @@ impl Node {
         let appender = log.appender(cfg.ingest.queue_capacity)?;
         let store_path = cfg.data_dir.join("views.sqlite");
         let mut store = ViewStore::open(&store_path)?;
-        let reader = ViewStore::open_read_only(&store_path)?;
         let specs = cfg.view_specs().map_err(|e| NodeError::Config(e.join("\n  ")))?;
         let settings = cfg.processor_settings();
         let now_ms = crate::now_ms();
         // On a cluster the workers compute the views into PostgreSQL and the
         // API reads them there; this node ingests and runs the rest.
-        let (plans, views): (Vec<_>, Box<dyn ViewReader>) = match &cfg.cluster {
-            None => (store.plan_pipelines(&specs, now_ms)?, Box::new(ViewStore::open_read_only(&store_path)?)),
+        // On a cluster the alert and aggregate pipelines keep their state
+        // and output in PostgreSQL too, for every node's API to read.
+        type Serving = (Box<dyn ServingReader>, Box<dyn AlertAcks>);
+        let (plans, (serving, acks), pipeline_store): (Vec<_>, Serving, _) = match &cfg.cluster {
+            None => (
+                store.plan_pipelines(&specs, now_ms)?,
+                (Box::new(ViewStore::open_read_only(&store_path)?), Box::new(ViewStore::open(&store_path)?)),
+                PipelineStore::Embedded(store_path.clone()),
+            ),
             Some(cluster) => {
                 let (settings, partitions) = (cluster.store(), cfg.log.partitions);
-                let settings_for_api = settings.clone();
-                let pg = tokio::task::spawn_blocking(move || PgStore::connect(&settings, partitions))
-                    .await
-                    .map_err(|e| NodeError::Bind(format!("connecting to PostgreSQL: {e}")))??;
-                (Vec::new(), Box::new(PgReader::new(settings_for_api, partitions, pg, specs.clone())))
+                let (for_pipelines, specs) = (settings.clone(), specs.clone());
+                let readers = tokio::task::spawn_blocking(move || -> Result<Serving, StoreError> {
+                    let serving =
+                        PgReader::new(settings.clone(), partitions, PgStore::connect(&settings, partitions)?, specs);
+                    let acks = PgReader::new(
+                        settings.clone(),
+                        partitions,
+                        PgStore::connect(&settings, partitions)?,
+                        Vec::new(),
+                    );
+                    Ok((Box::new(serving), Box::new(acks)))
+                })
+                .await
+                .map_err(|e| NodeError::Bind(format!("connecting to PostgreSQL: {e}")))??;
+                (Vec::new(), readers, PipelineStore::Cluster { settings: for_pipelines, log_partitions: partitions })
             }
         };
-        let archive: Option<Arc<dyn ArchiveStore>> = if cfg.archive.enabled {
+        let primary = cfg.primary();
+        let archive: Option<Arc<dyn ArchiveStore>> = if cfg.archive.enabled && primary {
             Some(
                 crate::archive::store::open(cfg.archive.url.as_deref(), &cfg.archive_path())
                     .map_err(|e| NodeError::Bind(e.to_string()))?,
@@ -186,7 +252,7 @@ impl Node {
         }
 
         let rules = cfg.rule_specs().map_err(|e| NodeError::Config(e.join("\n  ")))?;
-        if !rules.is_empty() {
+        if primary && !rules.is_empty() {
             let op = AlertOperator::new(
                 rules,
                 cfg.alerts.settings(
@@ -215,20 +281,22 @@ impl Node {
             );
             let ops: Vec<Box<dyn Operator>> = vec![Box::new(op)];
             let src = Sources { archive: archive.as_ref(), skip_damaged: cfg.archive.skip_damaged, log: &log };
-            spawn_operators(&mut tasks, ALERTS_PIPELINE, ops, &src, &store_path, settings, &metrics, &cancel)?;
+            spawn_operators(&mut tasks, ALERTS_PIPELINE, ops, &src, &pipeline_store, settings, &metrics, &cancel)?;
             if let Some(k) = cfg.alerts.kafka.clone() {
-                tasks.spawn("alerts:kafka", kafka::run(k, store_path.clone(), metrics.clone(), cancel.clone()));
+                tasks.spawn("alerts:kafka", kafka::run(k, pipeline_store.outbox(), metrics.clone(), cancel.clone()));
             }
             for hook in cfg.webhooks.clone() {
                 let name: &'static str = Box::leak(format!("webhook:{}", hook.name).into_boxed_str());
-                tasks.spawn(name, deliver::run(hook, store_path.clone(), metrics.clone(), cancel.clone()));
+                tasks.spawn(name, deliver::run(hook, pipeline_store.outbox(), metrics.clone(), cancel.clone()));
             }
         }
 
-        // Edge aggregates: cheap when there are none, so always on.
-        let src = Sources { archive: archive.as_ref(), skip_damaged: cfg.archive.skip_damaged, log: &log };
-        let ops: Vec<Box<dyn Operator>> = vec![Box::new(AggregatesOperator::default())];
-        spawn_operators(&mut tasks, AGGREGATES_PIPELINE, ops, &src, &store_path, settings, &metrics, &cancel)?;
+        // Edge aggregates: cheap when there are none, so always on (on the primary).
+        if primary {
+            let src = Sources { archive: archive.as_ref(), skip_damaged: cfg.archive.skip_damaged, log: &log };
+            let ops: Vec<Box<dyn Operator>> = vec![Box::new(AggregatesOperator::default())];
+            spawn_operators(&mut tasks, AGGREGATES_PIPELINE, ops, &src, &pipeline_store, settings, &metrics, &cancel)?;
+        }
 
         if let Some(a) = archive {
             let settings = ArchiverSettings {
@@ -275,9 +343,8 @@ impl Node {
                 gateway_rate: cfg.ingest.gateway_rate(),
             },
             ApiState {
-                store: Arc::new(Mutex::new(reader)),
-                views: Arc::new(Mutex::new(views)),
-                writer: Arc::new(Mutex::new(ViewStore::open(&store_path)?)),
+                serving: Arc::new(Mutex::new(serving)),
+                acks: Arc::new(Mutex::new(acks)),
                 devices_view: cfg.api.devices_view.clone(),
                 windows_view: cfg.api.windows_view.clone(),
             },
@@ -297,6 +364,7 @@ impl Node {
             auth_required = cfg.auth.required,
             data_dir = %cfg.data_dir.display(),
             partitions = cfg.log.partitions,
+            primary,
             log = match &log {
                 EventLog::Sqlite(_) => "sqlite",
                 EventLog::Kafka(_) => "kafka",

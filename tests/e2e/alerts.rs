@@ -46,15 +46,15 @@ async fn an_idle_edges_heartbeats_let_silence_fire() {
 
 /// What the test's webhook receiver saw.
 #[derive(Default)]
-struct Received {
+pub(crate) struct Received {
     /// Idempotency key -> bodies received with it.
-    by_key: BTreeMap<String, Vec<String>>,
-    requests: usize,
+    pub(crate) by_key: BTreeMap<String, Vec<String>>,
+    pub(crate) requests: usize,
 }
 
 /// A real HTTP server that fails the first `fail` requests with 500, lets
 /// the next `hang` requests time out, then accepts.
-async fn receiver(fail: usize, hang: usize) -> (u16, Arc<Mutex<Received>>) {
+pub(crate) async fn receiver(fail: usize, hang: usize) -> (u16, Arc<Mutex<Received>>) {
     use axum::extract::State;
     use axum::http::{HeaderMap, StatusCode};
     let seen = Arc::new(Mutex::new(Received::default()));
@@ -90,7 +90,7 @@ async fn receiver(fail: usize, hang: usize) -> (u16, Arc<Mutex<Received>>) {
 
 /// Readings for `devices` devices, one per second for `n` seconds, where
 /// devices overheat (> 50) from second 20 to 40.
-fn overheating(devices: u32, n: u64, gateway: &str) -> Vec<EdgeBatch> {
+pub(crate) fn overheating(devices: u32, n: u64, gateway: &str) -> Vec<EdgeBatch> {
     let mut readings = Vec::new();
     for i in 0..n {
         for d in 0..devices {

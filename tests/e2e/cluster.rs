@@ -5,6 +5,7 @@
 //! control starts each share without restoring its partitions' state and
 //! shows that the same test catches it.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::util::*;
@@ -117,8 +118,9 @@ fn example_views() -> String {
 /// data, duplicates inside batches, ten batches sent twice) into a node on
 /// the embedded log and into a cluster of two workers on Kafka, with the
 /// example cluster config's views (per-user sessions, merged across
-/// partitions by the reader, among them). The rows and late events the
-/// cluster keeps in PostgreSQL are byte-identical to the node's.
+/// partitions by the reader, among them) and rules. The rows, late events
+/// and alerts the cluster keeps in PostgreSQL are byte-identical to the
+/// node's, and its API serves the alerts from there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_compute_the_same_views_as_an_embedded_node() {
     let dir = tempfile::tempdir().unwrap();
@@ -130,12 +132,25 @@ async fn two_workers_compute_the_same_views_as_an_embedded_node() {
     let mut embedded = Cloud::start_with(dir.path(), "embedded", &format!("[log]\npartitions = 6\n{views}"), &[]).await;
     let records = ingest(&embedded, &batches).await;
     crate::processor::until_processed(&embedded, records).await;
+    wait_for("the embedded alert pipeline to catch up", Duration::from_secs(60), || async {
+        (embedded.checkpointed_offsets_of("alerts") >= records).then_some(())
+    })
+    .await;
     assert!(embedded.proc.terminate().await.success());
-    let expected = embedded.dump().await;
+    let expected = embedded.dump_with(&["--alerts"]).await;
     assert!(
         expected.lines().count() > 100 && expected.contains("\tlate\n"),
         "the scenario fills the views and has late data"
     );
+    let alert_ids: BTreeSet<&str> = expected
+        .lines()
+        .skip_while(|l| *l != "# alerts")
+        .skip(1)
+        .take_while(|l| *l != "# aggregates")
+        .filter(|l| !l.starts_with("event "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    assert!(!alert_ids.is_empty(), "the scenario raises alerts:\n{expected}");
 
     let config = cluster_config(&broker, &fresh_schema("same"), &views);
     let cloud = Cloud::start_with(dir.path(), "cloud", &config, &[]).await;
@@ -148,7 +163,7 @@ async fn two_workers_compute_the_same_views_as_an_embedded_node() {
     let mut last = String::new();
     let converged = tokio::time::timeout(Duration::from_secs(120), async {
         loop {
-            last = cloud.dump().await;
+            last = cloud.dump_with(&["--alerts"]).await;
             if last == expected {
                 return;
             }
@@ -168,7 +183,11 @@ async fn two_workers_compute_the_same_views_as_an_embedded_node() {
     );
     for w in &workers {
         assert!(w.processed().await > 0.0, "both workers computed a share\n{logs}");
+        assert_eq!(status(&format!("http://127.0.0.1:{}/readyz", w.port)).await, 200, "ready with a share\n{logs}");
     }
+    let served = crate::alert_kit::fetch_alerts(&cloud.url(), &[]).await;
+    let served: BTreeSet<&str> = served.iter().filter_map(|a| a["id"].as_str()).collect();
+    assert_eq!(served, alert_ids, "the node's API serves the cluster's alerts from PostgreSQL");
 }
 
 /// Tests 1 and 2 of the cluster issue: three workers, exact views; `kill -9`
@@ -200,4 +219,78 @@ async fn negative_control_workers_that_do_not_restore_state_lose_readings() {
     let run = kill_and_join(dir.path(), "norestore", &env, Duration::from_secs(20)).await;
     let problems = diff_against_truth(&run.truth, &run.rows);
     assert!(!problems.is_empty(), "starting a moved partition from empty state should lose readings");
+}
+
+/// Alerts on a cluster live in PostgreSQL: the node that runs the alert
+/// pipeline checkpoints it there and delivers webhooks from the outbox there.
+/// `kill -9` it while the receiver still fails, start another node with an
+/// empty data directory: it restores the pipeline from PostgreSQL and
+/// delivers every transition, each once, and its API acknowledges. An
+/// ingest node (`primary = false`) runs beside them all along without taking
+/// the pipelines over, and serves the same alerts from PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_takes_over_alerts_and_their_deliveries_from_postgresql() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Tansu::start(dir.path()).await;
+    let (port, seen) = crate::alerts::receiver(15, 0).await;
+    let rules = format!(
+        "[processor]\ncheckpoint_interval = \"200ms\"\n\
+         [[rules]]\nname = \"overheat\"\nkind = \"threshold\"\nwhen = \"temperature > 50\"\n\
+         resolve_when = \"temperature < 45\"\nseverity = \"critical\"\n\
+         [[webhooks]]\nname = \"ops\"\nurl = \"http://127.0.0.1:{port}/hook\"\ntimeout = \"300ms\"\n\
+         backoff_initial = \"50ms\"\nbackoff_max = \"200ms\"\nmax_attempts = 1000\n"
+    );
+    let config = cluster_config(&broker, &fresh_schema("alerts"), &rules);
+    let mut ingest_only =
+        Cloud::start_with(dir.path(), "ingest", &config, &[("KAPPA_CLOUD__CLUSTER__PRIMARY", "false")]).await;
+    let mut first = Cloud::start_with(dir.path(), "first", &config, &[]).await;
+    let devices = 10;
+    ingest(&first, &crate::alerts::overheating(devices, 60, "gw-hot")).await;
+    wait_for("failing delivery attempts", Duration::from_secs(60), || async {
+        (seen.lock().unwrap().requests >= 8).then_some(())
+    })
+    .await;
+    first.proc.kill9().await;
+    assert!(seen.lock().unwrap().by_key.is_empty(), "the receiver accepted nothing before the kill");
+
+    let mut second = Cloud::start_with(dir.path(), "second", &config, &[]).await;
+    let expected: BTreeSet<String> = (0..devices)
+        .flat_map(|d| {
+            let id = format!("overheat:hot-{d:03}:{}", T0 + 20_000);
+            [format!("{id}:fired"), format!("{id}:resolved")]
+        })
+        .collect();
+    wait_for("every transition delivered by the second node", Duration::from_secs(60), || async {
+        let s = seen.lock().unwrap();
+        (s.by_key.keys().cloned().collect::<BTreeSet<_>>() == expected).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (key, bodies) in &seen.lock().unwrap().by_key {
+        assert_eq!(bodies.len(), 1, "{key} was delivered {} times", bodies.len());
+    }
+
+    let id = format!("overheat:hot-003:{}", T0 + 20_000);
+    let acked: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/v1/alerts/{id}/ack", second.url()))
+        .json(&serde_json::json!({"by": "ana", "note": "fan replaced"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(acked["acked"]["by"], "ana", "{acked}");
+    assert_eq!(acked["history"].as_array().map(Vec::len), Some(2), "fired and resolved: {acked}");
+    let listed = crate::alert_kit::fetch_alerts(&second.url(), &[("rule", "overheat")]).await;
+    assert_eq!(listed.len(), devices as usize);
+    let elsewhere = crate::alert_kit::fetch_alerts(&ingest_only.url(), &[("rule", "overheat")]).await;
+    assert_eq!(elsewhere, listed, "every node's API reads the same alerts");
+    assert!(elsewhere.iter().any(|a| a["acked"]["by"] == "ana"));
+    let local = dir.path().join("second-data").join("views.sqlite");
+    let local_alerts = kappa_cloud::store::ViewStore::open_read_only(&local).and_then(|s| s.dump_alerts());
+    assert_eq!(local_alerts.unwrap_or_default(), "", "the second node keeps no alerts of its own");
+    let logs = format!("{}\n{}", second.proc.tail(), ingest_only.proc.tail());
+    assert!(second.proc.terminate().await.success(), "the primary was not fenced\n{logs}");
+    assert!(ingest_only.proc.terminate().await.success(), "the ingest node ran all along\n{logs}");
 }

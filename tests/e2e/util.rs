@@ -211,8 +211,14 @@ impl Cloud {
 
     /// `kappa-cloud views dump`: every row and the late log, canonically ordered.
     pub async fn dump(&self) -> String {
+        self.dump_with(&[]).await
+    }
+
+    /// `views dump` with more arguments (`--alerts`).
+    pub async fn dump_with(&self, args: &[&str]) -> String {
         let out = tokio::process::Command::new(BIN)
             .args(["cloud", "views", "dump", "--config", self.config.to_str().unwrap_or_default()])
+            .args(args)
             .output()
             .await
             .expect("views dump");
@@ -222,9 +228,14 @@ impl Cloud {
 
     /// Records processed so far, from the checkpoint in the store (readable while the node runs).
     pub fn checkpointed_offsets(&self) -> u64 {
+        self.checkpointed_offsets_of(kappa_cloud::store::MAIN_PIPELINE)
+    }
+
+    /// Records a pipeline (`main`, `alerts`, `aggregates`) processed so far, from its checkpoint.
+    pub fn checkpointed_offsets_of(&self, pipeline: &str) -> u64 {
         let path = self.dir.join(format!("{}-data", self.name)).join("views.sqlite");
         kappa_cloud::store::ViewStore::open_read_only(&path)
-            .and_then(|s| s.restore(kappa_cloud::store::MAIN_PIPELINE))
+            .and_then(|s| s.restore(pipeline))
             .map(|r| r.partitions.values().map(|(o, _)| *o).sum())
             .unwrap_or(0)
     }

@@ -11,9 +11,12 @@
 //! kept with its last error) and the next row goes. A crash after the
 //! receiver accepted but before the row was marked sends it again with the
 //! same key: receivers deduplicate on it.
+//!
+//! On a cluster the outbox is in PostgreSQL ([`OutboxAt::Cluster`]) and a
+//! target's rows go out only from the process holding its delivery lock.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -21,8 +24,86 @@ use tokio_util::sync::CancellationToken;
 
 use super::spec::Severity;
 use crate::metrics::CloudMetrics;
-use crate::store::ViewStore;
 use crate::store::alerts::Delivery;
+use crate::store::pg::{PgOutbox, PgSettings};
+use crate::store::{StoreError, ViewStore};
+
+/// The outbox as a deliverer uses it.
+pub trait Outbox: Send {
+    /// The oldest pending delivery of `target`; none while another process
+    /// delivers for `target`.
+    fn next_delivery(&mut self, target: &str) -> Result<Option<Delivery>, StoreError>;
+    /// Records the outcome of an attempt: `delivered`, `pending` (retry at
+    /// `next_attempt_ms`) or `dead`.
+    fn record_attempt(
+        &mut self,
+        seq: i64,
+        state: &str,
+        attempts: u32,
+        next_attempt_ms: i64,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Deliveries per target and state.
+    fn delivery_counts(&mut self) -> Result<Vec<(String, String, u64)>, StoreError>;
+}
+
+impl Outbox for ViewStore {
+    fn next_delivery(&mut self, target: &str) -> Result<Option<Delivery>, StoreError> {
+        ViewStore::next_delivery(self, target)
+    }
+
+    fn record_attempt(
+        &mut self,
+        seq: i64,
+        state: &str,
+        attempts: u32,
+        next_attempt_ms: i64,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        ViewStore::record_attempt(self, seq, state, attempts, next_attempt_ms, error, now_ms)
+    }
+
+    fn delivery_counts(&mut self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        ViewStore::delivery_counts(self)
+    }
+}
+
+/// Where the outbox is.
+#[derive(Debug, Clone)]
+pub enum OutboxAt {
+    /// The embedded store's file.
+    Embedded(PathBuf),
+    /// The cluster store.
+    Cluster { settings: PgSettings, log_partitions: u32 },
+}
+
+impl OutboxAt {
+    /// Opens the outbox (blocking: call it off the async threads).
+    fn open(&self) -> Result<Box<dyn Outbox>, StoreError> {
+        Ok(match self {
+            OutboxAt::Embedded(path) => Box::new(ViewStore::open(path)?),
+            OutboxAt::Cluster { settings, log_partitions } => Box::new(PgOutbox::connect(settings, *log_partitions)?),
+        })
+    }
+}
+
+type SharedOutbox = Arc<Mutex<Box<dyn Outbox>>>;
+
+/// Runs `f` on the outbox on a blocking thread: the stores' clients block.
+async fn with_outbox<T: Send + 'static>(
+    outbox: &SharedOutbox,
+    f: impl FnOnce(&mut dyn Outbox) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let outbox = outbox.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = outbox.lock().map_err(|_| StoreError("the outbox lock is poisoned".into()))?;
+        f(guard.as_mut())
+    })
+    .await
+    .map_err(|e| StoreError(format!("an outbox call failed: {e}")))?
+}
 
 /// One `[[webhooks]]` entry of the cloud config.
 #[derive(Debug, Clone, Deserialize)]
@@ -149,7 +230,7 @@ async fn attempt(client: &reqwest::Client, hook: &WebhookConfig, d: &Delivery) -
 /// Delivers `hook`'s outbox rows in order until `cancel` fires.
 pub async fn run(
     hook: WebhookConfig,
-    store_path: PathBuf,
+    outbox: OutboxAt,
     metrics: Arc<CloudMetrics>,
     cancel: CancellationToken,
 ) -> Result<(), String> {
@@ -157,7 +238,7 @@ pub async fn run(
     tracing::info!(webhook = %hook.name, url = %hook.url, "Webhook delivery started.");
     let policy = hook.policy();
     let name = hook.name.clone();
-    deliver_loop(&name, policy, store_path, metrics, cancel, |d| {
+    deliver_loop(&name, policy, outbox, metrics, cancel, |d| {
         let (client, hook) = (client.clone(), hook.clone());
         async move { attempt(&client, &hook, &d).await }
     })
@@ -169,7 +250,7 @@ pub async fn run(
 pub async fn deliver_loop<F, Fut>(
     target: &str,
     policy: RetryPolicy,
-    store_path: PathBuf,
+    outbox: OutboxAt,
     metrics: Arc<CloudMetrics>,
     cancel: CancellationToken,
     mut send: F,
@@ -178,12 +259,32 @@ where
     F: FnMut(Delivery) -> Fut,
     Fut: std::future::Future<Output = Outcome>,
 {
-    let mut store = ViewStore::open(&store_path).map_err(|e| e.to_string())?;
+    let opened = tokio::task::spawn_blocking(move || outbox.open()).await.map_err(|e| e.to_string())?;
+    let store: SharedOutbox = Arc::new(Mutex::new(opened.map_err(|e| format!("{target}: {e}"))?));
+    let result = send_in_order(target, policy, &store, metrics, cancel, &mut send).await;
+    // A PostgreSQL client must not be dropped on an async thread.
+    tokio::task::spawn_blocking(move || drop(store)).await.map_err(|e| e.to_string())?;
+    result
+}
+
+async fn send_in_order<F, Fut>(
+    target: &str,
+    policy: RetryPolicy,
+    store: &SharedOutbox,
+    metrics: Arc<CloudMetrics>,
+    cancel: CancellationToken,
+    send: &mut F,
+) -> Result<(), String>
+where
+    F: FnMut(Delivery) -> Fut,
+    Fut: std::future::Future<Output = Outcome>,
+{
     let mut rng = crate::now_ms() as u64 | 1;
     let label = |result: &str| [("webhook", target.to_string()), ("result", result.to_string())];
     let mut last_gauge = std::time::Instant::now();
     while !cancel.is_cancelled() {
-        let next = match store.next_delivery(target) {
+        let wanted = target.to_string();
+        let next = match with_outbox(store, move |s| s.next_delivery(&wanted)).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(target, error = %e, "Cannot read the alert outbox; retrying.");
@@ -212,13 +313,13 @@ where
         let recorded = match outcome {
             Outcome::Delivered => {
                 metrics.webhook_deliveries.get_or_create(&label("delivered")).inc();
-                store.record_attempt(d.seq, "delivered", attempts, now, "", now)
+                with_outbox(store, move |s| s.record_attempt(d.seq, "delivered", attempts, now, "", now)).await
             }
             Outcome::Failed(error) if attempts >= policy.max_attempts => {
                 metrics.webhook_deliveries.get_or_create(&label("dead_letter")).inc();
                 tracing::error!(target, alert = %d.alert_id, transition = %d.transition, attempts, %error,
                     "Alert delivery failed for the last time; dead-lettered.");
-                store.record_attempt(d.seq, "dead", attempts, now, &error, now)
+                with_outbox(store, move |s| s.record_attempt(d.seq, "dead", attempts, now, &error, now)).await
             }
             Outcome::Failed(error) => {
                 metrics.webhook_deliveries.get_or_create(&label("failed")).inc();
@@ -228,7 +329,8 @@ where
                 let backoff = policy.backoff(attempts, (rng >> 11) as f64 / (1u64 << 53) as f64);
                 tracing::warn!(target, alert = %d.alert_id, attempts, %error, retry_in = ?backoff,
                     "Alert delivery failed; will retry.");
-                store.record_attempt(d.seq, "pending", attempts, now + backoff.as_millis() as i64, &error, now)
+                let retry_at = now + backoff.as_millis() as i64;
+                with_outbox(store, move |s| s.record_attempt(d.seq, "pending", attempts, retry_at, &error, now)).await
             }
         };
         if let Err(e) = recorded {
@@ -237,7 +339,7 @@ where
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         if last_gauge.elapsed() >= Duration::from_secs(5)
-            && let Ok(counts) = store.delivery_counts()
+            && let Ok(counts) = with_outbox(store, |s| s.delivery_counts()).await
         {
             let pending: u64 = counts.iter().filter(|(_, s, _)| s == "pending").map(|(_, _, n)| n).sum();
             metrics.webhook_pending.set(pending as i64);

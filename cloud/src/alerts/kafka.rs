@@ -10,7 +10,6 @@
 //! while the broker is away rows wait and retry with backoff.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,7 +100,7 @@ impl KafkaAlertsConfig {
 /// Produces the `#kafka` outbox rows in order until `cancel` fires.
 pub async fn run(
     cfg: KafkaAlertsConfig,
-    store_path: PathBuf,
+    outbox: super::deliver::OutboxAt,
     metrics: Arc<CloudMetrics>,
     cancel: CancellationToken,
 ) -> Result<(), String> {
@@ -129,7 +128,7 @@ pub async fn run(
         backoff_max: Duration::from_secs(10),
     };
     let topic = cfg.topic.clone();
-    deliver_loop(TARGET, policy, store_path, metrics, cancel, |d| {
+    deliver_loop(TARGET, policy, outbox, metrics, cancel, |d| {
         let topic = topic.clone();
         let slot = producer.clone();
         async move {

@@ -96,11 +96,11 @@ pub async fn ack(
     if body.by.trim().is_empty() || body.by.len() > 128 || body.note.len() > 4096 {
         return Err(bad_request("by must be 1-128 characters and note at most 4096".into()));
     }
-    let writer = st.writer.clone();
+    let acks = st.acks.clone();
     let now = crate::now_ms();
     let wanted = id.clone();
     let found = tokio::task::spawn_blocking(move || {
-        let mut w = writer.lock().map_err(|_| internal("store lock poisoned"))?;
+        let mut w = acks.lock().map_err(|_| internal("store lock poisoned"))?;
         w.ack_alert(&wanted, &body.by, &body.note, now).map_err(internal)
     })
     .await

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json_;
 
-use crate::store::{LateQuery, RowQuery, StoredRow, ViewInfo, ViewReader, ViewStore};
+use crate::store::{AlertAcks, LateQuery, RowQuery, ServingReader, StoredRow, ViewInfo};
 use crate::views::operator::LateEvent;
 
 /// Largest page.
@@ -25,12 +25,11 @@ const DEFAULT_LIMIT: usize = 1000;
 /// What the API handlers need.
 #[derive(Debug)]
 pub struct ApiState {
-    /// Alerts and edge aggregates (the embedded store).
-    pub store: Arc<Mutex<ViewStore>>,
-    /// Views and late events: the embedded store, or PostgreSQL on a cluster.
-    pub views: Arc<Mutex<Box<dyn ViewReader>>>,
+    /// Views, late events, alerts and edge aggregates: the embedded store,
+    /// or PostgreSQL on a cluster.
+    pub serving: Arc<Mutex<Box<dyn ServingReader>>>,
     /// A writable connection, for acknowledgements.
-    pub writer: Arc<Mutex<ViewStore>>,
+    pub acks: Arc<Mutex<Box<dyn AlertAcks>>>,
     /// The view `GET /v1/devices` lists.
     pub devices_view: String,
     /// The view `GET /v1/devices/{id}/windows` reads.
@@ -167,16 +166,9 @@ async fn locked<S: ?Sized + Send + 'static, T: Send + 'static>(
 
 async fn with_store<T: Send + 'static>(
     st: &ApiState,
-    f: impl FnOnce(&ViewStore) -> Result<T, ApiError> + Send + 'static,
+    f: impl FnOnce(&dyn ServingReader) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    locked(st.store.clone(), f).await
-}
-
-async fn with_views<T: Send + 'static>(
-    st: &ApiState,
-    f: impl FnOnce(&dyn ViewReader) -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    locked(st.views.clone(), move |v| f(&**v)).await
+    locked(st.serving.clone(), move |v| f(&**v)).await
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -191,7 +183,7 @@ async fn query(st: &ApiState, view: String, key: Option<String>, p: &RowParams) 
         Some((v, key, start)) => (v, Some((key, start))),
         None => (None, None),
     };
-    let rows_and_id = with_views(st, move |s| {
+    let rows_and_id = with_store(st, move |s| {
         let id = match pinned {
             Some(id) => id,
             None => s
@@ -236,7 +228,7 @@ pub async fn view_rows(
 
 /// `GET /v1/views`: every view version, its definition, and which one each name serves.
 pub async fn views(State(st): State<Arc<ApiState>>) -> Result<Json<Json_>, ApiError> {
-    let views: Vec<ViewInfo> = with_views(&st, |s| s.list_views().map_err(internal)).await?;
+    let views: Vec<ViewInfo> = with_store(&st, |s| s.list_views().map_err(internal)).await?;
     Ok(Json(serde_json::json!({ "views": views })))
 }
 
@@ -263,7 +255,7 @@ pub async fn late(State(st): State<Arc<ApiState>>, Query(p): Query<LateParams>) 
         })
         .transpose()?;
     let (view, device) = (p.view, p.device);
-    let events = with_views(&st, move |s| {
+    let events = with_store(&st, move |s| {
         let view_id = match view {
             None => None,
             Some(v) => Some(

@@ -26,6 +26,7 @@
 pub mod partitioned;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -62,6 +63,8 @@ pub struct Worker {
     specs: Vec<ViewSpec>,
     source: GroupSource,
     metrics: Arc<CloudMetrics>,
+    /// Holds its share, restored (or has none to hold); `/readyz`.
+    ready: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -91,14 +94,14 @@ impl Worker {
         .map_err(|e| WorkerError::Config(format!("registering the views: {e}")))??;
         let log = KafkaLog::connect(kafka, partitions).await?;
         let source = log.group_source(&cluster.group, cluster.session_timeout)?;
-        Ok(Self { cfg, specs, source, metrics })
+        Ok(Self { cfg, specs, source, metrics, ready: Arc::new(AtomicBool::new(false)) })
     }
 
     /// Processes until `cancel` fires: takes each share the group assigns,
     /// restores it, runs it until the group moves partitions again, and
     /// checkpoints on the way out.
     pub fn run(self, cancel: CancellationToken) -> Result<(), WorkerError> {
-        let Self { cfg, specs, mut source, metrics } = self;
+        let Self { cfg, specs, mut source, metrics, ready } = self;
         let cluster = cfg.cluster.clone().ok_or_else(|| WorkerError::Config("a worker needs [cluster]".into()))?;
         let settings = cfg.processor_settings();
         let restore = std::env::var_os(FAULT_SKIP_RESTORE).is_none();
@@ -109,6 +112,7 @@ impl Worker {
         }
         while let Some(share) = source.next_assignment(|| cancel.is_cancelled()) {
             tracing::info!(partitions = ?share, "Kafka assigned this worker its partitions.");
+            ready.store(share.is_empty(), Ordering::Relaxed);
             if share.is_empty() {
                 continue;
             }
@@ -141,6 +145,7 @@ impl Worker {
                 Ok(p) => p,
                 Err(e) => return Err(WorkerError::Config(format!("cannot restore the partitions: {e}"))),
             };
+            ready.store(true, Ordering::Relaxed);
             let outcome = loop {
                 if cancel.is_cancelled() {
                     break processor.checkpoint().and_then(|()| processor.sync());
@@ -155,6 +160,7 @@ impl Worker {
             };
             source = processor.into_source();
             if let Err(e) = outcome {
+                ready.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %e, "The last checkpoint of this share did not commit; its successor reads it again.");
                 if cancel.is_cancelled() {
                     break;
@@ -182,13 +188,16 @@ impl Worker {
     }
 }
 
-/// `kappa-cloud worker`: a worker, with `/metrics` and `/healthz` on
-/// `http.listen`, until SIGINT/SIGTERM or a failure.
+/// `kappa-cloud worker`: a worker, with `/metrics`, `/healthz` and
+/// `/readyz` (200 while it holds its share, restored, or has none; 503 while
+/// it waits for a share or cannot take one) on `http.listen`, until
+/// SIGINT/SIGTERM or a failure.
 pub async fn run_until_signal(cfg: CloudConfig) -> Result<(), WorkerError> {
     use prometheus_client::registry::Registry;
     let mut registry = Registry::default();
     let metrics = Arc::new(CloudMetrics::new(&mut registry));
     let worker = Worker::open(cfg.clone(), metrics.clone()).await?;
+    let ready = worker.ready.clone();
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
         .map_err(|e| WorkerError::Config(format!("cannot listen on {}: {e}", cfg.http.listen)))?;
@@ -200,7 +209,20 @@ pub async fn run_until_signal(cfg: CloudConfig) -> Result<(), WorkerError> {
         .spawn_thread("worker", move || worker.run(c).map_err(|e| e.to_string()))
         .map_err(|e| WorkerError::Config(format!("cannot start the worker: {e}")))?;
     let http = crate::node::Http { header_timeout: cfg.http.header_read_timeout, tls: None, metrics };
-    let router = crate::node::liveness_router(Arc::new(registry));
+    let router = crate::node::liveness_router(Arc::new(registry)).route(
+        "/readyz",
+        axum::routing::get(move || {
+            let ready = ready.load(Ordering::Relaxed);
+            async move {
+                match ready {
+                    true => (axum::http::StatusCode::OK, "ready\n"),
+                    false => {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for a share of the log\n")
+                    }
+                }
+            }
+        }),
+    );
     let c = cancel.clone();
     tasks.spawn("http", async move {
         crate::node::serve_http(listener, router, http, c).await;

@@ -121,6 +121,13 @@ pub struct AggregateQuery {
     pub limit: usize,
 }
 
+impl AggregateQuery {
+    /// Every aggregate, in one page.
+    pub fn everything() -> Self {
+        Self { from: i64::MIN, to: i64::MAX, limit: i64::MAX as usize, ..Self::default() }
+    }
+}
+
 /// A merged aggregate as the API returns it, with its mean and standard deviation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AggregateRow {
@@ -186,4 +193,30 @@ impl ViewStore {
         )?;
         Ok(rows.map(|r| r.map(AggregateRow::from)).collect::<Result<_, _>>()?)
     }
+
+    /// Every merged edge aggregate, one line each in a canonical order.
+    pub fn dump_aggregates(&self) -> Result<String, StoreError> {
+        Ok(self.aggregates(&AggregateQuery::everything())?.iter().map(dump_line).collect())
+    }
+}
+
+/// One merged aggregate in a dump; floats in full.
+pub(crate) fn dump_line(r: &AggregateRow) -> String {
+    let a = &r.aggregate;
+    format!(
+        "{} {} {} {} {} {:?} {:?} {:?} {:?} {} {:?} {} {:?}\n",
+        a.device,
+        a.metric,
+        a.window_ms,
+        a.start_ms,
+        a.count,
+        a.min,
+        a.max,
+        a.sum,
+        a.sum_sq,
+        a.first_ts,
+        a.first,
+        a.last_ts,
+        a.last
+    )
 }

@@ -301,25 +301,11 @@ impl ViewStore {
     /// Every alert and its history as text, for comparing two runs.
     pub fn dump_alerts(&self) -> Result<String, StoreError> {
         let mut out = String::new();
-        let mut stmt = self.conn.prepare(
-            "SELECT id, rule, kind, severity, device, state, started_ms, resolved_ms, value, message FROM alerts ORDER BY id",
-        )?;
-        let mut rows = stmt.query([])?;
-        while let Some(r) = rows.next()? {
-            let line = format!(
-                "{} {} {} {} {} {} {} {:?} {:?} {}\n",
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, Option<i64>>(7)?,
-                r.get::<_, Option<f64>>(8)?,
-                r.get::<_, String>(9)?
-            );
-            out.push_str(&line);
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {ALERT_COLUMNS} FROM alerts a LEFT JOIN alert_acks k ON k.alert_id = a.id ORDER BY a.id"
+        ))?;
+        for view in stmt.query_map([], alert_row)? {
+            out.push_str(&alert_dump_line(&view?.alert));
         }
         let mut stmt =
             self.conn.prepare("SELECT alert_id, transition, ts_ms FROM alert_events ORDER BY alert_id, transition")?;
@@ -334,4 +320,21 @@ impl ViewStore {
         }
         Ok(out)
     }
+}
+
+/// One alert in a dump (without its gateway and acknowledgement).
+pub(crate) fn alert_dump_line(a: &AlertRecord) -> String {
+    format!(
+        "{} {} {} {} {} {} {} {:?} {:?} {}\n",
+        a.id,
+        a.rule,
+        a.kind,
+        a.severity.as_str(),
+        a.device,
+        a.state,
+        a.started_ms,
+        a.resolved_ms,
+        a.value,
+        a.message
+    )
 }

@@ -167,9 +167,8 @@ pub trait ProcessorStore: Send + 'static {
     fn checkpoint(&mut self, cp: &Checkpoint) -> Result<(), StoreError>;
 }
 
-/// What the view endpoints of the API read: the embedded store, or
-/// PostgreSQL when cluster workers compute the views.
-pub trait ViewReader: Send + std::fmt::Debug {
+/// What the API reads: the embedded store, or PostgreSQL on a cluster.
+pub trait ServingReader: Send + std::fmt::Debug {
     /// The view id a name (through its alias) or `name@version` refers to.
     fn resolve_view(&self, name: &str) -> Result<Option<String>, StoreError>;
     /// A page of one view's rows.
@@ -178,9 +177,27 @@ pub trait ViewReader: Send + std::fmt::Debug {
     fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError>;
     /// A page of late events.
     fn late_events(&self, q: &LateQuery) -> Result<Vec<LateEvent>, StoreError>;
+    /// A page of alerts, newest first.
+    fn alerts(&self, q: &alerts::AlertQuery) -> Result<Vec<alerts::AlertView>, StoreError>;
+    /// One alert with its history and deliveries.
+    fn alert(&self, id: &str) -> Result<Option<alerts::AlertDetail>, StoreError>;
+    /// A page of merged edge aggregates.
+    fn aggregates(&self, q: &aggregates::AggregateQuery) -> Result<Vec<aggregates::AggregateRow>, StoreError>;
 }
 
-impl ViewReader for ViewStore {
+/// Where the API writes acknowledgements of alerts.
+pub trait AlertAcks: Send + std::fmt::Debug {
+    /// Acknowledges an alert; false if there is no such alert.
+    fn ack_alert(&mut self, id: &str, by: &str, note: &str, at_ms: i64) -> Result<bool, StoreError>;
+}
+
+impl AlertAcks for ViewStore {
+    fn ack_alert(&mut self, id: &str, by: &str, note: &str, at_ms: i64) -> Result<bool, StoreError> {
+        ViewStore::ack_alert(self, id, by, note, at_ms)
+    }
+}
+
+impl ServingReader for ViewStore {
     fn resolve_view(&self, name: &str) -> Result<Option<String>, StoreError> {
         ViewStore::resolve_view(self, name)
     }
@@ -195,6 +212,18 @@ impl ViewReader for ViewStore {
 
     fn late_events(&self, q: &LateQuery) -> Result<Vec<LateEvent>, StoreError> {
         ViewStore::late_events(self, q)
+    }
+
+    fn alerts(&self, q: &alerts::AlertQuery) -> Result<Vec<alerts::AlertView>, StoreError> {
+        ViewStore::alerts(self, q)
+    }
+
+    fn alert(&self, id: &str) -> Result<Option<alerts::AlertDetail>, StoreError> {
+        ViewStore::alert(self, id)
+    }
+
+    fn aggregates(&self, q: &aggregates::AggregateQuery) -> Result<Vec<aggregates::AggregateRow>, StoreError> {
+        ViewStore::aggregates(self, q)
     }
 }
 

@@ -19,6 +19,7 @@
 //! | `dedup(pipeline, part, device, boot, state)` | sequence numbers seen per device boot (CBOR); `part` is the device's partition |
 //! | `partitions(pipeline, part, next_offset, max_ts, epoch)` | where each partition resumes, its max event time, and the epoch of its owner's claim |
 //! | `late_events(view_id, part, log_offset, window_start, device, boot, seq, ts_ms, watermark_ms, reason)` | readings too late for a window, with the reason |
+//! | `alerts`, `alert_events`, `alert_state`, `alert_outbox`, `alert_acks`, `edge_aggregates`, `edge_aggregate_parts`, `pipeline_meta` | see [`alerts`] |
 //!
 //! `part` is the log partition and `log_offset` a record's offset (`partition`
 //! and `offset` are SQL keywords). Every integer is `int8`; a reading's `seq`
@@ -74,10 +75,12 @@ use crate::eventlog::{Offset, Partition};
 use crate::views::operator::{LateEvent, WinState};
 use crate::views::spec::ViewSpec;
 
+/// Alerts, edge aggregates and global watermarks.
+mod alerts;
 /// Pages, the view list and dumps, for the API and `views dump`.
 mod read;
 
-pub use read::PgReader;
+pub use read::{PgOutbox, PgReader};
 
 /// `(key, window_start, window_end, row)` as stored.
 type RawRow = (String, i64, Option<i64>, String);
@@ -230,6 +233,7 @@ impl PgStore {
             }
         }
         tx.batch_execute(&DDL.replace("{s}", &s)).context("creating the tables")?;
+        tx.batch_execute(&alerts::DDL.replace("{s}", &s)).context("creating the alert tables")?;
         tx.commit().context("creating the tables")?;
         Ok(Self {
             client: RefCell::new(client),
@@ -327,6 +331,11 @@ impl PgStore {
             specs.iter().filter(|s| s.key != crate::views::spec::Field::Device).map(|s| (s.id(), s.clone())).collect();
     }
 
+    /// Whether this store claimed every partition of the log for its pipeline.
+    fn claims_every_partition(&self) -> bool {
+        self.claim.as_ref().is_some_and(|c| c.epochs.len() == self.log_partitions as usize)
+    }
+
     /// Whether the connection to PostgreSQL was lost.
     pub fn is_closed(&self) -> bool {
         self.client.borrow().is_closed()
@@ -401,7 +410,8 @@ impl PgStore {
 
 impl ProcessorStore for PgStore {
     /// Positions, max event times and dedup state of the claimed partitions
-    /// only. There is no global watermark: workers close windows per partition.
+    /// only. A global watermark only for a claim of every partition: workers
+    /// close windows per partition.
     fn restore(&self, pipeline: &str) -> Result<Restored, StoreError> {
         let claim = self.claimed(pipeline)?;
         let parts: Vec<i64> = claim.epochs.keys().map(|p| i64::from(*p)).collect();
@@ -449,6 +459,10 @@ impl ProcessorStore for PgStore {
             out.dedup.push((device, to_u32(boot, "boot")?, state));
         }
         tx.commit().context("finishing a restore")?;
+        drop(client);
+        if self.claims_every_partition() {
+            out.global_watermark = self.global_watermark(pipeline)?;
+        }
         Ok(out)
     }
 
@@ -497,7 +511,7 @@ impl ProcessorStore for PgStore {
     }
 
     fn alert_state(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        Err(StoreError("alerts are kept in the embedded store; PostgreSQL holds views only".into()))
+        self.read_alert_state()
     }
 
     /// Writes `cp` in one transaction, after fencing (see the module docs).
@@ -505,20 +519,22 @@ impl ProcessorStore for PgStore {
     /// Each table gets one statement per kind of change, with the changes as
     /// arrays, however many rows a checkpoint carries.
     ///
-    /// `caught_up`, `skipped` and `global_watermark` are not kept: cluster
-    /// workers have no replay pipelines (yet) to mark live or to report
-    /// damaged archive blocks for, and they close windows per partition, with
-    /// each partition's `closed_through`, rather than by a global watermark.
+    /// `caught_up` and `skipped` are not kept: cluster workers have no replay
+    /// pipelines (yet) to mark live or to report damaged archive blocks for.
+    /// `global_watermark` is kept only for a claim of every partition (the
+    /// alert and aggregate pipelines); workers close windows per partition,
+    /// with each partition's `closed_through`.
     fn checkpoint(&mut self, cp: &Checkpoint) -> Result<(), StoreError> {
         let pl = cp.pipeline.as_str();
         let claim = self.claimed(pl)?;
-        if cp.alerts.is_some() {
-            return Err(StoreError("alerts are kept in the embedded store; PostgreSQL holds views only".into()));
-        }
-        if !cp.aggregates.is_empty() {
-            return Err(StoreError(
-                "edge aggregates are kept in the embedded store; PostgreSQL holds views only".into(),
-            ));
+        // Only a process that runs the pipeline on every partition keeps a
+        // global watermark; its alerts and aggregates are fenced by all of them.
+        let whole = self.claims_every_partition();
+        let global_watermark = cp.global_watermark.filter(|_| whole);
+        if (cp.alerts.is_some() || !cp.aggregates.is_empty()) && !whole {
+            return Err(StoreError(format!(
+                "pipeline {pl}: alerts and edge aggregates need a claim of every partition of the log"
+            )));
         }
 
         // Everything the checkpoint touches, per partition, for the fence.
@@ -538,6 +554,9 @@ impl ProcessorStore for PgStore {
         let part_of = |device: &str| partition_for(device, self.log_partitions);
         touched.extend(cp.dedup_upserts.iter().map(|(d, _, _)| part_of(d)));
         touched.extend(cp.dedup_deletes.iter().map(|(d, _)| part_of(d)));
+        if cp.alerts.is_some() || !cp.aggregates.is_empty() || global_watermark.is_some() {
+            touched.extend(claim.epochs.keys());
+        }
         let fence: Vec<(Partition, i64)> = touched
             .iter()
             .map(|p| match claim.epochs.get(p) {
@@ -554,6 +573,13 @@ impl ProcessorStore for PgStore {
         let mut tx = self.client.get_mut().transaction().context("starting a checkpoint")?;
         fence_partitions(&mut tx, s, pl, &fence, &positions)?;
         batch.write(&mut tx, s, pl)?;
+        if let Some(ch) = &cp.alerts {
+            alerts::write_alerts(&mut tx, s, ch)?;
+        }
+        alerts::merge_aggregates(&mut tx, s, &cp.aggregates)?;
+        if let Some(w) = global_watermark {
+            alerts::write_global_watermark(&mut tx, s, pl, w)?;
+        }
         tx.commit().context("committing a checkpoint")?;
         Ok(())
     }
@@ -1029,7 +1055,7 @@ mod tests {
     use crate::store::tests::row;
     use crate::views::operator::{Changes, Row};
 
-    const LOG_PARTITIONS: u32 = 4;
+    pub(super) const LOG_PARTITIONS: u32 = 4;
 
     fn url() -> String {
         std::env::var("KAPPA_TEST_POSTGRES")
@@ -1038,18 +1064,18 @@ mod tests {
 
     /// A schema of its own for one test, dropped before and after (also when
     /// the test fails).
-    struct TestSchema {
-        settings: PgSettings,
+    pub(super) struct TestSchema {
+        pub(super) settings: PgSettings,
     }
 
     impl TestSchema {
-        fn new(test: &str) -> Self {
+        pub(super) fn new(test: &str) -> Self {
             let settings = PgSettings { url: url(), schema: format!("kappa_t_{}_{test}", std::process::id()) };
             drop_schema(&settings.schema).unwrap();
             Self { settings }
         }
 
-        fn connect(&self) -> PgStore {
+        pub(super) fn connect(&self) -> PgStore {
             PgStore::connect(&self.settings, LOG_PARTITIONS).unwrap()
         }
 
@@ -1070,7 +1096,7 @@ mod tests {
     }
 
     /// A device that lives in partition `p`.
-    fn device_in(p: Partition) -> String {
+    pub(super) fn device_in(p: Partition) -> String {
         (0..).map(|i| format!("dev-{i}")).find(|d| partition_for(d, LOG_PARTITIONS) == p).unwrap()
     }
 
@@ -1176,7 +1202,7 @@ mod tests {
             dedup_upserts: vec![(d0.clone(), 1, vec![1]), (d1.clone(), 2, vec![9]), (d1.clone(), 2, vec![2])],
             partitions: vec![(0, 10, Some(100)), (1, 20, None)],
             late: vec![late_event(0, 3, &d0), late_event(0, 3, &d0)],
-            // Not kept: windows close per partition.
+            // Not kept for a share of the partitions: windows close per partition.
             global_watermark: Some(90),
             caught_up: true,
             ..Checkpoint::default()
@@ -1204,7 +1230,7 @@ mod tests {
         assert_eq!(a.view_state("v@1", Some(1)).unwrap(), (None, vec![(d1.clone(), win(60_000))]));
         assert_eq!(a.view_state("v@1", Some(2)).unwrap(), (None, vec![]));
         assert!(a.view_state("v@1", None).is_err());
-        assert!(a.alert_state().unwrap_err().0.contains("embedded store"));
+        assert!(a.alert_state().unwrap().is_empty());
 
         let mut want = vec![
             (d0.clone(), 0, 2),
@@ -1352,7 +1378,7 @@ mod tests {
             .query_one("SELECT count(*) FROM information_schema.tables WHERE table_schema = $1", &[&db.settings.schema])
             .unwrap()
             .get(0);
-        assert_eq!(tables, 10, "store_meta and the nine tables of the module docs");
+        assert_eq!(tables, 18, "store_meta and the seventeen tables of the module docs");
     }
 
     #[test]
@@ -1415,7 +1441,7 @@ aggregates = [{ name = "n", fn = "count" }]
     /// request that finds it gone fails, the next one connects again.
     #[test]
     fn the_api_reader_connects_again_after_its_connection_was_dropped() {
-        use crate::store::ViewReader;
+        use crate::store::ServingReader;
         let t = TestSchema::new("reader");
         let reader = PgReader::new(t.settings.clone(), LOG_PARTITIONS, t.connect(), vec![]);
         assert_eq!(reader.list_views().unwrap(), vec![]);

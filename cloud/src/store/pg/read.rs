@@ -10,7 +10,12 @@ use postgres::fallible_iterator::FallibleIterator;
 use serde_json::Value as Json;
 
 use super::{Context, PgSettings, PgStore, RawRow, late_reason, to_u32, to_u64};
-use crate::store::{LateQuery, MAIN_PIPELINE, RowQuery, StoreError, StoredRow, ViewInfo, ViewReader, late_dump_line};
+use crate::alerts::deliver::Outbox;
+use crate::store::aggregates::{AggregateQuery, AggregateRow};
+use crate::store::alerts::{AlertDetail, AlertQuery, AlertView, Delivery};
+use crate::store::{
+    AlertAcks, LateQuery, MAIN_PIPELINE, RowQuery, ServingReader, StoreError, StoredRow, ViewInfo, late_dump_line,
+};
 use crate::views::operator::{LateEvent, WinState, merge_partials};
 use crate::views::spec::ViewSpec;
 
@@ -207,8 +212,14 @@ impl PgReader {
     }
 
     fn with<T>(&self, f: impl FnOnce(&PgStore) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.with_connection(|s, _| f(s))
+    }
+
+    /// Calls `f` with the connection and whether it is new (made by this call).
+    fn with_connection<T>(&self, f: impl FnOnce(&PgStore, bool) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let mut slot = self.store.borrow_mut();
-        if slot.as_ref().is_none_or(PgStore::is_closed) {
+        let fresh = slot.as_ref().is_none_or(PgStore::is_closed);
+        if fresh {
             if let Some(old) = slot.take() {
                 std::thread::spawn(move || drop(old));
             }
@@ -217,7 +228,7 @@ impl PgReader {
             *slot = Some(store);
         }
         match slot.as_ref() {
-            Some(store) => f(store),
+            Some(store) => f(store, fresh),
             None => Err(StoreError("no PostgreSQL connection".into())),
         }
     }
@@ -231,7 +242,7 @@ impl Drop for PgReader {
     }
 }
 
-impl ViewReader for PgReader {
+impl ServingReader for PgReader {
     fn resolve_view(&self, name: &str) -> Result<Option<String>, StoreError> {
         self.with(|s| s.resolve_view(name))
     }
@@ -246,6 +257,72 @@ impl ViewReader for PgReader {
 
     fn late_events(&self, q: &LateQuery) -> Result<Vec<LateEvent>, StoreError> {
         self.with(|s| s.late_page(q))
+    }
+
+    fn alerts(&self, q: &AlertQuery) -> Result<Vec<AlertView>, StoreError> {
+        self.with(|s| s.alerts(q))
+    }
+
+    fn alert(&self, id: &str) -> Result<Option<AlertDetail>, StoreError> {
+        self.with(|s| s.alert(id))
+    }
+
+    fn aggregates(&self, q: &AggregateQuery) -> Result<Vec<AggregateRow>, StoreError> {
+        self.with(|s| s.aggregates(q))
+    }
+}
+
+impl AlertAcks for PgReader {
+    fn ack_alert(&mut self, id: &str, by: &str, note: &str, at_ms: i64) -> Result<bool, StoreError> {
+        self.with(|s| s.ack_alert(id, by, note, at_ms))
+    }
+}
+
+/// The deliverers' outbox on a cluster. A target's rows are handed out only
+/// while this connection holds the target's delivery lock (taken again after
+/// a reconnect), so however many nodes run deliverers, one at a time sends
+/// for a target, in order.
+#[derive(Debug)]
+pub struct PgOutbox {
+    reader: PgReader,
+    locked: bool,
+}
+
+impl PgOutbox {
+    pub fn connect(settings: &PgSettings, log_partitions: u32) -> Result<Self, StoreError> {
+        let store = PgStore::connect(settings, log_partitions)?;
+        Ok(Self { reader: PgReader::new(settings.clone(), log_partitions, store, Vec::new()), locked: false })
+    }
+}
+
+impl Outbox for PgOutbox {
+    fn next_delivery(&mut self, target: &str) -> Result<Option<Delivery>, StoreError> {
+        let locked = &mut self.locked;
+        self.reader.with_connection(|s, fresh| {
+            if fresh || !*locked {
+                *locked = s.try_lock_deliveries(target)?;
+                if !*locked {
+                    return Ok(None);
+                }
+            }
+            s.next_delivery(target)
+        })
+    }
+
+    fn record_attempt(
+        &mut self,
+        seq: i64,
+        state: &str,
+        attempts: u32,
+        next_attempt_ms: i64,
+        error: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.reader.with(|s| s.record_attempt(seq, state, attempts, next_attempt_ms, error, now_ms))
+    }
+
+    fn delivery_counts(&mut self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        self.reader.with(PgStore::delivery_counts)
     }
 }
 
