@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::spec::Severity;
 use crate::metrics::CloudMetrics;
-use crate::store::alerts::Delivery;
+use crate::store::alerts::{Attempt, Delivery};
 use crate::store::pg::{PgOutbox, PgSettings};
 use crate::store::{StoreError, ViewStore};
 
@@ -33,17 +33,8 @@ pub trait Outbox: Send {
     /// The oldest pending delivery of `target`; none while another process
     /// delivers for `target`.
     fn next_delivery(&mut self, target: &str) -> Result<Option<Delivery>, StoreError>;
-    /// Records the outcome of an attempt: `delivered`, `pending` (retry at
-    /// `next_attempt_ms`) or `dead`.
-    fn record_attempt(
-        &mut self,
-        seq: i64,
-        state: &str,
-        attempts: u32,
-        next_attempt_ms: i64,
-        error: &str,
-        now_ms: i64,
-    ) -> Result<(), StoreError>;
+    /// Records the outcome of an attempt.
+    fn record_attempt(&mut self, attempt: &Attempt) -> Result<(), StoreError>;
     /// Deliveries per target and state.
     fn delivery_counts(&mut self) -> Result<Vec<(String, String, u64)>, StoreError>;
 }
@@ -53,16 +44,8 @@ impl Outbox for ViewStore {
         ViewStore::next_delivery(self, target)
     }
 
-    fn record_attempt(
-        &mut self,
-        seq: i64,
-        state: &str,
-        attempts: u32,
-        next_attempt_ms: i64,
-        error: &str,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        ViewStore::record_attempt(self, seq, state, attempts, next_attempt_ms, error, now_ms)
+    fn record_attempt(&mut self, attempt: &Attempt) -> Result<(), StoreError> {
+        ViewStore::record_attempt(self, attempt)
     }
 
     fn delivery_counts(&mut self) -> Result<Vec<(String, String, u64)>, StoreError> {
@@ -310,16 +293,24 @@ where
         };
         let attempts = d.attempts + 1;
         let now = crate::now_ms();
-        let recorded = match outcome {
+        let attempt = |state, next_attempt_ms, error| Attempt {
+            seq: d.seq,
+            state,
+            attempts,
+            next_attempt_ms,
+            error,
+            now_ms: now,
+        };
+        let attempt = match outcome {
             Outcome::Delivered => {
                 metrics.webhook_deliveries.get_or_create(&label("delivered")).inc();
-                with_outbox(store, move |s| s.record_attempt(d.seq, "delivered", attempts, now, "", now)).await
+                attempt("delivered", now, String::new())
             }
             Outcome::Failed(error) if attempts >= policy.max_attempts => {
                 metrics.webhook_deliveries.get_or_create(&label("dead_letter")).inc();
                 tracing::error!(target, alert = %d.alert_id, transition = %d.transition, attempts, %error,
                     "Alert delivery failed for the last time; dead-lettered.");
-                with_outbox(store, move |s| s.record_attempt(d.seq, "dead", attempts, now, &error, now)).await
+                attempt("dead", now, error)
             }
             Outcome::Failed(error) => {
                 metrics.webhook_deliveries.get_or_create(&label("failed")).inc();
@@ -329,10 +320,10 @@ where
                 let backoff = policy.backoff(attempts, (rng >> 11) as f64 / (1u64 << 53) as f64);
                 tracing::warn!(target, alert = %d.alert_id, attempts, %error, retry_in = ?backoff,
                     "Alert delivery failed; will retry.");
-                let retry_at = now + backoff.as_millis() as i64;
-                with_outbox(store, move |s| s.record_attempt(d.seq, "pending", attempts, retry_at, &error, now)).await
+                attempt("pending", now + backoff.as_millis() as i64, error)
             }
         };
+        let recorded = with_outbox(store, move |s| s.record_attempt(&attempt)).await;
         if let Err(e) = recorded {
             // The row stays pending: it is sent again (same idempotency key).
             tracing::warn!(target, error = %e, "Cannot record a delivery attempt.");

@@ -15,7 +15,7 @@ use kappa_common::aggregate::Aggregate;
 use rusqlite::{Transaction, params};
 use serde::Serialize;
 
-use super::{StoreError, ViewStore};
+use super::{Columns, StoreError, ViewStore};
 
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS edge_aggregates (
@@ -151,14 +151,13 @@ impl ViewStore {
     /// Merged edge aggregates, ordered by device, metric, window size and start.
     pub fn aggregates(&self, q: &AggregateQuery) -> Result<Vec<AggregateRow>, StoreError> {
         let (ad, am, aw, as_) = q.after.clone().unwrap_or_default();
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT device, metric, window_ms, start_ms, count, min, max, sum, sum_sq, first_ts, first, last_ts, last
-             FROM edge_aggregates
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {AGGREGATE_COLUMNS} FROM edge_aggregates
              WHERE (?1 IS NULL OR device = ?1) AND (?2 IS NULL OR metric = ?2) AND (?3 IS NULL OR window_ms = ?3)
                AND start_ms >= ?4 AND start_ms < ?5
                AND (?6 = 0 OR (device, metric, window_ms, start_ms) > (?7, ?8, ?9, ?10))
-             ORDER BY device, metric, window_ms, start_ms LIMIT ?11",
-        )?;
+             ORDER BY device, metric, window_ms, start_ms LIMIT ?11"
+        ))?;
         let rows = stmt.query_map(
             params![
                 q.device,
@@ -173,23 +172,7 @@ impl ViewStore {
                 as_,
                 q.limit as i64
             ],
-            |r| {
-                Ok(Aggregate {
-                    device: r.get(0)?,
-                    metric: r.get(1)?,
-                    window_ms: r.get(2)?,
-                    start_ms: r.get(3)?,
-                    count: r.get::<_, i64>(4)? as u64,
-                    min: r.get(5)?,
-                    max: r.get(6)?,
-                    sum: r.get(7)?,
-                    sum_sq: r.get(8)?,
-                    first_ts: r.get(9)?,
-                    first: r.get(10)?,
-                    last_ts: r.get(11)?,
-                    last: r.get(12)?,
-                })
-            },
+            |r| aggregate_row(r),
         )?;
         Ok(rows.map(|r| r.map(AggregateRow::from)).collect::<Result<_, _>>()?)
     }
@@ -198,6 +181,29 @@ impl ViewStore {
     pub fn dump_aggregates(&self) -> Result<String, StoreError> {
         Ok(self.aggregates(&AggregateQuery::everything())?.iter().map(dump_line).collect())
     }
+}
+
+/// The columns every aggregate query selects, in order.
+pub(crate) const AGGREGATE_COLUMNS: &str =
+    "device, metric, window_ms, start_ms, count, min, max, sum, sum_sq, first_ts, first, last_ts, last";
+
+/// An aggregate from a row of [`AGGREGATE_COLUMNS`].
+pub(crate) fn aggregate_row<R: Columns>(r: &R) -> Result<Aggregate, R::Error> {
+    Ok(Aggregate {
+        device: r.col(0)?,
+        metric: r.col(1)?,
+        window_ms: r.col(2)?,
+        start_ms: r.col(3)?,
+        count: u64::try_from(r.col::<i64>(4)?).unwrap_or(0),
+        min: r.col(5)?,
+        max: r.col(6)?,
+        sum: r.col(7)?,
+        sum_sq: r.col(8)?,
+        first_ts: r.col(9)?,
+        first: r.col(10)?,
+        last_ts: r.col(11)?,
+        last: r.col(12)?,
+    })
 }
 
 /// One merged aggregate in a dump; floats in full.

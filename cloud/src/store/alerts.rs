@@ -14,7 +14,7 @@
 use rusqlite::{OptionalExtension, Transaction, params};
 use serde::Serialize;
 
-use super::{StoreError, ViewStore};
+use super::{Columns, StoreError, ViewStore};
 use crate::alerts::engine::{AlertChanges, AlertEvent, AlertRecord};
 use crate::alerts::spec::Severity;
 
@@ -136,46 +136,69 @@ pub struct AlertDetail {
     pub deliveries: Vec<Delivery>,
 }
 
-const ALERT_COLUMNS: &str =
+pub(crate) const ALERT_COLUMNS: &str =
     "a.id, a.rule, a.kind, a.severity, a.device, a.gateway, a.state, a.started_ms, a.resolved_ms,
      a.value, a.message, k.by, k.note, k.at_ms";
 
-fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AlertView> {
-    let severity: String = r.get(3)?;
-    let by: Option<String> = r.get(11)?;
+/// An alert and its acknowledgement from a row of [`ALERT_COLUMNS`] (in
+/// PostgreSQL `k.by` is `k.acked_by`).
+pub(crate) fn alert_row<R: Columns>(r: &R) -> Result<AlertView, R::Error> {
+    let severity: String = r.col(3)?;
+    let by: Option<String> = r.col(11)?;
     Ok(AlertView {
         alert: AlertRecord {
-            id: r.get(0)?,
-            rule: r.get(1)?,
-            kind: r.get(2)?,
+            id: r.col(0)?,
+            rule: r.col(1)?,
+            kind: r.col(2)?,
             severity: Severity::parse(&severity).unwrap_or(Severity::Warning),
-            device: r.get(4)?,
-            gateway: r.get(5)?,
-            state: r.get(6)?,
-            started_ms: r.get(7)?,
-            resolved_ms: r.get(8)?,
-            value: r.get(9)?,
-            message: r.get(10)?,
+            device: r.col(4)?,
+            gateway: r.col(5)?,
+            state: r.col(6)?,
+            started_ms: r.col(7)?,
+            resolved_ms: r.col(8)?,
+            value: r.col(9)?,
+            message: r.col(10)?,
         },
         acked: match by {
-            Some(by) => Some(Ack { by, note: r.get(12)?, at_ms: r.get(13)? }),
+            Some(by) => Some(Ack { by, note: r.col(12)?, at_ms: r.col(13)? }),
             None => None,
         },
     })
 }
 
-fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
+/// A delivery from a row of [`DELIVERY_COLUMNS`].
+pub(crate) fn delivery_row<R: Columns>(r: &R) -> Result<Delivery, R::Error> {
     Ok(Delivery {
-        seq: r.get(0)?,
-        webhook: r.get(1)?,
-        alert_id: r.get(2)?,
-        transition: r.get(3)?,
-        payload: r.get(4)?,
-        state: r.get(5)?,
-        attempts: r.get(6)?,
-        next_attempt_ms: r.get(7)?,
-        last_error: r.get(8)?,
+        seq: r.col(0)?,
+        webhook: r.col(1)?,
+        alert_id: r.col(2)?,
+        transition: r.col(3)?,
+        payload: r.col(4)?,
+        state: r.col(5)?,
+        attempts: u32::try_from(r.col::<i64>(6)?).unwrap_or(u32::MAX),
+        next_attempt_ms: r.col(7)?,
+        last_error: r.col(8)?,
     })
+}
+
+/// The outcome of one delivery attempt, to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub seq: i64,
+    /// `delivered`, `pending` (retry at `next_attempt_ms`) or `dead`.
+    pub state: &'static str,
+    /// Attempts so far, this one included.
+    pub attempts: u32,
+    pub next_attempt_ms: i64,
+    pub error: String,
+    pub now_ms: i64,
+}
+
+impl Attempt {
+    /// When the row is done with (`delivered` or `dead`).
+    pub(crate) fn done_ms(&self) -> Option<i64> {
+        (self.state != "pending").then_some(self.now_ms)
+    }
 }
 
 impl Delivery {
@@ -185,7 +208,7 @@ impl Delivery {
     }
 }
 
-const DELIVERY_COLUMNS: &str =
+pub(crate) const DELIVERY_COLUMNS: &str =
     "seq, webhook, alert_id, transition, payload, state, attempts, next_attempt_ms, last_error";
 
 impl ViewStore {
@@ -217,7 +240,7 @@ impl ViewStore {
         let rows = stmt
             .query_map(
                 params![q.from, q.to, q.state, q.device, q.rule, sev, after_ts, after_id, q.limit as i64],
-                alert_row,
+                |r| alert_row(r),
             )?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
@@ -227,7 +250,7 @@ impl ViewStore {
     pub fn alert(&self, id: &str) -> Result<Option<AlertDetail>, StoreError> {
         let sql =
             format!("SELECT {ALERT_COLUMNS} FROM alerts a LEFT JOIN alert_acks k ON k.alert_id = a.id WHERE a.id = ?1");
-        let Some(view) = self.conn.query_row(&sql, [id], alert_row).optional()? else { return Ok(None) };
+        let Some(view) = self.conn.query_row(&sql, [id], |r| alert_row(r)).optional()? else { return Ok(None) };
         let mut stmt = self.conn.prepare(
             "SELECT alert_id, transition, ts_ms, message FROM alert_events WHERE alert_id = ?1 ORDER BY ts_ms, transition",
         )?;
@@ -239,7 +262,7 @@ impl ViewStore {
         let mut stmt = self
             .conn
             .prepare(&format!("SELECT {DELIVERY_COLUMNS} FROM alert_outbox WHERE alert_id = ?1 ORDER BY seq"))?;
-        let deliveries = stmt.query_map([id], delivery_row)?.collect::<Result<Vec<_>, _>>()?;
+        let deliveries = stmt.query_map([id], |r| delivery_row(r))?.collect::<Result<Vec<_>, _>>()?;
         Ok(Some(AlertDetail { view, history, deliveries }))
     }
 
@@ -264,25 +287,15 @@ impl ViewStore {
         let sql = format!(
             "SELECT {DELIVERY_COLUMNS} FROM alert_outbox WHERE webhook = ?1 AND state = 'pending' ORDER BY seq LIMIT 1"
         );
-        Ok(self.conn.query_row(&sql, [webhook], delivery_row).optional()?)
+        Ok(self.conn.query_row(&sql, [webhook], |r| delivery_row(r)).optional()?)
     }
 
-    /// Records the outcome of a delivery attempt: `delivered`, `pending`
-    /// (retry at `next_attempt_ms`) or `dead`.
-    pub fn record_attempt(
-        &mut self,
-        seq: i64,
-        state: &str,
-        attempts: u32,
-        next_attempt_ms: i64,
-        error: &str,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        let done = (state != "pending").then_some(now_ms);
+    /// Records the outcome of a delivery attempt.
+    pub fn record_attempt(&mut self, a: &Attempt) -> Result<(), StoreError> {
         self.conn.execute(
             "UPDATE alert_outbox SET state = ?2, attempts = ?3, next_attempt_ms = ?4, last_error = ?5, done_ms = ?6
              WHERE seq = ?1",
-            params![seq, state, attempts, next_attempt_ms, error, done],
+            params![a.seq, a.state, a.attempts, a.next_attempt_ms, a.error, a.done_ms()],
         )?;
         Ok(())
     }
@@ -304,7 +317,7 @@ impl ViewStore {
         let mut stmt = self.conn.prepare(&format!(
             "SELECT {ALERT_COLUMNS} FROM alerts a LEFT JOIN alert_acks k ON k.alert_id = a.id ORDER BY a.id"
         ))?;
-        for view in stmt.query_map([], alert_row)? {
+        for view in stmt.query_map([], |r| alert_row(r))? {
             out.push_str(&alert_dump_line(&view?.alert));
         }
         let mut stmt =

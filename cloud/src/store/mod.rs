@@ -878,6 +878,33 @@ impl LateQuery {
 #[error("serving store: {0}")]
 pub struct StoreError(pub String);
 
+/// A result row of either store, SQLite or PostgreSQL, read by column, so
+/// the alert, delivery and aggregate rows are built by one function each.
+pub(crate) trait Columns {
+    type Error;
+    fn col<T: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a>>(
+        &self,
+        i: usize,
+    ) -> Result<T, Self::Error>;
+}
+
+impl Columns for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+    fn col<T: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a>>(&self, i: usize) -> rusqlite::Result<T> {
+        self.get(i)
+    }
+}
+
+impl Columns for postgres::Row {
+    type Error = postgres::Error;
+    fn col<T: rusqlite::types::FromSql + for<'a> postgres::types::FromSql<'a>>(
+        &self,
+        i: usize,
+    ) -> Result<T, postgres::Error> {
+        self.try_get(i)
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError(e.to_string())

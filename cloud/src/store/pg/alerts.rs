@@ -14,15 +14,17 @@
 //! | `edge_aggregates`, `edge_aggregate_parts` | as in the embedded store |
 //! | `pipeline_meta(pipeline, global_watermark)` | the watermark of a pipeline one process runs on every partition |
 
-use kappa_common::aggregate::Aggregate;
-use postgres::{Row, Transaction};
+use postgres::Transaction;
 
-use super::{Context, PgStore, lock_key, to_i64, to_u32};
-use crate::alerts::engine::{AlertChanges, AlertEvent, AlertRecord};
+use super::{Context, PgStore, lock_key, to_i64};
+use crate::alerts::engine::{AlertChanges, AlertEvent};
 use crate::alerts::spec::Severity;
 use crate::store::StoreError;
-use crate::store::aggregates::{AggregatePart, AggregateQuery, AggregateRow};
-use crate::store::alerts::{Ack, AlertDetail, AlertQuery, AlertView, Delivery, alert_dump_line};
+use crate::store::aggregates::{AGGREGATE_COLUMNS, AggregatePart, AggregateQuery, AggregateRow, aggregate_row};
+use crate::store::alerts::{
+    ALERT_COLUMNS, AlertDetail, AlertQuery, AlertView, Attempt, DELIVERY_COLUMNS, Delivery, alert_dump_line, alert_row,
+    delivery_row,
+};
 
 /// `{s}` stands for the quoted schema name.
 pub(super) const DDL: &str = r#"
@@ -190,48 +192,9 @@ pub(super) fn merge_aggregates(tx: &mut Transaction<'_>, s: &str, parts: &[Aggre
     Ok(())
 }
 
-const ALERT_COLUMNS: &str = "a.id, a.rule, a.kind, a.severity, a.device, a.gateway, a.state, a.started_ms,
-     a.resolved_ms, a.value, a.message, k.acked_by, k.note, k.at_ms";
-
-fn alert_row(r: &Row) -> Result<AlertView, postgres::Error> {
-    let severity: String = r.try_get(3)?;
-    let by: Option<String> = r.try_get(11)?;
-    Ok(AlertView {
-        alert: AlertRecord {
-            id: r.try_get(0)?,
-            rule: r.try_get(1)?,
-            kind: r.try_get(2)?,
-            severity: Severity::parse(&severity).unwrap_or(Severity::Warning),
-            device: r.try_get(4)?,
-            gateway: r.try_get(5)?,
-            state: r.try_get(6)?,
-            started_ms: r.try_get(7)?,
-            resolved_ms: r.try_get(8)?,
-            value: r.try_get(9)?,
-            message: r.try_get(10)?,
-        },
-        acked: match by {
-            Some(by) => Some(Ack { by, note: r.try_get(12)?, at_ms: r.try_get(13)? }),
-            None => None,
-        },
-    })
-}
-
-const DELIVERY_COLUMNS: &str =
-    "seq, webhook, alert_id, transition, payload, state, attempts, next_attempt_ms, last_error";
-
-fn delivery_row(r: &Row) -> Result<Delivery, StoreError> {
-    Ok(Delivery {
-        seq: r.try_get(0)?,
-        webhook: r.try_get(1)?,
-        alert_id: r.try_get(2)?,
-        transition: r.try_get(3)?,
-        payload: r.try_get(4)?,
-        state: r.try_get(5)?,
-        attempts: to_u32(r.try_get(6)?, "delivery attempts")?,
-        next_attempt_ms: r.try_get(7)?,
-        last_error: r.try_get(8)?,
-    })
+/// [`crate::store::alerts::ALERT_COLUMNS`] with the acknowledger's column of this store.
+fn alert_columns() -> String {
+    ALERT_COLUMNS.replace("k.by", "k.acked_by")
 }
 
 impl PgStore {
@@ -249,6 +212,7 @@ impl PgStore {
     /// Alerts matching `q`, newest start first, as [`crate::store::ViewStore::alerts`] pages them.
     pub fn alerts(&self, q: &AlertQuery) -> Result<Vec<AlertView>, StoreError> {
         let s = &self.s;
+        let cols = alert_columns();
         let severities: Vec<&str> = [Severity::Info, Severity::Warning, Severity::Critical]
             .into_iter()
             .filter(|sev| q.min_severity.is_none_or(|m| *sev >= m))
@@ -261,7 +225,7 @@ impl PgStore {
             .borrow_mut()
             .query(
                 &format!(
-                    "SELECT {ALERT_COLUMNS} FROM {s}.alerts a LEFT JOIN {s}.alert_acks k ON k.alert_id = a.id
+                    "SELECT {cols} FROM {s}.alerts a LEFT JOIN {s}.alert_acks k ON k.alert_id = a.id
                      WHERE a.started_ms >= $1 AND a.started_ms < $2
                        AND ($3::text IS NULL OR a.state = $3) AND ($4::text IS NULL OR a.device = $4)
                        AND ($5::text IS NULL OR a.rule = $5) AND a.severity = ANY($6)
@@ -277,12 +241,13 @@ impl PgStore {
     /// One alert with its history and deliveries.
     pub fn alert(&self, id: &str) -> Result<Option<AlertDetail>, StoreError> {
         let s = &self.s;
+        let cols = alert_columns();
         let mut client = self.client.borrow_mut();
         let what = || format!("reading alert {id}");
         let Some(row) = client
             .query_opt(
                 &format!(
-                    "SELECT {ALERT_COLUMNS} FROM {s}.alerts a LEFT JOIN {s}.alert_acks k ON k.alert_id = a.id
+                    "SELECT {cols} FROM {s}.alerts a LEFT JOIN {s}.alert_acks k ON k.alert_id = a.id
                      WHERE a.id = $1"
                 ),
                 &[&id],
@@ -368,21 +333,12 @@ impl PgStore {
             .as_ref()
             .map(delivery_row)
             .transpose()
+            .map_err(StoreError::from)
     }
 
-    /// Records the outcome of a delivery attempt: `delivered`, `pending`
-    /// (retry at `next_attempt_ms`) or `dead`.
-    pub fn record_attempt(
-        &self,
-        seq: i64,
-        state: &str,
-        attempts: u32,
-        next_attempt_ms: i64,
-        error: &str,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
+    /// Records the outcome of a delivery attempt.
+    pub fn record_attempt(&self, a: &Attempt) -> Result<(), StoreError> {
         let s = &self.s;
-        let done = (state != "pending").then_some(now_ms);
         self.client
             .borrow_mut()
             .execute(
@@ -391,9 +347,9 @@ impl PgStore {
                      SET state = $2, attempts = $3, next_attempt_ms = $4, last_error = $5, done_ms = $6
                      WHERE seq = $1"
                 ),
-                &[&seq, &state, &i64::from(attempts), &next_attempt_ms, &error, &done],
+                &[&a.seq, &a.state, &i64::from(a.attempts), &a.next_attempt_ms, &a.error, &a.done_ms()],
             )
-            .with_context(|| format!("recording delivery {seq}"))?;
+            .with_context(|| format!("recording delivery {}", a.seq))?;
         Ok(())
     }
 
@@ -415,12 +371,13 @@ impl PgStore {
     /// [`crate::store::ViewStore::dump_alerts`]: the two compare byte for byte.
     pub fn dump_alerts(&self) -> Result<String, StoreError> {
         let s = &self.s;
+        let cols = alert_columns();
         let mut client = self.client.borrow_mut();
         let mut out = String::new();
         let alerts = client
             .query(
                 &format!(
-                    "SELECT {ALERT_COLUMNS} FROM {s}.alerts a LEFT JOIN {s}.alert_acks k ON k.alert_id = a.id
+                    "SELECT {cols} FROM {s}.alerts a LEFT JOIN {s}.alert_acks k ON k.alert_id = a.id
                      ORDER BY a.id"
                 ),
                 &[],
@@ -452,8 +409,7 @@ impl PgStore {
             .borrow_mut()
             .query(
                 &format!(
-                    "SELECT device, metric, window_ms, start_ms, count, min, max, sum, sum_sq, first_ts, first,
-                            last_ts, last
+                    "SELECT {AGGREGATE_COLUMNS}
                      FROM {s}.edge_aggregates
                      WHERE ($1::text IS NULL OR device = $1) AND ($2::text IS NULL OR metric = $2)
                        AND ($3::int8 IS NULL OR window_ms = $3) AND start_ms >= $4 AND start_ms < $5
@@ -463,25 +419,7 @@ impl PgStore {
                 &[&q.device, &q.metric, &q.window_ms, &q.from, &q.to, &q.after.is_some(), &ad, &am, &aw, &as_, &limit],
             )
             .context("reading edge aggregates")?;
-        rows.iter()
-            .map(|r| {
-                Ok(AggregateRow::from(Aggregate {
-                    device: r.try_get(0)?,
-                    metric: r.try_get(1)?,
-                    window_ms: r.try_get(2)?,
-                    start_ms: r.try_get(3)?,
-                    count: super::to_u64(r.try_get(4)?, "count")?,
-                    min: r.try_get(5)?,
-                    max: r.try_get(6)?,
-                    sum: r.try_get(7)?,
-                    sum_sq: r.try_get(8)?,
-                    first_ts: r.try_get(9)?,
-                    first: r.try_get(10)?,
-                    last_ts: r.try_get(11)?,
-                    last: r.try_get(12)?,
-                }))
-            })
-            .collect()
+        Ok(rows.iter().map(|r| aggregate_row(r).map(AggregateRow::from)).collect::<Result<_, _>>()?)
     }
 
     /// Every merged edge aggregate, one line each in a canonical order.
@@ -524,9 +462,11 @@ pub(super) fn write_global_watermark(
 
 #[cfg(test)]
 mod tests {
+    use kappa_common::aggregate::Aggregate;
+
     use super::super::tests::{LOG_PARTITIONS, TestSchema, device_in};
     use super::*;
-    use crate::alerts::engine::OutboxItem;
+    use crate::alerts::engine::{AlertRecord, OutboxItem};
     use crate::store::{Checkpoint, ProcessorStore, ViewStore};
 
     fn alert(id: &str, device: &str, state: &str, started_ms: i64) -> AlertRecord {
@@ -660,15 +600,23 @@ mod tests {
 
         let first = pg.next_delivery("ops").unwrap().unwrap();
         assert_eq!(first.transition, "fired");
-        pg.record_attempt(first.seq, "delivered", 1, 10, "", 10).unwrap();
+        let attempt = |seq, state, attempts, error: &str, now_ms| Attempt {
+            seq,
+            state,
+            attempts,
+            next_attempt_ms: 99,
+            error: error.into(),
+            now_ms,
+        };
+        pg.record_attempt(&attempt(first.seq, "delivered", 1, "", 10)).unwrap();
         let second = pg.next_delivery("ops").unwrap().unwrap();
-        pg.record_attempt(second.seq, "pending", 1, 99, "HTTP 503", 10).unwrap();
+        pg.record_attempt(&attempt(second.seq, "pending", 1, "HTTP 503", 10)).unwrap();
         let retry = pg.next_delivery("ops").unwrap().unwrap();
         assert_eq!(
             (retry.seq, retry.attempts, retry.next_attempt_ms, retry.last_error.as_str()),
             (second.seq, 1, 99, "HTTP 503")
         );
-        pg.record_attempt(second.seq, "dead", 2, 99, "HTTP 503", 20).unwrap();
+        pg.record_attempt(&attempt(second.seq, "dead", 2, "HTTP 503", 20)).unwrap();
         assert_eq!(pg.next_delivery("ops").unwrap(), None);
         assert_eq!(
             pg.delivery_counts().unwrap(),

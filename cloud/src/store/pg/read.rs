@@ -12,7 +12,7 @@ use serde_json::Value as Json;
 use super::{Context, PgSettings, PgStore, RawRow, late_reason, to_u32, to_u64};
 use crate::alerts::deliver::Outbox;
 use crate::store::aggregates::{AggregateQuery, AggregateRow};
-use crate::store::alerts::{AlertDetail, AlertQuery, AlertView, Delivery};
+use crate::store::alerts::{AlertDetail, AlertQuery, AlertView, Attempt, Delivery};
 use crate::store::{
     AlertAcks, LateQuery, MAIN_PIPELINE, RowQuery, ServingReader, StoreError, StoredRow, ViewInfo, late_dump_line,
 };
@@ -309,16 +309,8 @@ impl Outbox for PgOutbox {
         })
     }
 
-    fn record_attempt(
-        &mut self,
-        seq: i64,
-        state: &str,
-        attempts: u32,
-        next_attempt_ms: i64,
-        error: &str,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.reader.with(|s| s.record_attempt(seq, state, attempts, next_attempt_ms, error, now_ms))
+    fn record_attempt(&mut self, a: &Attempt) -> Result<(), StoreError> {
+        self.reader.with(|s| s.record_attempt(a))
     }
 
     fn delivery_counts(&mut self) -> Result<Vec<(String, String, u64)>, StoreError> {
