@@ -741,6 +741,22 @@ mod tests {
         );
     }
 
+    /// Secrets such as a SASL password stay out of the config file: a
+    /// librdkafka property (a key with dots) comes from the environment, as a
+    /// Kubernetes Secret sets it (`env` allows dots in names there).
+    #[test]
+    fn a_librdkafka_property_comes_from_the_environment() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cloud/kafka.toml");
+        let vars = [
+            ("KAPPA_CLOUD__LOG__KAFKA__PROPERTIES__SASL.PASSWORD".to_string(), "s3cret".to_string()),
+            ("KAPPA_CLOUD__LOG__KAFKA__PROPERTIES__SASL.MECHANISM".to_string(), "SCRAM-SHA-512".to_string()),
+        ];
+        let cfg: CloudConfig = config::load_with_vars(&path, ENV_PREFIX, vars).unwrap();
+        let props = &cfg.log.kafka.as_ref().expect("[log.kafka]").properties;
+        assert_eq!(props.get("sasl.password").map(String::as_str), Some("s3cret"));
+        assert_eq!(props.get("sasl.mechanism").map(String::as_str), Some("SCRAM-SHA-512"));
+    }
+
     #[test]
     fn unknown_keys_are_refused() {
         assert!(CloudConfig::from_toml("[log]\npartitons = 4\n").unwrap_err().to_string().contains("partitons"));

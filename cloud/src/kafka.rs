@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{BaseProducer, FutureProducer, Producer, ProducerContext};
 
 /// A librdkafka client configuration: `bootstrap.servers` plus every
 /// property as given (TLS, SASL and tuning pass straight through).
@@ -44,18 +45,80 @@ pub struct TopicSpec<'a> {
     pub section: &'a str,
 }
 
+/// Keeps the last error librdkafka reported about the brokers (a TLS
+/// handshake or SASL failure, a refused connection), which a timed-out
+/// request does not say.
+#[derive(Default)]
+struct LastBrokerError(Mutex<Option<String>>);
+
+impl ClientContext for LastBrokerError {
+    /// A failed connection (TLS handshake, SASL, refused) is logged as `FAIL`
+    /// with the reason; it is also logged as usual.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        DefaultClientContext.log(level, fac, log_message);
+        if fac == "FAIL"
+            && let Ok(mut last) = self.0.lock()
+        {
+            *last = Some(log_message.to_string());
+        }
+    }
+
+    /// Only says, e.g., "1/1 brokers are down": kept if nothing better came.
+    fn error(&self, _error: KafkaError, reason: &str) {
+        if let Ok(mut last) = self.0.lock() {
+            last.get_or_insert_with(|| reason.to_string());
+        }
+    }
+}
+
+impl ProducerContext for LastBrokerError {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _report: &rdkafka::message::DeliveryResult<'_>, _opaque: ()) {}
+}
+
+/// What the brokers say when a client with `config` connects: the first
+/// error librdkafka reports within `wait`, if any.
+fn broker_problem(config: &ClientConfig, wait: Duration) -> Option<String> {
+    let probe: BaseProducer<LastBrokerError> = config.create_with_context(LastBrokerError::default()).ok()?;
+    let deadline = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < deadline {
+        // Serves the error callback.
+        probe.poll(Duration::from_millis(100));
+        if let Some(reason) = probe.context().0.lock().ok().and_then(|last| last.clone()) {
+            return Some(reason);
+        }
+    }
+    None
+}
+
 /// Makes sure the topic exists (creating it if allowed) and returns its
-/// partition count as the brokers report it.
+/// partition count as the brokers report it. A failure says what the
+/// brokers last reported, if anything.
 pub async fn ensure_topic(config: &ClientConfig, spec: &TopicSpec<'_>) -> Result<u32, String> {
-    let section = spec.section;
     // Asking for a topic's metadata must not create it behind our back.
     let mut config = config.clone();
     config.set("allow.auto.create.topics", "false");
     let admin: AdminClient<DefaultClientContext> =
-        config.create().map_err(|e| format!("{section}: cannot create an admin client: {e}"))?;
-    if spec.create && partition_count(&admin, spec).is_err() {
+        config.create().map_err(|e| format!("{}: cannot create an admin client: {e}", spec.section))?;
+    let e = match check_topic(&admin, spec).await {
+        Ok(partitions) => return Ok(partitions),
+        Err(e) => e,
+    };
+    // A timeout says little: ask the brokers what is wrong (TLS, SASL, refused).
+    let probe = config.clone();
+    let said = tokio::task::spawn_blocking(move || broker_problem(&probe, Duration::from_secs(5))).await.ok().flatten();
+    Err(match said {
+        Some(reason) => format!("{e}; the brokers' error: {reason}"),
+        None => e,
+    })
+}
+
+async fn check_topic(admin: &AdminClient<DefaultClientContext>, spec: &TopicSpec<'_>) -> Result<u32, String> {
+    let section = spec.section;
+    if spec.create && partition_count(admin, spec).is_err() {
         let topic = NewTopic::new(spec.name, spec.partitions, TopicReplication::Fixed(spec.replication_factor));
-        let opts = AdminOptions::new().operation_timeout(Some(spec.timeout));
+        // The request timeout too: an unreachable cluster fails within `timeout`, not librdkafka's 60 s.
+        let opts = AdminOptions::new().operation_timeout(Some(spec.timeout)).request_timeout(Some(spec.timeout));
         let results = admin.create_topics([&topic], &opts).await.map_err(|e| format!("{section}: {e}"))?;
         for r in results {
             match r {
@@ -67,7 +130,7 @@ pub async fn ensure_topic(config: &ClientConfig, spec: &TopicSpec<'_>) -> Result
     // Metadata of a just-created topic can take a moment to show every partition.
     let deadline = std::time::Instant::now() + spec.timeout;
     loop {
-        match partition_count(&admin, spec) {
+        match partition_count(admin, spec) {
             Ok(n) if n > 0 => return Ok(n),
             Err(e) if !spec.create => return Err(e),
             other if std::time::Instant::now() >= deadline => {

@@ -16,6 +16,8 @@ mod device_gate;
 mod edge_aggregate;
 mod edge_disk;
 mod kafka_log;
+#[cfg(feature = "kafka-tls")]
+mod kafka_tls;
 mod limits;
 mod metrics_docs;
 mod mqtt_auth;

@@ -692,7 +692,14 @@ impl Tansu {
 
     pub async fn start(dir: &Path) -> Tansu {
         let port = free_port();
+        Self::start_advertising(dir, port, port).await
+    }
+
+    /// A broker on `port` that tells clients to reach it at `advertised`
+    /// (a TLS proxy in front of it, say).
+    pub async fn start_advertising(dir: &Path, port: u16, advertised: u16) -> Tansu {
         let listener = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised}");
         let bin = Self::binary();
         let proc = Proc::spawn_cmd(
             "tansu",
@@ -702,7 +709,7 @@ impl Tansu {
                 "--listener-url",
                 &listener,
                 "--advertised-listener-url",
-                &listener,
+                &advertised,
                 "--storage-engine",
                 "memory://tansu/",
             ],
