@@ -7,9 +7,14 @@
 //! a double underscore, names case-insensitive), e.g.
 //! `KAPPA_CLOUD__LOG__PARTITIONS=12` or `KAPPA_EDGE__FORWARD__CLOUD_URL=https://ingest.example`.
 //! The value is read as a TOML value when it is one (`12`, `true`,
-//! `"5s"`, `["a", "b"]`) and as a string otherwise (`5s`, `https://...`).
-//! Keys inside arrays of tables (`[[views]]`) and keys with dots in their
-//! names cannot be addressed this way.
+//! `"5s"`, `["a", "b"]`) and as a string otherwise (`5s`, `https://...`),
+//! except in a table named `properties` (settings passed through to a
+//! client library, such as librdkafka's), where every value is the string
+//! as given: a password `12345` stays `"12345"`. A key with dots in its name
+//! keeps them: `KAPPA_CLOUD__LOG__KAFKA__PROPERTIES__SASL.PASSWORD` sets
+//! `sasl.password` in `[log.kafka.properties]` (set such a variable with
+//! `env`, systemd or Kubernetes; a shell's `export` refuses the dot). Keys
+//! inside arrays of tables (`[[views]]`) cannot be addressed this way.
 
 use std::path::Path;
 
@@ -90,9 +95,11 @@ pub fn apply_env(
             problems.push(format!("{name}: empty key between double underscores"));
             continue;
         }
+        let pass_through = path.len() >= 2 && path[path.len() - 2] == "properties";
         let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
             .ok()
             .and_then(|mut t| t.remove("v"))
+            .filter(|_| !pass_through)
             .unwrap_or_else(|| toml::Value::String(raw.clone()));
         if let Err(depth) = set_path(table, &path, value) {
             problems.push(format!("{name}: {} is not a table", path[..=depth].join(".")));
@@ -256,6 +263,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t, expect);
+        let mut props = toml::Table::new();
+        apply_env(
+            &mut props,
+            "KAPPA_X",
+            vars(&[("KAPPA_X__LOG__KAFKA__PROPERTIES__SASL.PASSWORD", "12345"), ("KAPPA_X__LOG__PROPS", "12345")]),
+        )
+        .unwrap();
+        let expect: toml::Table =
+            toml::from_str("[log]\nprops = 12345\n[log.kafka.properties]\n\"sasl.password\" = \"12345\"\n").unwrap();
+        assert_eq!(props, expect, "pass-through properties are strings as given, with their dots");
         let err =
             apply_env(&mut t, "KAPPA_X", vars(&[("KAPPA_X__TOP__A", "1"), ("KAPPA_X__LOG____A", "1")])).unwrap_err();
         assert_eq!(
