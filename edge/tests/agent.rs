@@ -155,11 +155,15 @@ fn at_or_below(text: &str, histogram: &str, bound: f64) -> f64 {
 /// Group commit at low load: a reading that arrives after a quiet spell is
 /// committed at once, not after the linger; one that follows another closely
 /// still lingers for company.
+///
+/// The bounds are halves of the linger, and commits skip the fsync
+/// (`durability = "normal"`): a slow disk under a loaded CI machine once took
+/// 0.7 s per fsync, which is not what this test is about.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reading_after_a_quiet_spell_does_not_wait_for_the_linger() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let agent = Agent::start(config(dir.path(), port, "[log]\ncommit_linger = \"1500ms\"")).await.unwrap();
+    let agent = Agent::start(config(dir.path(), port, "[log]\ncommit_linger = \"3s\"\ndurability = \"normal\"")).await.unwrap();
     let topic = "devices/dev-1/telemetry".to_string();
     let committed = |n: u64| {
         let agent = &agent;
@@ -175,10 +179,10 @@ async fn a_reading_after_a_quiet_spell_does_not_wait_for_the_linger() {
     };
     publish_all(port, vec![(topic.clone(), device::encode_cbor(&reading(1)))]).await;
     committed(1).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     publish_all(port, vec![(topic.clone(), device::encode_cbor(&reading(2)))]).await;
     committed(2).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     publish_all(port, vec![(topic.clone(), device::encode_cbor(&reading(3)))]).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     publish_all(port, vec![(topic.clone(), device::encode_cbor(&reading(4)))]).await;
@@ -187,8 +191,8 @@ async fn a_reading_after_a_quiet_spell_does_not_wait_for_the_linger() {
     let text = metrics(&agent).await;
     let h = "kappa_edge_ingest_to_durable_seconds";
     assert!(text.contains(&format!("{h}_count 4")), "{text}");
-    assert_eq!(at_or_below(&text, h, 0.5), 3.0, "three readings came after quiet spells:\n{text}");
-    assert_eq!(at_or_below(&text, h, 1.0), 3.0, "the fourth followed the third closely and lingered:\n{text}");
+    assert_eq!(at_or_below(&text, h, 1.5), 3.0, "three readings came after quiet spells:\n{text}");
+    assert_eq!(at_or_below(&text, h, 2.5), 3.0, "the fourth followed the third closely and lingered:\n{text}");
     agent.shutdown();
     agent.wait().await.unwrap();
 }
