@@ -163,7 +163,8 @@ fn at_or_below(text: &str, histogram: &str, bound: f64) -> f64 {
 async fn a_reading_after_a_quiet_spell_does_not_wait_for_the_linger() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let agent = Agent::start(config(dir.path(), port, "[log]\ncommit_linger = \"3s\"\ndurability = \"normal\"")).await.unwrap();
+    let agent =
+        Agent::start(config(dir.path(), port, "[log]\ncommit_linger = \"3s\"\ndurability = \"normal\"")).await.unwrap();
     let topic = "devices/dev-1/telemetry".to_string();
     let committed = |n: u64| {
         let agent = &agent;
