@@ -1,8 +1,9 @@
 //! Operating views and the archive: what `kappa-cloud views ...` and
 //! `kappa-cloud archive ...` do, as functions tests call directly. They work
 //! on the node's files beside a running node (SQLite readers and short
-//! writers); promote and rollback are single transactions, so an API reader
-//! sees one version or the other, never a mix.
+//! writers), or with a `[cluster]` config on the workers' PostgreSQL store;
+//! promote and rollback are single transactions, so an API reader sees one
+//! version or the other, never a mix.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,7 +19,8 @@ use crate::archive::{ArchiveError, ArchiveIndex};
 use crate::config::CloudConfig;
 use crate::eventlog::EventLog;
 use crate::eventlog::{LogSource, Offset, Partition};
-use crate::store::{StoreError, ViewInfo, ViewStore};
+use crate::store::pg::PgStore;
+use crate::store::{StoreError, ViewCatalog, ViewInfo, ViewStore};
 use crate::views::batch::{self, LogEntry, Rows};
 
 /// Why an admin command failed.
@@ -39,8 +41,17 @@ fn archive_store(cfg: &CloudConfig) -> Result<Arc<dyn ArchiveStore>, AdminError>
     Ok(crate::archive::store::open(cfg.archive.url.as_deref(), &cfg.archive_path()).map_err(ArchiveError::from)?)
 }
 
-fn store(cfg: &CloudConfig) -> Result<ViewStore, AdminError> {
-    Ok(ViewStore::open(&cfg.data_dir.join("views.sqlite"))?)
+/// The node's views, or on a cluster (`[cluster]`) the workers' in PostgreSQL.
+fn store(cfg: &CloudConfig) -> Result<Box<dyn ViewCatalog>, AdminError> {
+    match &cfg.cluster {
+        Some(cluster) => {
+            let mut pg = PgStore::connect(&cluster.store(), cfg.log.partitions)?;
+            // Views keyed by a tag are merged from partials: the reader needs their definitions.
+            pg.reading_views(&cfg.view_specs().map_err(|e| AdminError::Usage(e.join("; ")))?);
+            Ok(Box::new(pg))
+        }
+        None => Ok(Box::new(ViewStore::open(&cfg.data_dir.join("views.sqlite"))?)),
+    }
 }
 
 /// A view version with its progress through the log.
@@ -91,7 +102,7 @@ impl Comparison {
     }
 }
 
-fn rows_of(s: &mut ViewStore, id: &str) -> Result<Rows, AdminError> {
+fn rows_of(s: &mut dyn ViewCatalog, id: &str) -> Result<Rows, AdminError> {
     let (rows, _) = s.snapshot(id)?;
     Ok(rows
         .into_iter()
@@ -103,7 +114,7 @@ fn rows_of(s: &mut ViewStore, id: &str) -> Result<Rows, AdminError> {
 pub fn compare(cfg: &CloudConfig, name: &str, a: u32, b: u32, examples: usize) -> Result<Comparison, AdminError> {
     let mut s = store(cfg)?;
     let (ida, idb) = (format!("{name}@{a}"), format!("{name}@{b}"));
-    let (ra, rb) = (rows_of(&mut s, &ida)?, rows_of(&mut s, &idb)?);
+    let (ra, rb) = (rows_of(s.as_mut(), &ida)?, rows_of(s.as_mut(), &idb)?);
     let mut out =
         Comparison { a: ida.clone(), b: idb.clone(), rows_a: ra.len(), rows_b: rb.len(), ..Comparison::default() };
     let note = |out: &mut Comparison, line: String| {

@@ -389,7 +389,11 @@ def check_topology(docs: list[dict], by_name: dict) -> list[str]:
                     if role == "worker" or is_primary:
                         needs.append(("topic", name, "Read"))
                     if role == "worker":
-                        needs.append(("group", cfg.get("cluster", {}).get("group", "kappa-views"), "Read"))
+                        # Its group, and the group of each replay pipeline
+                        # (GROUP.replay:NAME@VERSION; docs/cluster.md).
+                        group = cfg.get("cluster", {}).get("group", "kappa-views")
+                        needs.append(("group", group, "Read"))
+                        needs.append(("group", f"{group}.replay:a_view@2", "Read"))
                     if is_primary:
                         needs.append(("group", ASSIGN_GROUP, "Describe"))
                     problems += check_kafka_client(w, c, cn, "log.kafka", kafka, kafkas[cluster], docs, needs)

@@ -294,3 +294,175 @@ async fn a_second_node_takes_over_alerts_and_their_deliveries_from_postgresql() 
     assert!(second.proc.terminate().await.success(), "the primary was not fenced\n{logs}");
     assert!(ingest_only.proc.terminate().await.success(), "the ingest node ran all along\n{logs}");
 }
+
+/// What [`replay_on_a_cluster`] saw.
+struct Replayed {
+    /// `views compare device_metrics 1 2`: exit code and output.
+    compare: (Option<i32>, String),
+    /// The last lines of the restarted workers' logs.
+    logs: String,
+    /// Their whole logs.
+    full_logs: String,
+}
+
+/// A cluster of two workers computes `device_metrics@1` while the node
+/// archives the log; then both workers restart with `device_metrics@2` (the
+/// same definition) added, the rest of the scenario arrives, and version 2
+/// is built by the workers' replay pipeline from the archive and then Kafka.
+/// Once every version is live and caught up, it compares them (through the
+/// CLI, on PostgreSQL) and, when they are equal, checks verify, promote and
+/// rollback through the node's API. `env` goes to the restarted workers.
+async fn replay_on_a_cluster(name: &str, env: &[(&str, &str)]) -> Replayed {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Tansu::start(dir.path()).await;
+    let schema = fresh_schema(name);
+    let archive = dir.path().join("archive");
+    let settings = format!(
+        "[processor]\ncheckpoint_interval = \"200ms\"\nmax_out_of_orderness = \"2m\"\n\
+         [api]\ndevices_view = \"device_metrics\"\nwindows_view = \"device_metrics\"\n\
+         [archive]\npath = {archive:?}\nsegment_age = \"300ms\"\nsegment_bytes = 65536\n"
+    );
+    let v1 = crate::replay::metrics_view(1, "5m");
+    let both = format!("{v1}{}", crate::replay::metrics_view(2, "5m"));
+    let config = |views: &str| cluster_config(&broker, &schema, &format!("{settings}{views}"));
+    let batches = scenario(false);
+    let (first, second) = batches.split_at(batches.len() / 2);
+
+    let cloud = Cloud::start_with(dir.path(), "cloud", &config(&v1), &[]).await;
+    let mut workers = Vec::new();
+    for w in ["worker-a", "worker-b"] {
+        workers.push(Worker::start(dir.path(), w, &config(&v1), &[]).await);
+    }
+    let records = ingest(&cloud, first).await;
+    crate::replay::wait_archived(&cloud, 1).await;
+    let admin_config = dir.path().join("admin.toml");
+    std::fs::write(&admin_config, format!("data_dir = {:?}\n{}", dir.path().join("admin-data"), config(&both)))
+        .expect("write the admin config");
+    let views = |args: &'static [&'static str]| {
+        let path = admin_config.clone();
+        async move {
+            let out = tokio::process::Command::new(BIN)
+                .args(["cloud", "views"])
+                .args(args)
+                .args(["--config", path.to_str().unwrap_or_default()])
+                .output()
+                .await
+                .expect("run kappa-cloud views");
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if !out.status.success() {
+                text.push_str(&String::from_utf8_lossy(&out.stderr));
+            }
+            (out.status.code(), text)
+        }
+    };
+    wait_for("the workers to process the first half", Duration::from_secs(120), || async {
+        let (code, text) = views(&["list", "--json"]).await;
+        let list: serde_json::Value = serde_json::from_str(&text).ok()?;
+        (code == Some(0) && list[0]["position"].as_u64() == Some(records)).then_some(())
+    })
+    .await;
+
+    for w in &mut workers {
+        assert!(w.proc.terminate().await.success(), "a worker stops cleanly on SIGTERM");
+    }
+    let mut workers = Vec::new();
+    for w in ["worker-c", "worker-d"] {
+        workers.push(Worker::start(dir.path(), w, &config(&both), env).await);
+    }
+    let total = records + ingest(&cloud, second).await;
+    let logs = || workers.iter().map(|w| w.proc.tail()).collect::<Vec<_>>().join("\n");
+    let mut last = String::new();
+    let live = tokio::time::timeout(Duration::from_secs(180), async {
+        loop {
+            let (_, text) = views(&["list", "--json"]).await;
+            last = text;
+            let list: Vec<serde_json::Value> = serde_json::from_str(&last).unwrap_or_default();
+            let done = |v: &serde_json::Value| v["state"] == "live" && v["position"].as_u64() == Some(total);
+            if list.len() == 2 && list.iter().all(done) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+    assert!(live.is_ok(), "both versions live and caught up; views list:\n{last}\n{}", logs());
+
+    let compare = views(&["compare", "device_metrics", "1", "2"]).await;
+    if compare.0 == Some(0) {
+        let (code, text) = views(&["verify", "device_metrics@2"]).await;
+        assert_eq!(code, Some(0), "the batch audit agrees with the replayed version:\n{text}");
+        let served = fetch_rows(&cloud.url(), "device_metrics").await;
+        assert!(served.len() > 100, "the scenario fills the view");
+        let (code, text) = views(&["promote", "device_metrics", "2"]).await;
+        assert_eq!(code, Some(0), "{text}");
+        let listed: serde_json::Value = reqwest::get(format!("{}/v1/views", cloud.url()))
+            .await
+            .expect("GET /v1/views")
+            .json()
+            .await
+            .expect("views JSON");
+        let current: Vec<&str> = listed["views"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["current"] == true)
+            .filter_map(|v| v["id"].as_str())
+            .collect();
+        assert_eq!(current, ["device_metrics@2"], "the node's API serves the promoted version");
+        assert_eq!(fetch_rows(&cloud.url(), "device_metrics").await, served, "the same rows, from version 2");
+        let (code, text) = views(&["rollback", "device_metrics"]).await;
+        assert_eq!(code, Some(0), "{text}");
+        assert!(text.contains("device_metrics now serves device_metrics@1"), "{text}");
+        let (code, text) = views(&["drop", "device_metrics", "2"]).await;
+        assert_eq!(code, Some(2), "a version the workers run is not dropped: {text}");
+    }
+    let full_logs =
+        workers.iter().map(|w| without_colours(&std::fs::read_to_string(&w.proc.log).unwrap_or_default())).collect();
+    Replayed { compare, logs: logs(), full_logs }
+}
+
+/// `text` without terminal colour codes (`ESC [ ... m`).
+fn without_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A view version added to a running cluster is replayed by the workers
+/// (the archive, then Kafka), goes live, equals the version it was copied
+/// from, passes the batch audit, and is promoted and rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_added_to_a_running_cluster_is_replayed_compared_and_promoted() {
+    let run = replay_on_a_cluster("replay", &[]).await;
+    assert_eq!(run.compare.0, Some(0), "version 2 equals version 1:\n{}\n{}", run.compare.1, run.logs);
+    assert!(run.compare.1.ends_with("equal\n"), "{}", run.compare.1);
+    // The replay read the archive up to where it ended, then Kafka.
+    let reached = run
+        .full_logs
+        .lines()
+        .filter(|l| l.contains("Replay reached the end of the archive"))
+        .filter_map(|l| l.split("boundary={").nth(1)?.split('}').next())
+        .collect::<Vec<_>>();
+    assert!(
+        reached.iter().any(|b| b.split(", ").any(|e| e.split(": ").nth(1).is_some_and(|o| o != "0"))),
+        "the replay read records from the archive: {reached:?}\n{}",
+        run.logs
+    );
+}
+
+/// Negative control: workers that put the new version into the live
+/// pipeline (no replay) build it from where that pipeline was, and compare
+/// reports the readings it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_a_version_that_is_not_replayed_misses_the_history() {
+    let run = replay_on_a_cluster("noreplay", &[(kappa_cloud::cluster::FAULT_NO_REPLAY, "1")]).await;
+    assert_eq!(run.compare.0, Some(1), "compare finds the missing history:\n{}", run.compare.1);
+    assert!(run.compare.1.contains("only in device_metrics@1"), "{}", run.compare.1);
+}

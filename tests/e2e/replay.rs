@@ -18,7 +18,7 @@ fn config(views: &str, archive: &str) -> String {
     )
 }
 
-fn metrics_view(version: u32, window: &str) -> String {
+pub(crate) fn metrics_view(version: u32, window: &str) -> String {
     format!(
         r#"
 [[views]]
@@ -51,7 +51,7 @@ async fn until_all_live(cloud: &Cloud, versions: usize) {
 }
 
 /// Waits until the archive holds the whole log, in at least `segments` segments in some partition.
-async fn wait_archived(cloud: &Cloud, segments: usize) {
+pub(crate) async fn wait_archived(cloud: &Cloud, segments: usize) {
     let cfg = cloud.config();
     wait_for("the archive to reach the log's end", Duration::from_secs(60), || {
         let cfg = cfg.clone();

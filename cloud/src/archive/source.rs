@@ -46,6 +46,12 @@ impl ArchiveSource {
         self.skipped
     }
 
+    /// Reads only `partitions` (a cluster worker's share).
+    pub fn only(mut self, partitions: &[Partition]) -> Self {
+        self.cursors.retain(|p, _| partitions.contains(p));
+        self
+    }
+
     pub fn index(&self) -> &ArchiveIndex {
         &self.index
     }
@@ -168,6 +174,26 @@ impl<L: LogSource> ChainSource<L> {
             log.seek(*p, *b);
         }
         Self { archive, log, log_from: boundary.clone(), boundary, in_log: false }
+    }
+
+    /// The log this source continues with.
+    pub fn log(&self) -> &L {
+        &self.log
+    }
+
+    /// The log, without the archive.
+    pub fn into_log(self) -> L {
+        self.log
+    }
+
+    /// The log, to keep its connection served while the archive is read.
+    pub fn log_mut(&mut self) -> &mut L {
+        &mut self.log
+    }
+
+    /// Whether the archive is done and records come from the log.
+    pub fn in_log(&self) -> bool {
+        self.in_log
     }
 }
 

@@ -32,19 +32,26 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use self::partitioned::PartitionedView;
+use crate::archive::source::{ArchiveSource, ChainSource};
 use crate::config::CloudConfig;
 use crate::eventlog::kafka::{GroupSource, KafkaLog};
+use crate::eventlog::{ConsumedRecord, EventLogError, LogSource, Offset, Partition};
 use crate::metrics::CloudMetrics;
-use crate::processor::{Operator, Processor};
-use crate::store::MAIN_PIPELINE;
-use crate::store::pg::PgStore;
-use crate::views::spec::ViewSpec;
+use crate::processor::{Operator, Processor, ProcessorError};
+use crate::store::pg::{PgSettings, PgStore};
+use crate::store::{MAIN_PIPELINE, PipelinePlan};
 
 /// TEST ONLY: with this environment variable set, a worker takes a share
 /// without restoring its partitions' window state (positions and dedup are
 /// still restored). It exists to show that the cluster tests catch a worker
 /// whose state does not move with its partitions.
 pub const FAULT_SKIP_RESTORE: &str = "KAPPA_TEST_WORKER_SKIP_RESTORE";
+
+/// TEST ONLY: with this environment variable set, a view version added to a
+/// running cluster joins the live pipeline instead of replaying the log from
+/// its start. It exists to show that the cluster replay test catches a new
+/// version that misses the history before it was added.
+pub const FAULT_NO_REPLAY: &str = "KAPPA_TEST_WORKER_NO_REPLAY";
 
 /// Why a worker stopped.
 #[derive(Debug, thiserror::Error)]
@@ -60,21 +67,31 @@ pub enum WorkerError {
 /// A worker's Kafka and PostgreSQL handles, opened.
 pub struct Worker {
     cfg: CloudConfig,
-    specs: Vec<ViewSpec>,
-    source: GroupSource,
+    /// Each pipeline with the group member that reads its share.
+    pipelines: Vec<(PipelinePlan, GroupSource)>,
     metrics: Arc<CloudMetrics>,
-    /// Holds its share, restored (or has none to hold); `/readyz`.
-    ready: Arc<AtomicBool>,
+    /// Per pipeline: holds its share, restored (or has none to hold); `/readyz`.
+    ready: Vec<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("views", &self.specs.len()).finish()
+        let pipelines: Vec<&str> = self.pipelines.iter().map(|(p, _)| p.pipeline.as_str()).collect();
+        f.debug_struct("Worker").field("pipelines", &pipelines).finish()
     }
 }
 
+/// The consumer group of a pipeline: `cluster.group` for `main`, and a group
+/// of its own for each replay, so Kafka spreads every pipeline's partitions
+/// over the workers independently.
+pub fn group_of(group: &str, pipeline: &str) -> String {
+    if pipeline == MAIN_PIPELINE { group.to_string() } else { format!("{group}.{pipeline}") }
+}
+
 impl Worker {
-    /// Checks the config, registers the views in PostgreSQL and joins the group.
+    /// Checks the config, plans the pipelines in PostgreSQL (a view version
+    /// added since the store was created is replayed by a pipeline of its
+    /// own) and joins each pipeline's group.
     pub async fn open(cfg: CloudConfig, metrics: Arc<CloudMetrics>) -> Result<Self, WorkerError> {
         let cluster =
             cfg.cluster.clone().ok_or_else(|| WorkerError::Config("a worker needs a [cluster] section".into()))?;
@@ -86,59 +103,158 @@ impl Worker {
         let specs = cfg.view_specs().map_err(|e| WorkerError::Config(e.join("\n  ")))?;
         let partitions = cfg.log.partitions;
         let store_settings = cluster.store();
-        let registered = specs.clone();
-        tokio::task::spawn_blocking(move || {
-            PgStore::connect(&store_settings, partitions)?.register_views(&registered, crate::now_ms())
+        let replay_new = std::env::var_os(FAULT_NO_REPLAY).is_none();
+        if !replay_new {
+            tracing::warn!(
+                "{FAULT_NO_REPLAY} is set: new view versions start where the live views are and miss the log before. Never use this outside tests."
+            );
+        }
+        let plans = tokio::task::spawn_blocking(move || {
+            PgStore::connect(&store_settings, partitions)?.plan_pipelines(&specs, crate::now_ms(), replay_new)
         })
         .await
-        .map_err(|e| WorkerError::Config(format!("registering the views: {e}")))??;
+        .map_err(|e| WorkerError::Config(format!("planning the pipelines: {e}")))??;
         let log = KafkaLog::connect(kafka, partitions).await?;
-        let source = log.group_source(&cluster.group, cluster.session_timeout)?;
-        Ok(Self { cfg, specs, source, metrics, ready: Arc::new(AtomicBool::new(false)) })
+        let mut pipelines = Vec::new();
+        for plan in plans {
+            let source = log.group_source(&group_of(&cluster.group, &plan.pipeline), cluster.session_timeout)?;
+            pipelines.push((plan, source));
+        }
+        let ready = pipelines.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
+        Ok(Self { cfg, pipelines, metrics, ready })
     }
 
-    /// Processes until `cancel` fires: takes each share the group assigns,
-    /// restores it, runs it until the group moves partitions again, and
-    /// checkpoints on the way out.
+    /// Runs every pipeline, each in a thread of its own, until `cancel`
+    /// fires. `main` failing stops the worker; a replay failing is recorded
+    /// (`views list` shows it) and the others go on.
     pub fn run(self, cancel: CancellationToken) -> Result<(), WorkerError> {
-        let Self { cfg, specs, mut source, metrics, ready } = self;
-        let cluster = cfg.cluster.clone().ok_or_else(|| WorkerError::Config("a worker needs [cluster]".into()))?;
-        let settings = cfg.processor_settings();
+        let Self { cfg, pipelines, metrics, ready } = self;
         let restore = std::env::var_os(FAULT_SKIP_RESTORE).is_none();
         if !restore {
             tracing::warn!(
                 "{FAULT_SKIP_RESTORE} is set: moved partitions lose their window state. Never use this outside tests."
             );
         }
+        std::thread::scope(|scope| {
+            let mut threads = Vec::new();
+            for ((plan, source), ready) in pipelines.into_iter().zip(ready) {
+                let (cfg, cancel) = (&cfg, &cancel);
+                // A replay's counters would be taken for the live pipeline's:
+                // like a node's replays, it gets a registry of its own.
+                let metrics = if plan.building {
+                    Arc::new(CloudMetrics::new(&mut prometheus_client::registry::Registry::default()))
+                } else {
+                    metrics.clone()
+                };
+                let name = format!("pipeline:{}", plan.pipeline);
+                let thread = std::thread::Builder::new().name(name).spawn_scoped(scope, move || {
+                    let pipeline = plan.pipeline.clone();
+                    let result = Pipeline { cfg, plan, metrics, ready: ready.clone(), restore }.run(source, cancel);
+                    if result.is_err() {
+                        // A failed replay holds nothing: it does not keep the worker unready.
+                        ready.store(true, Ordering::Relaxed);
+                    }
+                    (pipeline, result)
+                });
+                match thread {
+                    Ok(t) => threads.push(t),
+                    Err(e) => {
+                        cancel.cancel();
+                        return Err(WorkerError::Config(format!("cannot start a pipeline thread: {e}")));
+                    }
+                }
+            }
+            let mut outcome = Ok(());
+            for t in threads {
+                match t.join() {
+                    Ok((pipeline, Err(e))) if pipeline == MAIN_PIPELINE => {
+                        cancel.cancel();
+                        outcome = Err(e);
+                    }
+                    Ok((pipeline, Err(e))) => {
+                        tracing::error!(pipeline, error = %e, "A replay failed; the other pipelines keep running.")
+                    }
+                    Ok((_, Ok(()))) => {}
+                    Err(_) => {
+                        cancel.cancel();
+                        outcome = Err(WorkerError::Config("a pipeline thread panicked".into()));
+                    }
+                }
+            }
+            outcome
+        })
+    }
+}
+
+/// One pipeline of a worker: its views over the shares its group assigns.
+struct Pipeline<'a> {
+    cfg: &'a CloudConfig,
+    plan: PipelinePlan,
+    metrics: Arc<CloudMetrics>,
+    ready: Arc<AtomicBool>,
+    restore: bool,
+}
+
+impl Pipeline<'_> {
+    /// Takes each share the group assigns, restores it, runs it until the
+    /// group moves partitions again, and checkpoints on the way out. A
+    /// replay's share reads the archive first, then the log.
+    fn run(self, mut source: GroupSource, cancel: &CancellationToken) -> Result<(), WorkerError> {
+        let Self { cfg, plan, metrics, ready, restore } = self;
+        let cluster = cfg.cluster.clone().ok_or_else(|| WorkerError::Config("a worker needs [cluster]".into()))?;
+        let settings = cfg.processor_settings();
+        let pipeline = plan.pipeline.clone();
+        let archive = match (plan.building, cfg.archive.enabled) {
+            (true, true) => Some(
+                crate::archive::store::open(cfg.archive.url.as_deref(), &cfg.archive_path())
+                    .map_err(|e| WorkerError::Config(format!("pipeline {pipeline}: {e}")))?,
+            ),
+            _ => None,
+        };
         while let Some(share) = source.next_assignment(|| cancel.is_cancelled()) {
-            tracing::info!(partitions = ?share, "Kafka assigned this worker its partitions.");
+            tracing::info!(pipeline, partitions = ?share, "Kafka assigned this worker its partitions.");
             ready.store(share.is_empty(), Ordering::Relaxed);
             if share.is_empty() {
                 continue;
             }
             let built = PgStore::connect(&cluster.store(), cfg.log.partitions).and_then(|mut store| {
-                store.claim(MAIN_PIPELINE, &share)?;
+                store.claim(&pipeline, &share)?;
                 Ok(store)
             });
             let store = match built {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::error!(error = %e, "Cannot claim the partitions; retrying.");
-                    retry_pause(&cancel);
+                    tracing::error!(pipeline, error = %e, "Cannot claim the partitions; retrying.");
+                    retry_pause(cancel);
                     source.retake();
                     continue;
                 }
             };
-            let ops: Vec<Box<dyn Operator>> = specs
+            let share_source = match &archive {
+                None => ShareSource::Log(source),
+                Some(a) => match ArchiveSource::open(a.clone(), cfg.archive.skip_damaged) {
+                    Ok(arch) => ShareSource::Chain(ChainSource::new(arch.only(&share), source)),
+                    Err(e) => {
+                        // An object store that does not answer, or a manifest
+                        // written as it was listed: try again.
+                        tracing::error!(pipeline, error = %e, "Cannot open the archive; retrying.");
+                        retry_pause(cancel);
+                        source.retake();
+                        continue;
+                    }
+                },
+            };
+            let ops: Vec<Box<dyn Operator>> = plan
+                .views
                 .iter()
                 .map(|s| Box::new(PartitionedView::new(s.clone(), &share).restoring(restore)) as Box<dyn Operator>)
                 .collect();
             let mut processor = match Processor::with_operators(
-                source,
+                share_source,
                 store,
-                MAIN_PIPELINE.to_string(),
+                pipeline.clone(),
                 ops,
-                false,
+                plan.building,
                 settings,
                 metrics.clone(),
             ) {
@@ -153,15 +269,19 @@ impl Worker {
                 if let Err(e) = processor.step(Duration::from_millis(100)) {
                     break Err(e);
                 }
-                if processor.source().moved() {
+                if processor.source().group().moved() {
                     // Hand over what is done; refused if a successor already claimed.
                     break processor.checkpoint().and_then(|()| processor.sync());
                 }
             };
-            source = processor.into_source();
+            source = processor.into_source().into_group();
             if let Err(e) = outcome {
                 ready.store(false, Ordering::Relaxed);
-                tracing::warn!(error = %e, "The last checkpoint of this share did not commit; its successor reads it again.");
+                if plan.building && matches!(e, ProcessorError::Log(EventLogError::Inconsistent(_))) {
+                    // A damaged archive does not mend by retrying.
+                    return fail(&cluster.store(), cfg.log.partitions, &pipeline, e.to_string());
+                }
+                tracing::warn!(pipeline, error = %e, "The last checkpoint of this share did not commit; its successor reads it again.");
                 if cancel.is_cancelled() {
                     break;
                 }
@@ -172,7 +292,7 @@ impl Worker {
                     let until = Instant::now() + cluster.session_timeout;
                     source.wait_for_move(|| cancel.is_cancelled() || Instant::now() >= until);
                 } else {
-                    retry_pause(&cancel);
+                    retry_pause(cancel);
                 }
             }
             if cancel.is_cancelled() {
@@ -185,6 +305,86 @@ impl Worker {
             }
         }
         Ok(())
+    }
+}
+
+/// Records that a replay pipeline failed and why, and returns the failure.
+fn fail(store: &PgSettings, partitions: u32, pipeline: &str, detail: String) -> Result<(), WorkerError> {
+    if let Err(e) = PgStore::connect(store, partitions).and_then(|mut s| s.fail_pipeline(pipeline, &detail)) {
+        tracing::error!(pipeline, error = %e, "Cannot record that the pipeline failed.");
+    }
+    Err(WorkerError::Config(format!("pipeline {pipeline}: {detail}")))
+}
+
+/// What a share reads: the group's partitions of the log or, for a replay,
+/// the archive first (what it held when the share was taken), then the log.
+enum ShareSource {
+    Log(GroupSource),
+    Chain(ChainSource<GroupSource>),
+}
+
+impl ShareSource {
+    fn group(&self) -> &GroupSource {
+        match self {
+            Self::Log(g) => g,
+            Self::Chain(c) => c.log(),
+        }
+    }
+
+    fn into_group(self) -> GroupSource {
+        match self {
+            Self::Log(g) => g,
+            Self::Chain(c) => c.into_log(),
+        }
+    }
+
+    fn source(&self) -> &dyn LogSource {
+        match self {
+            Self::Log(g) => g,
+            Self::Chain(c) => c,
+        }
+    }
+
+    fn source_mut(&mut self) -> &mut dyn LogSource {
+        match self {
+            Self::Log(g) => g,
+            Self::Chain(c) => c,
+        }
+    }
+}
+
+impl std::fmt::Debug for ShareSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Log(g) => g.fmt(f),
+            Self::Chain(c) => c.fmt(f),
+        }
+    }
+}
+
+impl LogSource for ShareSource {
+    fn assigned(&self) -> Vec<Partition> {
+        self.source().assigned()
+    }
+    fn seek(&mut self, partition: Partition, offset: Offset) {
+        self.source_mut().seek(partition, offset);
+    }
+    fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<ConsumedRecord>, EventLogError> {
+        if let Self::Chain(c) = self
+            && !c.in_log()
+        {
+            c.log_mut().serve_group();
+        }
+        self.source_mut().poll(max, timeout)
+    }
+    fn end_offsets(&mut self) -> Result<Vec<(Partition, Offset)>, EventLogError> {
+        self.source_mut().end_offsets()
+    }
+    fn skipped(&self) -> u64 {
+        self.source().skipped()
+    }
+    fn caught_up(&self, partition: Partition) -> bool {
+        self.source().caught_up(partition)
     }
 }
 
@@ -212,7 +412,7 @@ pub async fn run_until_signal(cfg: CloudConfig) -> Result<(), WorkerError> {
     let router = crate::node::liveness_router(Arc::new(registry)).route(
         "/readyz",
         axum::routing::get(move || {
-            let ready = ready.load(Ordering::Relaxed);
+            let ready = ready.iter().all(|r| r.load(Ordering::Relaxed));
             async move {
                 match ready {
                     true => (axum::http::StatusCode::OK, "ready\n"),

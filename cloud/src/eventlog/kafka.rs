@@ -292,6 +292,19 @@ impl GroupSource {
         None
     }
 
+    /// Serves the group protocol once, without waiting. A share that reads
+    /// the archive first calls it with every batch: a member that does not
+    /// poll for `max.poll.interval.ms` is dropped from the group. Records
+    /// fetched meanwhile are dropped: the log is positioned again when the
+    /// share reaches it.
+    pub fn serve_group(&mut self) {
+        if let Some(Err(e)) = self.consumer.poll(Duration::ZERO)
+            && !matches!(e, KafkaError::PartitionEOF(_))
+        {
+            self.warn(&e);
+        }
+    }
+
     /// Serves the group protocol until the group moves partitions (true) or
     /// `stop` returns true (false). Records fetched meanwhile are dropped:
     /// they are read again after the seek to the checkpoint.

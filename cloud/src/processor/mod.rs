@@ -509,7 +509,11 @@ impl<S: LogSource> Processor<S> {
         self.metrics.lag_seconds.get_or_create(&[("pipeline", self.pipeline.clone())]).set(lag_seconds);
         let skipped = self.source.skipped();
         self.metrics.archive_skipped_records.set(skipped as i64);
-        if self.building && behind == 0 {
+        // The ends may be stale (a broker that did not answer keeps the last
+        // known, zero after an assignment): the source must also have seen
+        // the end of every partition.
+        let at_end = self.source.assigned().into_iter().all(|p| self.source.caught_up(p));
+        if self.building && behind == 0 && at_end {
             tracing::info!(pipeline = %self.pipeline, skipped, "Replay caught up with the live log; the pipeline is live.");
             self.building = false;
             self.caught_up = true;

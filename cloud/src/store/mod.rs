@@ -185,6 +185,74 @@ pub trait ServingReader: Send + std::fmt::Debug {
     fn aggregates(&self, q: &aggregates::AggregateQuery) -> Result<Vec<aggregates::AggregateRow>, StoreError>;
 }
 
+/// View versions as `kappa-cloud views` operates them: the embedded store,
+/// or PostgreSQL on a cluster.
+pub trait ViewCatalog {
+    /// Every view version the store knows.
+    fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError>;
+    /// Every pipeline's positions: the next offset of each partition.
+    fn pipeline_positions(&self) -> Result<BTreeMap<String, BTreeMap<Partition, Offset>>, StoreError>;
+    /// A view's rows and its pipeline's positions, read so they agree.
+    fn snapshot(&mut self, view_id: &str) -> Result<(Vec<StoredRow>, BTreeMap<Partition, Offset>), StoreError>;
+    /// The view id a name (through its alias) or `name@version` refers to.
+    fn resolve_view(&self, name: &str) -> Result<Option<String>, StoreError>;
+    /// Serves `version` for `name` from now on, atomically for readers.
+    fn promote(&mut self, name: &str, version: u32, now_ms: i64) -> Result<(), StoreError>;
+    /// Serves the version `name` served before its last promotion; returns it.
+    fn rollback(&mut self, name: &str, now_ms: i64) -> Result<u32, StoreError>;
+    /// Removes a retired version that is not served; returns its rows removed.
+    fn drop_view(&mut self, name: &str, version: u32) -> Result<u64, StoreError>;
+}
+
+/// Implements [`ViewCatalog`] with a store's own methods of the same names.
+macro_rules! view_catalog {
+    ($store:ty) => {
+        impl $crate::store::ViewCatalog for $store {
+            fn list_views(&self) -> Result<Vec<$crate::store::ViewInfo>, $crate::store::StoreError> {
+                <$store>::list_views(self)
+            }
+            fn pipeline_positions(
+                &self,
+            ) -> Result<
+                std::collections::BTreeMap<
+                    String,
+                    std::collections::BTreeMap<$crate::eventlog::Partition, $crate::eventlog::Offset>,
+                >,
+                $crate::store::StoreError,
+            > {
+                <$store>::pipeline_positions(self)
+            }
+            fn snapshot(
+                &mut self,
+                view_id: &str,
+            ) -> Result<
+                (
+                    Vec<$crate::store::StoredRow>,
+                    std::collections::BTreeMap<$crate::eventlog::Partition, $crate::eventlog::Offset>,
+                ),
+                $crate::store::StoreError,
+            > {
+                <$store>::snapshot(self, view_id)
+            }
+            fn resolve_view(&self, name: &str) -> Result<Option<String>, $crate::store::StoreError> {
+                <$store>::resolve_view(self, name)
+            }
+            fn promote(&mut self, name: &str, version: u32, now_ms: i64) -> Result<(), $crate::store::StoreError> {
+                <$store>::promote(self, name, version, now_ms)
+            }
+            fn rollback(&mut self, name: &str, now_ms: i64) -> Result<u32, $crate::store::StoreError> {
+                <$store>::rollback(self, name, now_ms)
+            }
+            fn drop_view(&mut self, name: &str, version: u32) -> Result<u64, $crate::store::StoreError> {
+                <$store>::drop_view(self, name, version)
+            }
+        }
+    };
+}
+pub(crate) use view_catalog;
+
+view_catalog!(ViewStore);
+
 /// Where the API writes acknowledgements of alerts.
 pub trait AlertAcks: Send + std::fmt::Debug {
     /// Acknowledges an alert; false if there is no such alert.

@@ -5,19 +5,21 @@
 //! from them; the API reads the rows of every worker from the same tables.
 //!
 //! Layout (all tables in the schema named by [`PgSettings::schema`];
-//! `store_meta.schema_version = 1`):
+//! `store_meta.schema_version = 2`; a layout-1 store is migrated in place):
 //!
 //! | table | holds |
 //! |---|---|
 //! | `store_meta(key, value)` | `schema_version` |
-//! | `views(view_id, name, version, definition, created_ms)` | every view version a worker ran, with its canonical definition |
+//! | `views(view_id, name, version, definition, created_ms, pipeline, retired)` | every view version a worker ran, with its canonical definition, the pipeline that computes it, and whether the last worker to start still ran it |
+//! | `pipelines(pipeline, state, detail, created_ms)` | `main` (live) and one replay pipeline per version added later: `building` until every partition caught up with the log, then `live`; `failed` with the reason |
 //! | `view_aliases(name, version)` | which version the API serves for a name |
+//! | `alias_history(seq, name, version, at_ms)` | every change of an alias, for `views rollback` |
 //! | `view_rows(view_id, key, window_start, window_end, row)` | output rows; `row` is JSON; `window_end` NULL for global windows |
 //! | `view_state(view_id, part, key, window_start, state)` | open windows (CBOR) of each log partition, for restore |
 //! | `view_partials(view_id, key, window_start, part, window_end, state)` | for views keyed by a tag: each partition's state of each window (CBOR), merged by readers into rows |
 //! | `view_meta(view_id, part, closed_through)` | per partition, the watermark up to which windows are closed |
 //! | `dedup(pipeline, part, device, boot, state)` | sequence numbers seen per device boot (CBOR); `part` is the device's partition |
-//! | `partitions(pipeline, part, next_offset, max_ts, epoch)` | where each partition resumes, its max event time, and the epoch of its owner's claim |
+//! | `partitions(pipeline, part, next_offset, max_ts, epoch, caught_up)` | where each partition resumes, its max event time, the epoch of its owner's claim, and whether a replay of it reached the log's end |
 //! | `late_events(view_id, part, log_offset, window_start, device, boot, seq, ts_ms, watermark_ms, reason)` | readings too late for a window, with the reason |
 //! | `alerts`, `alert_events`, `alert_state`, `alert_outbox`, `alert_acks`, `edge_aggregates`, `edge_aggregate_parts`, `pipeline_meta` | see [`alerts`] |
 //!
@@ -58,6 +60,16 @@
 //! Once a worker has claimed, nobody else can commit for its partitions, so
 //! what it restores (in several calls) is stable.
 //!
+//! # View versions
+//!
+//! As on one node (`super::ViewStore::plan_pipelines`): the views of a fresh
+//! store form the `main` pipeline; a version added later gets a pipeline of
+//! its own (`replay:NAME@VERSION`) that workers compute from offset 0 (the
+//! archive, then the log) as a consumer group of its own, beside `main`.
+//! Each share that reaches the log's end marks its partitions `caught_up`;
+//! when every partition of the log is, the pipeline is `live` and can be
+//! promoted. See [`versions`].
+//!
 //! Connections are not encrypted (the client is built without TLS): reach the
 //! server over a local socket or a private network.
 
@@ -79,6 +91,8 @@ use crate::views::spec::ViewSpec;
 mod alerts;
 /// Pages, the view list and dumps, for the API and `views dump`.
 mod read;
+/// Pipelines of view versions, promotion, rollback and dropping.
+mod versions;
 
 pub use read::{PgOutbox, PgReader};
 
@@ -86,7 +100,21 @@ pub use read::{PgOutbox, PgReader};
 type RawRow = (String, i64, Option<i64>, String);
 
 /// The layout this code reads and writes; `store_meta.schema_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// From layout 1 (every view in the main pipeline, no promotions) to 2:
+/// the columns 2 added to tables 1 had; its new tables come from [`DDL`].
+/// The views of a layout-1 store all ran in `main`, which was live.
+const MIGRATE_1_TO_2: &str = r#"
+ALTER TABLE {s}.views ADD COLUMN IF NOT EXISTS pipeline text COLLATE "C" NOT NULL DEFAULT 'main';
+ALTER TABLE {s}.views ADD COLUMN IF NOT EXISTS retired boolean NOT NULL DEFAULT false;
+ALTER TABLE {s}.partitions ADD COLUMN IF NOT EXISTS caught_up boolean NOT NULL DEFAULT false;
+INSERT INTO {s}.pipelines (pipeline, state, created_ms)
+    SELECT 'main', 'live', min(created_ms) FROM {s}.views HAVING count(*) > 0
+    ON CONFLICT (pipeline) DO NOTHING;
+INSERT INTO {s}.alias_history (name, version, at_ms) SELECT name, version, 0 FROM {s}.view_aliases;
+UPDATE {s}.store_meta SET value = 2 WHERE key = 'schema_version';
+"#;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -94,8 +122,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DDL: &str = r#"
 CREATE TABLE IF NOT EXISTS {s}.views (
     view_id text COLLATE "C" PRIMARY KEY, name text COLLATE "C" NOT NULL, version int8 NOT NULL,
-    definition text NOT NULL, created_ms int8 NOT NULL);
+    definition text NOT NULL, created_ms int8 NOT NULL,
+    pipeline text COLLATE "C" NOT NULL DEFAULT 'main', retired boolean NOT NULL DEFAULT false);
+CREATE TABLE IF NOT EXISTS {s}.pipelines (
+    pipeline text COLLATE "C" PRIMARY KEY, state text NOT NULL, detail text NOT NULL DEFAULT '',
+    created_ms int8 NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.view_aliases (name text COLLATE "C" PRIMARY KEY, version int8 NOT NULL);
+CREATE TABLE IF NOT EXISTS {s}.alias_history (
+    seq int8 GENERATED ALWAYS AS IDENTITY PRIMARY KEY, name text COLLATE "C" NOT NULL, version int8 NOT NULL,
+    at_ms int8 NOT NULL);
 CREATE TABLE IF NOT EXISTS {s}.view_rows (
     view_id text COLLATE "C" NOT NULL, key text COLLATE "C" NOT NULL, window_start int8 NOT NULL,
     window_end int8, row text NOT NULL,
@@ -118,7 +153,7 @@ CREATE TABLE IF NOT EXISTS {s}.dedup (
 CREATE INDEX IF NOT EXISTS dedup_by_partition ON {s}.dedup (pipeline, part);
 CREATE TABLE IF NOT EXISTS {s}.partitions (
     pipeline text COLLATE "C" NOT NULL, part int8 NOT NULL, next_offset int8 NOT NULL, max_ts int8,
-    epoch int8 NOT NULL,
+    epoch int8 NOT NULL, caught_up boolean NOT NULL DEFAULT false,
     PRIMARY KEY (pipeline, part));
 CREATE TABLE IF NOT EXISTS {s}.late_events (
     view_id text COLLATE "C" NOT NULL, part int8 NOT NULL, log_offset int8 NOT NULL, window_start int8 NOT NULL,
@@ -215,7 +250,9 @@ impl PgStore {
             .map(|r| r.try_get(0))
             .transpose()
             .context("reading the schema version")?;
+        let migrate = version == Some(1);
         match version {
+            Some(1) => {}
             Some(v) if v != SCHEMA_VERSION => {
                 return Err(StoreError(format!(
                     "the PostgreSQL schema {} has layout version {v}, this version needs {SCHEMA_VERSION}; \
@@ -233,6 +270,10 @@ impl PgStore {
             }
         }
         tx.batch_execute(&DDL.replace("{s}", &s)).context("creating the tables")?;
+        if migrate {
+            tx.batch_execute(&MIGRATE_1_TO_2.replace("{s}", &s)).context("migrating the layout from version 1 to 2")?;
+            tracing::info!(schema = %settings.schema, "Migrated the PostgreSQL store's layout from version 1 to 2.");
+        }
         tx.batch_execute(&alerts::DDL.replace("{s}", &s)).context("creating the alert tables")?;
         tx.commit().context("creating the tables")?;
         Ok(Self {
@@ -243,53 +284,6 @@ impl PgStore {
             claim: None,
             merged_views: BTreeMap::new(),
         })
-    }
-
-    /// Records the views this worker runs. A view already stored with a
-    /// different definition is refused: its rows and state would mean
-    /// something else. A name without an alias gets this version as its
-    /// alias. Idempotent, and safe while other workers do the same.
-    pub fn register_views(&mut self, specs: &[ViewSpec], now_ms: i64) -> Result<(), StoreError> {
-        let s = &self.s;
-        let mut tx = self.client.get_mut().transaction().context("starting to register views")?;
-        // Serialised: workers with different view lists would otherwise take
-        // the rows' locks in different orders.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(&self.schema)])
-            .context("waiting for the schema lock")?;
-        let insert = tx
-            .prepare(&format!(
-                "INSERT INTO {s}.views (view_id, name, version, definition, created_ms) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (view_id) DO NOTHING"
-            ))
-            .context("registering views")?;
-        let stored =
-            tx.prepare(&format!("SELECT definition FROM {s}.views WHERE view_id = $1")).context("registering views")?;
-        let alias = tx
-            .prepare(&format!(
-                "INSERT INTO {s}.view_aliases (name, version) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING"
-            ))
-            .context("registering views")?;
-        for spec in specs {
-            let id = spec.id();
-            let def = spec.fingerprint();
-            let version = i64::from(spec.version);
-            tx.execute(&insert, &[&id, &spec.name, &version, &def, &now_ms])
-                .with_context(|| format!("registering view {id}"))?;
-            let old: String = tx
-                .query_one(&stored, &[&id])
-                .and_then(|r| r.try_get(0))
-                .with_context(|| format!("reading the definition of view {id}"))?;
-            if old != def {
-                return Err(StoreError(format!(
-                    "view {id} was built with a different definition; give the changed view a new version \
-                     (version = {}) so both can be compared",
-                    spec.version + 1
-                )));
-            }
-            tx.execute(&alias, &[&spec.name, &version]).with_context(|| format!("setting the alias of {id}"))?;
-        }
-        tx.commit().context("registering views")?;
-        Ok(())
     }
 
     /// Takes `partitions` of `pipeline` for this process, replacing any
@@ -519,8 +513,9 @@ impl ProcessorStore for PgStore {
     /// Each table gets one statement per kind of change, with the changes as
     /// arrays, however many rows a checkpoint carries.
     ///
-    /// `caught_up` and `skipped` are not kept: cluster workers have no replay
-    /// pipelines (yet) to mark live or to report damaged archive blocks for.
+    /// `caught_up` marks the claimed partitions caught up (and the pipeline
+    /// live once all are); `skipped` (records in damaged archive blocks this
+    /// worker's replay skipped) becomes the pipeline's detail.
     /// `global_watermark` is kept only for a claim of every partition (the
     /// alert and aggregate pipelines); workers close windows per partition,
     /// with each partition's `closed_through`.
@@ -554,7 +549,7 @@ impl ProcessorStore for PgStore {
         let part_of = |device: &str| partition_for(device, self.log_partitions);
         touched.extend(cp.dedup_upserts.iter().map(|(d, _, _)| part_of(d)));
         touched.extend(cp.dedup_deletes.iter().map(|(d, _)| part_of(d)));
-        if cp.alerts.is_some() || !cp.aggregates.is_empty() || global_watermark.is_some() {
+        if cp.alerts.is_some() || !cp.aggregates.is_empty() || global_watermark.is_some() || cp.caught_up {
             touched.extend(claim.epochs.keys());
         }
         let fence: Vec<(Partition, i64)> = touched
@@ -567,6 +562,8 @@ impl ProcessorStore for PgStore {
             })
             .collect::<Result<_, _>>()?;
 
+        let caught_up: Vec<i64> =
+            if cp.caught_up { claim.epochs.keys().map(|p| i64::from(*p)).collect() } else { Vec::new() };
         let batch = Batch::new(cp, self.log_partitions)?;
         let s = &self.s;
         // Dropping `tx` on an error rolls it back: nothing is written.
@@ -579,6 +576,14 @@ impl ProcessorStore for PgStore {
         alerts::merge_aggregates(&mut tx, s, &cp.aggregates)?;
         if let Some(w) = global_watermark {
             alerts::write_global_watermark(&mut tx, s, pl, w)?;
+        }
+        if !caught_up.is_empty() {
+            versions::mark_caught_up(&mut tx, s, pl, &caught_up, self.log_partitions)?;
+        }
+        if cp.skipped > 0 {
+            let detail = format!("skipped {} records in damaged archive blocks", cp.skipped);
+            tx.execute(&format!("UPDATE {s}.pipelines SET detail = $2 WHERE pipeline = $1"), &[&pl, &detail])
+                .context("recording skipped records")?;
         }
         tx.commit().context("committing a checkpoint")?;
         Ok(())
@@ -1080,7 +1085,7 @@ mod tests {
         }
 
         /// A plain connection, to look behind the store's back.
-        fn raw(&self) -> Client {
+        pub(super) fn raw(&self) -> Client {
             Client::connect(&self.settings.url, NoTls).unwrap()
         }
     }
@@ -1132,7 +1137,7 @@ mod tests {
         s.rows("v@1").unwrap().into_iter().map(|r| (r.key, r.window_start, r.values["n"].as_u64().unwrap())).collect()
     }
 
-    fn views(toml_text: &str) -> Vec<ViewSpec> {
+    pub(super) fn views(toml_text: &str) -> Vec<ViewSpec> {
         let doc: toml::Table = toml::from_str(toml_text).unwrap();
         let tables: Vec<toml::Table> =
             doc["views"].as_array().unwrap().iter().map(|v| v.as_table().unwrap().clone()).collect();
@@ -1378,7 +1383,7 @@ mod tests {
             .query_one("SELECT count(*) FROM information_schema.tables WHERE table_schema = $1", &[&db.settings.schema])
             .unwrap()
             .get(0);
-        assert_eq!(tables, 18, "store_meta and the seventeen tables of the module docs");
+        assert_eq!(tables, 20, "store_meta and the nineteen tables of the module docs");
     }
 
     #[test]
@@ -1394,15 +1399,15 @@ window = { kind = "global" }
 aggregates = [{ name = "n", fn = "count" }]
 "#,
         );
-        s.register_views(&v1, 1).unwrap();
-        s.register_views(&v1, 2).unwrap();
-        db.connect().register_views(&v1, 3).unwrap();
+        s.plan_pipelines(&v1, 1, true).unwrap();
+        s.plan_pipelines(&v1, 2, true).unwrap();
+        db.connect().plan_pipelines(&v1, 3, true).unwrap();
         let mut changed = v1.clone();
         changed[0].window = crate::views::spec::WindowSpec::Tumbling { size_ms: 60_000 };
-        let err = s.register_views(&changed, 4).unwrap_err();
+        let err = s.plan_pipelines(&changed, 4, true).unwrap_err();
         assert!(err.0.contains("different definition") && err.0.contains("version = 2"), "{err}");
         changed[0].version = 2;
-        s.register_views(&[v1[0].clone(), changed[0].clone()], 5).unwrap();
+        s.plan_pipelines(&[v1[0].clone(), changed[0].clone()], 5, true).unwrap();
         assert_eq!(s.resolve_view("v").unwrap().as_deref(), Some("v@1"), "the alias stays on the first version");
         assert_eq!(s.resolve_view("v@2").unwrap().as_deref(), Some("v@2"));
         assert_eq!(s.resolve_view("v@3").unwrap(), None);

@@ -13,9 +13,7 @@ use super::{Context, PgSettings, PgStore, RawRow, late_reason, to_u32, to_u64};
 use crate::alerts::deliver::Outbox;
 use crate::store::aggregates::{AggregateQuery, AggregateRow};
 use crate::store::alerts::{AlertDetail, AlertQuery, AlertView, Attempt, Delivery};
-use crate::store::{
-    AlertAcks, LateQuery, MAIN_PIPELINE, RowQuery, ServingReader, StoreError, StoredRow, ViewInfo, late_dump_line,
-};
+use crate::store::{AlertAcks, LateQuery, RowQuery, ServingReader, StoreError, StoredRow, ViewInfo, late_dump_line};
 use crate::views::operator::{LateEvent, WinState, merge_partials};
 use crate::views::spec::ViewSpec;
 
@@ -112,8 +110,8 @@ impl PgStore {
         Ok(out)
     }
 
-    /// Every view version the workers registered. They all run in one live
-    /// pipeline (replay pipelines are not built on a cluster).
+    /// Every view version the workers registered, with its pipeline's state
+    /// (`retired` for a version the last worker to start did not run).
     pub fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
         let s = &self.s;
         let rows = self
@@ -121,11 +119,14 @@ impl PgStore {
             .borrow_mut()
             .query(
                 &format!(
-                    "SELECT v.name, v.version, v.view_id, v.definition, a.version IS NOT NULL,
+                    "SELECT v.name, v.version, v.view_id, v.definition, a.version IS NOT NULL, v.retired,
+                            coalesce(p.state, ''), coalesce(p.detail, ''), v.pipeline,
                             (SELECT count(*) FROM {s}.view_rows r WHERE r.view_id = v.view_id)
                             + (SELECT count(*) FROM (SELECT DISTINCT key, window_start FROM {s}.view_partials p
                                                      WHERE p.view_id = v.view_id) d)
-                     FROM {s}.views v LEFT JOIN {s}.view_aliases a ON a.name = v.name AND a.version = v.version
+                     FROM {s}.views v
+                     LEFT JOIN {s}.view_aliases a ON a.name = v.name AND a.version = v.version
+                     LEFT JOIN {s}.pipelines p ON p.pipeline = v.pipeline
                      ORDER BY v.name, v.version"
                 ),
                 &[],
@@ -134,15 +135,17 @@ impl PgStore {
         rows.iter()
             .map(|r| {
                 let definition: String = r.try_get(3).context("listing the views")?;
+                let retired: bool = r.try_get(5).context("listing the views")?;
+                let state: String = r.try_get(6).context("listing the views")?;
                 Ok(ViewInfo {
                     name: r.try_get(0).context("listing the views")?,
                     version: to_u32(r.try_get(1).context("listing the views")?, "view version")?,
                     id: r.try_get(2).context("listing the views")?,
                     current: r.try_get(4).context("listing the views")?,
-                    state: "live".into(),
-                    detail: String::new(),
-                    pipeline: MAIN_PIPELINE.into(),
-                    rows: to_u64(r.try_get(5).context("listing the views")?, "row count")?,
+                    state: if retired { "retired".to_string() } else { state },
+                    detail: r.try_get(7).context("listing the views")?,
+                    pipeline: r.try_get(8).context("listing the views")?,
+                    rows: to_u64(r.try_get(9).context("listing the views")?, "row count")?,
                     definition: serde_json::from_str(&definition).unwrap_or(Json::Null),
                 })
             })
