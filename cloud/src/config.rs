@@ -79,6 +79,12 @@ fn default_shutdown_deadline() -> Duration {
 pub struct ClusterConfig {
     /// libpq connection string (`host=… user=… dbname=…`) or `postgresql://` URL.
     pub postgres: String,
+    /// A PEM file with the CA that signed PostgreSQL's certificate: connect
+    /// over TLS (never in plain text) and verify the server's certificate
+    /// and host name against it. Unset: plain TCP (and `sslmode=require` in
+    /// the connection string is refused).
+    #[serde(default)]
+    pub postgres_ca: Option<PathBuf>,
     /// The PostgreSQL schema holding the tables (created if missing).
     #[serde(default = "default_pg_schema")]
     pub schema: String,
@@ -116,7 +122,11 @@ fn default_session_timeout() -> Duration {
 impl ClusterConfig {
     /// The store settings.
     pub fn store(&self) -> crate::store::pg::PgSettings {
-        crate::store::pg::PgSettings { url: self.postgres.clone(), schema: self.schema.clone() }
+        crate::store::pg::PgSettings {
+            url: self.postgres.clone(),
+            schema: self.schema.clone(),
+            ca_file: self.postgres_ca.clone(),
+        }
     }
 }
 
@@ -790,6 +800,11 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{} as the {role}: {e}", f.display()));
                 let cluster = cfg.cluster.as_ref().expect("[cluster]");
                 assert_eq!(cluster.postgres, pg.1, "{role}: the Secret's URL wins");
+                assert_eq!(
+                    cluster.store().ca_file.as_deref(),
+                    Some(std::path::Path::new("/etc/kappa-cloud/postgres-ca/ca.crt")),
+                    "{role}: TLS to PostgreSQL, verified against the operator's CA"
+                );
                 let kafka = cfg.log.kafka.as_ref().expect("[log.kafka]");
                 assert!(!kafka.create_topic, "the KafkaTopic owns the topic");
                 let rules = cfg.rule_specs().unwrap();

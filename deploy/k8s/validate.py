@@ -64,7 +64,7 @@ ENV_PREFIX = "KAPPA_CLOUD__"
 # for a KafkaUser, a Secret of the user's name (`password`, `sasl.jaas.config`
 # for SCRAM-SHA-512).
 OPERATOR_SECRETS = {
-    ("postgresql.cnpg.io", "Cluster"): ("{name}-app",),
+    ("postgresql.cnpg.io", "Cluster"): ("{name}-app", "{name}-ca"),
     ("kafka.strimzi.io", "Kafka"): ("{name}-cluster-ca-cert",),
     ("kafka.strimzi.io", "KafkaUser"): ("{name}",),
 }
@@ -418,6 +418,18 @@ def check_topology(docs: list[dict], by_name: dict) -> list[str]:
                 problems.append(
                     f"{cn}: {ENV_PREFIX}CLUSTER__POSTGRES should come from the CloudNativePG Secret {sorted(pg_secrets)}"
                 )
+            if "cluster" in cfg and pg_secrets:
+                # TLS to PostgreSQL: the server's certificate is verified
+                # against CloudNativePG's CA, mounted where postgres_ca says.
+                ca = cfg["cluster"].get("postgres_ca")
+                ca_secrets = {name[: -len("-app")] + "-ca" for name in pg_secrets}
+                mounted = mounted_secret_file(w, c, ca) if ca else None
+                if mounted is None or mounted[0] not in ca_secrets or mounted[1] != "ca.crt":
+                    found = f"Secret {mounted[0]} key {mounted[1]}" if mounted else "no Secret's file"
+                    problems.append(
+                        f"{cn}: cluster.postgres_ca {ca!r} is {found}; mount CloudNativePG's CA there "
+                        f"(Secret {sorted(ca_secrets)}, key ca.crt)"
+                    )
             if role == "run":
                 nodes.append(cn)
                 labelled = template_labels(w).get("app.kubernetes.io/component")

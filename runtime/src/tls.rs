@@ -1,5 +1,6 @@
 //! TLS server configurations (rustls with the aws-lc-rs provider), the same
-//! for every listener of the project.
+//! for every listener of the project, and client configurations that trust
+//! one CA file.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -55,6 +56,22 @@ pub fn server_config(
     builder
         .with_single_cert(chain, key)
         .map_err(|e| format!("{keys}: the certificate and key do not make a usable pair: {e}"))
+}
+
+/// A client configuration that trusts the certificates in the PEM file
+/// `ca_file` and nothing else; TLS 1.2 and 1.3, no client certificate.
+/// `key` names the config key in errors (e.g. `cluster.postgres_ca`).
+pub fn client_config(key: &str, ca_file: &Path) -> Result<rustls::ClientConfig, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in certificates(ca_file).map_err(|e| format!("{key} {e}"))? {
+        roots.add(cert).map_err(|e| format!("{key} {}: {e}", ca_file.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Every certificate in a PEM file; none is an error.

@@ -70,8 +70,10 @@
 //! when every partition of the log is, the pipeline is `live` and can be
 //! promoted. See [`versions`].
 //!
-//! Connections are not encrypted (the client is built without TLS): reach the
-//! server over a local socket or a private network.
+//! Connections use TLS when [`PgSettings::ca_file`] (`cluster.postgres_ca`)
+//! names the CA that signed the server's certificate: the chain and the host
+//! name are verified, and there is no plain-text fallback. Without it they
+//! are plain TCP: reach the server over a local socket or a private network.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -91,6 +93,8 @@ use crate::views::spec::ViewSpec;
 mod alerts;
 /// Pages, the view list and dumps, for the API and `views dump`.
 mod read;
+/// TLS connections, verified against a CA file.
+mod tls;
 /// Pipelines of view versions, promotion, rollback and dropping.
 mod versions;
 
@@ -171,12 +175,19 @@ pub struct PgSettings {
     pub url: String,
     /// All tables live in this schema (ASCII letters, digits and `_`).
     pub schema: String,
+    /// Connect over TLS, verifying the server against the CA in this PEM file.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Not derived: the URL may hold a password.
 impl fmt::Debug for PgSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgSettings").field("url", &"<redacted>").field("schema", &self.schema).finish()
+        f.debug_struct("PgSettings")
+            .field("url", &"<redacted>")
+            .field("schema", &self.schema)
+            .field("ca_file", &self.ca_file)
+            .finish()
     }
 }
 
@@ -229,7 +240,22 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("kappa-cloud");
         }
-        let mut client = config.connect(NoTls).map_err(|e| {
+        let connected = match &settings.ca_file {
+            Some(ca) => {
+                // Never fall back to plain text.
+                config.ssl_mode(postgres::config::SslMode::Require);
+                config.connect(tls::Verified::new(ca)?)
+            }
+            None if config.get_ssl_mode() == postgres::config::SslMode::Require => {
+                return Err(StoreError(
+                    "the PostgreSQL connection string asks for sslmode=require: set cluster.postgres_ca to the \
+                     PEM file of the CA that signed the server's certificate"
+                        .into(),
+                ));
+            }
+            None => config.connect(NoTls),
+        };
+        let mut client = connected.map_err(|e| {
             let StoreError(msg) = e.into();
             StoreError(format!("cannot connect to PostgreSQL ({}): {msg}", describe_hosts(&config)))
         })?;
@@ -1075,7 +1101,8 @@ mod tests {
 
     impl TestSchema {
         pub(super) fn new(test: &str) -> Self {
-            let settings = PgSettings { url: url(), schema: format!("kappa_t_{}_{test}", std::process::id()) };
+            let settings =
+                PgSettings { url: url(), schema: format!("kappa_t_{}_{test}", std::process::id()), ca_file: None };
             drop_schema(&settings.schema).unwrap();
             Self { settings }
         }
@@ -1148,7 +1175,7 @@ mod tests {
     fn schema_names_are_plain_identifiers() {
         let long = "a".repeat(64);
         for bad in ["", "a-b", "a;drop", "ä", "x\"y", long.as_str()] {
-            let settings = PgSettings { url: url(), schema: bad.to_string() };
+            let settings = PgSettings { url: url(), schema: bad.to_string(), ca_file: None };
             let err = PgStore::connect(&settings, 1).unwrap_err();
             assert!(err.0.contains("ASCII letters"), "{bad:?}: {err}");
         }
@@ -1161,9 +1188,43 @@ mod tests {
         assert_eq!(kept, [("a", 3), ("c", 4), ("b", 5)]);
     }
 
+    /// Whether the store's own connection is encrypted, as the server sees it.
+    fn encrypted(s: &PgStore) -> bool {
+        s.client.borrow_mut().query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).unwrap().get(0)
+    }
+
+    /// The machine's PostgreSQL serves TLS with Debian's snakeoil
+    /// certificate (self-signed, for the name `localhost`).
+    #[test]
+    fn with_a_ca_the_connection_is_encrypted_and_the_server_verified() {
+        let snakeoil = std::path::PathBuf::from("/etc/ssl/certs/ssl-cert-snakeoil.pem");
+        let schema = format!("kappa_t_{}_tls", std::process::id());
+        let settings = |host: &str, ca: Option<std::path::PathBuf>| PgSettings {
+            url: format!("host={host} hostaddr=127.0.0.1 port=5432 user=postgres dbname=test"),
+            schema: schema.clone(),
+            ca_file: ca,
+        };
+        let s = PgStore::connect(&settings("localhost", Some(snakeoil.clone())), 1).unwrap();
+        assert!(encrypted(&s), "TLS with the CA");
+        drop(s);
+        assert!(!encrypted(&PgStore::connect(&settings("localhost", None), 1).unwrap()), "plain TCP without one");
+
+        // Negative controls: another CA; the right CA but a name the certificate does not carry.
+        let dir = tempfile::tempdir().unwrap();
+        let other_ca = crate::pki::init(dir.path()).unwrap();
+        let err = PgStore::connect(&settings("localhost", Some(other_ca)), 1).unwrap_err();
+        assert!(err.0.contains("invalid peer certificate: UnknownIssuer"), "{err}");
+        let err = PgStore::connect(&settings("127.0.0.1", Some(snakeoil)), 1).unwrap_err();
+        assert!(err.0.contains("certificate not valid for name \"127.0.0.1\""), "{err}");
+        let err = PgStore::connect(&PgSettings { url: format!("{} sslmode=require", url()), ..settings("x", None) }, 1)
+            .unwrap_err();
+        assert!(err.0.contains("cluster.postgres_ca"), "{err}");
+        drop_schema(&schema).unwrap();
+    }
+
     #[test]
     fn settings_do_not_show_the_url() {
-        let settings = PgSettings { url: "host=x password=secret".into(), schema: "k".into() };
+        let settings = PgSettings { url: "host=x password=secret".into(), schema: "k".into(), ca_file: None };
         assert!(!format!("{settings:?}").contains("secret"));
     }
 

@@ -303,7 +303,8 @@ fn measure(
     let group = format!("bench-w{workers}-{pid}");
     pg_execute(url, &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).unwrap();
     // Creates the schema's tables before the workers start; then only reads positions.
-    let store = PgStore::connect(&PgSettings { url: url.into(), schema: schema.clone() }, PARTITIONS).unwrap();
+    let store =
+        PgStore::connect(&PgSettings { url: url.into(), schema: schema.clone(), ca_file: None }, PARTITIONS).unwrap();
     let exe = std::env::current_exe().unwrap();
     let spawn = |i: usize| {
         let port = free_port();
