@@ -67,6 +67,7 @@ pub enum WorkerError {
 /// A worker's Kafka and PostgreSQL handles, opened.
 pub struct Worker {
     cfg: CloudConfig,
+    log: KafkaLog,
     /// Each pipeline with the group member that reads its share.
     pipelines: Vec<(PipelinePlan, GroupSource)>,
     metrics: Arc<CloudMetrics>,
@@ -121,14 +122,14 @@ impl Worker {
             pipelines.push((plan, source));
         }
         let ready = pipelines.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
-        Ok(Self { cfg, pipelines, metrics, ready })
+        Ok(Self { cfg, log, pipelines, metrics, ready })
     }
 
     /// Runs every pipeline, each in a thread of its own, until `cancel`
     /// fires. `main` failing stops the worker; a replay failing is recorded
     /// (`views list` shows it) and the others go on.
     pub fn run(self, cancel: CancellationToken) -> Result<(), WorkerError> {
-        let Self { cfg, pipelines, metrics, ready } = self;
+        let Self { cfg, log, pipelines, metrics, ready } = self;
         let restore = std::env::var_os(FAULT_SKIP_RESTORE).is_none();
         if !restore {
             tracing::warn!(
@@ -138,7 +139,7 @@ impl Worker {
         std::thread::scope(|scope| {
             let mut threads = Vec::new();
             for ((plan, source), ready) in pipelines.into_iter().zip(ready) {
-                let (cfg, cancel) = (&cfg, &cancel);
+                let (cfg, cancel, log) = (&cfg, &cancel, &log);
                 // A replay's counters would be taken for the live pipeline's:
                 // like a node's replays, it gets a registry of its own.
                 let metrics = if plan.building {
@@ -149,7 +150,8 @@ impl Worker {
                 let name = format!("pipeline:{}", plan.pipeline);
                 let thread = std::thread::Builder::new().name(name).spawn_scoped(scope, move || {
                     let pipeline = plan.pipeline.clone();
-                    let result = Pipeline { cfg, plan, metrics, ready: ready.clone(), restore }.run(source, cancel);
+                    let result =
+                        Pipeline { cfg, log, plan, metrics, ready: ready.clone(), restore }.run(source, cancel);
                     if result.is_err() {
                         // A failed replay holds nothing: it does not keep the worker unready.
                         ready.store(true, Ordering::Relaxed);
@@ -189,6 +191,8 @@ impl Worker {
 /// One pipeline of a worker: its views over the shares its group assigns.
 struct Pipeline<'a> {
     cfg: &'a CloudConfig,
+    /// To join the group again after a share could not be restored.
+    log: &'a KafkaLog,
     plan: PipelinePlan,
     metrics: Arc<CloudMetrics>,
     ready: Arc<AtomicBool>,
@@ -200,7 +204,7 @@ impl Pipeline<'_> {
     /// group moves partitions again, and checkpoints on the way out. A
     /// replay's share reads the archive first, then the log.
     fn run(self, mut source: GroupSource, cancel: &CancellationToken) -> Result<(), WorkerError> {
-        let Self { cfg, plan, metrics, ready, restore } = self;
+        let Self { cfg, log, plan, metrics, ready, restore } = self;
         let cluster = cfg.cluster.clone().ok_or_else(|| WorkerError::Config("a worker needs [cluster]".into()))?;
         let settings = cfg.processor_settings();
         let pipeline = plan.pipeline.clone();
@@ -259,7 +263,15 @@ impl Pipeline<'_> {
                 metrics.clone(),
             ) {
                 Ok(p) => p,
-                Err(e) => return Err(WorkerError::Config(format!("cannot restore the partitions: {e}"))),
+                Err(e) => {
+                    // PostgreSQL went away, or another worker claimed one of
+                    // these partitions since (the group is moving them). The
+                    // source went with the failed processor: join again.
+                    tracing::warn!(pipeline, error = %e, "Cannot restore the share; joining the group again.");
+                    retry_pause(cancel);
+                    source = log.group_source(&group_of(&cluster.group, &pipeline), cluster.session_timeout)?;
+                    continue;
+                }
             };
             ready.store(true, Ordering::Relaxed);
             let outcome = loop {
