@@ -1164,6 +1164,25 @@ mod tests {
         s.rows("v@1").unwrap().into_iter().map(|r| (r.key, r.window_start, r.values["n"].as_u64().unwrap())).collect()
     }
 
+    /// `v@1` (a global count per device) and `v@2` (the same per minute).
+    pub(super) fn two_versions() -> Vec<ViewSpec> {
+        views(
+            r#"
+[[views]]
+name = "v"
+key = "device"
+window = { kind = "global" }
+aggregates = [{ name = "n", fn = "count" }]
+[[views]]
+name = "v"
+version = 2
+key = "device"
+window = { kind = "tumbling", size = "1m" }
+aggregates = [{ name = "n", fn = "count" }]
+"#,
+        )
+    }
+
     pub(super) fn views(toml_text: &str) -> Vec<ViewSpec> {
         let doc: toml::Table = toml::from_str(toml_text).unwrap();
         let tables: Vec<toml::Table> =
@@ -1451,15 +1470,7 @@ mod tests {
     fn a_changed_definition_needs_a_new_version() {
         let db = TestSchema::new("views");
         let mut s = db.connect();
-        let v1 = views(
-            r#"
-[[views]]
-name = "v"
-key = "device"
-window = { kind = "global" }
-aggregates = [{ name = "n", fn = "count" }]
-"#,
-        );
+        let v1 = two_versions()[..1].to_vec();
         s.plan_pipelines(&v1, 1, true).unwrap();
         s.plan_pipelines(&v1, 2, true).unwrap();
         db.connect().plan_pipelines(&v1, 3, true).unwrap();

@@ -348,27 +348,9 @@ pub(super) fn mark_caught_up(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{TestSchema, views};
+    use super::super::tests::{TestSchema, two_versions};
     use super::*;
     use crate::store::{Checkpoint, ProcessorStore};
-
-    fn two_versions() -> Vec<ViewSpec> {
-        views(
-            r#"
-[[views]]
-name = "v"
-key = "device"
-window = { kind = "global" }
-aggregates = [{ name = "n", fn = "count" }]
-[[views]]
-name = "v"
-version = 2
-key = "device"
-window = { kind = "tumbling", size = "1m" }
-aggregates = [{ name = "n", fn = "count" }]
-"#,
-        )
-    }
 
     fn states(s: &PgStore) -> Vec<(String, String, bool)> {
         s.list_views().unwrap().into_iter().map(|v| (v.id, v.state, v.current)).collect()
