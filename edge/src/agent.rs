@@ -25,7 +25,8 @@ use crate::ingest::Decoder;
 use crate::ingest::writer::{self, WriterConfig};
 use crate::log::{EdgeLog, LogError, SharedLog};
 use crate::metrics::EdgeMetrics;
-use crate::mqtt::{embedded, external, gate};
+use crate::mqtt::access::AccessSettings;
+use crate::mqtt::{external, listener};
 use crate::{forward, housekeeping, http, now_ms};
 
 /// The writer connection's SQLite page cache.
@@ -90,44 +91,12 @@ impl Agent {
 
         let acks = match cfg.mqtt.mode {
             MqttMode::Embedded => {
-                let max_connections = 20_000;
-                let broker = if cfg.mqtt.gated() {
-                    // Devices reach rumqttd only through the gate: rumqttd
-                    // listens on loopback and demands a login only the gate has.
-                    let settings = gate_settings(&cfg, max_connections)?;
-                    let listeners = gate::bind(&settings).await.map_err(AgentError::Broker)?;
-                    let internal = kappa_runtime::net::free_loopback_port().map_err(AgentError::Broker)?;
-                    let login = embedded::InternalLogin::random().map_err(AgentError::Broker)?;
-                    let broker = embedded::start(
-                        internal,
-                        &cfg.mqtt.telemetry_filter(),
-                        cfg.mqtt.max_payload_bytes,
-                        max_connections,
-                        Some(&login),
-                    )
-                    .map_err(AgentError::Broker)?;
-                    let gate =
-                        gate::Gate::new(settings, internal, login, metrics.clone()).map_err(AgentError::Broker)?;
-                    let c = cancel.clone();
-                    tasks.spawn("mqtt-gate", async move {
-                        gate.run(listeners, c).await;
-                        Ok(())
-                    });
-                    broker
-                } else {
-                    embedded::start(
-                        cfg.mqtt.listen,
-                        &cfg.mqtt.telemetry_filter(),
-                        cfg.mqtt.max_payload_bytes,
-                        max_connections,
-                        None,
-                    )
-                    .map_err(AgentError::Broker)?
-                };
-                metrics.mqtt_connected.set(1);
-                let c = cancel.clone();
-                tasks.spawn("mqtt-embedded", async move {
-                    embedded::run(broker, tx, decoder, c).await;
+                let settings = listener_settings(&cfg)?;
+                let sockets = listener::bind(&settings).await.map_err(AgentError::Bind)?;
+                let listener = listener::Listener::new(settings, decoder, tx, metrics.clone(), cancel.clone())
+                    .map_err(AgentError::Config)?;
+                tasks.spawn("mqtt-listener", async move {
+                    listener.run(sockets).await;
                     Ok(())
                 });
                 None
@@ -271,11 +240,10 @@ impl Agent {
 /// The environment switch that makes the external source acknowledge before commit (tests only).
 pub const FAULT_ACK_ON_RECEIPT: &str = "KAPPA_EDGE_FAULT_ACK_ON_RECEIPT";
 
-/// What the device gate enforces, from the `[mqtt]` section.
-fn gate_settings(cfg: &EdgeConfig, max_connections: usize) -> Result<gate::GateSettings, AgentError> {
+/// What the agent's MQTT listener enforces, from the `[mqtt]` section.
+fn listener_settings(cfg: &EdgeConfig) -> Result<listener::ListenerSettings, AgentError> {
     use kappa_runtime::tls::ClientAuth;
     let m = &cfg.mqtt;
-    let access = m.access.clone().unwrap_or_default();
     let tls = match &m.tls {
         None => None,
         Some(t) => {
@@ -289,20 +257,33 @@ fn gate_settings(cfg: &EdgeConfig, max_connections: usize) -> Result<gate::GateS
             Some((t.listen, Arc::new(config)))
         }
     };
-    Ok(gate::GateSettings {
+    let access = m.gated().then(|| {
+        let a = m.access.clone().unwrap_or_default();
+        AccessSettings {
+            anonymous: a.anonymous,
+            password_file: a.password_file,
+            revoked: a.revoked.into_iter().collect(),
+        }
+    });
+    Ok(listener::ListenerSettings {
         plain: m.plain.then_some(m.listen),
         tls,
-        anonymous: access.anonymous,
-        password_file: access.password_file,
-        revoked: access.revoked.into_iter().collect(),
+        access,
         topic_prefix: m.topic_prefix.clone(),
-        // Like the broker: payloads up to this far over the limit reach the
-        // agent and are quarantined with a reason; bigger packets end the session.
-        max_packet: m.max_payload_bytes.saturating_mul(embedded::OVERSIZE_FACTOR) + 1024,
-        max_connections,
-        connect_timeout: access.connect_timeout,
+        // Payloads up to this far over the limit reach the decoder and are
+        // quarantined with a reason; bigger packets end the session.
+        max_packet: m.max_payload_bytes.saturating_mul(OVERSIZE_FACTOR) + 1024,
+        // A will is a reading; ids and a password fit in the rest.
+        max_connect_packet: m.max_payload_bytes + 4096,
+        max_connections: m.max_connections,
+        connect_timeout: m.connect_timeout,
+        receive_maximum: m.receive_maximum,
     })
 }
+
+/// How far over `mqtt.max_payload_bytes` a payload may be and still be
+/// quarantined with its reason rather than end the device's session.
+const OVERSIZE_FACTOR: usize = 16;
 
 async fn refresh_log_metrics(
     log: SharedLog,
@@ -333,8 +314,6 @@ pub enum AgentError {
     Config(String),
     #[error(transparent)]
     Log(#[from] LogError),
-    #[error("{0}")]
-    Broker(String),
     #[error("{0}")]
     Bind(String),
     #[error(transparent)]

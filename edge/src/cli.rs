@@ -141,7 +141,7 @@ pub fn main() -> ExitCode {
 pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
     let args = Args::parse_from(args);
     // rumqttd logs every ordinary client disconnect at ERROR from this target.
-    kappa_runtime::logging::init(&args.log_format, "info,rumqttd=warn,rumqttd::server::broker=off,rumqttc=warn");
+    kappa_runtime::logging::init(&args.log_format, "info,rumqttc=warn");
     match run(args) {
         Ok(code) => code,
         Err(e) => {

@@ -57,7 +57,7 @@ fn default_shutdown_deadline() -> Duration {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MqttMode {
-    /// Run an MQTT broker (rumqttd) inside the agent.
+    /// Devices connect to the agent's own MQTT listener.
     Embedded,
     /// Subscribe to an existing broker on the gateway (e.g. Mosquitto).
     External,
@@ -68,7 +68,7 @@ pub enum MqttMode {
 pub struct MqttConfig {
     #[serde(default = "default_mode")]
     pub mode: MqttMode,
-    /// Embedded mode: where the broker listens for devices.
+    /// Embedded mode: where the agent listens for devices (plain MQTT).
     #[serde(default = "default_mqtt_listen")]
     pub listen: SocketAddr,
     /// External mode: the broker to subscribe to, `mqtt://HOST:PORT`.
@@ -101,6 +101,19 @@ pub struct MqttConfig {
     pub max_device_rate: u32,
     #[serde(default = "default_device_burst")]
     pub max_device_burst: u32,
+    /// Embedded mode: most device connections open at once; more are
+    /// refused (and counted) as they arrive.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Embedded mode: a connection's TLS handshake and CONNECT must both
+    /// arrive within this (slow or silent clients are cut off).
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Embedded mode: QoS 1 and 2 messages per connection waiting for their
+    /// commit. MQTT 5.0 devices are told (receive maximum); from 3.1.1
+    /// devices the agent reads no more until replies catch up.
+    #[serde(default = "default_receive_maximum")]
+    pub receive_maximum: u16,
     /// Embedded mode: accept plain-text MQTT on `listen`. Production
     /// configs set it to false; devices then connect with `[mqtt.tls]`.
     #[serde(default = "default_plain")]
@@ -108,14 +121,14 @@ pub struct MqttConfig {
     /// Embedded mode: MQTT over TLS, and device certificates.
     #[serde(default)]
     pub tls: Option<MqttTlsConfig>,
-    /// Embedded mode: who may connect; with it (or `tls`) devices reach the
-    /// broker only through the device gate, which also enforces that a
+    /// Embedded mode: who may connect; with it (or `tls`) every device must
+    /// prove an identity at CONNECT, and the listener enforces that a
     /// device publishes only to its own telemetry topic.
     #[serde(default)]
     pub access: Option<DeviceAccessConfig>,
 }
 
-/// The embedded broker's TLS listener.
+/// The agent's MQTT-over-TLS listener.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttTlsConfig {
@@ -134,8 +147,8 @@ pub struct MqttTlsConfig {
     pub require_client_certificate: bool,
 }
 
-/// Device identity and rights at the embedded broker.
-#[derive(Debug, Clone, Deserialize)]
+/// Device identity and rights at the agent's listener.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceAccessConfig {
     /// Let clients with neither certificate nor login connect as their
@@ -150,15 +163,6 @@ pub struct DeviceAccessConfig {
     /// Device ids refused whatever credential they present.
     #[serde(default)]
     pub revoked: Vec<String>,
-    /// TLS handshake and CONNECT must arrive within this.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
-    pub connect_timeout: Duration,
-}
-
-impl Default for DeviceAccessConfig {
-    fn default() -> Self {
-        Self { anonymous: false, password_file: None, revoked: Vec::new(), connect_timeout: default_connect_timeout() }
-    }
 }
 
 fn default_plain() -> bool {
@@ -169,6 +173,13 @@ fn default_mqtt_tls_listen() -> SocketAddr {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_max_connections() -> usize {
+    20_000
+}
+fn default_receive_maximum() -> u16 {
+    128
 }
 
 fn default_device_rate() -> u32 {
@@ -208,6 +219,9 @@ impl Default for MqttConfig {
             queue_capacity: default_queue(),
             max_device_rate: default_device_rate(),
             max_device_burst: default_device_burst(),
+            max_connections: default_max_connections(),
+            connect_timeout: default_connect_timeout(),
+            receive_maximum: default_receive_maximum(),
             plain: default_plain(),
             tls: None,
             access: None,
@@ -216,7 +230,7 @@ impl Default for MqttConfig {
 }
 
 impl MqttConfig {
-    /// Whether devices reach the embedded broker through the device gate.
+    /// Whether the agent's listener checks identities and topic rights.
     pub fn gated(&self) -> bool {
         self.mode == MqttMode::Embedded && (self.tls.is_some() || self.access.is_some() || !self.plain)
     }
@@ -229,7 +243,7 @@ impl MqttConfig {
             {
                 if set {
                     errors.push(format!(
-                        "{key}: is for the embedded broker; lock an external broker down with `kappa-edge mosquitto credentials`"
+                        "{key}: is for the agent's own listener (mode = \"embedded\"); lock an external broker down with `kappa-edge mosquitto credentials`"
                     ));
                 }
             }
@@ -254,8 +268,14 @@ impl MqttConfig {
                 errors.push(format!("mqtt.tls.listen: {} is also mqtt.listen", t.listen));
             }
         }
-        if access.connect_timeout.is_zero() {
-            errors.push("mqtt.access.connect_timeout: must be positive".into());
+        if self.connect_timeout.is_zero() {
+            errors.push("mqtt.connect_timeout: must be positive".into());
+        }
+        if self.max_connections == 0 {
+            errors.push("mqtt.max_connections: must be at least 1".into());
+        }
+        if self.receive_maximum == 0 {
+            errors.push("mqtt.receive_maximum: must be at least 1".into());
         }
         for id in &access.revoked {
             if kappa_common::reading::validate_device_id(id).is_err() {
@@ -693,7 +713,8 @@ impl Validate for EdgeConfig {
             errors.push("mqtt.username: must not be empty (leave it out for an anonymous connection)".into());
         }
         if self.mqtt.username.is_some() && self.mqtt.mode == MqttMode::Embedded {
-            errors.push("mqtt.username: is for the external broker; the embedded broker has no agent login".into());
+            errors
+                .push("mqtt.username: is for the external broker; the agent's own listener has no agent login".into());
         }
         errors.extend(self.mqtt.gate_problems());
         if self.mqtt.queue_capacity == 0 {

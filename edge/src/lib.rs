@@ -1,7 +1,7 @@
 //! The Kappa IoT edge agent: the field gateway's part of the pipeline.
 //!
-//! Devices publish readings over MQTT (to an embedded rumqttd broker or to
-//! the gateway's own broker). The agent validates each one, group-commits it
+//! Devices publish readings over MQTT (to the agent's own listener or to
+//! the gateway's broker). The agent validates each one, group-commits it
 //! to a SQLite log and only then acknowledges it; a forwarder builds CBOR +
 //! zstd batches from the log and POSTs them to the cloud, moving its cursor
 //! only when the cloud confirms a durable append.

@@ -55,7 +55,8 @@ pub struct EdgeMetrics {
     pub aggregate_open_windows: Gauge,
     pub mqtt_refused: Family<Label, Counter>,
     pub mqtt_denied: Family<Label, Counter>,
-    pub mqtt_gate_connections: Gauge,
+    pub mqtt_connections: Gauge,
+    pub mqtt_sessions_ended: Family<Label, Counter>,
 }
 
 impl EdgeMetrics {
@@ -101,13 +102,14 @@ impl EdgeMetrics {
             aggregate_open_windows: Gauge::default(),
             mqtt_refused: Family::default(),
             mqtt_denied: Family::default(),
-            mqtt_gate_connections: Gauge::default(),
+            mqtt_connections: Gauge::default(),
+            mqtt_sessions_ended: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("kappa_edge");
         r.register("mqtt_messages_received", "Telemetry messages received from devices", m.messages_received.clone());
         r.register(
             "mqtt_connections_refused",
-            "Device connections the gate refused or cut off, by reason (tls, no_identity, bad_password, revoked, packet_too_large, ...)",
+            "Device connections the agent's MQTT listener refused at CONNECT or cut off for a violation, by reason (tls, timeout, no_identity, bad_password, revoked, packet_too_large, publish_topic, ...)",
             m.mqtt_refused.clone(),
         );
         r.register(
@@ -115,11 +117,20 @@ impl EdgeMetrics {
             "Device requests outside the device's rights, by reason (publish_topic, subscribe)",
             m.mqtt_denied.clone(),
         );
-        r.register("mqtt_gate_connections", "Device sessions open through the gate", m.mqtt_gate_connections.clone());
+        r.register(
+            "mqtt_connections",
+            "Device connections open on the agent's MQTT listener",
+            m.mqtt_connections.clone(),
+        );
+        r.register(
+            "mqtt_sessions_ended",
+            "Device sessions on the agent's MQTT listener that ended, by reason (disconnect, network, keep_alive, write_timeout, taken_over, shutdown, violation)",
+            m.mqtt_sessions_ended.clone(),
+        );
         r.register("readings_committed", "Readings committed to the durable log", m.readings_committed.clone());
         r.register(
             "mqtt_connected",
-            "1 while devices' messages can reach the agent: the embedded broker listens, or the agent is connected to the external broker",
+            "1 while devices' messages can reach the agent: its MQTT listener listens, or the agent is connected to the external broker",
             m.mqtt_connected.clone(),
         );
         r.register(

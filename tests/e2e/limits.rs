@@ -127,10 +127,10 @@ async fn bombs_and_oversized_bodies_are_refused_with_the_nodes_memory_bounded() 
     assert!(grew > 200.0, "without limits a bomb should cost its 256 MiB; the measurement saw {grew:.1} MiB");
 }
 
-/// An MQTT session on the agent's embedded broker, as device `id`.
+/// An MQTT session on the agent's own listener, as device `id`.
 async fn device_session(port: u16, id: &str) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect to the embedded broker");
-    s.write_all(&kappa_edge::mqtt::packet::Connect::new(id, 30).encode()).await.unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect to the agent's listener");
+    s.write_all(&connect_packet(id, None)).await.unwrap();
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack).await.expect("CONNACK");
     assert_eq!((connack[0], connack[3]), (0x20, 0), "the broker accepted {id}");
@@ -182,7 +182,7 @@ async fn oversized_publishes(edge: &Edge) -> f64 {
 
 /// Devices publish oversized packets (64 MiB, streamed) and deeply nested
 /// JSON (a quarter of a million levels, within the payload limit) at the
-/// agent's embedded broker: the oversized sessions end at the limit, the
+/// agent's own MQTT listener: the oversized sessions end at the limit, the
 /// nested payloads are quarantined as `malformed_json` and counted, other
 /// devices' readings still commit, and the agent's peak memory stays within
 /// a few MiB. Negative control: with the payload limit lifted, the same

@@ -45,7 +45,7 @@ impl Proc {
         let err = out.try_clone().expect("log file");
         let child = tokio::process::Command::new(program)
             .args(args)
-            .env("RUST_LOG", "info,rumqttd=warn,rumqttc=warn")
+            .env("RUST_LOG", "info,rumqttc=warn")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
@@ -246,10 +246,23 @@ fn spawn_cloud(name: &str, config: &Path, dir: &Path, env: &[(String, String)]) 
     Proc::spawn_env(name, BIN, &["cloud", "run", "--config", config.to_str().unwrap_or_default()], dir, &env)
 }
 
+/// An MQTT 3.1.1 CONNECT for client `id` (clean session, keep-alive 30 s),
+/// with a login if given: for tests that drive a raw socket.
+pub fn connect_packet(id: &str, login: Option<(&str, &str)>) -> Vec<u8> {
+    let mut c = rumqttc::mqttbytes::v4::Connect::new(id);
+    c.keep_alive = 30;
+    if let Some((user, password)) = login {
+        c.set_login(user, password);
+    }
+    let mut out = bytes::BytesMut::new();
+    c.write(&mut out).expect("encode a CONNECT");
+    out.to_vec()
+}
+
 /// How the edge agent reaches devices.
 #[derive(Debug, Clone)]
 pub enum Mqtt {
-    /// Its own embedded broker on this port.
+    /// Its own MQTT listener on this port.
     Embedded(u16),
     /// An external broker on this port.
     External { port: u16, topic_prefix: String, client_id: String },

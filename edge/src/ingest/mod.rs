@@ -6,12 +6,13 @@
 
 pub mod writer;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
 use kappa_common::{Reading, device};
 use kappa_runtime::rate::{KeyedRate, Refused};
+use tokio::sync::Notify;
 
 use crate::config::{ClockConfig, ClockPolicy};
 use crate::log::{Entry, Rejected};
@@ -20,10 +21,58 @@ use crate::metrics::EdgeMetrics;
 /// What must happen once a message's entry is committed.
 #[derive(Debug, Clone)]
 pub enum Ack {
-    /// Nothing: the embedded broker acknowledged on receipt.
+    /// Nothing: QoS 0, or a device's will.
     None,
     /// Send the QoS 1 PUBACK for this message to the external broker.
-    Mqtt(rumqttc::Publish),
+    External(rumqttc::Publish),
+    /// Queue the device's PUBACK (or PUBREC) on its connection.
+    Device(Arc<Replies>, Reply),
+}
+
+/// A reply a device connection owes for a message once it is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    pub pkid: u16,
+    /// QoS 2: PUBREC instead of PUBACK.
+    pub exactly_once: bool,
+    /// MQTT 5.0 reason code (a quarantined payload is acknowledged with the
+    /// reason it was refused).
+    pub code: u8,
+}
+
+/// The replies committed for one device connection and not yet written.
+/// The writer pushes; the connection takes them all when woken.
+#[derive(Debug, Default)]
+pub struct Replies {
+    ready: Mutex<Vec<Reply>>,
+    wake: Notify,
+}
+
+impl Replies {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Reply>> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `reply`; wakes the connection if it had nothing queued.
+    pub fn push(&self, reply: Reply) {
+        let mut ready = self.lock();
+        ready.push(reply);
+        let first = ready.len() == 1;
+        drop(ready);
+        if first {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Waits until something may be queued.
+    pub async fn wait(&self) {
+        self.wake.notified().await
+    }
+
+    /// Moves every queued reply, in commit order, to the end of `into`.
+    pub fn take(&self, into: &mut Vec<Reply>) {
+        into.append(&mut self.lock());
+    }
 }
 
 /// A decoded device message on its way to the log.

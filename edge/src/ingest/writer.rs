@@ -99,20 +99,7 @@ pub async fn run(
                 }
                 metrics.readings_committed.inc_by(out.inserted);
                 metrics.readings_duplicate.inc_by(out.duplicates);
-                if let Some(acks) = &acks {
-                    let publishes: Vec<_> = pending_acks
-                        .drain(..)
-                        .filter_map(|a| match a {
-                            Ack::Mqtt(p) => Some(p),
-                            Ack::None => None,
-                        })
-                        .collect();
-                    if !publishes.is_empty() {
-                        // The source may be gone at shutdown; the broker then redelivers, and the log dedups.
-                        let _ = acks.send(publishes);
-                    }
-                }
-                pending_acks.clear();
+                release(&mut pending_acks, acks.as_ref());
                 for n in &wake.committed {
                     n.notify_one();
                 }
@@ -142,6 +129,23 @@ pub async fn run(
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+/// Sends the acknowledgements a commit earned, in arrival order: device
+/// replies to their connections, external PUBACKs to the external source.
+fn release(acks: &mut Vec<Ack>, external: Option<&AckSender>) {
+    let mut publishes = Vec::new();
+    for ack in acks.drain(..) {
+        match ack {
+            Ack::None => {}
+            Ack::Device(to, reply) => to.push(reply),
+            Ack::External(p) => publishes.push(p),
+        }
+    }
+    if let (Some(sender), false) = (external, publishes.is_empty()) {
+        // The source may be gone at shutdown; the broker then redelivers, and the log dedups.
+        let _ = sender.send(publishes);
     }
 }
 

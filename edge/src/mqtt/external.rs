@@ -105,7 +105,7 @@ pub async fn run(
                     }
                     Ack::None
                 } else {
-                    Ack::Mqtt(p)
+                    Ack::External(p)
                 };
                 let incoming = Incoming { entry, ack, received };
                 tokio::select! {

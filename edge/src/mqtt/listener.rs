@@ -1,0 +1,224 @@
+//! The agent's own device-facing MQTT listener (`mqtt.mode = "embedded"`).
+//!
+//! Devices on a gateway publish telemetry; they do not subscribe. So this is
+//! a server for publishing clients, not a general broker: MQTT 3.1.1 and 5.0
+//! over TCP and TLS, identities and topic rights checked at CONNECT and on
+//! every PUBLISH (`access`), and each QoS 1 PUBACK (QoS 2 PUBREC) written
+//! only after the log transaction holding that message committed. Each
+//! connection is one task (`session`); the listener accepts, enforces the
+//! connection limit and finishes TLS handshakes, and every session ends
+//! when the agent stops.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::access::{Access, AccessSettings};
+use super::close::Refusal;
+use super::sessions::Sessions;
+use crate::ingest::{Decoder, Incoming};
+use crate::metrics::EdgeMetrics;
+
+/// What the listener enforces.
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
+    /// Plain-text listener, if any.
+    pub plain: Option<SocketAddr>,
+    /// TLS listener and its configuration, if any.
+    pub tls: Option<(SocketAddr, Arc<rustls::ServerConfig>)>,
+    /// Identities and rights; `None`: an open listener (any client, any device topic).
+    pub access: Option<AccessSettings>,
+    /// Topic prefix before `devices/{id}/telemetry`.
+    pub topic_prefix: String,
+    /// Largest packet a device may send.
+    pub max_packet: usize,
+    /// Largest CONNECT (its will included): a connection that has not yet
+    /// said who it is holds no more than this.
+    pub max_connect_packet: usize,
+    pub max_connections: usize,
+    /// The TLS handshake and the CONNECT must both arrive within this.
+    pub connect_timeout: Duration,
+    /// Unacknowledged QoS 1 and 2 publishes per connection. MQTT 5.0
+    /// clients are told (receive maximum); from 3.1.1 clients the listener
+    /// stops reading until replies catch up.
+    pub receive_maximum: u16,
+}
+
+/// The bound sockets (bound before the agent reports ready).
+pub struct Sockets {
+    plain: Option<TcpListener>,
+    tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+}
+
+impl std::fmt::Debug for Sockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let addr = |l: &TcpListener| l.local_addr().ok();
+        f.debug_struct("Sockets")
+            .field("plain", &self.plain.as_ref().map(addr))
+            .field("tls", &self.tls.as_ref().map(|(l, _)| addr(l)))
+            .finish()
+    }
+}
+
+/// Binds the device-facing sockets.
+pub async fn bind(settings: &ListenerSettings) -> Result<Sockets, String> {
+    let plain = match settings.plain {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("MQTT listener cannot listen on {addr} (mqtt.listen): {e}"))?,
+        ),
+        None => None,
+    };
+    let tls = match &settings.tls {
+        Some((addr, config)) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("MQTT TLS listener cannot listen on {addr} (mqtt.tls.listen): {e}"))?;
+            Some((l, tokio_rustls::TlsAcceptor::from(config.clone())))
+        }
+        None => None,
+    };
+    Ok(Sockets { plain, tls })
+}
+
+/// A running listener's shared state, borrowed by every session.
+#[derive(Debug)]
+pub struct Listener {
+    pub(super) settings: ListenerSettings,
+    pub(super) access: Option<Arc<Access>>,
+    pub(super) sessions: Sessions,
+    pub(super) decoder: Decoder,
+    pub(super) to_log: mpsc::Sender<Incoming>,
+    pub(super) metrics: Arc<EdgeMetrics>,
+    pub(super) stop: CancellationToken,
+    open: AtomicUsize,
+    client_ids: AtomicU64,
+}
+
+impl Listener {
+    /// A listener that hands decoded messages to the writer through `to_log`.
+    pub fn new(
+        settings: ListenerSettings,
+        decoder: Decoder,
+        to_log: mpsc::Sender<Incoming>,
+        metrics: Arc<EdgeMetrics>,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, String> {
+        let access = settings.access.clone().map(Access::new).transpose()?;
+        let sessions = Sessions::new(settings.max_connections.saturating_mul(2));
+        Ok(Arc::new(Self {
+            settings,
+            access,
+            sessions,
+            decoder,
+            to_log,
+            metrics,
+            stop,
+            open: AtomicUsize::new(0),
+            client_ids: AtomicU64::new(0),
+        }))
+    }
+
+    /// Accepts devices until the stop token fires, then waits for every
+    /// session to end (each with the agent's DISCONNECT in 5.0).
+    pub async fn run(self: Arc<Self>, sockets: Sockets) {
+        let Sockets { plain, tls } = sockets;
+        let tracker = TaskTracker::new();
+        let mut loops = tokio::task::JoinSet::new();
+        if let Some(l) = plain {
+            loops.spawn(self.clone().accept_loop(l, None, tracker.clone()));
+        }
+        if let Some((l, acceptor)) = tls {
+            loops.spawn(self.clone().accept_loop(l, Some(acceptor), tracker.clone()));
+        }
+        self.metrics.mqtt_connected.set(1);
+        while loops.join_next().await.is_some() {}
+        self.metrics.mqtt_connected.set(0);
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        tracker: TaskTracker,
+    ) {
+        while let Some(stream) = kappa_runtime::net::accept(&listener, &self.stop).await {
+            if self.open.fetch_add(1, Ordering::AcqRel) >= self.settings.max_connections {
+                self.open.fetch_sub(1, Ordering::AcqRel);
+                self.refused(Refusal::TooManyConnections, "", stream.peer_addr().ok());
+                continue;
+            }
+            self.metrics.mqtt_connections.inc();
+            let (listener, tls) = (self.clone(), tls.clone());
+            tracker.spawn(async move {
+                listener.connection(stream, tls).await;
+                listener.open.fetch_sub(1, Ordering::AcqRel);
+                listener.metrics.mqtt_connections.dec();
+            });
+        }
+    }
+
+    /// One accepted connection: the TLS handshake if any, then the session.
+    async fn connection(&self, stream: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
+        let _ = stream.set_nodelay(true);
+        let peer = stream.peer_addr().ok();
+        let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
+        match tls {
+            None => super::session::serve(self, stream, None, deadline, peer).await,
+            Some(acceptor) => {
+                // Boxed: a handshake's state is large and lives only until it ends.
+                let handshake = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(stream)));
+                match handshake.await {
+                    Ok(Ok(stream)) => {
+                        let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+                        let name = match cert {
+                            None => None,
+                            Some(der) => match kappa_runtime::tls::common_name(&der) {
+                                Some(name) => Some(name),
+                                None => return self.refused(Refusal::NoIdentity, "", peer),
+                            },
+                        };
+                        super::session::serve(self, stream, name, deadline, peer).await
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(?peer, error = %e, "A device's TLS handshake failed.");
+                        self.refused(Refusal::Tls, "", peer)
+                    }
+                    Err(_) => self.refused(Refusal::Timeout, "", peer),
+                }
+            }
+        }
+    }
+
+    /// A client id for a client that sent none.
+    pub(super) fn next_client_id(&self) -> String {
+        format!("kappa-auto-{}", self.client_ids.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Counts and logs a refusal (at CONNECT, or a violation that ends a session).
+    pub(super) fn refused(&self, why: Refusal, device: &str, peer: Option<SocketAddr>) {
+        self.metrics.mqtt_refused.get_or_create(&[("reason", why.reason())]).inc();
+        match why {
+            // Floods of these are the attack the counter is for: one line each would be a second flood.
+            Refusal::TooManyConnections | Refusal::Timeout | Refusal::Tls => {
+                tracing::debug!(reason = why.reason(), device, ?peer, "Refused a device connection.")
+            }
+            _ => tracing::warn!(reason = why.reason(), device, ?peer, "Refused a device connection."),
+        }
+    }
+
+    /// Counts and logs a request outside the device's rights.
+    pub(super) fn denied(&self, reason: &'static str, device: &str, topic: &str) {
+        self.metrics.mqtt_denied.get_or_create(&[("reason", reason)]).inc();
+        tracing::warn!(reason, device, topic, "Denied a device's request outside its rights.");
+    }
+}
