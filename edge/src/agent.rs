@@ -122,13 +122,8 @@ impl Agent {
                     credentials,
                     filter: cfg.mqtt.telemetry_filter(),
                     decoder,
-                    ack_on_receipt: std::env::var(FAULT_ACK_ON_RECEIPT).is_ok_and(|v| v == "1"),
+                    ack_on_receipt: fault_ack_on_receipt(),
                 };
-                if src.ack_on_receipt {
-                    tracing::warn!(
-                        "{FAULT_ACK_ON_RECEIPT}=1: acknowledging messages before they are committed. This is fault injection for tests; a crash will lose readings."
-                    );
-                }
                 let (ack_tx, ack_rx) = mpsc::unbounded_channel();
                 let c = cancel.clone();
                 tasks.spawn("mqtt-external", async move {
@@ -237,8 +232,18 @@ impl Agent {
     }
 }
 
-/// The environment switch that makes the external source acknowledge before commit (tests only).
+/// The environment switch that makes either MQTT source acknowledge before commit (tests only).
 pub const FAULT_ACK_ON_RECEIPT: &str = "KAPPA_EDGE_FAULT_ACK_ON_RECEIPT";
+
+fn fault_ack_on_receipt() -> bool {
+    let on = std::env::var(FAULT_ACK_ON_RECEIPT).is_ok_and(|v| v == "1");
+    if on {
+        tracing::warn!(
+            "{FAULT_ACK_ON_RECEIPT}=1: acknowledging messages before they are committed. This is fault injection for tests; a crash will lose readings."
+        );
+    }
+    on
+}
 
 /// What the agent's MQTT listener enforces, from the `[mqtt]` section.
 fn listener_settings(cfg: &EdgeConfig) -> Result<listener::ListenerSettings, AgentError> {
@@ -278,6 +283,7 @@ fn listener_settings(cfg: &EdgeConfig) -> Result<listener::ListenerSettings, Age
         max_connections: m.max_connections,
         connect_timeout: m.connect_timeout,
         receive_maximum: m.receive_maximum,
+        ack_on_receipt: fault_ack_on_receipt(),
     })
 }
 

@@ -53,29 +53,45 @@ fn fill(path: &Path) -> u64 {
     written
 }
 
-/// A stopped cloud, a private Mosquitto, and an agent whose data dir is a
-/// 16 MiB tmpfs with `log` settings appended.
+/// A stopped cloud and an agent whose data dir is a 16 MiB tmpfs with `log`
+/// settings appended; devices reach it through a private Mosquitto
+/// (external mode) or its own listener (`embedded`, with `env` set).
 struct Rig {
     dir: tempfile::TempDir,
     cloud: Cloud,
-    mosquitto: Mosquitto,
+    /// Where devices connect.
+    mqtt_port: u16,
+    /// External mode's broker.
+    _mosquitto: Option<Mosquitto>,
     edge: Edge,
     disk: Tmpfs,
 }
 
 impl Rig {
     async fn start(log: &str) -> Rig {
+        Self::start_with(false, log, &[]).await
+    }
+
+    async fn start_with(embedded: bool, log: &str, env: &[(&str, &str)]) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let disk = Tmpfs::mount(&dir.path().join("edge-data"), "16m");
         let cloud = Cloud::start(dir.path()).await;
-        let mosquitto = Mosquitto::start(dir.path()).await;
-        let mqtt =
-            Mqtt::External { port: mosquitto.port, topic_prefix: String::new(), client_id: "kappa-edge-disk".into() };
+        let (mqtt, mosquitto) = if embedded {
+            (Mqtt::Embedded(free_port()), None)
+        } else {
+            let mosquitto = Mosquitto::start(dir.path()).await;
+            let mqtt = Mqtt::External {
+                port: mosquitto.port,
+                topic_prefix: String::new(),
+                client_id: "kappa-edge-disk".into(),
+            };
+            (mqtt, Some(mosquitto))
+        };
         let extra = format!("\n[log]\nhousekeeping_interval = \"500ms\"\n{log}\n");
-        let edge = Edge::start_named(dir.path(), "edge", "gw-disk", mqtt, &cloud.url(), &extra).await;
+        let edge = Edge::start_env(dir.path(), "edge", "gw-disk", mqtt, &cloud.url(), &extra, env).await;
         // The cloud goes away: everything the fleet sends stays on the gateway.
         cloud.proc.signal(libc::SIGSTOP);
-        Rig { dir, cloud, mosquitto, edge, disk }
+        Rig { dir, cloud, mqtt_port: edge.mqtt_port, _mosquitto: mosquitto, edge, disk }
     }
 
     /// A fleet whose device ids start with `name`, its event time starting `offset_s` after [`T0`].
@@ -84,7 +100,7 @@ impl Rig {
         f.start_ms = T0 + offset_s * 1000;
         f.name = format!("sim-{name}");
         f.id_prefix = format!("{name}-");
-        f.start(self.mosquitto.port, self.dir.path())
+        f.start(self.mqtt_port, self.dir.path())
     }
 
     async fn edge_metric(&self, name: &str) -> f64 {
@@ -219,4 +235,89 @@ async fn a_full_disk_pauses_acknowledgements_and_loses_nothing() {
     let (a_rows, b_rows): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.key.starts_with("a-"));
     assert_exact(&truth_a, &a_rows, &[&rig.edge.proc, &rig.cloud.proc]);
     assert_exact(&truth_b, &b_rows, &[&rig.edge.proc, &rig.cloud.proc]);
+}
+
+/// Publishes one reading of device `probe` (seq `seq`) at QoS 1 to the
+/// agent's listener; whether its PUBACK arrived within `within`. The
+/// session stays open (in the returned task) so a later PUBACK still comes.
+async fn probe(port: u16, seq: u64) -> (tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>, rumqttc::AsyncClient) {
+    let (client, code, rx) = crate::mqtt_auth::session(port, "probe", None).await;
+    assert_eq!(code, rumqttc::ConnectReturnCode::Success);
+    let payload = crate::mqtt_auth::reading("probe", seq);
+    client.publish("devices/probe/telemetry", rumqttc::QoS::AtLeastOnce, false, payload).await.unwrap();
+    (rx, client)
+}
+
+/// Whether a PUBACK arrives on `rx` within `within`.
+async fn puback_within(rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::Packet>, within: Duration) -> bool {
+    tokio::time::timeout(within, async {
+        loop {
+            match rx.recv().await {
+                Some(rumqttc::Packet::PubAck(_)) => return true,
+                Some(_) => {}
+                None => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// The default mode (the agent's own listener) on a full disk: commits fail,
+/// so PUBACKs stop (a device's publish waits, unacknowledged); when space
+/// returns they resume by themselves, and in the end the cloud holds every
+/// acknowledged reading exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_in_the_default_mode_holds_back_pubacks_and_loses_nothing() {
+    let rig = Rig::start_with(true, "min_free_bytes = 0", &[]).await;
+    let mut sim = rig.fleet("a", 20, 100, 50.0, 0);
+    let truth_a = Fleet::finish(&mut sim, rig.dir.path()).await;
+    assert_eq!(truth_a.acked, 20 * 100);
+
+    let ballast = rig.dir.path().join("edge-data").join("ballast");
+    assert!(fill(&ballast) > 0);
+    let mut sim = rig.fleet("b", 20, 200, 20.0, 120);
+    wait_for("the agent to report a full log", Duration::from_secs(30), || async {
+        (rig.edge.metric("kappa_edge_log_full").await == Some(1.0)).then_some(())
+    })
+    .await;
+    let (mut acks, _probe) = probe(rig.mqtt_port, 1).await;
+    assert!(!puback_within(&mut acks, Duration::from_secs(3)).await, "a PUBACK on a full disk");
+    let committed = rig.edge_metric("kappa_edge_readings_committed_total").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(rig.edge_metric("kappa_edge_readings_committed_total").await, committed, "nothing commits");
+    assert_eq!(rig.edge_metric("kappa_edge_log_full").await, 1.0, "still full, still running");
+
+    std::fs::remove_file(&ballast).unwrap();
+    assert!(puback_within(&mut acks, Duration::from_secs(30)).await, "the PUBACK once space returned");
+    let truth_b = Fleet::finish(&mut sim, rig.dir.path()).await;
+    assert_eq!(truth_b.acked, 20 * 200, "every reading was acknowledged in the end");
+    assert_eq!(rig.edge_metric("kappa_edge_log_full").await, 0.0);
+
+    rig.drain(truth_a.acked + truth_b.acked + 1).await;
+    assert_eq!(rig.edge_metric("kappa_edge_readings_shed_total").await, 0.0);
+    let rows = fetch_rows(&rig.cloud.url(), "device_windows").await;
+    let (a_rows, rest): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.key.starts_with("a-"));
+    let (b_rows, probe_rows): (Vec<_>, Vec<_>) = rest.into_iter().partition(|r| r.key.starts_with("b-"));
+    assert_exact(&truth_a, &a_rows, &[&rig.edge.proc, &rig.cloud.proc]);
+    assert_exact(&truth_b, &b_rows, &[&rig.edge.proc, &rig.cloud.proc]);
+    assert_eq!(total(&probe_rows), 1, "the probe's reading, once");
+}
+
+/// Negative control: a listener that acknowledges on receipt answers the
+/// probe on a full disk, and the check above sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_a_listener_acknowledging_on_receipt_pubacks_on_a_full_disk() {
+    let env = [(kappa_edge::agent::FAULT_ACK_ON_RECEIPT, "1")];
+    let rig = Rig::start_with(true, "min_free_bytes = 0", &env).await;
+    let ballast = rig.dir.path().join("edge-data").join("ballast");
+    assert!(fill(&ballast) > 0);
+    let mut sim = rig.fleet("b", 20, 100, 20.0, 0);
+    wait_for("the agent to report a full log", Duration::from_secs(30), || async {
+        (rig.edge.metric("kappa_edge_log_full").await == Some(1.0)).then_some(())
+    })
+    .await;
+    let (mut acks, _probe) = probe(rig.mqtt_port, 1).await;
+    assert!(puback_within(&mut acks, Duration::from_secs(3)).await, "acknowledging on receipt should answer at once");
+    sim.kill9().await;
 }

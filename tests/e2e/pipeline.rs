@@ -42,25 +42,35 @@ async fn a_fleet_through_edge_and_cloud_lands_exactly_in_the_views() {
 }
 
 /// Kills the agent with SIGKILL `kills` times, 1 to 4 s apart (seeded), while
-/// 50 devices publish through a private Mosquitto, then returns the ground
-/// truth and the `device_windows` rows once the agent's backlog is empty and
-/// the views hold every acknowledged reading (or `settle` passed).
+/// 50 devices publish to it (`embedded`: to the agent's own listener, else
+/// through a private Mosquitto), then returns the ground truth (every reading
+/// a device got a PUBACK for) and the `device_windows` rows once the agent's
+/// backlog is empty and the views hold every acknowledged reading (or
+/// `settle` passed).
 async fn kill_the_agent_repeatedly(
+    embedded: bool,
     kills: u32,
     env: &[(&str, &str)],
     settle: Duration,
 ) -> (tempfile::TempDir, GroundTruth, Vec<RowOut>, Vec<Proc>) {
     let dir = tempfile::tempdir().unwrap();
     let cloud = Cloud::start(dir.path()).await;
-    let mosquitto = Mosquitto::start(dir.path()).await;
-    let mqtt =
-        Mqtt::External { port: mosquitto.port, topic_prefix: String::new(), client_id: "kappa-edge-kill-test".into() };
+    let mut procs = Vec::new();
+    let (mqtt, port) = if embedded {
+        let port = free_port();
+        (Mqtt::Embedded(port), port)
+    } else {
+        let mosquitto = Mosquitto::start(dir.path()).await;
+        let port = mosquitto.port;
+        procs.push(mosquitto.proc);
+        (Mqtt::External { port, topic_prefix: String::new(), client_id: "kappa-edge-kill-test".into() }, port)
+    };
     let mut edge = Edge::start_env(dir.path(), "edge", "gw-test", mqtt, &cloud.url(), "", env).await;
 
     // 1-4 s between kills: enough cycles to land in every phase (mid-commit,
     // mid-batch, just after a restart) while the whole run stays short.
     let readings = 30 * (kills as u64 * 3 + 6);
-    let mut sim = Fleet::new(50, readings, 30.0).start(mosquitto.port, dir.path());
+    let mut sim = Fleet::new(50, readings, 30.0).start(port, dir.path());
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     for _ in 0..kills {
         rng ^= rng << 13;
@@ -68,7 +78,7 @@ async fn kill_the_agent_repeatedly(
         rng ^= rng << 17;
         tokio::time::sleep(Duration::from_millis(1000 + rng % 3000)).await;
         edge.proc.kill9().await;
-        edge.restart(false).await;
+        edge.restart(embedded).await;
         // The restarted agent forwards again within 5 s of starting.
         wait_for("forwarding to resume after a kill", Duration::from_secs(5), || async {
             (edge.metric("kappa_edge_forward_batches_total").await.unwrap_or(0.0) >= 1.0).then_some(())
@@ -83,16 +93,38 @@ async fn kill_the_agent_repeatedly(
     .await;
     wait_for_readings(&cloud.url(), truth.acked, settle).await;
     let rows = fetch_rows(&cloud.url(), "device_windows").await;
-    (dir, truth, rows, vec![cloud.proc, edge.proc, mosquitto.proc])
+    procs.extend([cloud.proc, edge.proc]);
+    (dir, truth, rows, procs)
 }
 
-/// The agent is killed with SIGKILL twenty times while the fleet publishes.
-/// It runs against a broker that keeps its session (Mosquitto), which is
-/// where "acknowledged only after commit" holds; see docs/edge.md for what
-/// the embedded broker does and does not promise.
+/// The agent is killed with SIGKILL twenty times while the fleet publishes
+/// to its own MQTT listener (the default mode): every reading a device got a
+/// PUBACK for is in the views exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_agent_twenty_times_in_the_default_mode_loses_and_duplicates_nothing() {
+    let (_dir, truth, rows, procs) = kill_the_agent_repeatedly(true, 20, &[], SETTLE).await;
+    assert_exact(&truth, &rows, &procs.iter().collect::<Vec<_>>());
+}
+
+/// Negative control for the default mode: with PUBACKs sent on receipt
+/// instead of after the commit, the same kills lose acknowledged readings,
+/// and the comparison sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_a_listener_acknowledging_before_commit_loses_readings_under_kills() {
+    let env = [(kappa_edge::agent::FAULT_ACK_ON_RECEIPT, "1")];
+    let (_dir, truth, rows, _procs) = kill_the_agent_repeatedly(true, 8, &env, Duration::from_secs(10)).await;
+    let problems = diff_against_truth(&truth, &rows);
+    assert!(
+        total(&rows) < truth.acked && !problems.is_empty(),
+        "acknowledging before commit lost nothing in 8 kills: the kill test could not tell"
+    );
+}
+
+/// The agent is killed with SIGKILL twenty times while the fleet publishes
+/// through a broker that keeps the agent's session (Mosquitto, external mode).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_edge_agent_twenty_times_loses_and_duplicates_nothing() {
-    let (_dir, truth, rows, procs) = kill_the_agent_repeatedly(20, &[], SETTLE).await;
+    let (_dir, truth, rows, procs) = kill_the_agent_repeatedly(false, 20, &[], SETTLE).await;
     assert_exact(&truth, &rows, &procs.iter().collect::<Vec<_>>());
 }
 
@@ -101,7 +133,7 @@ async fn killing_the_edge_agent_twenty_times_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negative_control_acknowledging_before_commit_loses_readings_under_kills() {
     let env = [(kappa_edge::agent::FAULT_ACK_ON_RECEIPT, "1")];
-    let (_dir, truth, rows, _procs) = kill_the_agent_repeatedly(8, &env, Duration::from_secs(10)).await;
+    let (_dir, truth, rows, _procs) = kill_the_agent_repeatedly(false, 8, &env, Duration::from_secs(10)).await;
     let problems = diff_against_truth(&truth, &rows);
     assert!(
         total(&rows) < truth.acked && !problems.is_empty(),

@@ -48,6 +48,11 @@ pub struct ListenerSettings {
     /// clients are told (receive maximum); from 3.1.1 clients the listener
     /// stops reading until replies catch up.
     pub receive_maximum: u16,
+    /// Fault injection for tests (`KAPPA_EDGE_FAULT_ACK_ON_RECEIPT=1`):
+    /// acknowledge each publish as it arrives, before its commit, which
+    /// breaks the agent's promise on purpose so the kill and disk tests can
+    /// show they would notice. Never set it on a gateway.
+    pub ack_on_receipt: bool,
 }
 
 /// The bound sockets (bound before the agent reports ready).

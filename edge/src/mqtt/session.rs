@@ -343,6 +343,12 @@ impl Session<'_> {
         let entry = self.decode(&p.topic, p.payload);
         let ack = match p.qos {
             QoS::AtMostOnce => Ack::None,
+            qos if self.l.settings.ack_on_receipt => {
+                // Fault injection only: the reply no longer waits for the commit.
+                let reply = Outbound::Ack { pkid: p.pkid, exactly_once: qos == QoS::ExactlyOnce, code: reason::SUCCESS };
+                codec::write(self.version, &reply, &mut self.out);
+                Ack::None
+            }
             qos => {
                 let code = match &entry {
                     Entry::Rejected(r) => rejected_code(r.reason),
