@@ -57,6 +57,7 @@ pub struct EdgeMetrics {
     pub mqtt_denied: Family<Label, Counter>,
     pub mqtt_connections: Gauge,
     pub mqtt_sessions_ended: Family<Label, Counter>,
+    pub mqtt_republished: Counter,
 }
 
 impl EdgeMetrics {
@@ -104,6 +105,7 @@ impl EdgeMetrics {
             mqtt_denied: Family::default(),
             mqtt_connections: Gauge::default(),
             mqtt_sessions_ended: Family::default(),
+            mqtt_republished: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("kappa_edge");
         r.register("mqtt_messages_received", "Telemetry messages received from devices", m.messages_received.clone());
@@ -121,6 +123,11 @@ impl EdgeMetrics {
             "mqtt_connections",
             "Device connections open on the agent's MQTT listener",
             m.mqtt_connections.clone(),
+        );
+        r.register(
+            "mqtt_republished",
+            "PUBLISH packets flagged DUP on the agent's listener: devices resending a message they got no acknowledgement for (the log stores it once)",
+            m.mqtt_republished.clone(),
         );
         r.register(
             "mqtt_sessions_ended",

@@ -1,6 +1,6 @@
 //! How simulated devices prove who they are to a locked-down broker: TLS
 //! with the broker's CA, a certificate per device, or a password per device
-//! (docs/security.md, "The embedded broker: the device gate").
+//! (docs/security.md, "Devices").
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -68,7 +68,16 @@ impl DeviceSecurity {
             let password = passwords.get(id).ok_or_else(|| format!("no password for {id} in --credentials"))?;
             opts.set_credentials(id, password.as_str());
         }
-        let Some(roots) = &self.roots else { return Ok(()) };
+        if let Some(config) = self.tls_config(id)? {
+            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(config))));
+        }
+        Ok(())
+    }
+
+    /// Device `id`'s TLS client configuration (`None`: plain text), for any
+    /// MQTT client built on rustls.
+    pub fn tls_config(&self, id: &str) -> Result<Option<rustls::ClientConfig>, String> {
+        let Some(roots) = &self.roots else { return Ok(None) };
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -85,7 +94,6 @@ impl DeviceSecurity {
                 builder.with_client_auth_cert(chain, key).map_err(|e| format!("{id}'s certificate: {e}"))?
             }
         };
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(config))));
-        Ok(())
+        Ok(Some(config))
     }
 }

@@ -21,6 +21,7 @@ mod kafka_tls;
 mod limits;
 mod metrics_docs;
 mod mqtt_auth;
+mod mqtt_interop;
 mod pipeline;
 mod processor;
 mod replay;

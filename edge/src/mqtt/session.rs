@@ -328,6 +328,9 @@ impl Session<'_> {
 
     async fn publish(&mut self, p: Publish) -> Option<End> {
         let received = std::time::Instant::now();
+        if p.dup {
+            self.l.metrics.mqtt_republished.inc();
+        }
         if p.qos != QoS::AtMostOnce
             && self.version == Version::V5
             && self.inflight >= usize::from(self.l.settings.receive_maximum)
@@ -345,7 +348,8 @@ impl Session<'_> {
             QoS::AtMostOnce => Ack::None,
             qos if self.l.settings.ack_on_receipt => {
                 // Fault injection only: the reply no longer waits for the commit.
-                let reply = Outbound::Ack { pkid: p.pkid, exactly_once: qos == QoS::ExactlyOnce, code: reason::SUCCESS };
+                let reply =
+                    Outbound::Ack { pkid: p.pkid, exactly_once: qos == QoS::ExactlyOnce, code: reason::SUCCESS };
                 codec::write(self.version, &reply, &mut self.out);
                 Ack::None
             }
