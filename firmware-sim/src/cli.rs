@@ -74,6 +74,11 @@ pub struct Args {
     /// Write the ground truth (acknowledged readings per device-minute) here.
     #[arg(long)]
     pub truth: Option<PathBuf>,
+    /// QoS 1 publishes each device keeps in flight, waiting for their
+    /// PUBACKs (1, like small firmware; more for high per-device rates when
+    /// every PUBACK waits for a durable commit).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=128))]
+    pub inflight: u16,
     /// After sampling stops, wait this long for outstanding acknowledgements.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -164,6 +169,7 @@ impl Args {
             json_share: self.json_share,
             v1_share: self.v1_share,
             drain_timeout: self.drain_timeout,
+            inflight: usize::from(self.inflight),
             scenario: Scenario { every: self.anomaly_every, warmup: self.anomaly_warmup, kinds, gateway_offline },
             security: DeviceSecurity::load(
                 self.tls_ca.as_deref(),
@@ -219,7 +225,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             "Fleet starting."
         );
         let fleet = tokio::spawn(fleet::run(cfg, stop.clone(), stats.clone()));
-        let progress = tokio::spawn(report_progress(stats.clone()));
+        let progress = tokio::spawn(report_progress(stats.clone(), args.broker.clone()));
         let signals = tokio::spawn({
             let stop = stop.clone();
             async move {
@@ -253,18 +259,25 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn report_progress(stats: Arc<FleetStats>) {
+async fn report_progress(stats: Arc<FleetStats>, broker: String) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.tick().await;
     let mut last = 0;
     loop {
         tick.tick().await;
         let acked = stats.acked.load(Ordering::Relaxed);
+        let connected = stats.connected.load(Ordering::Relaxed);
+        if connected == 0
+            && let Some(error) = stats.last_error()
+        {
+            tracing::warn!(broker = %broker, %error, "No device can connect to the broker.");
+        }
         tracing::info!(
             sampled = stats.sampled.load(Ordering::Relaxed),
             published = stats.published.load(Ordering::Relaxed),
             acked,
             acked_per_s = (acked - last) / 5,
+            connected,
             reconnects = stats.reconnects.load(Ordering::Relaxed),
             "Fleet progress."
         );

@@ -82,8 +82,11 @@ pub struct Firmware {
     encoding: Encoding,
     sensors: Sensors,
     outbox: Deque<Sample, OUTBOX_CAPACITY>,
-    /// The front sample has been handed to the network and awaits its PUBACK.
-    in_flight: bool,
+    /// How many samples at the front have been handed to the network and
+    /// await their PUBACKs (in order).
+    in_flight: usize,
+    /// Most samples in flight at once (1 unless [`Firmware::set_window`]).
+    window: usize,
     /// The temperature last reported (a stuck sensor repeats it).
     last_temp: f32,
     dropped: u64,
@@ -142,7 +145,8 @@ impl Firmware {
             encoding,
             sensors: Sensors::new(seed),
             outbox: Deque::new(),
-            in_flight: false,
+            in_flight: 0,
+            window: 1,
             last_temp: f32::NAN,
             dropped: 0,
             buf: HVec::new(),
@@ -191,12 +195,22 @@ impl Firmware {
         self.last_temp = m.temperature;
         let sample = Sample { seq, ts_ms, kind: EventKind::for_seq(seq), m };
         if self.outbox.is_full() {
-            let keep = if self.in_flight { self.outbox.pop_front() } else { None };
-            self.outbox.pop_front();
             self.dropped += 1;
-            if let Some(front) = keep {
-                // Cannot fail: two slots were just freed.
-                let _ = self.outbox.push_front(front);
+            if self.in_flight >= self.outbox.len() {
+                // Everything queued may already be at the broker: the new sample is the one lost.
+                return None;
+            }
+            // Drop the oldest sample not in flight, keeping those ahead of it.
+            let mut kept: Deque<Sample, OUTBOX_CAPACITY> = Deque::new();
+            for _ in 0..self.in_flight {
+                if let Some(s) = self.outbox.pop_front() {
+                    let _ = kept.push_back(s);
+                }
+            }
+            self.outbox.pop_front();
+            while let Some(s) = kept.pop_back() {
+                // Cannot fail: they were just taken from the outbox.
+                let _ = self.outbox.push_front(s);
             }
         }
         // Cannot fail: a slot was freed above if the outbox was full.
@@ -209,39 +223,50 @@ impl Firmware {
         self.outbox.front()
     }
 
-    /// If nothing is in flight, encodes the oldest sample into the firmware's
-    /// fixed buffer and marks it in flight. Returns its sequence number and bytes.
+    /// Lets up to `window` samples be in flight at once (at least 1; small
+    /// firmware keeps 1).
+    pub fn set_window(&mut self, window: usize) {
+        self.window = window.clamp(1, OUTBOX_CAPACITY);
+    }
+
+    /// If fewer than the window are in flight, encodes the oldest sample not
+    /// yet in flight into the firmware's fixed buffer and marks it in flight.
+    /// Returns its sequence number and bytes.
     pub fn next_to_send(&mut self) -> Result<Option<(u64, &[u8])>, FirmwareError> {
-        if self.in_flight {
+        if self.in_flight >= self.window {
             return Ok(None);
         }
-        let Some(sample) = self.outbox.front().copied() else { return Ok(None) };
+        let Some(sample) = self.outbox.iter().nth(self.in_flight).copied() else { return Ok(None) };
         match self.encode(&sample) {
             Ok(_) => {
-                self.in_flight = true;
+                self.in_flight += 1;
                 Ok(Some((sample.seq, &self.buf)))
             }
             Err(e) => {
-                // A sample that cannot be encoded never will be: drop it.
-                self.outbox.pop_front();
+                // A sample that cannot be encoded never will be: drop it
+                // (only the oldest can fail first: samples are sent in order).
+                if self.in_flight == 0 {
+                    self.outbox.pop_front();
+                }
                 self.dropped += 1;
                 Err(e)
             }
         }
     }
 
-    /// The broker acknowledged the in-flight sample `seq`: forget and return it.
+    /// The broker acknowledged the oldest in-flight sample `seq` (QoS 1
+    /// acknowledgements come in order): forget and return it.
     pub fn acknowledge(&mut self, seq: u64) -> Option<Sample> {
-        if !self.in_flight || self.outbox.front().map(|s| s.seq) != Some(seq) {
+        if self.in_flight == 0 || self.outbox.front().map(|s| s.seq) != Some(seq) {
             return None;
         }
-        self.in_flight = false;
+        self.in_flight -= 1;
         self.outbox.pop_front()
     }
 
-    /// The connection dropped what was in flight: send it again.
+    /// The connection dropped what was in flight: send it all again.
     pub fn resend(&mut self) {
-        self.in_flight = false;
+        self.in_flight = 0;
     }
 
     /// Encodes `sample` as this firmware's payload into its fixed buffer.
@@ -377,6 +402,38 @@ mod tests {
         assert_eq!(f.acknowledge(2), None, "an ack for another sample changes nothing");
         assert_eq!(f.acknowledge(1).map(|s| s.seq), Some(1));
         assert_eq!(f.next_to_send().unwrap().map(|(seq, _)| seq), Some(2));
+    }
+
+    #[test]
+    fn a_window_keeps_several_samples_in_flight_acknowledged_in_order() {
+        let mut f = fw(Schema::V2, Encoding::Cbor);
+        f.set_window(3);
+        for i in 0..5 {
+            f.sample(1_767_225_600_000 + i);
+        }
+        let sent: Vec<u64> = std::iter::from_fn(|| f.next_to_send().unwrap().map(|(seq, _)| seq)).collect();
+        assert_eq!(sent, [1, 2, 3], "three in flight, the rest wait");
+        assert_eq!(f.acknowledge(2), None, "acknowledgements come in order");
+        assert_eq!(f.acknowledge(1).map(|s| s.seq), Some(1));
+        assert_eq!(f.next_to_send().unwrap().map(|(seq, _)| seq), Some(4));
+        f.resend();
+        assert_eq!(f.next_to_send().unwrap().map(|(seq, _)| seq), Some(2), "after a lost connection, from the oldest");
+    }
+
+    #[test]
+    fn a_full_outbox_keeps_every_sample_in_flight() {
+        let mut f = fw(Schema::V2, Encoding::Cbor);
+        f.set_window(2);
+        f.sample(1_767_225_600_000);
+        f.sample(1_767_225_600_001);
+        assert!(f.next_to_send().unwrap().is_some() && f.next_to_send().unwrap().is_some());
+        for i in 0..(OUTBOX_CAPACITY as i64) {
+            f.sample(1_767_225_600_002 + i);
+        }
+        assert_eq!(f.dropped(), 2);
+        assert_eq!(f.acknowledge(1).map(|s| s.seq), Some(1));
+        assert_eq!(f.acknowledge(2).map(|s| s.seq), Some(2));
+        assert_eq!(f.front().map(|s| s.seq), Some(5), "3 and 4, the oldest not in flight, were dropped");
     }
 
     #[test]

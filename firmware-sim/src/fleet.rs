@@ -3,11 +3,13 @@
 //! Every device is two tasks: the rumqttc event loop (which owns the socket
 //! and reconnects) and the device loop (which samples on a timer and sends its
 //! oldest unacknowledged sample). A device keeps exactly one QoS 1 publish in
-//! flight, like small firmware does; the sample leaves the outbox, and enters
-//! the ground truth, only when its PUBACK arrives. After a reconnect without a
+//! flight by default, like small firmware does (`--inflight N` for more); a
+//! sample leaves the outbox, and enters the ground truth, only when its
+//! PUBACK arrives. After a reconnect without a
 //! session the in-flight sample is sent again, so the broker may see a reading
 //! twice (the edge stores it once) but never loses one it acknowledged.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -60,6 +62,8 @@ pub struct FleetConfig {
     pub scenario: Scenario,
     /// TLS and credentials (default: plain text, anonymous).
     pub security: DeviceSecurity,
+    /// QoS 1 publishes each device keeps in flight (1, like small firmware).
+    pub inflight: usize,
 }
 
 impl FleetConfig {
@@ -76,7 +80,22 @@ pub struct FleetStats {
     pub published: AtomicU64,
     pub acked: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Devices connected to the broker now.
+    pub connected: AtomicU64,
+    /// Why the last connection attempt failed, if one did.
+    pub last_error: std::sync::Mutex<Option<String>>,
 }
+
+impl FleetStats {
+    /// The reason the last connection attempt failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// During the drain, no device connected for this long ends it: nothing can
+/// be acknowledged while the broker is unreachable.
+const UNREACHABLE_DRAIN: Duration = Duration::from_secs(5);
 
 /// What one device reports when it stops.
 struct DeviceOutcome {
@@ -107,9 +126,24 @@ pub async fn run(cfg: FleetConfig, stop: CancellationToken, stats: Arc<FleetStat
     }
     let mut truth = GroundTruth::new(cfg.seed, cfg.devices);
     let mut drain_deadline: Option<Instant> = None;
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    let mut unreachable_since: Option<Instant> = None;
     loop {
         let deadline = drain_deadline;
         tokio::select! {
+            _ = check.tick(), if deadline.is_some() => {
+                if stats.connected.load(Ordering::Relaxed) > 0 {
+                    unreachable_since = None;
+                } else if unreachable_since.get_or_insert_with(Instant::now).elapsed() >= UNREACHABLE_DRAIN {
+                    tracing::warn!(
+                        broker = %format!("{}:{}", cfg.broker_host, cfg.broker_port),
+                        error = stats.last_error().unwrap_or_default(),
+                        "No device can reach the broker; stopping without waiting for the drain timeout."
+                    );
+                    abort.cancel();
+                    drain_deadline = Some(Instant::now() + Duration::from_secs(3600));
+                }
+            }
             joined = tasks.join_next() => match joined {
                 Some(Ok(outcome)) => {
                     truth.sampled += outcome.sampled;
@@ -184,7 +218,9 @@ async fn run_device(
     let mut opts = MqttOptions::new(&id, &cfg.broker_host, cfg.broker_port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_clean_session(true);
-    opts.set_inflight(4);
+    let window = cfg.inflight.max(1);
+    fw.set_window(window);
+    opts.set_inflight(u16::try_from(window + 2).unwrap_or(u16::MAX));
     if let Err(e) = cfg.security.apply(&id, &mut opts) {
         tracing::error!(device = %id, error = %e, "Device cannot start.");
         return outcome;
@@ -195,6 +231,7 @@ async fn run_device(
     let net_stats = stats.clone();
     let net = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
+        let mut up = false;
         loop {
             let ev = tokio::select! {
                 _ = net_abort.cancelled() => break,
@@ -203,12 +240,21 @@ async fn run_device(
             let msg = match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = Duration::from_millis(50);
+                    if !up {
+                        up = true;
+                        net_stats.connected.fetch_add(1, Ordering::Relaxed);
+                    }
                     NetEvent::Connected { session_present: ack.session_present }
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => NetEvent::Acked(ack.pkid),
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => NetEvent::Sent(pkid),
                 Ok(_) => continue,
-                Err(_) => {
+                Err(e) => {
+                    if up {
+                        up = false;
+                        net_stats.connected.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    *net_stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                     net_stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     if tx.send(NetEvent::Disconnected).await.is_err() {
                         break;
@@ -221,6 +267,9 @@ async fn run_device(
             if tx.send(msg).await.is_err() {
                 break;
             }
+        }
+        if up {
+            net_stats.connected.fetch_sub(1, Ordering::Relaxed);
         }
     });
 
@@ -237,21 +286,28 @@ async fn run_device(
     // Reading intervals so far (event time advances even while the device is off).
     let mut ticks: u64 = 0;
     let mut connected = false;
-    // The in-flight sample's sequence number and, once the client sent it, its packet id.
-    let mut inflight: Option<(u64, Option<u16>)> = None;
+    // The in-flight samples' sequence numbers, oldest first, each with its
+    // packet id once the client sent it.
+    let mut inflight: VecDeque<(u64, Option<u16>)> = VecDeque::with_capacity(window);
     loop {
-        if connected && inflight.is_none() && !cfg.scenario.gateway_down(ticks) {
+        while connected && inflight.len() < window && !cfg.scenario.gateway_down(ticks) {
             match fw.next_to_send() {
                 Ok(Some((seq, bytes))) => {
                     if client.try_publish(topic.as_str(), QoS::AtLeastOnce, false, bytes.to_vec()).is_ok() {
-                        inflight = Some((seq, None));
+                        inflight.push_back((seq, None));
                         stats.published.fetch_add(1, Ordering::Relaxed);
                     } else {
+                        // The client's queue is full: everything in flight goes again in order.
                         fw.resend();
+                        inflight.clear();
+                        break;
                     }
                 }
-                Ok(None) => {}
-                Err(e) => tracing::error!(device = %id, error = %e, "Cannot encode a sample; dropped it."),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(device = %id, error = %e, "Cannot encode a sample; dropped it.");
+                    break;
+                }
             }
         }
         if !sampling && fw.pending() == 0 {
@@ -283,24 +339,25 @@ async fn run_device(
                 Some(NetEvent::Connected { session_present }) => {
                     connected = true;
                     // Without a session the client dropped what was in flight: send it again.
-                    if !session_present && inflight.take().is_some() {
+                    if !session_present && !inflight.is_empty() {
+                        inflight.clear();
                         fw.resend();
                     }
                 }
                 Some(NetEvent::Sent(pkid)) => {
-                    if let Some((_, p)) = inflight.as_mut() {
+                    if let Some((_, p)) = inflight.iter_mut().find(|(_, p)| p.is_none()) {
                         *p = Some(pkid);
                     }
                 }
                 Some(NetEvent::Acked(pkid)) => {
-                    if let Some((seq, Some(p))) = inflight
+                    if let Some(&(seq, Some(p))) = inflight.front()
                         && p == pkid
                     {
                         if let Some(sample) = fw.acknowledge(seq) {
                             outcome.truth.record(&sample, encoding);
                             stats.acked.fetch_add(1, Ordering::Relaxed);
                         }
-                        inflight = None;
+                        inflight.pop_front();
                     }
                 }
                 Some(NetEvent::Disconnected) => connected = false,

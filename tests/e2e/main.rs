@@ -26,4 +26,5 @@ mod pipeline;
 mod processor;
 mod replay;
 mod security;
+mod simulator;
 mod util;
