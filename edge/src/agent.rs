@@ -30,7 +30,7 @@ use crate::mqtt::{external, listener};
 use crate::{forward, housekeeping, http, now_ms};
 
 /// The writer connection's SQLite page cache.
-const WRITER_CACHE_BYTES: u64 = 4 << 20;
+const WRITER_CACHE_BYTES: u64 = 1 << 20;
 
 /// The other connections' caches: they scan, and scans do not need a big cache.
 const READER_CACHE_BYTES: u64 = 512 << 10;
@@ -81,7 +81,9 @@ impl Agent {
             limits: device::Limits { max_payload_bytes: cfg.mqtt.max_payload_bytes, ..device::Limits::default() },
             clock: cfg.clock,
             metrics: metrics.clone(),
-            rate: (cfg.mqtt.max_device_rate > 0).then(|| {
+            // The agent's own listener keeps a bucket per connection; an
+            // external broker's messages are limited per device id.
+            rate: (cfg.mqtt.mode == MqttMode::External && cfg.mqtt.max_device_rate > 0).then(|| {
                 Arc::new(kappa_runtime::rate::KeyedRate::new(
                     f64::from(cfg.mqtt.max_device_rate),
                     f64::from(cfg.mqtt.max_device_burst),
@@ -283,6 +285,7 @@ fn listener_settings(cfg: &EdgeConfig) -> Result<listener::ListenerSettings, Age
         max_connections: m.max_connections,
         connect_timeout: m.connect_timeout,
         receive_maximum: m.receive_maximum,
+        device_rate: (m.max_device_rate > 0).then(|| (f64::from(m.max_device_rate), f64::from(m.max_device_burst))),
         ack_on_receipt: fault_ack_on_receipt(),
     })
 }

@@ -264,6 +264,12 @@ impl Firmware {
         self.outbox.pop_front()
     }
 
+    /// The sample [`Firmware::next_to_send`] just handed out could not be
+    /// sent (the client's queue was full): it goes again next time.
+    pub fn unsend(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
     /// The connection dropped what was in flight: send it all again.
     pub fn resend(&mut self) {
         self.in_flight = 0;

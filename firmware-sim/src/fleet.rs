@@ -297,9 +297,8 @@ async fn run_device(
                         inflight.push_back((seq, None));
                         stats.published.fetch_add(1, Ordering::Relaxed);
                     } else {
-                        // The client's queue is full: everything in flight goes again in order.
-                        fw.resend();
-                        inflight.clear();
+                        // The client's queue is full: this one goes next time.
+                        fw.unsend();
                         break;
                     }
                 }

@@ -18,12 +18,42 @@ pub struct KeyedRate {
     buckets: Mutex<HashMap<String, Bucket>>,
 }
 
-#[derive(Debug)]
-struct Bucket {
+/// One token bucket (a key's in [`KeyedRate`], or a connection's own).
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
     tokens: f64,
     at: Instant,
-    /// Requests refused since the key was last within its rate.
+    /// Requests refused since the bucket was last within its rate.
     refused: u64,
+}
+
+impl Bucket {
+    /// A full bucket at `now`.
+    pub fn full(burst: f64, now: Instant) -> Self {
+        Self { tokens: burst.max(1.0), at: now, refused: 0 }
+    }
+
+    /// Takes `cost` tokens at `now` from a bucket refilled at `per_second`
+    /// up to `burst` (positive), or says how long to wait.
+    pub fn admit(&mut self, per_second: f64, burst: f64, cost: f64, now: Instant) -> Result<(), Refused> {
+        let (per_second, burst) = (per_second.max(f64::MIN_POSITIVE), burst.max(1.0));
+        self.tokens = (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * per_second).min(burst);
+        self.at = now;
+        let needed = cost.min(burst);
+        if self.tokens >= needed {
+            self.tokens -= cost;
+            self.refused = 0;
+            Ok(())
+        } else {
+            self.refused += 1;
+            Err(Refused { wait: Duration::from_secs_f64((needed - self.tokens) / per_second), in_a_row: self.refused })
+        }
+    }
+
+    /// Whether the bucket is full again at `now`.
+    fn is_full(&self, per_second: f64, burst: f64, now: Instant) -> bool {
+        self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * per_second >= burst
+    }
 }
 
 /// A refused request.
@@ -44,26 +74,16 @@ impl KeyedRate {
     /// Takes `cost` tokens for `key` at `now`, or says how long to wait.
     pub fn admit(&self, key: &str, cost: f64, now: Instant) -> Result<(), Refused> {
         let Ok(mut buckets) = self.buckets.lock() else { return Ok(()) };
+        let (rate, burst) = (self.per_second, self.burst);
         // Only a key seen for the first time allocates (this runs per message).
         if !buckets.contains_key(key) {
             if buckets.len() >= MAX_KEYS {
-                let (rate, burst) = (self.per_second, self.burst);
-                buckets.retain(|_, b| b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst);
+                buckets.retain(|_, b| !b.is_full(rate, burst, now));
             }
-            buckets.insert(key.to_string(), Bucket { tokens: self.burst, at: now, refused: 0 });
+            buckets.insert(key.to_string(), Bucket::full(burst, now));
         }
         let Some(b) = buckets.get_mut(key) else { return Ok(()) };
-        b.tokens = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * self.per_second).min(self.burst);
-        b.at = now;
-        let needed = cost.min(self.burst);
-        if b.tokens >= needed {
-            b.tokens -= cost;
-            b.refused = 0;
-            Ok(())
-        } else {
-            b.refused += 1;
-            Err(Refused { wait: Duration::from_secs_f64((needed - b.tokens) / self.per_second), in_a_row: b.refused })
-        }
+        b.admit(rate, burst, cost, now)
     }
 }
 
@@ -81,6 +101,15 @@ mod tests {
         assert!(rate.admit("b", 1.0, t).is_ok(), "another key has its own bucket");
         assert!(rate.admit("a", 1.0, t + Duration::from_millis(100)).is_ok(), "one token per 100 ms");
         assert!(rate.admit("a", 1.0, t + Duration::from_millis(100)).is_err());
+    }
+
+    #[test]
+    fn a_single_bucket_refills_at_its_rate() {
+        let t = Instant::now();
+        let mut b = Bucket::full(2.0, t);
+        assert!(b.admit(10.0, 2.0, 1.0, t).is_ok() && b.admit(10.0, 2.0, 1.0, t).is_ok());
+        assert_eq!(b.admit(10.0, 2.0, 1.0, t).unwrap_err().in_a_row, 1);
+        assert!(b.admit(10.0, 2.0, 1.0, t + Duration::from_millis(100)).is_ok());
     }
 
     #[test]

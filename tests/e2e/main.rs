@@ -20,6 +20,7 @@ mod kafka_log;
 mod kafka_tls;
 mod limits;
 mod metrics_docs;
+mod mqtt_abuse;
 mod mqtt_auth;
 mod mqtt_interop;
 mod pipeline;

@@ -6,13 +6,12 @@
 
 pub mod writer;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use kappa_common::{Reading, device};
 use kappa_runtime::rate::{KeyedRate, Refused};
-use tokio::sync::Notify;
 
 use crate::config::{ClockConfig, ClockPolicy};
 use crate::log::{Entry, Rejected};
@@ -25,8 +24,8 @@ pub enum Ack {
     None,
     /// Send the QoS 1 PUBACK for this message to the external broker.
     External(rumqttc::Publish),
-    /// Queue the device's PUBACK (or PUBREC) on its connection.
-    Device(Arc<Replies>, Reply),
+    /// Hand the device's PUBACK (or PUBREC) to its connection.
+    Device(Arc<dyn ReplyTo>, Reply),
 }
 
 /// A reply a device connection owes for a message once it is committed.
@@ -40,39 +39,10 @@ pub struct Reply {
     pub code: u8,
 }
 
-/// The replies committed for one device connection and not yet written.
-/// The writer pushes; the connection takes them all when woken.
-#[derive(Debug, Default)]
-pub struct Replies {
-    ready: Mutex<Vec<Reply>>,
-    wake: Notify,
-}
-
-impl Replies {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Reply>> {
-        self.ready.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Queues `reply`; wakes the connection if it had nothing queued.
-    pub fn push(&self, reply: Reply) {
-        let mut ready = self.lock();
-        ready.push(reply);
-        let first = ready.len() == 1;
-        drop(ready);
-        if first {
-            self.wake.notify_one();
-        }
-    }
-
-    /// Waits until something may be queued.
-    pub async fn wait(&self) {
-        self.wake.notified().await
-    }
-
-    /// Moves every queued reply, in commit order, to the end of `into`.
-    pub fn take(&self, into: &mut Vec<Reply>) {
-        into.append(&mut self.lock());
-    }
+/// Where the writer hands a device connection's replies, after the commit
+/// that earned them (the agent's listener implements it per connection).
+pub trait ReplyTo: std::fmt::Debug + Send + Sync {
+    fn reply(&self, reply: Reply);
 }
 
 /// A decoded device message on its way to the log.
@@ -91,31 +61,44 @@ pub struct Decoder {
     pub limits: device::Limits,
     pub clock: ClockConfig,
     pub metrics: Arc<EdgeMetrics>,
-    /// Per-device message rate (`mqtt.max_device_rate`); `None`: unlimited.
+    /// Per-device message rate (`mqtt.max_device_rate`), keyed by the
+    /// device id in the topic; `None`: unlimited, or checked by the caller
+    /// (the agent's own listener keeps a bucket per connection).
     pub rate: Option<Arc<KeyedRate>>,
 }
 
 impl Decoder {
-    /// Decodes, validates and clock-checks one message received at `now_ms` (gateway clock).
+    /// Decodes, validates and clock-checks one message received at `now_ms`
+    /// (gateway clock), admitting it first through the per-device rate
+    /// limiter if the decoder has one.
     pub fn decode(&self, topic: &str, payload: Bytes, now_ms: i64) -> Entry {
+        let admitted = match (device::device_from_topic(topic, &self.topic_prefix), &self.rate) {
+            (Some(id), Some(rate)) => rate.admit(id, 1.0, Instant::now()),
+            _ => Ok(()),
+        };
+        self.decode_admitted(topic, payload, now_ms, admitted)
+    }
+
+    /// [`Decoder::decode`] for a message whose rate was checked by the
+    /// caller (a connection's own token bucket): `Err` quarantines it as
+    /// `rate_limited`.
+    pub fn decode_admitted(&self, topic: &str, payload: Bytes, now_ms: i64, admitted: Result<(), Refused>) -> Entry {
         self.metrics.messages_received.inc();
         let prefix = self.topic_prefix.as_str();
         let mut quiet = false;
-        let result = match device::device_from_topic(topic, prefix) {
-            Some(id) => match self.rate.as_ref().map_or(Ok(()), |r| r.admit(id, 1.0, Instant::now())) {
-                Ok(()) => device::decode(id, &payload, &self.limits).map_err(|e| (e.reason(), e.to_string())),
-                Err(Refused { in_a_row: refused, .. }) => {
-                    // One log line per spell (and every 10,000th message), not one per message of a flood.
-                    quiet = refused > 1 && refused % 10_000 != 0;
-                    Err((
-                        "rate_limited",
-                        format!(
-                            "device {id} publishes faster than mqtt.max_device_rate ({refused} messages refused in this spell)"
-                        ),
-                    ))
-                }
-            },
-            None => Err(("bad_topic", format!("topic {topic:?} is not {prefix}devices/{{id}}/telemetry"))),
+        let result = match (device::device_from_topic(topic, prefix), admitted) {
+            (Some(id), Ok(())) => device::decode(id, &payload, &self.limits).map_err(|e| (e.reason(), e.to_string())),
+            (Some(id), Err(Refused { in_a_row: refused, .. })) => {
+                // One log line per spell (and every 10,000th message), not one per message of a flood.
+                quiet = refused > 1 && refused % 10_000 != 0;
+                Err((
+                    "rate_limited",
+                    format!(
+                        "device {id} publishes faster than mqtt.max_device_rate ({refused} messages refused in this spell)"
+                    ),
+                ))
+            }
+            (None, _) => Err(("bad_topic", format!("topic {topic:?} is not {prefix}devices/{{id}}/telemetry"))),
         };
         let result = result.and_then(|mut reading| match self.check_clock(&mut reading, now_ms) {
             Ok(None) => Ok(Entry::Reading(reading)),

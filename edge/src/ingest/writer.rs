@@ -139,7 +139,7 @@ fn release(acks: &mut Vec<Ack>, external: Option<&AckSender>) {
     for ack in acks.drain(..) {
         match ack {
             Ack::None => {}
-            Ack::Device(to, reply) => to.push(reply),
+            Ack::Device(to, reply) => to.reply(reply),
             Ack::External(p) => publishes.push(p),
         }
     }

@@ -10,6 +10,8 @@ use super::codec::reason;
 pub enum Refusal {
     Tls,
     Timeout,
+    /// The connection closed before its CONNECT (a port check, a scan).
+    Closed,
     Protocol,
     UnsupportedProtocol,
     PacketTooLarge,
@@ -33,6 +35,7 @@ impl Refusal {
         match self {
             Self::Tls => "tls",
             Self::Timeout => "timeout",
+            Self::Closed => "closed_before_connect",
             Self::Protocol => "protocol",
             Self::UnsupportedProtocol => "unsupported_protocol",
             Self::PacketTooLarge => "packet_too_large",
@@ -55,7 +58,7 @@ impl Refusal {
     /// unknown device and a wrong password share one code.
     pub fn code(self) -> u8 {
         match self {
-            Self::Protocol | Self::Tls | Self::Timeout => reason::PROTOCOL_ERROR,
+            Self::Protocol | Self::Tls | Self::Timeout | Self::Closed => reason::PROTOCOL_ERROR,
             Self::UnsupportedProtocol => reason::UNSUPPORTED_PROTOCOL,
             Self::PacketTooLarge => reason::PACKET_TOO_LARGE,
             Self::ClientIdMismatch | Self::BadClientId => reason::CLIENT_ID_NOT_VALID,

@@ -220,11 +220,14 @@ fn variable_header(buf: &[u8]) -> usize {
 
 /// Reads a CONNECT off the front of `buf`: `Ok(None)` until all of it is there.
 pub fn read_connect(buf: &mut BytesMut, max: usize) -> Result<Option<Connect>, CodecError> {
+    // Known from the first byte: no waiting for the rest of something else.
+    if let Some(&first) = buf.first()
+        && first != 0x10
+    {
+        return Err(CodecError::Malformed(format!("expected CONNECT, got first byte {first:#04x}")));
+    }
     if !complete(buf, max)? {
         return Ok(None);
-    }
-    if buf[0] != 0x10 {
-        return Err(CodecError::Malformed(format!("expected CONNECT, got packet type {}", buf[0] >> 4)));
     }
     // Protocol name (2-byte length + "MQTT" or "MQIsdp"), level, flags.
     let at = variable_header(buf);
@@ -589,6 +592,8 @@ mod tests {
         assert!(matches!(read_connect(&mut reserved, 1024), Err(CodecError::Malformed(_))));
         let mut publish = BytesMut::from(&[0x30u8, 0x03, 0, 1, b'a'][..]);
         assert!(matches!(read_connect(&mut publish, 1024), Err(CodecError::Malformed(_))));
+        let mut http = BytesMut::from(&b"GET / HT"[..]);
+        assert!(matches!(read_connect(&mut http, 1024), Err(CodecError::Malformed(_))), "refused from its first byte");
         assert_eq!(read_connect(&mut full.clone(), 10), Err(CodecError::TooLarge(full.len(), 10)));
     }
 

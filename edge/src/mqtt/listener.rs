@@ -21,9 +21,13 @@ use tokio_util::task::TaskTracker;
 
 use super::access::{Access, AccessSettings};
 use super::close::Refusal;
+use super::session::Hello;
 use super::sessions::Sessions;
 use crate::ingest::{Decoder, Incoming};
 use crate::metrics::EdgeMetrics;
+
+/// A device that takes no replies for this long is cut off.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the listener enforces.
 #[derive(Debug, Clone)]
@@ -48,6 +52,9 @@ pub struct ListenerSettings {
     /// clients are told (receive maximum); from 3.1.1 clients the listener
     /// stops reading until replies catch up.
     pub receive_maximum: u16,
+    /// Each connection's own token bucket, `(per second, burst)`
+    /// (`mqtt.max_device_rate`); the excess is quarantined as `rate_limited`.
+    pub device_rate: Option<(f64, f64)>,
     /// Fault injection for tests (`KAPPA_EDGE_FAULT_ACK_ON_RECEIPT=1`):
     /// acknowledge each publish as it arrives, before its commit, which
     /// breaks the agent's promise on purpose so the kill and disk tests can
@@ -93,6 +100,16 @@ pub async fn bind(settings: &ListenerSettings) -> Result<Sockets, String> {
     Ok(Sockets { plain, tls })
 }
 
+/// One open connection's share of the listener, counted until it drops.
+struct Open(Arc<Listener>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.mqtt_connections.dec();
+    }
+}
+
 /// A running listener's shared state, borrowed by every session.
 #[derive(Debug)]
 pub struct Listener {
@@ -105,6 +122,8 @@ pub struct Listener {
     pub(super) stop: CancellationToken,
     open: AtomicUsize,
     client_ids: AtomicU64,
+    /// The listener clock's zero (see [`Listener::clock_ms`]).
+    started: std::time::Instant,
 }
 
 impl Listener {
@@ -128,6 +147,7 @@ impl Listener {
             stop,
             open: AtomicUsize::new(0),
             client_ids: AtomicU64::new(0),
+            started: std::time::Instant::now(),
         }))
     }
 
@@ -144,10 +164,31 @@ impl Listener {
             loops.spawn(self.clone().accept_loop(l, Some(acceptor), tracker.clone()));
         }
         self.metrics.mqtt_connected.set(1);
-        while loops.join_next().await.is_some() {}
+        // Keep-alives and write timeouts are enforced by one sweep a second
+        // over the registry, not by a timer per connection.
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = sweep.tick() => {
+                    self.sessions.sweep(self.clock_ms(), WRITE_TIMEOUT);
+                }
+                _ = loops.join_next() => {
+                    if loops.is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
         self.metrics.mqtt_connected.set(0);
+        self.sessions.close_all();
         tracker.close();
         tracker.wait().await;
+    }
+
+    /// Milliseconds since the listener started (monotonic).
+    pub(super) fn clock_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     async fn accept_loop(
@@ -163,43 +204,73 @@ impl Listener {
                 continue;
             }
             self.metrics.mqtt_connections.inc();
-            let (listener, tls) = (self.clone(), tls.clone());
-            tracker.spawn(async move {
-                listener.connection(stream, tls).await;
-                listener.open.fetch_sub(1, Ordering::AcqRel);
-                listener.metrics.mqtt_connections.dec();
-            });
+            let _ = stream.set_nodelay(true);
+            let open = Open(self.clone());
+            match &tls {
+                // The session is the task itself: nothing boxed, nothing
+                // held but what the session needs.
+                None => tracker.spawn(async move {
+                    let l = &*open.0;
+                    let hello = Box::new(Hello {
+                        cert_name: None,
+                        deadline: tokio::time::Instant::now() + l.settings.connect_timeout,
+                        peer: stream.peer_addr().ok(),
+                    });
+                    super::session::serve(l, stream, hello).await
+                }),
+                Some(acceptor) => {
+                    let acceptor = acceptor.clone();
+                    tracker.spawn(async move { open.0.tls_connection(stream, acceptor).await })
+                }
+            };
         }
     }
 
-    /// One accepted connection: the TLS handshake if any, then the session.
-    async fn connection(&self, stream: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
-        let _ = stream.set_nodelay(true);
+    /// A TLS connection: the handshake, then the session. Both are boxed,
+    /// each dropped before the next starts (a TLS stream is large).
+    async fn tls_connection(&self, stream: TcpStream, acceptor: tokio_rustls::TlsAcceptor) {
         let peer = stream.peer_addr().ok();
         let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
-        match tls {
-            None => super::session::serve(self, stream, None, deadline, peer).await,
-            Some(acceptor) => {
-                // Boxed: a handshake's state is large and lives only until it ends.
-                let handshake = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(stream)));
-                match handshake.await {
-                    Ok(Ok(stream)) => {
-                        let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
-                        let name = match cert {
-                            None => None,
-                            Some(der) => match kappa_runtime::tls::common_name(&der) {
-                                Some(name) => Some(name),
-                                None => return self.refused(Refusal::NoIdentity, "", peer),
-                            },
-                        };
-                        super::session::serve(self, stream, name, deadline, peer).await
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(?peer, error = %e, "A device's TLS handshake failed.");
-                        self.refused(Refusal::Tls, "", peer)
-                    }
-                    Err(_) => self.refused(Refusal::Timeout, "", peer),
-                }
+        let session = match Box::pin(self.handshake(acceptor, stream, deadline, peer)).await {
+            Some((stream, cert_name)) => {
+                Box::pin(super::session::serve(self, stream, Box::new(Hello { cert_name, deadline, peer })))
+            }
+            None => return,
+        };
+        session.await
+    }
+
+    /// The TLS handshake and the device's certificate name, or `None` (refused).
+    async fn handshake(
+        &self,
+        acceptor: tokio_rustls::TlsAcceptor,
+        stream: TcpStream,
+        deadline: tokio::time::Instant,
+        peer: Option<SocketAddr>,
+    ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Option<String>)> {
+        match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => {
+                let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec());
+                let name = match cert {
+                    None => None,
+                    Some(der) => match kappa_runtime::tls::common_name(&der) {
+                        Some(name) => Some(name),
+                        None => {
+                            self.refused(Refusal::NoIdentity, "", peer);
+                            return None;
+                        }
+                    },
+                };
+                Some((stream, name))
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(?peer, error = %e, "A device's TLS handshake failed.");
+                self.refused(Refusal::Tls, "", peer);
+                None
+            }
+            Err(_) => {
+                self.refused(Refusal::Timeout, "", peer);
+                None
             }
         }
     }
@@ -214,7 +285,7 @@ impl Listener {
         self.metrics.mqtt_refused.get_or_create(&[("reason", why.reason())]).inc();
         match why {
             // Floods of these are the attack the counter is for: one line each would be a second flood.
-            Refusal::TooManyConnections | Refusal::Timeout | Refusal::Tls => {
+            Refusal::TooManyConnections | Refusal::Timeout | Refusal::Tls | Refusal::Closed => {
                 tracing::debug!(reason = why.reason(), device, ?peer, "Refused a device connection.")
             }
             _ => tracing::warn!(reason = why.reason(), device, ?peer, "Refused a device connection."),
@@ -225,5 +296,53 @@ impl Listener {
     pub(super) fn denied(&self, reason: &'static str, device: &str, topic: &str) {
         self.metrics.mqtt_denied.get_or_create(&[("reason", reason)]).inc();
         tracing::warn!(reason, device, topic, "Denied a device's request outside its rights.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::Decoder;
+
+    /// An open listener on nothing, for tests of what it spawns.
+    fn listener() -> Arc<Listener> {
+        let settings = ListenerSettings {
+            plain: None,
+            tls: None,
+            access: None,
+            topic_prefix: String::new(),
+            max_packet: 65_536,
+            max_connect_packet: 8_192,
+            max_connections: 10,
+            connect_timeout: Duration::from_secs(1),
+            receive_maximum: 10,
+            device_rate: None,
+            ack_on_receipt: false,
+        };
+        let metrics = Arc::new(EdgeMetrics::new(&mut prometheus_client::registry::Registry::default()));
+        let decoder = Decoder {
+            topic_prefix: String::new(),
+            limits: Default::default(),
+            clock: crate::config::ClockConfig::default(),
+            metrics: metrics.clone(),
+            rate: None,
+        };
+        let (tx, _rx) = mpsc::channel(10);
+        Listener::new(settings, decoder, tx, metrics, CancellationToken::new()).unwrap()
+    }
+
+    /// Each connection is one task whose future is the session: its size is
+    /// most of what an idle connection costs (10,000 of them should fit a
+    /// gateway's 32 MiB with the rest of the agent).
+    #[tokio::test]
+    async fn a_plain_connections_task_stays_small() {
+        let l = listener();
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
+        let (stream, _) = socket.accept().await.unwrap();
+        let hello = Box::new(Hello { cert_name: None, deadline: tokio::time::Instant::now(), peer: None });
+        let task = super::super::session::serve(&l, stream, hello);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 768, "a session's future is {size} bytes");
     }
 }

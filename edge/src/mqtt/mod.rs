@@ -19,6 +19,7 @@ pub mod access;
 pub mod close;
 pub mod codec;
 pub mod external;
+pub mod link;
 pub mod listener;
 pub mod session;
 pub mod sessions;

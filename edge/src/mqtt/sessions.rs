@@ -9,10 +9,11 @@
 //! Mosquitto without persistence); nothing acknowledged depends on it.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio_util::sync::CancellationToken;
+use super::close::End;
+use super::link::Link;
 
 /// Every session by client id.
 #[derive(Debug)]
@@ -31,8 +32,8 @@ struct Inner {
 
 #[derive(Debug)]
 struct Slot {
-    /// The connection holding the session, and the token that ends it.
-    connection: Option<(u64, CancellationToken)>,
+    /// The connection holding the session, and where to ask it to close.
+    connection: Option<(u64, Arc<Link>)>,
     /// While idle: when the session expires (`None`: never).
     expires: Option<Instant>,
 }
@@ -54,9 +55,9 @@ impl Sessions {
     }
 
     /// A connection for `client_id` starts: it ends any other connection of
-    /// that client id (cancelling its token) and learns whether a session
-    /// was there to resume. `clean` starts a new session either way.
-    pub fn open(&self, client_id: &str, clean: bool, end: CancellationToken, now: Instant) -> Opened {
+    /// that client id (asking it to close) and learns whether a session was
+    /// there to resume. `clean` starts a new session either way.
+    pub fn open(&self, client_id: &str, clean: bool, link: Arc<Link>, now: Instant) -> Opened {
         let mut inner = self.lock();
         inner.next_connection += 1;
         let connection = inner.next_connection;
@@ -64,15 +65,15 @@ impl Sessions {
         let present = match &previous {
             None => false,
             Some(slot) => {
-                if let Some((_, token)) = &slot.connection {
-                    token.cancel();
+                if let Some((_, other)) = &slot.connection {
+                    other.close(End::TakenOver);
                 } else {
                     inner.idle -= 1;
                 }
                 slot.connection.is_some() || slot.expires.is_none_or(|e| e > now)
             }
         };
-        inner.by_client.insert(client_id.into(), Slot { connection: Some((connection, end)), expires: None });
+        inner.by_client.insert(client_id.into(), Slot { connection: Some((connection, link)), expires: None });
         Opened { connection, session_present: present && !clean }
     }
 
@@ -94,6 +95,30 @@ impl Sessions {
         inner.idle += 1;
         if inner.idle > self.max_idle {
             forget_idle(&mut inner, now, self.max_idle);
+        }
+    }
+
+    /// Asks every connection past its keep-alive or write timeout at
+    /// `now_ms` (listener clock) to close; how many were.
+    pub fn sweep(&self, now_ms: u64, write_timeout: Duration) -> usize {
+        let inner = self.lock();
+        let mut closed = 0;
+        for (link, why) in inner
+            .by_client
+            .values()
+            .filter_map(|s| s.connection.as_ref())
+            .filter_map(|(_, link)| Some((link, link.overdue(now_ms, write_timeout)?)))
+        {
+            link.close(why);
+            closed += 1;
+        }
+        closed
+    }
+
+    /// Asks every connection to close (the agent is stopping).
+    pub fn close_all(&self) {
+        for (_, link) in self.lock().by_client.values().filter_map(|s| s.connection.as_ref()) {
+            link.close(End::Shutdown);
         }
     }
 
@@ -126,36 +151,54 @@ fn forget_idle(inner: &mut Inner, now: Instant, max: usize) {
 mod tests {
     use super::*;
 
+    fn link() -> Arc<Link> {
+        Arc::new(Link::new(Some(Duration::from_secs(1)), 0))
+    }
+
+    #[test]
+    fn the_sweep_closes_silent_connections_and_shutdown_closes_all() {
+        let s = Sessions::new(10);
+        let now = Instant::now();
+        let (quiet, busy) = (link(), link());
+        s.open("quiet", true, quiet.clone(), now);
+        s.open("busy", true, busy.clone(), now);
+        busy.heard(900);
+        assert_eq!(s.sweep(1_500, Duration::from_secs(30)), 1);
+        assert_eq!((quiet.closing(), busy.closing()), (Some(End::KeepAlive), None));
+        s.close_all();
+        assert_eq!(busy.closing(), Some(End::Shutdown));
+    }
+
     #[test]
     fn a_second_connect_with_the_same_client_id_ends_the_first() {
         let s = Sessions::new(10);
         let now = Instant::now();
-        let (first, second) = (CancellationToken::new(), CancellationToken::new());
+        let (first, second) = (link(), link());
         let a = s.open("dev-1", true, first.clone(), now);
         let b = s.open("dev-1", true, second.clone(), now);
-        assert!(first.is_cancelled() && !second.is_cancelled());
+        assert_eq!((first.closing(), second.closing()), (Some(End::TakenOver), None), "the first was asked to close");
         assert_ne!(a.connection, b.connection);
         // The first connection's end does not end the second's session.
         s.close("dev-1", a.connection, u32::MAX, now);
         assert_eq!(s.connected(), 1);
-        assert!(s.open("dev-1", false, CancellationToken::new(), now).session_present);
+        assert!(s.open("dev-1", false, link(), now).session_present);
     }
 
     #[test]
     fn session_present_follows_clean_start_and_expiry() {
         let s = Sessions::new(10);
         let now = Instant::now();
-        let first = s.open("dev-1", false, CancellationToken::new(), now);
+        let first = s.open("dev-1", false, link(), now);
         assert!(!first.session_present, "nothing to resume the first time");
         s.close("dev-1", first.connection, 60, now);
-        let again = s.open("dev-1", false, CancellationToken::new(), now + Duration::from_secs(59));
+        let again = s.open("dev-1", false, link(), now + Duration::from_secs(59));
         assert!(again.session_present, "within its expiry");
         s.close("dev-1", again.connection, 60, now);
-        assert!(!s.open("dev-1", false, CancellationToken::new(), now + Duration::from_secs(61)).session_present);
-        let clean = s.open("dev-1", true, CancellationToken::new(), now);
+        assert!(!s.open("dev-1", false, link(), now + Duration::from_secs(61)).session_present);
+        let clean = s.open("dev-1", true, link(), now);
         assert!(!clean.session_present, "a clean start never resumes");
         s.close("dev-1", clean.connection, 0, now);
-        assert!(!s.open("dev-1", false, CancellationToken::new(), now).session_present, "expiry 0 ends it");
+        assert!(!s.open("dev-1", false, link(), now).session_present, "expiry 0 ends it");
     }
 
     #[test]
@@ -164,7 +207,7 @@ mod tests {
         let now = Instant::now();
         for i in 0..1000 {
             let id = format!("dev-{i}");
-            let o = s.open(&id, false, CancellationToken::new(), now);
+            let o = s.open(&id, false, link(), now);
             s.close(&id, o.connection, u32::MAX, now);
         }
         let inner = s.lock();
