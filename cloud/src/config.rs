@@ -576,20 +576,17 @@ impl CloudConfig {
 
     /// The processor's settings (test-only faults from the environment).
     pub fn processor_settings(&self) -> crate::processor::ProcessorSettings {
-        let settings = crate::processor::ProcessorSettings {
+        crate::processor::ProcessorSettings {
             checkpoint_interval: self.processor.checkpoint_interval,
             max_out_of_orderness_ms: self.processor.max_out_of_orderness.as_millis() as i64,
             poll_records: self.processor.poll_records,
             idle_timeout: self.processor.idle_timeout,
             dedup_horizon_ms: self.processor.dedup_horizon.as_millis() as i64,
-            split_checkpoint_for_tests: std::env::var_os("KAPPA_TEST_SPLIT_CHECKPOINT").is_some(),
-        };
-        if settings.split_checkpoint_for_tests {
-            tracing::warn!(
-                "KAPPA_TEST_SPLIT_CHECKPOINT is set: checkpoints are NOT atomic. Never use this outside tests."
-            );
+            split_checkpoint_for_tests: kappa_runtime::fault::on(
+                "KAPPA_TEST_SPLIT_CHECKPOINT",
+                "checkpoints are not atomic; a crash can count readings twice",
+            ),
         }
-        settings
     }
 }
 

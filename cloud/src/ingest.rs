@@ -146,8 +146,10 @@ impl IngestError {
                 FrameError::CompressedTooLarge { .. } | FrameError::DecompressedTooLarge { .. },
             ))
             | Self::Batch(BatchError::TooManyReadings { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::BodyRead(_) | Self::Batch(_) | Self::GatewayMismatch { .. } => StatusCode::BAD_REQUEST,
-            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::Batch(_) | Self::GatewayMismatch { .. } => StatusCode::BAD_REQUEST,
+            // The body did not arrive whole: a transport problem, not a bad
+            // batch. The edge retries it (a 400 would make it a dead letter).
+            Self::BodyRead(_) | Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Log(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Auth(r) => r.status(),
             Self::NotYourGateway { .. } => StatusCode::FORBIDDEN,

@@ -269,10 +269,10 @@ impl Node {
                             rules: Vec::new(),
                         }))
                         .collect(),
-                    if std::env::var_os("KAPPA_TEST_GLOBAL_SILENCE_CLOCK").is_some() {
-                        tracing::warn!(
-                            "KAPPA_TEST_GLOBAL_SILENCE_CLOCK is set: offline gateways cause silence storms. Tests only."
-                        );
+                    if kappa_runtime::fault::on(
+                        "KAPPA_TEST_GLOBAL_SILENCE_CLOCK",
+                        "offline gateways cause silence storms",
+                    ) {
                         SilenceClock::GlobalWatermarkForTests
                     } else {
                         SilenceClock::Gateway

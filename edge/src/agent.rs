@@ -238,13 +238,10 @@ impl Agent {
 pub const FAULT_ACK_ON_RECEIPT: &str = "KAPPA_EDGE_FAULT_ACK_ON_RECEIPT";
 
 fn fault_ack_on_receipt() -> bool {
-    let on = std::env::var(FAULT_ACK_ON_RECEIPT).is_ok_and(|v| v == "1");
-    if on {
-        tracing::warn!(
-            "{FAULT_ACK_ON_RECEIPT}=1: acknowledging messages before they are committed. This is fault injection for tests; a crash will lose readings."
-        );
-    }
-    on
+    kappa_runtime::fault::on(
+        FAULT_ACK_ON_RECEIPT,
+        "messages are acknowledged before they are committed; a crash loses readings",
+    )
 }
 
 /// What the agent's MQTT listener enforces, from the `[mqtt]` section.
@@ -312,6 +309,7 @@ async fn refresh_log_metrics(
         metrics.backlog_bytes.set(s.bytes as i64);
         metrics.oldest_unforwarded_age_seconds.set(s.oldest_received_ms.map_or(0, |t| (now_ms() - t).max(0) / 1000));
         metrics.log_file_bytes.set(s.file_bytes as i64);
+        metrics.dead_letter_readings.set(log.call(|l| l.dead_letter_readings()).await? as i64);
     }
 }
 

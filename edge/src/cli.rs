@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::agent::Agent;
 use crate::config::EdgeConfig;
-use crate::log::EdgeLog;
+use crate::log::{EdgeLog, Which};
 
 /// The Kappa IoT edge agent: MQTT in, durable SQLite log, batches forwarded to the cloud.
 ///
@@ -118,10 +118,66 @@ pub enum LogCommand {
         #[arg(long)]
         to: String,
     },
+    /// Batches the cloud refused (HTTP 400, 415, 422; or 413 for a single
+    /// reading): they stay in the log until resent or released.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
     /// Rewrite the log compactly (VACUUM) and give free space back to the
     /// filesystem. Needs free space about the log's size; while it runs the
     /// agent's commits wait (readings queue and are acknowledged after).
     Compact,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterCommand {
+    /// Every dead letter, one JSON object per line: batch id, kind, reading
+    /// ids, how many readings it holds, when and why the cloud refused it.
+    List,
+    /// The readings of one dead letter (`--batch`) or all, as JSON lines or CSV.
+    Export {
+        #[command(flatten)]
+        which: DeadLetterChoice,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        /// Output file (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Queue dead letters for the cloud again, as new batches (fix what the
+    /// cloud refused first: its limits, its version). The running agent
+    /// sends them; refused again, they come back here.
+    Resend {
+        #[command(flatten)]
+        which: DeadLetterChoice,
+    },
+    /// Give up on dead letters: the agent deletes their readings at its next
+    /// housekeeping pass and counts them in
+    /// kappa_edge_readings_shed_total{reason="released"}.
+    Release {
+        #[command(flatten)]
+        which: DeadLetterChoice,
+    },
+}
+
+/// One dead letter or all of them.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct DeadLetterChoice {
+    /// The dead letter's batch id (from `list`).
+    #[arg(long)]
+    batch: Option<u64>,
+    /// Every dead letter.
+    #[arg(long)]
+    all: bool,
+}
+
+impl DeadLetterChoice {
+    fn which(&self) -> Which {
+        match self.batch {
+            Some(b) if !self.all => Which::Batch(b),
+            _ => Which::All,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -216,25 +272,92 @@ fn load(path: &Path) -> anyhow::Result<EdgeConfig> {
     Ok(EdgeConfig::load(path)?)
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Writes readings to `output` (or standard output) as JSON lines or CSV, with `fill`.
+fn write_readings(
+    output: Option<&Path>,
+    format: ExportFormat,
+    fill: impl FnOnce(&mut dyn FnMut(kappa_common::Reading) -> std::io::Result<()>) -> anyhow::Result<u64>,
+) -> anyhow::Result<u64> {
+    let mut out: Box<dyn Write> = match output {
+        Some(p) => Box::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut out = std::io::BufWriter::new(&mut out);
+    if matches!(format, ExportFormat::Csv) {
+        writeln!(out, "device,boot,seq,ts_ms,metric,value")?;
+    }
+    let n = fill(&mut |r| match format {
+        ExportFormat::Jsonl => {
+            serde_json::to_writer(&mut out, &r)?;
+            writeln!(out)
+        }
+        ExportFormat::Csv => {
+            for (name, value) in &r.metrics {
+                let v = value.map(|v| v.to_string()).unwrap_or_default();
+                writeln!(out, "{},{},{},{},{},{}", r.device, r.boot, r.seq, r.ts_ms, name, v)?;
+            }
+            Ok(())
+        }
+    })?;
+    out.flush()?;
+    Ok(n)
+}
+
+fn dead_letter_command(cfg: &EdgeConfig, cmd: DeadLetterCommand) -> anyhow::Result<ExitCode> {
+    let path = cfg.log_path();
+    match cmd {
+        DeadLetterCommand::List => {
+            for d in EdgeLog::open_read_only(&path)?.dead_letters()? {
+                println!("{}", serde_json::to_string(&d)?);
+            }
+        }
+        DeadLetterCommand::Export { which, format, output } => {
+            let log = EdgeLog::open_read_only(&path)?;
+            let n =
+                write_readings(output.as_deref(), format, |each| Ok(log.export_dead_letters(which.which(), each)?))?;
+            eprintln!("exported {n} readings");
+        }
+        DeadLetterCommand::Resend { which } => {
+            let mut log = open_existing(cfg)?;
+            let queued = log.resend_dead_letters(which.which(), now_ms())?;
+            let readings: u64 = queued.iter().map(|e| e.count).sum();
+            println!("{}", serde_json::json!({ "batches": queued.len(), "readings": readings }));
+        }
+        DeadLetterCommand::Release { which } => {
+            let released = open_existing(cfg)?.release_dead_letters(which.which(), now_ms())?;
+            println!("{}", serde_json::json!({ "released": released }));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The log for writing, which must exist already.
+fn open_existing(cfg: &EdgeConfig) -> anyhow::Result<EdgeLog> {
+    let path = cfg.log_path();
+    if !path.exists() {
+        anyhow::bail!("no edge log at {}", path.display());
+    }
+    Ok(EdgeLog::open(&path, cfg.log.durability)?)
+}
+
 fn log_command(cfg: &EdgeConfig, cmd: LogCommand) -> anyhow::Result<ExitCode> {
     let path = cfg.log_path();
+    if let LogCommand::DeadLetters(cmd) = cmd {
+        return dead_letter_command(cfg, cmd);
+    }
     if let LogCommand::Backfill { from, to } = &cmd {
         let (from, to) = (parse_time(from)?, parse_time(to)?);
-        if !path.exists() {
-            anyhow::bail!("no edge log at {}", path.display());
-        }
-        let mut log = EdgeLog::open(&path, cfg.log.durability)?;
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        let (batches, readings) = log.request_backfill(from, to, cfg.forward.max_batch_readings, now)?;
+        let mut log = open_existing(cfg)?;
+        let (batches, readings) = log.request_backfill(from, to, cfg.forward.max_batch_readings, now_ms())?;
         println!("{}", serde_json::json!({ "batches": batches, "readings": readings }));
         return Ok(ExitCode::SUCCESS);
     }
     if let LogCommand::Compact = cmd {
-        if !path.exists() {
-            anyhow::bail!("no edge log at {}", path.display());
-        }
-        let mut log = EdgeLog::open(&path, cfg.log.durability)?;
+        let mut log = open_existing(cfg)?;
         let before = log.usage()?;
         log.compact()?;
         let after = log.usage()?;
@@ -259,34 +382,11 @@ fn log_command(cfg: &EdgeConfig, cmd: LogCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
-        LogCommand::Compact | LogCommand::Backfill { .. } => Ok(ExitCode::SUCCESS),
+        LogCommand::Compact | LogCommand::Backfill { .. } | LogCommand::DeadLetters(_) => Ok(ExitCode::SUCCESS),
         LogCommand::Export { from, to, format, output } => {
             let from = from.as_deref().map(parse_time).transpose()?.unwrap_or(i64::MIN);
             let to = to.as_deref().map(parse_time).transpose()?.unwrap_or(i64::MAX);
-            let mut out: Box<dyn Write> = match &output {
-                Some(p) => {
-                    Box::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?)
-                }
-                None => Box::new(std::io::stdout().lock()),
-            };
-            let mut out = std::io::BufWriter::new(&mut out);
-            if matches!(format, ExportFormat::Csv) {
-                writeln!(out, "device,boot,seq,ts_ms,metric,value")?;
-            }
-            let n = log.export(from, to, |r| match format {
-                ExportFormat::Jsonl => {
-                    serde_json::to_writer(&mut out, &r)?;
-                    writeln!(out)
-                }
-                ExportFormat::Csv => {
-                    for (name, value) in &r.metrics {
-                        let v = value.map(|v| v.to_string()).unwrap_or_default();
-                        writeln!(out, "{},{},{},{},{},{}", r.device, r.boot, r.seq, r.ts_ms, name, v)?;
-                    }
-                    Ok(())
-                }
-            })?;
-            out.flush()?;
+            let n = write_readings(output.as_deref(), format, |each| Ok(log.export(from, to, each)?))?;
             eprintln!("exported {n} readings");
             Ok(ExitCode::SUCCESS)
         }

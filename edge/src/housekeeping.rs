@@ -13,6 +13,11 @@
 //!    (`kappa_edge_readings_shed_total{reason="budget"|"disk_floor"}`): these
 //!    never reach the cloud, and the counter says how many.
 //!
+//! Dead letters (batches the cloud refused) are neither pruned nor shed:
+//! they stay until an operator resends or releases them; released ones are
+//! deleted by the next pass (`shed_total{reason="released"}`), and a class's
+//! `log.ttl` takes them like any data of that class (`shed{reason="ttl"}`).
+//!
 //! The floor counts free space whoever used it. A commit that fails because
 //! the disk is full is different: the agent prunes forwarded readings
 //! to make room, but does not shed unforwarded ones to make room for newer
@@ -123,6 +128,10 @@ pub fn pass(log: &mut EdgeLog, limits: &Limits, disk_full: bool, now_ms: i64) ->
     }
     add(&mut out.pruned, "retention", retained);
     log.prune_aggregates(before)?;
+    // Dead letters an operator released (`kappa-edge log dead-letters release`).
+    let released = log.drop_released()?;
+    add(&mut out.shed, ("released", Class::Raw.label()), released.readings);
+    add(&mut out.shed, ("released", Class::Aggregate.label()), released.aggregates);
     for (class, ttl) in limits.ttl {
         let (gone, unsent) = log.expire(class, now_ms - ttl.as_millis() as i64)?;
         add(&mut out.pruned, "ttl", gone - unsent);

@@ -30,6 +30,8 @@ pub struct EdgeMetrics {
     pub batches_forwarded: Counter,
     pub heartbeats: Counter,
     pub batches_dead_lettered: Counter,
+    pub batches_split: Counter,
+    pub dead_letter_readings: Gauge,
     pub readings_forwarded: Counter,
     pub forward_bytes: Counter,
     pub batch_readings: Histogram,
@@ -79,6 +81,8 @@ impl EdgeMetrics {
             batches_forwarded: Counter::default(),
             heartbeats: Counter::default(),
             batches_dead_lettered: Counter::default(),
+            batches_split: Counter::default(),
+            dead_letter_readings: Gauge::default(),
             readings_forwarded: Counter::default(),
             forward_bytes: Counter::default(),
             batch_readings: Histogram::new(exponential_buckets(1.0, 4.0, 8)),
@@ -178,8 +182,18 @@ impl EdgeMetrics {
         );
         r.register(
             "forward_batches_dead_lettered",
-            "Batches the cloud refused as invalid",
+            "Batches the cloud refused as invalid (kept as dead letters)",
             m.batches_dead_lettered.clone(),
+        );
+        r.register(
+            "forward_batches_split",
+            "Batches the cloud refused as too large (HTTP 413), sent again as two halves",
+            m.batches_split.clone(),
+        );
+        r.register(
+            "dead_letter_readings",
+            "Readings of batches the cloud refused, kept until an operator resends or releases them",
+            m.dead_letter_readings.clone(),
         );
         r.register("forward_readings", "Readings the cloud acknowledged", m.readings_forwarded.clone());
         r.register("forward_bytes", "Request body bytes sent to the cloud", m.forward_bytes.clone());

@@ -17,6 +17,7 @@
 //! ```
 
 pub mod config;
+pub mod fault;
 pub mod limits;
 pub mod logging;
 pub mod net;

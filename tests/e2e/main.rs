@@ -14,6 +14,7 @@ mod configs;
 mod dashboard;
 mod device_gate;
 mod edge_aggregate;
+mod edge_dead_letters;
 mod edge_disk;
 mod kafka_log;
 #[cfg(feature = "kafka-tls")]

@@ -104,12 +104,10 @@ impl Worker {
         let specs = cfg.view_specs().map_err(|e| WorkerError::Config(e.join("\n  ")))?;
         let partitions = cfg.log.partitions;
         let store_settings = cluster.store();
-        let replay_new = std::env::var_os(FAULT_NO_REPLAY).is_none();
-        if !replay_new {
-            tracing::warn!(
-                "{FAULT_NO_REPLAY} is set: new view versions start where the live views are and miss the log before. Never use this outside tests."
-            );
-        }
+        let replay_new = !kappa_runtime::fault::on(
+            FAULT_NO_REPLAY,
+            "new view versions start where the live views are and miss the log before",
+        );
         let plans = tokio::task::spawn_blocking(move || {
             PgStore::connect(&store_settings, partitions)?.plan_pipelines(&specs, crate::now_ms(), replay_new)
         })
@@ -130,12 +128,7 @@ impl Worker {
     /// (`views list` shows it) and the others go on.
     pub fn run(self, cancel: CancellationToken) -> Result<(), WorkerError> {
         let Self { cfg, log, pipelines, metrics, ready } = self;
-        let restore = std::env::var_os(FAULT_SKIP_RESTORE).is_none();
-        if !restore {
-            tracing::warn!(
-                "{FAULT_SKIP_RESTORE} is set: moved partitions lose their window state. Never use this outside tests."
-            );
-        }
+        let restore = !kappa_runtime::fault::on(FAULT_SKIP_RESTORE, "moved partitions lose their window state");
         std::thread::scope(|scope| {
             let mut threads = Vec::new();
             for ((plan, source), ready) in pipelines.into_iter().zip(ready) {

@@ -135,12 +135,10 @@ impl KafkaLog {
     pub fn appender(&self) -> Result<KafkaAppender, EventLogError> {
         let producer = ProducerSlot::new(self.cfg.client(), self.cfg.delivery_timeout, "log.kafka")
             .map_err(EventLogError::Unavailable)?;
-        let ack_before_delivery = std::env::var_os(FAULT_ACK_BEFORE_DELIVERY).is_some();
-        if ack_before_delivery {
-            tracing::warn!(
-                "{FAULT_ACK_BEFORE_DELIVERY} is set: ingest answers before Kafka confirms. Acknowledged batches CAN BE LOST. Tests only."
-            );
-        }
+        let ack_before_delivery = kappa_runtime::fault::on(
+            FAULT_ACK_BEFORE_DELIVERY,
+            "ingest answers before Kafka confirms; acknowledged batches can be lost",
+        );
         Ok(KafkaAppender {
             producer: std::sync::Arc::new(producer),
             topic: self.cfg.topic.clone(),
@@ -447,28 +445,29 @@ impl<C: SourceContext> KafkaSource<C> {
     }
 
     /// Whether the first record after positioning `partition` may be past
-    /// `expected`: only when the log no longer holds `expected` (retention),
-    /// or when the fetch already started at the log's beginning.
-    fn skip_allowed(&mut self, partition: Partition, expected: Offset, offset: Offset) -> bool {
+    /// `expected`: only for a reader starting at the beginning of a topic
+    /// whose oldest records retention took. Records a positioned reader had
+    /// not read and the log no longer holds are a gap: an error, never a skip.
+    fn skip_allowed(&mut self, partition: Partition, expected: Offset, offset: Offset) -> Result<bool, EventLogError> {
         let low = match self.consumer.fetch_watermarks(&self.topic, partition as i32, Duration::from_secs(2)) {
             Ok((low, _)) => low.max(0) as Offset,
             Err(e) => {
                 self.warn(&e);
-                return false;
+                return Ok(false);
             }
         };
         let from = self.positioned.get(&partition).copied().unwrap_or(expected);
-        if expected < low || from <= low {
-            tracing::warn!(
-                partition,
-                expected,
-                offset,
-                low,
-                "The log no longer holds records this source had not read."
-            );
-            return true;
+        if expected == 0 && from <= low {
+            // A reader starting at the beginning of a topic whose oldest
+            // records retention already took: it starts where the log starts
+            // (a replay reads the archive first; docs/cluster.md).
+            tracing::warn!(partition, offset, low, "Starting at the oldest record the log still holds.");
+            return Ok(true);
         }
-        false
+        if expected < low {
+            return Err(EventLogError::Gap { partition, expected, found: offset });
+        }
+        Ok(false)
     }
 
     /// Logs a broker problem at most every 10 s; the pipeline waits it out.
@@ -523,7 +522,7 @@ impl<C: SourceContext> LogSource for KafkaSource<C> {
                             self.reassign = true;
                             break;
                         }
-                        if self.skip_allowed(p, expected, offset) {
+                        if self.skip_allowed(p, expected, offset)? {
                             if let Some(pos) = self.positions.get_mut(&p) {
                                 *pos = offset;
                             }

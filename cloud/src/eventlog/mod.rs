@@ -101,6 +101,13 @@ pub enum EventLogError {
     /// The stored log disagrees with the configuration or is damaged.
     #[error("event log is inconsistent: {0}")]
     Inconsistent(String),
+    /// Records a reader had not read are gone from the log (deleted by
+    /// retention past the reader's position): reading on would skip them.
+    #[error(
+        "partition {partition}: records {expected}..{found} are no longer in the log, and this reader had not read them; \
+         the views would miss them. Rebuild the views from the archive (docs/archive.md, \"Replay\")"
+    )]
+    Gap { partition: Partition, expected: Offset, found: Offset },
 }
 
 impl LogSource for Box<dyn LogSource> {

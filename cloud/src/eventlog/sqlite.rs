@@ -365,6 +365,13 @@ impl SqliteSource {
             let mut got = 0;
             while let Some(row) = rows.next().map_err(unavailable)? {
                 let offset = row.get::<_, i64>(0).map_err(unavailable)? as u64;
+                // Offsets are dense: a record past the next one means the
+                // ones between were deleted (retention) before this reader
+                // read them. Never skip them silently.
+                let expected = self.positions[idx].1;
+                if offset != expected {
+                    return Err(EventLogError::Gap { partition: p, expected, found: offset });
+                }
                 let value: Vec<u8> = row.get(1).map_err(unavailable)?;
                 self.positions[idx].1 = offset + 1;
                 out.push(ConsumedRecord { partition: p, offset, value: value.into() });
@@ -482,6 +489,32 @@ mod tests {
         SqliteLog::open(&path, 4, Durability::Normal).unwrap();
         let err = SqliteLog::open(&path, 8, Durability::Normal).unwrap_err();
         assert!(matches!(err, EventLogError::Inconsistent(_)), "{err}");
+    }
+
+    /// A reader whose position fell behind what retention deleted (say, a
+    /// store whose last checkpoint a power cut took back) must not jump the
+    /// missing records: it stops with an error naming them.
+    #[test]
+    fn a_reader_behind_records_retention_deleted_stops_with_a_gap_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.sqlite");
+        let log = SqliteLog::open(&path, 1, Durability::Normal).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let a = log.start_writer(8).unwrap();
+        let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        rt.block_on(a.append(batch("gw", 1, &keys))).unwrap();
+        // Retention took offsets 0..6: archived and (it was told) processed.
+        let below = BTreeMap::from([(0, 6)]);
+        assert_eq!(SqliteLog::apply_retention(&path, &below, i64::MAX).unwrap(), 6);
+        let mut src = log.source().unwrap();
+        src.seek(0, 4);
+        let err = src.poll(100, Duration::from_millis(10)).unwrap_err();
+        assert!(matches!(err, EventLogError::Gap { partition: 0, expected: 4, found: 6 }), "{err}");
+        // A reader at or past the oldest record left reads on.
+        src.seek(0, 6);
+        let offsets: Vec<u64> = src.poll(100, Duration::from_millis(10)).unwrap().iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, [6, 7, 8, 9]);
     }
 
     #[test]

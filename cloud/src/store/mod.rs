@@ -353,7 +353,11 @@ impl ViewStore {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // FULL: a checkpoint (rows and log positions) is on disk when its
+        // commit returns. Log retention deletes records below these
+        // positions, so a power cut must not roll them back below what it
+        // deleted (one fsync per checkpoint; docs/archive.md, "Retention").
+        conn.pragma_update(None, "synchronous", "FULL")?;
         // A checkpoint of many windows is one large transaction: give it room
         // (64 MiB) so dirty pages are not spilled to the WAL mid-transaction.
         conn.pragma_update(None, "cache_size", -65_536)?;

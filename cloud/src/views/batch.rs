@@ -1,8 +1,11 @@
 //! The batch computation of a view: a deliberately simple second code path
-//! that shares only the view definitions with the streaming operators. It
-//! reads the whole log, decides lateness the way the definition says (each
-//! reading against its own partition's watermark before it), groups readings
-//! by key and window, and computes every aggregate directly from the list of
+//! that shares only the view definitions (`spec`) with the streaming
+//! operators. It has its own field access, filter evaluation and window
+//! assignment (windows found by enumeration, not arithmetic), so a bug in
+//! the streaming versions cannot hide by being made twice. It reads the
+//! whole log, decides lateness the way the definition says (each reading
+//! against its own partition's watermark before it), groups readings by key
+//! and window, and computes every aggregate directly from the list of
 //! values: two-pass variance, plain sorting for sets, lists, first and last,
 //! an exact distinct count where the stream keeps a HyperLogLog sketch.
 //!
@@ -14,9 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use kappa_common::Reading;
 use serde_json::{Map, Value as Json};
 
-use super::agg::{OrderKey, Val, field_value};
-use super::operator::{holds, window_starts};
-use super::spec::{AggFn, AggSpec, Field, OutputMode, ViewSpec, WindowSpec};
+use super::spec::{AggFn, AggSpec, Condition, Field, Literal, Op, OutputMode, ViewSpec, WindowSpec};
 use crate::eventlog::{Offset, Partition};
 
 /// One log record, as the batch path reads it.
@@ -59,10 +60,10 @@ pub fn compute(spec: &ViewSpec, log: &[LogEntry], bound_ms: i64) -> BatchView {
         let wm = max_ts.get(&e.partition).map(|m| m - bound_ms);
         let m = max_ts.entry(e.partition).or_insert(r.ts_ms);
         *m = (*m).max(r.ts_ms);
-        if !spec.filter.iter().all(|c| holds(c, r)) {
+        if !spec.filter.iter().all(|c| passes(c, r)) {
             continue;
         }
-        let key = match field_value(&spec.key, r) {
+        let key = match value_of(&spec.key, r) {
             Some(Val::Str(s)) => s.to_string(),
             Some(Val::Num(n)) => n.to_string(),
             None => continue,
@@ -76,7 +77,7 @@ pub fn compute(spec: &ViewSpec, log: &[LogEntry], bound_ms: i64) -> BatchView {
                 }
             }
             window => {
-                for start in window_starts(window, r.ts_ms) {
+                for start in windows_of(window, r.ts_ms) {
                     let end = window_end(window, start);
                     if end.is_some_and(|end| wm.is_some_and(|w| end + lateness <= w)) {
                         out.late.insert((e.partition, e.offset, start));
@@ -127,12 +128,86 @@ pub fn compute(spec: &ViewSpec, log: &[LogEntry], bound_ms: i64) -> BatchView {
                 let v = aggregate(a, &rs);
                 let times =
                     a.of == Some(Field::EventTime) && !matches!(a.func, AggFn::Avg | AggFn::Variance | AggFn::Stddev);
-                (a.name.clone(), if times { super::agg::integral(v) } else { v })
+                (a.name.clone(), if times { integral(v) } else { v })
             })
             .collect();
         out.rows.insert((key, start), (end, values));
     }
     out
+}
+
+/// A field's value in a reading (`None`: null or missing).
+#[derive(Debug, Clone, Copy)]
+enum Val<'a> {
+    Num(f64),
+    Str(&'a str),
+}
+
+fn value_of<'r>(field: &Field, r: &'r Reading) -> Option<Val<'r>> {
+    match field {
+        Field::Device => Some(Val::Str(r.device.as_str())),
+        Field::EventTime => Some(Val::Num(r.ts_ms as f64)),
+        Field::Metric(name) => r.metrics.get(name).copied().flatten().map(Val::Num),
+        Field::Tag(name) => r.tags.get(name).map(|t| Val::Str(t.as_str())),
+    }
+}
+
+/// Whether a reading passes a filter condition: a missing value never does,
+/// strings compare only for (in)equality.
+fn passes(c: &Condition, r: &Reading) -> bool {
+    match (value_of(&c.field, r), &c.value) {
+        (Some(Val::Num(x)), Literal::Num(y)) => match c.op {
+            Op::Eq => x == *y,
+            Op::Ne => x != *y,
+            Op::Lt => x < *y,
+            Op::Le => x <= *y,
+            Op::Gt => x > *y,
+            Op::Ge => x >= *y,
+        },
+        (Some(Val::Str(x)), Literal::Str(y)) => match c.op {
+            Op::Eq => x == y.as_str(),
+            Op::Ne => x != y.as_str(),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// The start of every window holding `ts`, found by walking the window
+/// grid (multiples of the slide, or of the size) near `ts`.
+fn windows_of(window: WindowSpec, ts: i64) -> Vec<i64> {
+    let (size, slide) = match window {
+        WindowSpec::Tumbling { size_ms } => (size_ms, size_ms),
+        WindowSpec::Hopping { size_ms, slide_ms } => (size_ms, slide_ms),
+        WindowSpec::Global => return vec![0],
+        WindowSpec::Session { .. } => return Vec::new(),
+    };
+    // The grid point at or below ts, then back while windows still hold it.
+    let mut start = ts - ts.rem_euclid(slide);
+    let mut starts = Vec::new();
+    while start + size > ts {
+        starts.push(start);
+        start -= slide;
+    }
+    starts.reverse();
+    starts
+}
+
+/// Values over event times shown as integers (milliseconds), in lists too.
+fn integral(v: Json) -> Json {
+    match v {
+        Json::Array(items) => Json::Array(items.into_iter().map(integral).collect()),
+        v => match v.as_f64() {
+            Some(x) if x.fract() == 0.0 && x.abs() < 9e15 => Json::from(x as i64),
+            _ => v,
+        },
+    }
+}
+
+/// The order in which `first`, `last` and `list` see readings: event time,
+/// then the reading's identity.
+fn order(r: &Reading) -> (i64, &str, u32, u64) {
+    (r.ts_ms, r.device.as_str(), r.boot, r.seq)
 }
 
 fn window_end(window: WindowSpec, start: i64) -> Option<i64> {
@@ -148,7 +223,7 @@ fn num(v: f64) -> Json {
 
 fn aggregate(a: &AggSpec, rs: &[&Reading]) -> Json {
     let Some(field) = &a.of else { return Json::from(rs.len()) };
-    let vals: Vec<(&Reading, Val<'_>)> = rs.iter().filter_map(|r| field_value(field, r).map(|v| (*r, v))).collect();
+    let vals: Vec<(&Reading, Val<'_>)> = rs.iter().filter_map(|r| value_of(field, r).map(|v| (*r, v))).collect();
     let nums: Vec<f64> = vals.iter().filter_map(|(_, v)| if let Val::Num(n) = v { Some(*n) } else { None }).collect();
     let to_json = |v: &Val<'_>| match v {
         Val::Num(n) => num(*n),
@@ -189,8 +264,8 @@ fn aggregate(a: &AggSpec, rs: &[&Reading]) -> Json {
                 num(var().sqrt())
             }
         }
-        AggFn::First => vals.iter().min_by_key(|(r, _)| OrderKey::of(r)).map_or(Json::Null, |(_, v)| to_json(v)),
-        AggFn::Last => vals.iter().max_by_key(|(r, _)| OrderKey::of(r)).map_or(Json::Null, |(_, v)| to_json(v)),
+        AggFn::First => vals.iter().min_by_key(|(r, _)| order(r)).map_or(Json::Null, |(_, v)| to_json(v)),
+        AggFn::Last => vals.iter().max_by_key(|(r, _)| order(r)).map_or(Json::Null, |(_, v)| to_json(v)),
         AggFn::ApproxDistinct => {
             let distinct: BTreeSet<String> = vals.iter().map(|(_, v)| text(v)).collect();
             Json::from(distinct.len())
@@ -201,7 +276,7 @@ fn aggregate(a: &AggSpec, rs: &[&Reading]) -> Json {
         }
         AggFn::List => {
             let mut sorted = vals.clone();
-            sorted.sort_by_key(|(r, _)| OrderKey::of(r));
+            sorted.sort_by_key(|(r, _)| order(r));
             Json::Array(sorted.iter().take(a.max).map(|(_, v)| to_json(v)).collect())
         }
     }

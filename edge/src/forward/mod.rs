@@ -227,12 +227,22 @@ impl Forwarder {
                     );
                     return Ok(());
                 }
+                PostOutcome::Refused { status: 413, detail } if count > 1 => {
+                    // Too large for the cloud's limits: halve it and send the halves.
+                    let split = self.log.call(move |l| l.split_batch(entry.batch_id)).await?;
+                    if let Some((a, b)) = split {
+                        m.forward_failures.get_or_create(&[("reason", "too_large")]).inc();
+                        m.batches_split.inc();
+                        tracing::warn!(batch_id = entry.batch_id, readings = count, halves = ?(a.batch_id, b.batch_id), %detail, "The cloud refused a batch as too large; sending it in two halves.");
+                        return Ok(());
+                    }
+                    let reason = format!("HTTP 413: {detail}");
+                    self.dead_letter(entry.batch_id, count, reason).await?;
+                    return Ok(());
+                }
                 PostOutcome::Refused { status, detail } => {
                     let reason = format!("HTTP {status}: {detail}");
-                    tracing::error!(batch_id = entry.batch_id, readings = count, %reason, "The cloud refused a batch; it stays in the edge log as a dead letter.");
-                    self.log.call(move |l| l.dead_letter_batch(entry.batch_id, &reason, now_ms())).await?;
-                    m.forward_failures.get_or_create(&[("reason", "refused")]).inc();
-                    m.batches_dead_lettered.inc();
+                    self.dead_letter(entry.batch_id, count, reason).await?;
                     return Ok(());
                 }
                 PostOutcome::Retry { reason, detail, retry_after } => {
@@ -243,6 +253,15 @@ impl Forwarder {
                 }
             }
         }
+    }
+
+    /// Keeps a refused batch as a dead letter (`kappa-edge log dead-letters`).
+    async fn dead_letter(&self, batch_id: u64, count: usize, reason: String) -> Result<(), LogError> {
+        tracing::error!(batch_id, readings = count, %reason, "The cloud refused a batch; it stays in the edge log as a dead letter until an operator resends or releases it (kappa-edge log dead-letters).");
+        self.log.call(move |l| l.dead_letter_batch(batch_id, &reason, now_ms())).await?;
+        self.metrics.forward_failures.get_or_create(&[("reason", "refused")]).inc();
+        self.metrics.batches_dead_lettered.inc();
+        Ok(())
     }
 
     /// The backlog as the gauges last saw it, for the cloud's dashboard.

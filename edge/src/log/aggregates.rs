@@ -123,11 +123,15 @@ impl EdgeLog {
         bodies.iter().map(|b| decode(b)).collect()
     }
 
-    /// Deletes forwarded aggregates created before `before_ms`. Returns how many.
+    /// Deletes forwarded aggregates created before `before_ms` (dead
+    /// letters stay: they are not in the cloud). Returns how many.
     pub fn prune_aggregates(&mut self, before_ms: i64) -> Result<u64, LogError> {
         let done = self.meta("agg_done")?;
-        let n =
-            self.conn.execute("DELETE FROM aggregates WHERE id <= ?1 AND created_ms < ?2", params![done, before_ms])?;
+        let n = self.conn.execute(
+            "DELETE FROM aggregates WHERE id <= ?1 AND created_ms < ?2 AND NOT EXISTS (SELECT 1 FROM dead_letters d
+                 WHERE d.kind = 'aggregates' AND aggregates.id BETWEEN d.first_id AND d.last_id)",
+            params![done, before_ms],
+        )?;
         Ok(n as u64)
     }
 }

@@ -50,6 +50,12 @@ impl Class {
     }
 }
 
+/// Readings of a backfill batch still pending (`fwd = 3`, the cursor already
+/// past them) are in an outbox batch like any other: never deleted before
+/// it is sent.
+const NOT_PENDING_BACKFILL: &str = "NOT (fwd = 3 AND EXISTS (SELECT 1 FROM outbox o
+    WHERE o.kind = 'backfill' AND readings.id BETWEEN o.first_id AND o.last_id))";
+
 /// The WAL is truncated back to this size after a checkpoint.
 pub(super) const WAL_SIZE_LIMIT: i64 = 8 << 20;
 
@@ -86,15 +92,17 @@ impl EdgeLog {
     /// Deletes up to `limit` of the oldest forwarded readings, only those
     /// received before `received_before_ms` when given. Returns how many.
     /// (A reading that stays local and was folded into a window counts as
-    /// forwarded once its batch range passed: its window carries it.)
+    /// forwarded once its batch range passed: its window carries it.) Dead
+    /// letters are not forwarded: they stay (`dead_letters`).
     pub fn prune_forwarded(&mut self, received_before_ms: Option<i64>, limit: usize) -> Result<u64, LogError> {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let cursor: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'cursor'", [], |r| r.get(0))?;
         // Readings arrive in id order, so the ones past retention are a prefix.
         let last: Option<i64> = {
-            let mut stmt =
-                tx.prepare_cached("SELECT id, received_ms FROM readings WHERE id <= ?1 ORDER BY id LIMIT ?2")?;
-            let mut rows = stmt.query(params![cursor, limit as i64])?;
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT id, received_ms FROM readings WHERE id <= ?1 AND fwd <> ?3 AND {NOT_PENDING_BACKFILL} ORDER BY id LIMIT ?2"
+            ))?;
+            let mut rows = stmt.query(params![cursor, limit as i64, super::FWD_DEAD])?;
             let mut last = None;
             while let Some(row) = rows.next()? {
                 let received: i64 = row.get(1)?;
@@ -106,7 +114,10 @@ impl EdgeLog {
             last
         };
         let Some(last) = last else { return Ok(0) };
-        let n = tx.execute("DELETE FROM readings WHERE id <= ?1", [last])?;
+        let n = tx.execute(
+            &format!("DELETE FROM readings WHERE id <= ?1 AND fwd <> ?2 AND {NOT_PENDING_BACKFILL}"),
+            params![last, super::FWD_DEAD],
+        )?;
         tx.commit()?;
         Ok(n as u64)
     }
@@ -182,7 +193,8 @@ impl EdgeLog {
     }
 
     /// Deletes data of `class` received before `before_ms` whether forwarded or
-    /// not (never inside a pending batch). Returns `(deleted, of which never forwarded)`.
+    /// not (never inside a pending batch). Returns `(deleted, of which never
+    /// forwarded)`: unbatched data, and dead letters.
     pub fn expire(&mut self, class: Class, before_ms: i64) -> Result<(u64, u64), LogError> {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let (table, pointer, filter) = class.where_unbatched();
@@ -202,17 +214,33 @@ impl EdgeLog {
             .optional()
         };
         let mut gone = [0u64; 2];
+        let mut dead = 0;
         for (i, (low, high)) in [(upto, i64::MAX), (i64::MIN, done)].into_iter().enumerate() {
             let end = prefix_end(low, high)?.map_or(high, |first_kept| first_kept - 1);
             if end > low {
+                if i == 1 {
+                    // Dead letters among them were never forwarded.
+                    let refused = if table == "aggregates" {
+                        "EXISTS (SELECT 1 FROM dead_letters d WHERE d.kind = 'aggregates' AND aggregates.id BETWEEN d.first_id AND d.last_id)".to_string()
+                    } else {
+                        format!("fwd = {}", super::FWD_DEAD)
+                    };
+                    dead = tx.query_row(
+                        &format!("SELECT count(*) FROM {table} WHERE id > ?1 AND id <= ?2 AND {time} < ?3 {filter} AND {refused} AND {}",
+                            if table == "readings" { NOT_PENDING_BACKFILL } else { "1 = 1" }),
+                        params![low, end, before_ms],
+                        |r| r.get::<_, i64>(0),
+                    )? as u64;
+                }
+                let pending = if table == "readings" { NOT_PENDING_BACKFILL } else { "1 = 1" };
                 gone[i] = tx.execute(
-                    &format!("DELETE FROM {table} WHERE id > ?1 AND id <= ?2 AND {time} < ?3 {filter}"),
+                    &format!("DELETE FROM {table} WHERE id > ?1 AND id <= ?2 AND {time} < ?3 {filter} AND {pending}"),
                     params![low, end, before_ms],
                 )? as u64;
             }
         }
         tx.commit()?;
-        Ok((gone[0] + gone[1], gone[0]))
+        Ok((gone[0] + gone[1], gone[0] + dead))
     }
 
     /// Gives free pages back to the filesystem and checkpoints the WAL;

@@ -33,11 +33,14 @@ use crate::config::Durability;
 
 mod aggregates;
 mod budget;
+mod dead_letters;
 
 pub use aggregates::FoldStep;
 pub use budget::{Class, Usage};
+use dead_letters::FWD_DEAD;
+pub use dead_letters::{DeadLetter, Released, Which};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS readings (
@@ -75,7 +78,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     count INTEGER NOT NULL,
     refused_ms INTEGER NOT NULL,
     reason TEXT NOT NULL,
-    kind TEXT NOT NULL DEFAULT 'readings'
+    kind TEXT NOT NULL DEFAULT 'readings',
+    released_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS aggregates (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -92,7 +96,7 @@ CREATE TABLE IF NOT EXISTS agg_open (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES
-    ('schema_version', 2), ('cursor', 0), ('assigned_upto', 0), ('next_batch_id', 1),
+    ('schema_version', 3), ('cursor', 0), ('assigned_upto', 0), ('next_batch_id', 1),
     ('agg_cursor', 0), ('agg_assigned_upto', 0), ('agg_done', 0);
 ";
 
@@ -121,6 +125,15 @@ DROP TABLE readings_seq;
 ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'readings';
 ALTER TABLE dead_letters ADD COLUMN kind TEXT NOT NULL DEFAULT 'readings';
 UPDATE meta SET value = 2 WHERE key = 'schema_version';
+";
+
+/// From schema version 2 to 3: dead letters stay until released, their
+/// readings marked `fwd = 4`.
+const MIGRATE_2_TO_3: &str = "
+ALTER TABLE dead_letters ADD COLUMN released_ms INTEGER;
+UPDATE readings SET fwd = 4 WHERE fwd IN (1, 3) AND EXISTS (SELECT 1 FROM dead_letters d
+    WHERE d.kind <> 'aggregates' AND readings.id BETWEEN d.first_id AND d.last_id);
+UPDATE meta SET value = 3 WHERE key = 'schema_version';
 ";
 
 /// Largest part of a rejected payload kept in quarantine.
@@ -200,6 +213,7 @@ pub struct LogStats {
     pub outbox_batches: u64,
     pub quarantined: u64,
     pub dead_letter_batches: u64,
+    pub dead_letter_readings: u64,
     pub file_bytes: u64,
     pub used_bytes: u64,
     pub wal_bytes: u64,
@@ -248,6 +262,9 @@ impl EdgeLog {
             .or_else(|e| if e.to_string().contains("no such table") { Ok(None) } else { Err(e) })?;
         if existing == Some(1) {
             conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_1_TO_2} COMMIT;"))?;
+        }
+        if matches!(existing, Some(1 | 2)) {
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_2_TO_3} COMMIT;"))?;
         }
         conn.execute_batch(SCHEMA)?;
         let version: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))?;
@@ -354,20 +371,7 @@ impl EdgeLog {
         let mut stmt = self.conn.prepare_cached(
             "SELECT batch_id, first_id, last_id, count, created_ms, kind FROM outbox ORDER BY batch_id",
         )?;
-        let rows = stmt.query_map([], |r| {
-            Ok(OutboxEntry {
-                batch_id: r.get::<_, i64>(0)? as u64,
-                first_id: r.get(1)?,
-                last_id: r.get(2)?,
-                count: r.get::<_, i64>(3)? as u64,
-                created_ms: r.get(4)?,
-                kind: match r.get::<_, String>(5)?.as_str() {
-                    "aggregates" => BatchKind::Aggregates,
-                    "backfill" => BatchKind::Backfill,
-                    _ => BatchKind::Readings,
-                },
-            })
-        })?;
+        let rows = stmt.query_map([], outbox_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -520,40 +524,8 @@ impl EdgeLog {
     /// The cloud durably accepted `batch_id`: drop it from the outbox and move
     /// the cursor past every reading that is now known to be in the cloud.
     pub fn complete_batch(&mut self, batch_id: u64) -> Result<(), LogError> {
-        self.retire_batch(batch_id, None)
-    }
-
-    /// The cloud refused `batch_id` as invalid: keep its readings in the log
-    /// (for export), record the refusal, and move on.
-    pub fn dead_letter_batch(&mut self, batch_id: u64, reason: &str, now_ms: i64) -> Result<(), LogError> {
-        self.retire_batch(batch_id, Some((reason, now_ms)))
-    }
-
-    fn retire_batch(&mut self, batch_id: u64, dead: Option<(&str, i64)>) -> Result<(), LogError> {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        if let Some((reason, now_ms)) = dead {
-            tx.execute(
-                "INSERT OR REPLACE INTO dead_letters (batch_id, first_id, last_id, count, refused_ms, reason, kind)
-                 SELECT batch_id, first_id, last_id, count, ?2, ?3, kind FROM outbox WHERE batch_id = ?1",
-                params![batch_id as i64, now_ms, reason],
-            )?;
-        }
-        tx.execute("DELETE FROM outbox WHERE batch_id = ?1", [batch_id as i64])?;
-        // Everything before the oldest batch still pending has been accepted.
-        tx.execute(
-            "UPDATE meta SET value = coalesce(
-                (SELECT min(first_id) - 1 FROM outbox WHERE kind = 'readings'),
-                (SELECT value FROM meta WHERE key = 'assigned_upto'))
-             WHERE key = 'cursor'",
-            [],
-        )?;
-        tx.execute(
-            "UPDATE meta SET value = coalesce(
-                (SELECT min(first_id) - 1 FROM outbox WHERE kind = 'aggregates'),
-                (SELECT value FROM meta WHERE key = 'agg_assigned_upto'))
-             WHERE key = 'agg_done'",
-            [],
-        )?;
+        retire(&tx, batch_id)?;
         tx.commit()?;
         Ok(())
     }
@@ -600,6 +572,7 @@ impl EdgeLog {
             outbox_batches: count("SELECT count(*) FROM outbox", &[])?,
             quarantined: count("SELECT count(*) FROM quarantine", &[])?,
             dead_letter_batches: count("SELECT count(*) FROM dead_letters", &[])?,
+            dead_letter_readings: count("SELECT count(*) FROM readings WHERE fwd = ?1", &[&FWD_DEAD])?,
             file_bytes: usage.file_bytes,
             used_bytes: usage.used_bytes,
             wal_bytes: usage.wal_bytes,
@@ -621,29 +594,58 @@ impl EdgeLog {
         if cursor > upto {
             problems.push(format!("cursor {cursor} is past assigned_upto {upto}"));
         }
-        let covered: i64 =
-            self.conn
-                .query_row("SELECT coalesce(sum(count), 0) FROM outbox WHERE kind = 'readings'", [], |r| r.get(0))?;
-        let expected: i64 = self.conn.query_row(
-            "SELECT count(*) FROM readings WHERE id > ?1 AND id <= ?2 AND fwd = 1",
-            [cursor, upto],
-            |r| r.get(0),
-        )?;
-        if covered != expected {
-            problems
-                .push(format!("outbox covers {covered} readings but {expected} lie between cursor and assigned_upto"));
-        }
+        // Pending batches of each kind: within their pointers, apart, nothing
+        // to forward between the pointer that says what is done and the
+        // oldest of them (later ones may have completed first: pipelining),
+        // and each still holding every row it was built with.
         let (done, agg_upto) = (self.meta("agg_done")?, self.meta("agg_assigned_upto")?);
-        let covered: i64 =
-            self.conn
-                .query_row("SELECT coalesce(sum(count), 0) FROM outbox WHERE kind = 'aggregates'", [], |r| r.get(0))?;
-        let expected: i64 = self.conn.query_row(
-            "SELECT count(*) FROM aggregates WHERE id > ?1 AND id <= ?2",
-            [done, agg_upto],
+        for (kind, table, marked, low, high) in
+            [("readings", "readings", "fwd = 1", cursor, upto), ("aggregates", "aggregates", "1 = 1", done, agg_upto)]
+        {
+            let mut batches: Vec<OutboxEntry> =
+                self.outbox()?.into_iter().filter(|e| e.kind.as_str() == kind).collect();
+            batches.sort_by_key(|b| b.first_id);
+            let mut end = low;
+            for (i, b) in batches.iter().enumerate() {
+                if i == 0 {
+                    let skipped: i64 = self.conn.query_row(
+                        &format!("SELECT count(*) FROM {table} WHERE id > ?1 AND id < ?2 AND {marked}"),
+                        [low, b.first_id],
+                        |r| r.get(0),
+                    )?;
+                    if skipped > 0 {
+                        problems.push(format!(
+                            "{skipped} {kind} between {low} and the oldest pending batch {} are in no batch",
+                            b.batch_id
+                        ));
+                    }
+                }
+                if b.first_id <= end || b.last_id > high || b.last_id < b.first_id {
+                    problems.push(format!(
+                        "{kind} batch {} covers {}..={}, overlapping another or outside ({low}, {high}]",
+                        b.batch_id, b.first_id, b.last_id
+                    ));
+                }
+                end = end.max(b.last_id);
+                let rows: i64 = self.conn.query_row(
+                    &format!("SELECT count(*) FROM {table} WHERE id BETWEEN ?1 AND ?2 AND {marked}"),
+                    [b.first_id, b.last_id],
+                    |r| r.get(0),
+                )?;
+                if rows as u64 != b.count {
+                    problems
+                        .push(format!("{kind} batch {} was built with {} rows but holds {rows}", b.batch_id, b.count));
+                }
+            }
+        }
+        let stray: i64 = self.conn.query_row(
+            "SELECT count(*) FROM readings WHERE fwd = ?1 AND NOT EXISTS (SELECT 1 FROM dead_letters d
+                 WHERE d.kind <> 'aggregates' AND readings.id BETWEEN d.first_id AND d.last_id)",
+            [FWD_DEAD],
             |r| r.get(0),
         )?;
-        if covered != expected {
-            problems.push(format!("outbox covers {covered} aggregates but {expected} are assigned and not done"));
+        if stray > 0 {
+            problems.push(format!("{stray} readings are marked refused but belong to no dead letter"));
         }
         let mut bodies = self.conn.prepare("SELECT id, body FROM readings WHERE id > ?1 ORDER BY id")?;
         let mut rows = bodies.query([cursor])?;
@@ -678,6 +680,57 @@ impl EdgeLog {
         }
         Ok(n)
     }
+}
+
+/// Drops `batch_id` from the outbox and moves the pointers past it.
+fn retire(tx: &rusqlite::Transaction<'_>, batch_id: u64) -> Result<(), rusqlite::Error> {
+    tx.execute("DELETE FROM outbox WHERE batch_id = ?1", [batch_id as i64])?;
+    recompute_pointers(tx)
+}
+
+/// `cursor` and `agg_done` from the outbox: everything before the oldest
+/// batch of its kind still pending has been accepted.
+fn recompute_pointers(tx: &rusqlite::Transaction<'_>) -> Result<(), rusqlite::Error> {
+    tx.execute(
+        "UPDATE meta SET value = coalesce(
+            (SELECT min(first_id) - 1 FROM outbox WHERE kind = 'readings'),
+            (SELECT value FROM meta WHERE key = 'assigned_upto'))
+         WHERE key = 'cursor'",
+        [],
+    )?;
+    tx.execute(
+        "UPDATE meta SET value = coalesce(
+            (SELECT min(first_id) - 1 FROM outbox WHERE kind = 'aggregates'),
+            (SELECT value FROM meta WHERE key = 'agg_assigned_upto'))
+         WHERE key = 'agg_done'",
+        [],
+    )?;
+    Ok(())
+}
+
+/// Outbox batch `batch_id`, if it is there.
+fn outbox_entry(tx: &rusqlite::Transaction<'_>, batch_id: u64) -> Result<Option<OutboxEntry>, rusqlite::Error> {
+    tx.query_row(
+        "SELECT batch_id, first_id, last_id, count, created_ms, kind FROM outbox WHERE batch_id = ?1",
+        [batch_id as i64],
+        outbox_row,
+    )
+    .optional()
+}
+
+fn outbox_row(r: &rusqlite::Row<'_>) -> Result<OutboxEntry, rusqlite::Error> {
+    Ok(OutboxEntry {
+        batch_id: r.get::<_, i64>(0)? as u64,
+        first_id: r.get(1)?,
+        last_id: r.get(2)?,
+        count: r.get::<_, i64>(3)? as u64,
+        created_ms: r.get(4)?,
+        kind: match r.get::<_, String>(5)?.as_str() {
+            "aggregates" => BatchKind::Aggregates,
+            "backfill" => BatchKind::Backfill,
+            _ => BatchKind::Readings,
+        },
+    })
 }
 
 /// A log connection shared by async tasks; every call runs on the blocking pool.
@@ -766,7 +819,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn open() -> (tempfile::TempDir, EdgeLog) {
+    pub(super) fn open() -> (tempfile::TempDir, EdgeLog) {
         let dir = tempfile::tempdir().unwrap();
         let log = EdgeLog::open(&dir.path().join("log.sqlite"), Durability::Normal).unwrap();
         (dir, log)
@@ -867,6 +920,42 @@ pub(crate) mod tests {
         }
         assert_eq!(log.stats().unwrap().cursor, cursor, "backfill does not move the cursor");
         assert_eq!(log.request_backfill(from, from + 10_000, 4, 0).unwrap(), (0, 0), "sent once");
+        assert!(log.check().unwrap().is_empty());
+    }
+
+    /// Found by the model test (edge/tests/log_model.rs): retention pruned
+    /// the readings of a backfill batch before it was sent.
+    #[test]
+    fn a_pending_backfill_batch_is_not_pruned_before_it_is_sent() {
+        let (_d, mut log) = open();
+        log.set_folding(true);
+        log.append(&entries("a", 1..11), 0).unwrap();
+        let step = FoldStep { from: 0, upto: 10, forward_only: Some(vec![]), ..Default::default() };
+        log.commit_fold(&step, 0).unwrap();
+        let passed = log.assign_batch(100, 0).unwrap().unwrap();
+        log.complete_batch(passed.batch_id).unwrap();
+        let from = reading("a", 1).ts_ms;
+        assert_eq!(log.request_backfill(from, from + 100_000, 100, 0).unwrap(), (1, 10));
+        // Everything is behind the cursor: retention may prune what is not pending.
+        assert_eq!(log.prune_forwarded(None, 100).unwrap(), 0, "the backfill batch's readings stay");
+        assert_eq!(log.expire(Class::Raw, i64::MAX).unwrap(), (0, 0), "nor does a ttl take them");
+        let pending = log.outbox().unwrap();
+        assert_eq!(log.load_batch(&pending[0]).unwrap().len(), 10);
+        log.complete_batch(pending[0].batch_id).unwrap();
+        assert_eq!(log.prune_forwarded(None, 100).unwrap(), 10, "sent, they go");
+    }
+
+    /// Found by the model test: with pipelining, a later batch can complete
+    /// before an earlier one; that is no broken invariant.
+    #[test]
+    fn log_check_accepts_batches_completed_out_of_order() {
+        let (_d, mut log) = open();
+        log.append(&entries("a", 1..7), 0).unwrap();
+        let first = log.assign_batch(3, 0).unwrap().unwrap();
+        let second = log.assign_batch(3, 0).unwrap().unwrap();
+        log.complete_batch(second.batch_id).unwrap();
+        assert!(log.check().unwrap().is_empty(), "{:?}", log.check().unwrap());
+        log.complete_batch(first.batch_id).unwrap();
         assert!(log.check().unwrap().is_empty());
     }
 

@@ -175,7 +175,7 @@ pub fn markdown(report: &Value) -> String {
             format!("{} readings per fsync time", fmt(per_s * f)),
         ));
     }
-    for run in ["external", "embedded", "external_10k_devices", "external_low_load"] {
+    for run in ["default", "external", "default_10k_devices", "default_low_load", "gateway_profile"] {
         if let (Some(p99), Some(f)) =
             (num(report, &["edge_ingest_mqtt", run, "arrival_to_durable_ms", "p99_at_most"]), fsync_p99_ms)
         {

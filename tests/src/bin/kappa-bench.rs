@@ -52,6 +52,8 @@ mod bridge;
 mod chart;
 #[path = "../bench/e2e.rs"]
 mod e2e;
+#[path = "../bench/edge_ingest.rs"]
+mod edge_ingest;
 #[path = "../bench/kafka.rs"]
 mod kafka;
 #[path = "../bench/micro.rs"]
@@ -96,7 +98,7 @@ fn main() -> ExitCode {
     type Section = fn(&Path, f64) -> Value;
     let sections: [(&str, Section); 16] = [
         ("edge_log_commit", edge_log_commit),
-        ("edge_ingest_mqtt", edge_ingest_mqtt),
+        ("edge_ingest_mqtt", edge_ingest::run),
         ("cloud_processor", cloud_processor),
         ("processor_views_100k_keys", processor_views),
         ("window_emit_latency", window_emit_latency),
@@ -294,145 +296,6 @@ fn wait_port(port: u16) {
         assert!(t.elapsed() < Duration::from_secs(30), "port {port} never opened");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// The agent as a process with its embedded broker, fed by the simulator
-/// (another process), forwarding disabled (the cloud URL is unreachable).
-fn edge_ingest_mqtt(dir: &Path, scale: f64) -> Value {
-    json!({
-        "embedded": edge_ingest_run(dir, scale, false, 500, 100),
-        "external": edge_ingest_run(dir, scale, true, 500, 100),
-        // The RSS goal is for 10,000 connected devices: they connect to the gateway's broker.
-        "external_10k_devices": edge_ingest_run(dir, scale, true, 10_000, 1),
-        // Low load (100 readings/s): what a reading's latency to durable is when commits need not wait for company.
-        "external_low_load": edge_ingest_run(dir, scale, true, 50, 2),
-    })
-}
-
-/// The agent binary: `kappa-edge` next to this one when it was built, else this one's `edge` role.
-fn edge_command() -> (std::process::Command, &'static str) {
-    let exe = std::env::current_exe().unwrap();
-    let sibling = exe.with_file_name("kappa-edge");
-    if sibling.exists() {
-        (std::process::Command::new(sibling), "kappa-edge")
-    } else {
-        let mut c = std::process::Command::new(exe);
-        c.arg("edge");
-        (c, "kappa-bench edge (build kappa-edge --release for its own RSS)")
-    }
-}
-
-/// Resident memory of a process, in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
-
-/// `devices` simulated devices offer `rate` readings/s each to the agent,
-/// through its embedded broker or through a private Mosquitto (external mode).
-fn edge_ingest_run(dir: &Path, scale: f64, external: bool, devices: u32, rate: u32) -> Value {
-    let exe = std::env::current_exe().unwrap();
-    let (mqtt, http) = (free_port(), free_port());
-    let quiet = || std::process::Stdio::null();
-    let name = if external { "external" } else { "embedded" };
-    let mut broker = None;
-    let mqtt_section = if external {
-        let conf = dir.join("bench-mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {mqtt} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 1000\n"),
-        )
-        .unwrap();
-        broker = Some(
-            std::process::Command::new("mosquitto")
-                .args(["-c", conf.to_str().unwrap()])
-                .stdout(quiet())
-                .stderr(quiet())
-                .spawn()
-                .expect("mosquitto (the external-mode benchmark needs it on PATH)"),
-        );
-        wait_port(mqtt);
-        format!("mode = \"external\"\nbroker_url = \"mqtt://127.0.0.1:{mqtt}\"\n")
-    } else {
-        format!("mode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n")
-    };
-    let tag = format!("{name}-{devices}");
-    let cfg = dir.join(format!("bench-edge-{tag}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            "gateway_id = \"bench\"\ndata_dir = {:?}\n[mqtt]\n{mqtt_section}[clock]\nmax_behind = \"36500d\"\n[forward]\ncloud_url = \"http://127.0.0.1:9\"\nretry_min = \"10s\"\nretry_max = \"60s\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
-            dir.join(format!("bench-edge-{tag}"))
-        ),
-    )
-    .unwrap();
-    let (mut edge_cmd, binary) = edge_command();
-    let mut edge = edge_cmd
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .env("RUST_LOG", "error")
-        .stdout(quiet())
-        .stderr(quiet())
-        .spawn()
-        .unwrap();
-    wait_port(http);
-    wait_port(mqtt);
-    let seconds = (20.0 * scale).max(3.0);
-    let mut sim = std::process::Command::new(&exe)
-        .args(["sim", "--broker", &format!("127.0.0.1:{mqtt}"), "--devices", &devices.to_string()])
-        .args(["--rate", &rate.to_string(), "--duration", &format!("{}s", seconds + 4.0)])
-        .args(["--event-interval", &format!("{}ms", 1000 / rate.max(1)), "--drain-timeout", "5s"])
-        .env("RUST_LOG", "error")
-        .stdout(quiet())
-        .stderr(quiet())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(if devices > 1000 { 8 } else { 3 })); // connect and warm up
-    let lat0 = scrape_buckets(http, "kappa_edge_ingest_to_durable_seconds", "");
-    let (c0, cpu0, n0, t0) = (
-        scrape(http, "kappa_edge_log_commits_total"),
-        cpu_seconds(edge.id()),
-        scrape(http, "kappa_edge_readings_committed_total"),
-        Instant::now(),
-    );
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    let (c1, cpu1, n1, wall) = (
-        scrape(http, "kappa_edge_log_commits_total"),
-        cpu_seconds(edge.id()),
-        scrape(http, "kappa_edge_readings_committed_total"),
-        t0.elapsed().as_secs_f64(),
-    );
-    let rss = rss_mib(edge.id());
-    let lat1 = scrape_buckets(http, "kappa_edge_ingest_to_durable_seconds", "");
-    let (p50, p99) = (bucket_quantile(&lat0, &lat1, 0.5) * 1e3, bucket_quantile(&lat0, &lat1, 0.99) * 1e3);
-    let _ = sim.wait();
-    let _ = edge.kill();
-    let _ = edge.wait();
-    if let Some(mut b) = broker {
-        let _ = b.kill();
-        let _ = b.wait();
-    }
-    let readings = n1 - n0;
-    let cpu = (cpu1 - cpu0).max(0.01);
-    println!(
-        "edge ingest via MQTT ({devices} devices at {rate}/s, {name} broker, durability=full): {:.0} readings/s, {:.0} readings per agent CPU-second, {:.0} readings per commit, agent RSS {rss:.1} MiB, arrival to durable p50 <= {p50:.2} ms p99 <= {p99:.2} ms ({binary})",
-        readings / wall,
-        readings / cpu,
-        readings / (c1 - c0).max(1.0)
-    );
-    json!({
-        "broker": name, "devices": devices, "offered_per_s": devices * rate, "seconds": wall, "agent_binary": binary,
-        "readings_per_s": readings / wall, "agent_cpu_seconds": cpu,
-        "readings_per_agent_cpu_second": readings / cpu,
-        "readings_per_commit": readings / (c1 - c0).max(1.0),
-        "agent_rss_mib": rss,
-        "arrival_to_durable_ms": { "p50_at_most": p50, "p99_at_most": p99, "buckets": "x1.25 from 0.1 ms" },
-    })
 }
 
 /// The processor over a pre-filled embedded log: decode, window, checkpoint.
