@@ -9,8 +9,8 @@ use kappa_cloud::store::ViewStore;
 use kappa_sim::anomaly::{AnomalyTruth, Kind};
 use serde_json::Value;
 
-use crate::alert_kit::*;
-use crate::util::*;
+use kappa_tests::alert_kit::*;
+use kappa_tests::harness::*;
 
 /// Which anomaly each rule is there to catch.
 const TARGETS: [(&str, Kind); 6] = [

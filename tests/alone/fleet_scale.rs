@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// One simulator process runs 10,000 devices, each with its own MQTT
 /// connection held for a minute while it publishes one reading a second:

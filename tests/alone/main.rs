@@ -9,14 +9,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
-#[allow(dead_code)]
-#[path = "../e2e/util.rs"]
-mod util;
-
-#[allow(dead_code)]
-#[path = "../e2e/alert_kit.rs"]
-mod alert_kit;
-
 mod alert_scoring;
 mod fleet_scale;
 

@@ -10,8 +10,8 @@ use kappa_common::Reading;
 use kappa_common::batch::EdgeBatch;
 use serde_json::Value;
 
-use crate::alert_kit::*;
-use crate::util::*;
+use kappa_tests::alert_kit::*;
+use kappa_tests::harness::*;
 
 /// Heartbeats from an idle edge keep its gateway's clock going, so devices
 /// that stop are declared silent although nothing else arrives; in real time.

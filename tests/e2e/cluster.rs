@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// PostgreSQL on this machine (`.ci/run` starts it): trust auth, database `test`.
 fn postgres() -> String {
@@ -55,7 +55,7 @@ impl Worker {
         std::fs::write(&path, format!("data_dir = {data:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{config}"))
             .expect("write the worker config");
         let proc =
-            Proc::spawn_env(name, BIN, &["cloud", "worker", "--config", path.to_str().unwrap_or_default()], dir, env);
+            Proc::spawn_env(name, bin(), &["cloud", "worker", "--config", path.to_str().unwrap_or_default()], dir, env);
         wait_for_port(port).await;
         Worker { port, proc }
     }
@@ -185,7 +185,7 @@ async fn two_workers_compute_the_same_views_as_an_embedded_node() {
         assert!(w.processed().await > 0.0, "both workers computed a share\n{logs}");
         assert_eq!(status(&format!("http://127.0.0.1:{}/readyz", w.port)).await, 200, "ready with a share\n{logs}");
     }
-    let served = crate::alert_kit::fetch_alerts(&cloud.url(), &[]).await;
+    let served = kappa_tests::alert_kit::fetch_alerts(&cloud.url(), &[]).await;
     let served: BTreeSet<&str> = served.iter().filter_map(|a| a["id"].as_str()).collect();
     assert_eq!(served, alert_ids, "the node's API serves the cluster's alerts from PostgreSQL");
 }
@@ -282,9 +282,9 @@ async fn a_second_node_takes_over_alerts_and_their_deliveries_from_postgresql() 
         .unwrap();
     assert_eq!(acked["acked"]["by"], "ana", "{acked}");
     assert_eq!(acked["history"].as_array().map(Vec::len), Some(2), "fired and resolved: {acked}");
-    let listed = crate::alert_kit::fetch_alerts(&second.url(), &[("rule", "overheat")]).await;
+    let listed = kappa_tests::alert_kit::fetch_alerts(&second.url(), &[("rule", "overheat")]).await;
     assert_eq!(listed.len(), devices as usize);
-    let elsewhere = crate::alert_kit::fetch_alerts(&ingest_only.url(), &[("rule", "overheat")]).await;
+    let elsewhere = kappa_tests::alert_kit::fetch_alerts(&ingest_only.url(), &[("rule", "overheat")]).await;
     assert_eq!(elsewhere, listed, "every node's API reads the same alerts");
     assert!(elsewhere.iter().any(|a| a["acked"]["by"] == "ana"));
     let local = dir.path().join("second-data").join("views.sqlite");
@@ -341,7 +341,7 @@ async fn replay_on_a_cluster(name: &str, env: &[(&str, &str)]) -> Replayed {
     let views = |args: &'static [&'static str]| {
         let path = admin_config.clone();
         async move {
-            let out = tokio::process::Command::new(BIN)
+            let out = tokio::process::Command::new(bin())
                 .args(["cloud", "views"])
                 .args(args)
                 .args(["--config", path.to_str().unwrap_or_default()])

@@ -44,7 +44,8 @@ fn every_example_edge_config_is_valid() {
 
 #[test]
 fn the_example_configs_ship_the_rules_the_alert_tests_score() {
-    let tested = kappa_cloud::config::CloudConfig::from_toml(crate::alert_kit::RULES).unwrap().rule_specs().unwrap();
+    let tested =
+        kappa_cloud::config::CloudConfig::from_toml(kappa_tests::alert_kit::RULES).unwrap().rule_specs().unwrap();
     for f in ["../deploy/cloud/single-node.toml", "../deploy/local/cloud.toml"] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
         let shipped = kappa_cloud::config::CloudConfig::load(&path).unwrap().rule_specs().unwrap();
@@ -62,7 +63,7 @@ fn the_gateway_unit_is_valid_hardened_and_installable() {
     let unit = std::fs::read_to_string(repo.join("deploy/edge/kappa-edge.service")).unwrap();
     // The wrapper stands in for the installed binary: the test binary's edge role.
     let wrapper = dir.path().join("kappa-edge");
-    std::fs::write(&wrapper, format!("#!/bin/sh\nexec {} edge \"$@\"\n", crate::util::BIN)).unwrap();
+    std::fs::write(&wrapper, format!("#!/bin/sh\nexec {} edge \"$@\"\n", kappa_tests::harness::bin())).unwrap();
     std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let staged = dir.path().join("kappa-edge.service");
     std::fs::write(&staged, unit.replace("/usr/local/bin/kappa-edge", wrapper.to_str().unwrap())).unwrap();

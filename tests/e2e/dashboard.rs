@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 fn chromium() -> PathBuf {
     let path = std::env::var_os("KAPPA_CHROMIUM").map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);

@@ -14,7 +14,7 @@ use rumqttc::{ConnectReturnCode, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::mqtt_auth::{Session, credentials, logged, reading, session, session_with};
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// TLS options for client id `id` at `port`, trusting `ca`, presenting the
 /// certificate `{dir}/{name}.pem` (+ `.key`) if given: the simulator's own
@@ -234,7 +234,7 @@ async fn the_gate_admits_devices_by_certificate_or_password_and_keeps_each_to_it
         ("kappa_edge_mqtt_connections_refused_total{reason=\"packet_too_large\"}", 1.0),
         ("kappa_edge_mqtt_connections_refused_total{reason=\"no_identity\"}", 2.0),
     ] {
-        assert_eq!(crate::util::series(&metrics, series).await, want, "{series}\n{}", edge.proc.tail());
+        assert_eq!(kappa_tests::harness::series(&metrics, series).await, want, "{series}\n{}", edge.proc.tail());
     }
     let log = std::fs::read_to_string(&edge.proc.log).unwrap_or_default();
     assert!(log.contains("devices/dev-b/telemetry") && log.contains("Denied"), "the denial is logged");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// Every aggregate the cloud holds for `window`, through the paginated API.
 async fn fetch_aggregates(cloud_url: &str, window: &str) -> Vec<Value> {
@@ -100,7 +100,7 @@ async fn aggregate_mode_survives_kills_and_the_cloud_merges_exactly_the_truth() 
 
     // Backfill the first minute's raw readings: they reach the cloud, once.
     let backfill = |from: i64, to: i64| {
-        let out = std::process::Command::new(BIN)
+        let out = std::process::Command::new(bin())
             .args(["edge", "log", "backfill", "--config", edge.config.to_str().unwrap()])
             .args(["--from", &from.to_string(), "--to", &to.to_string()])
             .output()

@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// Runs `kappa-edge log dead-letters ARGS` against the agent's config.
 fn dead_letters(edge: &Edge, args: &[&str]) -> String {
     let config = edge.config.to_str().unwrap();
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args(["edge", "log", "dead-letters"])
         .args(args)
         .args(["--config", config])

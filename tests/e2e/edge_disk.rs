@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// A tmpfs of `size` mounted at `at`, unmounted when dropped. Needs root
 /// (CI runs as root); anything else is a clear failure, not a skip.

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// A node's config for the Kafka log on `broker`, with `extra` after it.
 fn kafka_config(broker: &Tansu, topic: &str, extra: &str) -> String {

@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// `kappa-cloud pki` into `dir/pki`: a CA and a server certificate for 127.0.0.1.
 async fn broker_certificate(dir: &std::path::Path) -> std::path::PathBuf {
@@ -23,7 +23,7 @@ async fn broker_certificate(dir: &std::path::Path) -> std::path::PathBuf {
         vec!["cloud", "pki", "init", "--dir", pki_arg],
         vec!["cloud", "pki", "issue", "--dir", pki_arg, "--kind", "server", "--name", "broker", "--san", "127.0.0.1"],
     ] {
-        let out = tokio::process::Command::new(BIN).args(&args).output().await.expect("kappa-cloud pki");
+        let out = tokio::process::Command::new(bin()).args(&args).output().await.expect("kappa-cloud pki");
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     pki

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// Reads until the server closes the connection; what it sent, and when it closed.
 async fn until_closed(mut s: TcpStream, limit: Duration) -> (String, Duration) {

@@ -7,7 +7,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
-mod alert_kit;
 mod alerts;
 mod cluster;
 mod configs;
@@ -29,4 +28,3 @@ mod processor;
 mod replay;
 mod security;
 mod simulator;
-mod util;

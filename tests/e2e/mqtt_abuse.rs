@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// How many slow-loris connections; the listener allows `LIMIT`.
 const SLOW: usize = 600;

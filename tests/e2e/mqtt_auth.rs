@@ -10,13 +10,13 @@ use std::time::Duration;
 use kappa_common::device;
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// Runs `kappa-edge mosquitto credentials` for the agent and `devices` into
 /// `dir/creds`; the passwords it created, by login, and the password and ACL files.
 pub fn credentials(dir: &std::path::Path, devices: &[&str]) -> (HashMap<String, String>, PathBuf, PathBuf) {
     let out = dir.join("creds");
-    let mut cmd = std::process::Command::new(BIN);
+    let mut cmd = std::process::Command::new(bin());
     cmd.args(["edge", "mosquitto", "credentials", "--out", out.to_str().unwrap()]);
     for d in devices {
         cmd.args(["--device", d]);

@@ -14,7 +14,7 @@ use kappa_cloud::pki::{self, Kind};
 use kappa_sim::security::DeviceSecurity;
 
 use crate::mqtt_auth::logged;
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// A reading of `device` with sequence number `seq`, as JSON.
 fn reading(_device: &str, seq: u64) -> Vec<u8> {

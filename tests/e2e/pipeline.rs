@@ -6,7 +6,7 @@ use std::time::Duration;
 use kappa_cloud::api::RowOut;
 use kappa_sim::truth::GroundTruth;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 const SETTLE: Duration = Duration::from_secs(90);
 

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// The reference views, with a short out-of-orderness bound so the scenario
 /// has late data, plus `poll`/`checkpoint` settings.

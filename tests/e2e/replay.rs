@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kappa_cloud::admin;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 /// Settings that make segments small and frequent, plus `views`.
 fn config(views: &str, archive: &str) -> String {
@@ -99,7 +99,7 @@ async fn a_replayed_version_equals_the_live_one_and_a_second_replay_too() {
 
     // The CLI: compare exits 0 when equal, watch reports a live version.
     let cmd = |args: &[&str]| {
-        std::process::Command::new(BIN)
+        std::process::Command::new(bin())
             .args(["cloud"])
             .args(args)
             .args(["--config", cloud.config.to_str().unwrap()])
@@ -131,7 +131,7 @@ async fn changed_logic_is_reported_and_readers_never_see_a_mix_across_promote_an
     // 2,000 s of data per device: 7 five-minute windows, 4 ten-minute ones.
     assert_eq!((c.rows_a, c.rows_b), (30 * 7, 30 * 4), "{c:#?}");
     assert_eq!(c.totals["event_count"].0, c.totals["event_count"].1, "the same readings, counted once either way");
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args(["cloud", "views", "compare", "device_metrics", "1", "2", "--config", cloud.config.to_str().unwrap()])
         .output()
         .unwrap();
@@ -365,7 +365,7 @@ async fn the_archive_exports_a_time_range_as_hive_partitioned_parquet_csv_and_js
 
     let export = |format: &str, from: &str, to: &str| {
         let out = dir.path().join(format!("out-{format}"));
-        let o = std::process::Command::new(BIN)
+        let o = std::process::Command::new(bin())
             .args(["cloud", "archive", "export", "--format", format, "--from", from, "--to", to, "--out"])
             .arg(&out)
             .args(["--config", cloud.config.to_str().unwrap()])
@@ -485,7 +485,7 @@ async fn archive_remotely_and_replay(dir: &std::path::Path, name: &str, archive:
     let c = admin::compare(&cloud.config(), "device_metrics", 1, 2, 5).unwrap();
     assert!(c.equal(), "{c:#?}");
     assert_eq!(c.totals["event_count"].1 as u64, sent, "the replay saw every reading, from the object store");
-    let verify = std::process::Command::new(BIN)
+    let verify = std::process::Command::new(bin())
         .args(["cloud", "archive", "verify", "--config", cloud.config.to_str().unwrap()])
         .envs(env.iter().copied())
         .output()

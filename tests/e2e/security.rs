@@ -12,7 +12,7 @@ use kappa_cloud::auth::token_sha256;
 use kappa_cloud::pki::{self, Kind};
 use kappa_common::batch::{self, EdgeBatch};
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 fn token(name: &str) -> String {
     // A fixed prefix, the name and fresh randomness: unique per run, easy to grep for.
@@ -75,10 +75,10 @@ async fn only_gateways_with_their_own_valid_token_reach_a_tls_cloud_and_the_api_
             "127.0.0.1",
         ],
     ] {
-        let out = std::process::Command::new(BIN).arg("cloud").args(&args).output().expect("run kappa-cloud");
+        let out = std::process::Command::new(bin()).arg("cloud").args(&args).output().expect("run kappa-cloud");
         assert!(out.status.success(), "kappa-cloud {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args(["cloud", "auth", "token", "--gateway", "gw-a"])
         .output()
         .expect("run kappa-cloud auth token");

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::util::*;
+use kappa_tests::harness::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_whose_broker_refuses_says_so_and_stops_at_its_duration() {

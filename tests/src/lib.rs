@@ -1,5 +1,11 @@
 //! Support for the end-to-end tests and the benchmark harness.
 
+// Test support: what the tests assert on may unwrap (a failure is the test's).
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod alert_kit;
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod harness;
+
 use std::ffi::OsString;
 use std::process::ExitCode;
 

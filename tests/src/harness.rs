@@ -1,5 +1,6 @@
-//! Shared helpers: processes, ports, configs, the fleet, and the comparison
-//! of views against ground truth.
+//! The end-to-end harness, shared by the test binaries (`tests/e2e`,
+//! `tests/alone`) and the tools (`kappa-chaos`): processes, ports, configs,
+//! the fleet, and the comparison of views against ground truth.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -12,8 +13,25 @@ use kappa_common::Reading;
 use kappa_common::batch::{self, EdgeBatch};
 use kappa_sim::truth::GroundTruth;
 
-/// `kappa-proc`: the edge, cloud and sim binaries in one executable.
-pub const BIN: &str = env!("CARGO_BIN_EXE_kappa-proc");
+/// `kappa-proc`: the edge, cloud and sim binaries in one executable. Found
+/// next to the running program (or one directory up, for test binaries in
+/// `target/*/deps`); `KAPPA_PROC` overrides. A program that runs the roles
+/// itself (`kappa-chaos`) is its own.
+pub fn bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("KAPPA_PROC") {
+            return p.to_string_lossy().into_owned();
+        }
+        let exe = std::env::current_exe().expect("the running program's path");
+        let found = exe
+            .parent()
+            .into_iter()
+            .flat_map(|dir| [dir.join("kappa-proc"), dir.parent().map(|p| p.join("kappa-proc")).unwrap_or_default()])
+            .find(|p| p.is_file());
+        found.unwrap_or(exe).to_string_lossy().into_owned()
+    })
+}
 
 /// A port nobody is listening on right now.
 pub fn free_port() -> u16 {
@@ -21,6 +39,7 @@ pub fn free_port() -> u16 {
 }
 
 /// A child process whose output goes to a log file; killed when dropped.
+#[derive(Debug)]
 pub struct Proc {
     pub name: String,
     child: tokio::process::Child,
@@ -30,7 +49,7 @@ pub struct Proc {
 impl Proc {
     /// Starts `kappa-proc ROLE ARGS`.
     pub fn spawn(name: &str, role: &str, args: &[&str], dir: &Path) -> Proc {
-        Self::spawn_cmd(name, BIN, &[&[role], args].concat(), dir)
+        Self::spawn_cmd(name, bin(), &[&[role], args].concat(), dir)
     }
 
     /// Starts any program.
@@ -137,6 +156,7 @@ pub async fn wait_for_port(port: u16) {
 }
 
 /// A cloud node process with its own data directory and port.
+#[derive(Debug)]
 pub struct Cloud {
     pub port: u16,
     pub config: PathBuf,
@@ -216,7 +236,7 @@ impl Cloud {
 
     /// `views dump` with more arguments (`--alerts`).
     pub async fn dump_with(&self, args: &[&str]) -> String {
-        let out = tokio::process::Command::new(BIN)
+        let out = tokio::process::Command::new(bin())
             .args(["cloud", "views", "dump", "--config", self.config.to_str().unwrap_or_default()])
             .args(args)
             .output()
@@ -243,7 +263,7 @@ impl Cloud {
 
 fn spawn_cloud(name: &str, config: &Path, dir: &Path, env: &[(String, String)]) -> Proc {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    Proc::spawn_env(name, BIN, &["cloud", "run", "--config", config.to_str().unwrap_or_default()], dir, &env)
+    Proc::spawn_env(name, bin(), &["cloud", "run", "--config", config.to_str().unwrap_or_default()], dir, &env)
 }
 
 /// An MQTT 3.1.1 CONNECT for client `id` (clean session, keep-alive 30 s),
@@ -269,6 +289,7 @@ pub enum Mqtt {
 }
 
 /// An edge agent process.
+#[derive(Debug)]
 pub struct Edge {
     pub mqtt_port: u16,
     pub http_port: u16,
@@ -328,7 +349,7 @@ impl Edge {
 
     fn spawn(name: &str, config: &Path, dir: &Path, env: &[(String, String)]) -> Proc {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Proc::spawn_env(name, BIN, &["edge", "run", "--config", config.to_str().unwrap_or_default()], dir, &env)
+        Proc::spawn_env(name, bin(), &["edge", "run", "--config", config.to_str().unwrap_or_default()], dir, &env)
     }
 
     async fn wait_ready(&self, embedded: bool) {
@@ -353,6 +374,7 @@ impl Edge {
 /// A private Mosquitto on its own port, configured as a gateway should be
 /// for the agent's external mode (queues deep enough to hold a backlog while
 /// the agent restarts).
+#[derive(Debug)]
 pub struct Mosquitto {
     pub port: u16,
     pub proc: Proc,
@@ -688,6 +710,7 @@ pub async fn ingest(cloud: &Cloud, batches: &[EdgeBatch]) -> u64 {
 }
 
 /// A Kafka-protocol broker process (tansu, in-memory storage) on its own port.
+#[derive(Debug)]
 pub struct Tansu {
     pub port: u16,
     pub proc: Proc,
@@ -695,7 +718,7 @@ pub struct Tansu {
 
 impl Tansu {
     fn binary() -> PathBuf {
-        kappa_tests::tansu_binary().unwrap_or_else(|| {
+        crate::tansu_binary().unwrap_or_else(|| {
             panic!(
                 "no tansu broker: build it with `cargo install tansu --locked --version 0.6.0 --features dynostore \
                  --root ~/.cache/kappa-tools/tansu-0.6.0` (about 18 minutes; .ci/run does it) or set KAPPA_TANSU"
