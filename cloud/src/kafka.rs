@@ -162,8 +162,8 @@ fn partition_count(admin: &AdminClient<DefaultClientContext>, spec: &TopicSpec<'
 /// Consecutive failed produces after which the producer is recreated.
 const RECREATE_AFTER_FAILURES: u32 = 3;
 
-/// An idempotent `acks=all` producer, replaced by a fresh one (a new
-/// producer id) after a fatal error or repeated failures.
+/// An `acks=all` producer, replaced by a fresh one (a new producer id)
+/// after a fatal error or repeated failures.
 pub struct ProducerSlot {
     config: ClientConfig,
     current: Mutex<FutureProducer>,
@@ -178,12 +178,22 @@ impl std::fmt::Debug for ProducerSlot {
 }
 
 impl ProducerSlot {
-    /// `config` plus idempotence, `acks=all` and a delivery timeout.
-    pub fn new(mut config: ClientConfig, delivery_timeout: Duration, section: &'static str) -> Result<Self, String> {
+    /// `config` plus `acks=all`, a delivery timeout and, if `idempotent`,
+    /// librdkafka's idempotence (no duplicates from its own retries, order
+    /// kept); without it, at most 5 requests in flight per connection.
+    pub fn new(
+        mut config: ClientConfig,
+        delivery_timeout: Duration,
+        section: &'static str,
+        idempotent: bool,
+    ) -> Result<Self, String> {
         config
-            .set("enable.idempotence", "true")
+            .set("enable.idempotence", idempotent.to_string())
             .set("acks", "all")
             .set("message.timeout.ms", delivery_timeout.as_millis().max(1).to_string());
+        if !idempotent {
+            config.set("max.in.flight.requests.per.connection", "5");
+        }
         let producer = config.create().map_err(|e| format!("{section}: cannot create the producer: {e}"))?;
         Ok(Self { config, current: Mutex::new(producer), failures: AtomicU32::new(0), section })
     }

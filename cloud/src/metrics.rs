@@ -43,6 +43,8 @@ pub struct CloudMetrics {
     /// version being rebuilt each run their own processor.
     pub lag_seconds: Family<PipelineLabel, Gauge>,
     pub checkpoint_rows: Histogram,
+    /// Per pipeline: failures it rode out by restoring its last checkpoint.
+    pub pipeline_restarts: Family<PipelineLabel, Counter>,
     pub checkpoint_commit_seconds: Histogram,
     pub window_emit_seconds: Histogram,
     /// Per pipeline: from a reading's event time to the commit that makes it
@@ -104,6 +106,7 @@ impl CloudMetrics {
             batch_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             lag_seconds: Family::default(),
             checkpoint_rows: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
+            pipeline_restarts: Family::default(),
             checkpoint_commit_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 16)),
             window_emit_seconds: Histogram::new(exponential_buckets(0.000_5, 2.0, 14)),
             event_to_view_seconds: Family::new_with_constructor(|| {
@@ -218,6 +221,11 @@ impl CloudMetrics {
             m.checkpoint_commit_seconds.clone(),
         );
         r.register("checkpoint_rows", "View rows written per checkpoint", m.checkpoint_rows.clone());
+        r.register(
+            "pipeline_restarts",
+            "Times a node's pipeline failed (PostgreSQL restarting, say) and restored its last checkpoint to go on",
+            m.pipeline_restarts.clone(),
+        );
         r.register(
             "window_emit_seconds",
             "From the watermark passing closed windows to their rows being committed",

@@ -52,32 +52,66 @@ enum PipelineStore {
     },
 }
 
+/// Makes a pipeline's operators afresh: a pipeline that starts again after
+/// a failure restores them from the store.
+type MakeOps = Box<dyn Fn() -> Vec<Box<dyn Operator>> + Send>;
+
 impl PipelineStore {
-    /// Restores `pipeline` from the store and runs it until `cancel`.
+    /// Restores `pipeline` from the store and runs it until `cancel`. On a
+    /// cluster, a failure that retrying can mend (PostgreSQL restarting or
+    /// unreachable) restores the pipeline again from its last checkpoint
+    /// and goes on; being fenced by another node that took the pipeline over
+    /// ends it (and the node).
     fn run<S: LogSource>(
         &self,
-        source: S,
+        make_source: impl Fn() -> Result<S, String>,
         pipeline: &str,
-        ops: Vec<Box<dyn Operator>>,
+        make_ops: MakeOps,
         settings: ProcessorSettings,
         metrics: Arc<CloudMetrics>,
         cancel: CancellationToken,
     ) -> Result<(), String> {
         let name = pipeline.to_string();
-        let p = match self {
+        let (pg, log_partitions) = match self {
             PipelineStore::Embedded(path) => {
                 let store = ViewStore::open(path).map_err(|e| e.to_string())?;
-                Processor::with_operators(source, store, name, ops, false, settings, metrics)
+                let p = Processor::with_operators(make_source()?, store, name, make_ops(), false, settings, metrics)
+                    .map_err(|e| e.to_string())?;
+                return p.run(cancel).map_err(|e| e.to_string());
             }
-            PipelineStore::Cluster { settings: pg, log_partitions } => {
-                let mut store = PgStore::connect(pg, *log_partitions).map_err(|e| e.to_string())?;
-                let every: Vec<_> = (0..*log_partitions).collect();
+            PipelineStore::Cluster { settings: pg, log_partitions } => (pg, *log_partitions),
+        };
+        let every: Vec<_> = (0..log_partitions).collect();
+        let mut pause = Duration::from_millis(200);
+        while !cancel.is_cancelled() {
+            let outcome = make_source().and_then(|source| {
+                let mut store = PgStore::connect(pg, log_partitions).map_err(|e| e.to_string())?;
                 store.claim(pipeline, &every).map_err(|e| e.to_string())?;
-                Processor::with_operators(source, store, name, ops, false, settings, metrics)
+                let p = Processor::with_operators(
+                    source,
+                    store,
+                    name.clone(),
+                    make_ops(),
+                    false,
+                    settings,
+                    metrics.clone(),
+                )
+                .map_err(|e| e.to_string())?;
+                p.run(cancel.clone()).map_err(|e| e.to_string())
+            });
+            let Err(e) = outcome else { return Ok(()) };
+            if e.contains("fenced:") || cancel.is_cancelled() {
+                return Err(e);
             }
+            tracing::warn!(pipeline, error = %e, retry_in = ?pause, "The pipeline failed; it restores its last checkpoint and goes on.");
+            metrics.pipeline_restarts.get_or_create(&[("pipeline", pipeline.to_string())]).inc();
+            let until = std::time::Instant::now() + pause;
+            while std::time::Instant::now() < until && !cancel.is_cancelled() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            pause = (pause * 2).min(Duration::from_secs(10));
         }
-        .map_err(|e| e.to_string())?;
-        p.run(cancel).map_err(|e| e.to_string())
+        Ok(())
     }
 
     fn outbox(&self) -> deliver::OutboxAt {
@@ -90,12 +124,13 @@ impl PipelineStore {
     }
 }
 
-/// Runs `ops` as the pipeline `pipeline` on its own thread; its failure stops the node.
+/// Runs the operators `make_ops` makes as the pipeline `pipeline` on its
+/// own thread; a failure it cannot ride out stops the node.
 #[allow(clippy::too_many_arguments)]
 fn spawn_operators(
     tasks: &mut Tasks,
     pipeline: &'static str,
-    ops: Vec<Box<dyn Operator>>,
+    make_ops: MakeOps,
     src: &Sources<'_>,
     store: &PipelineStore,
     settings: ProcessorSettings,
@@ -103,17 +138,20 @@ fn spawn_operators(
     cancel: &CancellationToken,
 ) -> Result<(), NodeError> {
     let name: &'static str = Box::leak(format!("processor:{pipeline}").into_boxed_str());
-    let (c, m, store) = (cancel.clone(), metrics.clone(), store.clone());
+    let (c, m, store, log) = (cancel.clone(), metrics.clone(), store.clone(), src.log.clone());
+    // Sources are made in the pipeline's thread, so that a restart makes a new one.
     let spawned = match src.archive {
         Some(a) => {
-            let archived =
-                ArchiveSource::open(a.clone(), src.skip_damaged).map_err(|e| NodeError::Bind(e.to_string()))?;
-            let chain = ChainSource::new(archived, src.log.source()?);
-            tasks.spawn_thread(name, move || store.run(chain, pipeline, ops, settings, m, c))
+            let (archive, skip_damaged) = (a.clone(), src.skip_damaged);
+            let make = move || {
+                let archived = ArchiveSource::open(archive.clone(), skip_damaged).map_err(|e| e.to_string())?;
+                Ok(ChainSource::new(archived, log.source().map_err(|e| e.to_string())?))
+            };
+            tasks.spawn_thread(name, move || store.run(make, pipeline, make_ops, settings, m, c))
         }
         None => {
-            let source = src.log.source()?;
-            tasks.spawn_thread(name, move || store.run(source, pipeline, ops, settings, m, c))
+            let make = move || log.source().map_err(|e| e.to_string());
+            tasks.spawn_thread(name, move || store.run(make, pipeline, make_ops, settings, m, c))
         }
     };
     spawned.map_err(|e| NodeError::Bind(format!("cannot start the {pipeline} pipeline: {e}")))?;
@@ -253,33 +291,26 @@ impl Node {
 
         let rules = cfg.rule_specs().map_err(|e| NodeError::Config(e.join("\n  ")))?;
         if primary && !rules.is_empty() {
-            let op = AlertOperator::new(
-                rules,
-                cfg.alerts.settings(
-                    cfg.webhooks
-                        .iter()
-                        .map(|w| Route {
-                            webhook: w.name.clone(),
-                            min_severity: w.min_severity,
-                            rules: w.rules.clone(),
-                        })
-                        .chain(cfg.alerts.kafka.iter().map(|_| Route {
-                            webhook: kafka::TARGET.to_string(),
-                            min_severity: Severity::Info,
-                            rules: Vec::new(),
-                        }))
-                        .collect(),
-                    if kappa_runtime::fault::on(
-                        "KAPPA_TEST_GLOBAL_SILENCE_CLOCK",
-                        "offline gateways cause silence storms",
-                    ) {
-                        SilenceClock::GlobalWatermarkForTests
-                    } else {
-                        SilenceClock::Gateway
-                    },
-                ),
+            let alert_settings = cfg.alerts.settings(
+                cfg.webhooks
+                    .iter()
+                    .map(|w| Route { webhook: w.name.clone(), min_severity: w.min_severity, rules: w.rules.clone() })
+                    .chain(cfg.alerts.kafka.iter().map(|_| Route {
+                        webhook: kafka::TARGET.to_string(),
+                        min_severity: Severity::Info,
+                        rules: Vec::new(),
+                    }))
+                    .collect(),
+                if kappa_runtime::fault::on("KAPPA_TEST_GLOBAL_SILENCE_CLOCK", "offline gateways cause silence storms")
+                {
+                    SilenceClock::GlobalWatermarkForTests
+                } else {
+                    SilenceClock::Gateway
+                },
             );
-            let ops: Vec<Box<dyn Operator>> = vec![Box::new(op)];
+            let ops: MakeOps = Box::new(move || {
+                vec![Box::new(AlertOperator::new(rules.clone(), alert_settings.clone())) as Box<dyn Operator>]
+            });
             let src = Sources { archive: archive.as_ref(), skip_damaged: cfg.archive.skip_damaged, log: &log };
             spawn_operators(&mut tasks, ALERTS_PIPELINE, ops, &src, &pipeline_store, settings, &metrics, &cancel)?;
             if let Some(k) = cfg.alerts.kafka.clone() {
@@ -294,7 +325,7 @@ impl Node {
         // Edge aggregates: cheap when there are none, so always on (on the primary).
         if primary {
             let src = Sources { archive: archive.as_ref(), skip_damaged: cfg.archive.skip_damaged, log: &log };
-            let ops: Vec<Box<dyn Operator>> = vec![Box::new(AggregatesOperator::default())];
+            let ops: MakeOps = Box::new(|| vec![Box::new(AggregatesOperator::default()) as Box<dyn Operator>]);
             spawn_operators(&mut tasks, AGGREGATES_PIPELINE, ops, &src, &pipeline_store, settings, &metrics, &cancel)?;
         }
 

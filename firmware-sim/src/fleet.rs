@@ -82,6 +82,8 @@ pub struct FleetStats {
     pub reconnects: AtomicU64,
     /// Devices connected to the broker now.
     pub connected: AtomicU64,
+    /// Devices that have taken every reading of their run (`--readings`).
+    pub done_sampling: AtomicU64,
     /// Why the last connection attempt failed, if one did.
     pub last_error: std::sync::Mutex<Option<String>>,
 }
@@ -96,6 +98,11 @@ impl FleetStats {
 /// During the drain, no device connected for this long ends it: nothing can
 /// be acknowledged while the broker is unreachable.
 const UNREACHABLE_DRAIN: Duration = Duration::from_secs(5);
+
+/// Once every device has taken its `--readings`, the fleet waits for their
+/// acknowledgements without a deadline (a broker or agent restart is part of
+/// many runs), unless no device has been connected for this long.
+const UNREACHABLE_AFTER_SAMPLING: Duration = Duration::from_secs(30);
 
 /// What one device reports when it stops.
 struct DeviceOutcome {
@@ -131,10 +138,18 @@ pub async fn run(cfg: FleetConfig, stop: CancellationToken, stats: Arc<FleetStat
     loop {
         let deadline = drain_deadline;
         tokio::select! {
-            _ = check.tick(), if deadline.is_some() => {
+            _ = check.tick(), if !abort.is_cancelled() => {
+                let limit = if deadline.is_some() {
+                    UNREACHABLE_DRAIN
+                } else if stats.done_sampling.load(Ordering::Relaxed) >= u64::from(cfg.devices) {
+                    UNREACHABLE_AFTER_SAMPLING
+                } else {
+                    unreachable_since = None;
+                    continue;
+                };
                 if stats.connected.load(Ordering::Relaxed) > 0 {
                     unreachable_since = None;
-                } else if unreachable_since.get_or_insert_with(Instant::now).elapsed() >= UNREACHABLE_DRAIN {
+                } else if unreachable_since.get_or_insert_with(Instant::now).elapsed() >= limit {
                     tracing::warn!(
                         broker = %format!("{}:{}", cfg.broker_host, cfg.broker_port),
                         error = stats.last_error().unwrap_or_default(),
@@ -332,6 +347,7 @@ async fn run_device(
                 ticks += 1;
                 if ticks >= limit {
                     sampling = false;
+                    stats.done_sampling.fetch_add(1, Ordering::Relaxed);
                 }
             }
             ev = rx.recv() => match ev {

@@ -29,7 +29,23 @@ async fn ten_thousand_devices_publish_for_a_minute_into_one_agent() {
     .await;
     assert_eq!(committed, 600_000.0, "{}", edge.proc.tail());
     assert_eq!(connected, 10_000.0);
-    assert_eq!(edge.metric("kappa_edge_mqtt_connections_refused_total").await, None, "{}", edge.proc.tail());
+    // The agent refused nobody by its own limits or rules. A connection a
+    // device gave up on before the agent read its CONNECT (on a loaded
+    // machine, 10,000 arrive within seconds) is counted too, under
+    // `timeout` or `closed_before_connect`; the device reconnects, and the
+    // counts above show every one got in and had every reading acknowledged.
+    let url = format!("http://127.0.0.1:{}", edge.http_port);
+    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    let refused: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("kappa_edge_mqtt_connections_refused_total{")).collect();
+    let by_the_agent: Vec<&&str> = refused
+        .iter()
+        .filter(|l| !l.contains(r#"reason="timeout""#) && !l.contains(r#"reason="closed_before_connect""#))
+        .collect();
+    assert!(by_the_agent.is_empty(), "refused: {refused:?}\n{}", edge.proc.tail());
+    if !refused.is_empty() {
+        eprintln!("connections the devices gave up on before CONNECT: {refused:?}");
+    }
     assert_eq!(edge.metric("kappa_edge_readings_rejected_total").await, None);
     eprintln!("10,000 devices x 60 readings: the agent's peak RSS was {:.1} MiB", edge.proc.peak_rss_mib());
 }

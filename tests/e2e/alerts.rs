@@ -3,7 +3,6 @@
 //! scoring against a fleet's ground truth runs alone: `tests/alone`.)
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kappa_common::Reading;
@@ -42,50 +41,6 @@ async fn an_idle_edges_heartbeats_let_silence_fire() {
     .await;
     assert!(alerts.iter().all(|a| a["state"] == "firing" && a["gateway"] == "gw-hb"), "{alerts:#?}");
     assert!(edge.metric("kappa_edge_heartbeats_total").await.unwrap_or(0.0) > 0.0);
-}
-
-/// What the test's webhook receiver saw.
-#[derive(Default)]
-pub(crate) struct Received {
-    /// Idempotency key -> bodies received with it.
-    pub(crate) by_key: BTreeMap<String, Vec<String>>,
-    pub(crate) requests: usize,
-}
-
-/// A real HTTP server that fails the first `fail` requests with 500, lets
-/// the next `hang` requests time out, then accepts.
-pub(crate) async fn receiver(fail: usize, hang: usize) -> (u16, Arc<Mutex<Received>>) {
-    use axum::extract::State;
-    use axum::http::{HeaderMap, StatusCode};
-    let seen = Arc::new(Mutex::new(Received::default()));
-    let app = axum::Router::new()
-        .route(
-            "/hook",
-            axum::routing::post(
-                move |State(seen): State<Arc<Mutex<Received>>>, headers: HeaderMap, body: String| async move {
-                    let n = {
-                        let mut s = seen.lock().unwrap();
-                        s.requests += 1;
-                        s.requests
-                    };
-                    if n <= fail {
-                        return StatusCode::INTERNAL_SERVER_ERROR;
-                    }
-                    if n <= fail + hang {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        return StatusCode::OK;
-                    }
-                    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-                    seen.lock().unwrap().by_key.entry(key).or_default().push(body);
-                    StatusCode::OK
-                },
-            ),
-        )
-        .with_state(seen.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (port, seen)
 }
 
 /// Readings for `devices` devices, one per second for `n` seconds, where

@@ -8,64 +8,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use kappa_tests::alert_kit::receiver;
 use kappa_tests::harness::*;
-
-/// PostgreSQL on this machine (`.ci/run` starts it): trust auth, database `test`.
-fn postgres() -> String {
-    std::env::var("KAPPA_TEST_POSTGRES").unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
-}
-
-/// A PostgreSQL schema of the test's own, dropped first (a rerun starts clean).
-fn fresh_schema(name: &str) -> String {
-    let schema = format!("kappa_e2e_{name}_{}", std::process::id());
-    let drop = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
-    // The blocking client runs a runtime of its own: not on the test's.
-    std::thread::spawn(move || {
-        let mut client = postgres::Client::connect(&postgres(), postgres::NoTls).expect("PostgreSQL at 127.0.0.1:5432");
-        client.batch_execute(&drop).expect("drop the test schema");
-    })
-    .join()
-    .expect("the schema is dropped");
-    schema
-}
-
-/// The node's and the workers' config (without `data_dir` and `[http]`),
-/// with `extra` (processor settings, views) at the end.
-fn cluster_config(broker: &Tansu, schema: &str, extra: &str) -> String {
-    format!(
-        "[log]\nbackend = \"kafka\"\npartitions = 6\n[log.kafka]\nbrokers = \"{}\"\ntopic = \"events\"\n\
-         delivery_timeout = \"3s\"\n[cluster]\npostgres = \"{}\"\nschema = \"{schema}\"\n\
-         session_timeout = \"6s\"\n{extra}",
-        broker.brokers(),
-        postgres()
-    )
-}
-
-/// A `kappa-cloud worker` process with `/metrics` on a port of its own.
-struct Worker {
-    port: u16,
-    proc: Proc,
-}
-
-impl Worker {
-    async fn start(dir: &std::path::Path, name: &str, config: &str, env: &[(&str, &str)]) -> Worker {
-        let port = free_port();
-        let path = dir.join(format!("{name}.toml"));
-        let data = dir.join(format!("{name}-data"));
-        std::fs::write(&path, format!("data_dir = {data:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{config}"))
-            .expect("write the worker config");
-        let proc =
-            Proc::spawn_env(name, bin(), &["cloud", "worker", "--config", path.to_str().unwrap_or_default()], dir, env);
-        wait_for_port(port).await;
-        Worker { port, proc }
-    }
-
-    /// Readings this worker has processed so far.
-    async fn processed(&self) -> f64 {
-        series(&format!("http://127.0.0.1:{}", self.port), r#"kappa_cloud_readings_processed_total{pipeline="main"}"#)
-            .await
-    }
-}
 
 struct Run {
     truth: kappa_sim::truth::GroundTruth,
@@ -232,7 +176,7 @@ async fn negative_control_workers_that_do_not_restore_state_lose_readings() {
 async fn a_second_node_takes_over_alerts_and_their_deliveries_from_postgresql() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Tansu::start(dir.path()).await;
-    let (port, seen) = crate::alerts::receiver(15, 0).await;
+    let (port, seen) = receiver(15, 0).await;
     let rules = format!(
         "[processor]\ncheckpoint_interval = \"200ms\"\n\
          [[rules]]\nname = \"overheat\"\nkind = \"threshold\"\nwhen = \"temperature > 50\"\n\

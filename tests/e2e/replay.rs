@@ -416,21 +416,12 @@ async fn the_archive_exports_a_time_range_as_hive_partitioned_parquet_csv_and_js
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_s3_archive_is_written_and_replayed_from() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut moto = Proc::spawn_cmd("moto", "moto_server", &["-H", "127.0.0.1", "-p", &port.to_string()], dir.path());
-    wait_for_port(port).await;
-    let created = reqwest::Client::new().put(format!("http://127.0.0.1:{port}/kappa-archive")).send().await.unwrap();
-    assert!(created.status().is_success(), "create the bucket: {}", created.status());
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let env = [
-        ("AWS_ENDPOINT", endpoint.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_ACCESS_KEY_ID", "kappa-test"),
-        ("AWS_SECRET_ACCESS_KEY", "kappa-test"),
-        ("AWS_REGION", "us-east-1"),
-    ];
+    let mut moto = Moto::start(dir.path()).await;
+    moto.create_bucket("kappa-archive").await;
+    let env = moto.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     archive_remotely_and_replay(dir.path(), "s3", "url = \"s3://kappa-archive/site-a\"", &env).await;
-    moto.kill9().await;
+    moto.proc.kill9().await;
 }
 
 /// The same with Azure Blob storage (Azurite, Microsoft's storage emulator).

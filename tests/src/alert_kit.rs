@@ -1,6 +1,10 @@
 //! The reference alert rules and the alert API helpers, shared by the alert
 //! tests here and the scoring tests in `tests/alone`.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use serde_json::Value;
 
 /// The reference rule set (also in deploy/cloud/single-node.toml), tuned
@@ -73,4 +77,48 @@ pub async fn fetch_alerts(cloud_url: &str, query: &[(&str, &str)]) -> Vec<Value>
             None => return out,
         }
     }
+}
+
+/// What the test's webhook receiver saw.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Idempotency key -> bodies received with it.
+    pub by_key: BTreeMap<String, Vec<String>>,
+    pub requests: usize,
+}
+
+/// A real HTTP server that fails the first `fail` requests with 500, lets
+/// the next `hang` requests time out, then accepts.
+pub async fn receiver(fail: usize, hang: usize) -> (u16, Arc<Mutex<Received>>) {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    let seen = Arc::new(Mutex::new(Received::default()));
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                move |State(seen): State<Arc<Mutex<Received>>>, headers: HeaderMap, body: String| async move {
+                    let n = {
+                        let mut s = seen.lock().expect("the receiver");
+                        s.requests += 1;
+                        s.requests
+                    };
+                    if n <= fail {
+                        return StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    if n <= fail + hang {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        return StatusCode::OK;
+                    }
+                    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                    seen.lock().expect("the receiver").by_key.entry(key).or_default().push(body);
+                    StatusCode::OK
+                },
+            ),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("the receiver");
+    let port = listener.local_addr().expect("the receiver").port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, seen)
 }

@@ -13,12 +13,19 @@ use kappa_common::Reading;
 use kappa_common::batch::{self, EdgeBatch};
 use kappa_sim::truth::GroundTruth;
 
+static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes `path` the program [`bin`] runs the roles with (a tool that runs
+/// them itself, like `kappa-chaos`); before the first [`bin`] only.
+pub fn set_bin(path: &str) {
+    let _ = BIN.set(path.to_string());
+}
+
 /// `kappa-proc`: the edge, cloud and sim binaries in one executable. Found
 /// next to the running program (or one directory up, for test binaries in
 /// `target/*/deps`); `KAPPA_PROC` overrides. A program that runs the roles
 /// itself (`kappa-chaos`) is its own.
 pub fn bin() -> &'static str {
-    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
         if let Some(p) = std::env::var_os("KAPPA_PROC") {
             return p.to_string_lossy().into_owned();
@@ -529,6 +536,11 @@ pub async fn fetch_rows(cloud_url: &str, view: &str) -> Vec<RowOut> {
 
 /// [`fetch_rows`] with a client of the caller's (TLS roots, a token).
 pub async fn fetch_rows_with(client: &reqwest::Client, cloud_url: &str, view: &str) -> Vec<RowOut> {
+    try_fetch_rows(client, cloud_url, view).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`fetch_rows_with`] that says what went wrong instead of panicking.
+pub async fn try_fetch_rows(client: &reqwest::Client, cloud_url: &str, view: &str) -> Result<Vec<RowOut>, String> {
     let mut rows = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -536,11 +548,17 @@ pub async fn fetch_rows_with(client: &reqwest::Client, cloud_url: &str, view: &s
         if let Some(a) = &after {
             req = req.query(&[("after", a)]);
         }
-        let page: RowsPage = req.send().await.expect("query API").json().await.expect("rows page");
+        let response = req.send().await.map_err(|e| format!("query API: {e}"))?;
+        let status = response.status();
+        let body = response.text().await.map_err(|e| format!("query API: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("query API: {status}: {body}"));
+        }
+        let page: RowsPage = serde_json::from_str(&body).map_err(|e| format!("rows page: {e}: {body}"))?;
         rows.extend(page.rows);
         match page.next {
             Some(n) => after = Some(n),
-            None => return rows,
+            None => return Ok(rows),
         }
     }
 }
@@ -709,11 +727,15 @@ pub async fn ingest(cloud: &Cloud, batches: &[EdgeBatch]) -> u64 {
     records
 }
 
-/// A Kafka-protocol broker process (tansu, in-memory storage) on its own port.
+/// A Kafka-protocol broker process (tansu) on its own port: in memory, or
+/// on an S3 store ([`Tansu::start_on_s3`]) so that it can be restarted.
 #[derive(Debug)]
 pub struct Tansu {
     pub port: u16,
     pub proc: Proc,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    dir: PathBuf,
 }
 
 impl Tansu {
@@ -734,30 +756,160 @@ impl Tansu {
     /// A broker on `port` that tells clients to reach it at `advertised`
     /// (a TLS proxy in front of it, say).
     pub async fn start_advertising(dir: &Path, port: u16, advertised: u16) -> Tansu {
-        let listener = format!("tcp://127.0.0.1:{port}");
-        let advertised = format!("tcp://127.0.0.1:{advertised}");
-        let bin = Self::binary();
-        let proc = Proc::spawn_cmd(
-            "tansu",
-            bin.to_str().unwrap_or_default(),
-            &[
-                "broker",
-                "--listener-url",
-                &listener,
-                "--advertised-listener-url",
-                &advertised,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            dir,
-        );
+        Self::launch(dir, port, advertised, "memory://tansu/", Vec::new()).await
+    }
+
+    /// A broker keeping its topics in `moto`'s bucket `tansu`: what it
+    /// acknowledged survives [`Tansu::restart`].
+    pub async fn start_on_s3(dir: &Path, moto: &Moto) -> Tansu {
+        moto.create_bucket("tansu").await;
+        let port = free_port();
+        Self::launch(dir, port, port, "s3://tansu/", moto.env()).await
+    }
+
+    async fn launch(dir: &Path, port: u16, advertised: u16, storage: &str, mut env: Vec<(String, String)>) -> Tansu {
+        // Its INFO log is a line per record handled: gigabytes in a soak.
+        env.push(("RUST_LOG".into(), "warn".into()));
+        let args = vec![
+            "broker".to_string(),
+            "--listener-url".into(),
+            format!("tcp://127.0.0.1:{port}"),
+            "--advertised-listener-url".into(),
+            format!("tcp://127.0.0.1:{advertised}"),
+            "--storage-engine".into(),
+            storage.into(),
+        ];
+        let proc = Self::spawn(dir, &args, &env);
         wait_for_port(port).await;
-        Tansu { port, proc }
+        Tansu { port, proc, args, env, dir: dir.to_path_buf() }
+    }
+
+    fn spawn(dir: &Path, args: &[String], env: &[(String, String)]) -> Proc {
+        let bin = Self::binary();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Proc::spawn_env("tansu", bin.to_str().unwrap_or_default(), &args, dir, &env)
+    }
+
+    /// Starts the broker again (after [`Proc::kill9`]), with the same storage.
+    pub async fn restart(&mut self) {
+        self.proc = Self::spawn(&self.dir, &self.args, &self.env);
+        wait_for_port(self.port).await;
     }
 
     /// `host:port` for `bootstrap.servers`.
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// PostgreSQL on this machine (`.ci/run` starts it): trust auth, database `test`.
+pub fn postgres() -> String {
+    std::env::var("KAPPA_TEST_POSTGRES").unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
+}
+
+/// A PostgreSQL schema of the test's own, dropped first (a rerun starts clean).
+pub fn fresh_schema(name: &str) -> String {
+    let schema = format!("kappa_e2e_{name}_{}", std::process::id());
+    let drop = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+    // The blocking client runs a runtime of its own: not on the test's.
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&postgres(), postgres::NoTls).expect("PostgreSQL at 127.0.0.1:5432");
+        client.batch_execute(&drop).expect("drop the test schema");
+    })
+    .join()
+    .expect("the schema is dropped");
+    schema
+}
+
+/// The node's and the workers' config (without `data_dir` and `[http]`),
+/// with `extra` (processor settings, views) at the end.
+pub fn cluster_config(broker: &Tansu, schema: &str, extra: &str) -> String {
+    format!(
+        "[log]\nbackend = \"kafka\"\npartitions = 6\n[log.kafka]\nbrokers = \"{}\"\ntopic = \"events\"\n\
+         delivery_timeout = \"3s\"\n[cluster]\npostgres = \"{}\"\nschema = \"{schema}\"\n\
+         session_timeout = \"6s\"\n{extra}",
+        broker.brokers(),
+        postgres()
+    )
+}
+
+/// A `kappa-cloud worker` process with `/metrics` on a port of its own.
+#[derive(Debug)]
+pub struct Worker {
+    pub port: u16,
+    pub proc: Proc,
+    path: PathBuf,
+    env: Vec<(String, String)>,
+    dir: PathBuf,
+}
+
+impl Worker {
+    pub async fn start(dir: &Path, name: &str, config: &str, env: &[(&str, &str)]) -> Worker {
+        let port = free_port();
+        let path = dir.join(format!("{name}.toml"));
+        let data = dir.join(format!("{name}-data"));
+        std::fs::write(&path, format!("data_dir = {data:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{config}"))
+            .expect("write the worker config");
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let proc = Self::spawn(dir, &path, &env);
+        wait_for_port(port).await;
+        Worker { port, proc, path, env, dir: dir.to_path_buf() }
+    }
+
+    fn spawn(dir: &Path, path: &Path, env: &[(String, String)]) -> Proc {
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Proc::spawn_env(&name, bin(), &["cloud", "worker", "--config", path.to_str().unwrap_or_default()], dir, &env)
+    }
+
+    /// Starts the worker again (after [`Proc::kill9`]), with the same config.
+    pub async fn restart(&mut self) {
+        self.proc = Self::spawn(&self.dir, &self.path, &self.env);
+        wait_for_port(self.port).await;
+    }
+
+    /// Readings this worker has processed so far.
+    pub async fn processed(&self) -> f64 {
+        series(&format!("http://127.0.0.1:{}", self.port), r#"kappa_cloud_readings_processed_total{pipeline="main"}"#)
+            .await
+    }
+}
+
+/// moto's S3 server (a real process speaking the S3 protocol) on its own port.
+#[derive(Debug)]
+pub struct Moto {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl Moto {
+    pub async fn start(dir: &Path) -> Moto {
+        let port = free_port();
+        let proc = Proc::spawn_cmd("moto", "moto_server", &["-H", "127.0.0.1", "-p", &port.to_string()], dir);
+        wait_for_port(port).await;
+        Moto { port, proc }
+    }
+
+    pub async fn create_bucket(&self, bucket: &str) {
+        let url = format!("http://127.0.0.1:{}/{bucket}", self.port);
+        let created = reqwest::Client::new().put(url).send().await.expect("moto answers");
+        assert!(created.status().is_success(), "create the bucket {bucket}: {}", created.status());
+    }
+
+    /// The environment an S3 client (object_store) needs to reach it.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "kappa-test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "kappa-test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_DEFAULT_REGION", "us-east-1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
     }
 }
 

@@ -265,13 +265,31 @@ where
     let mut rng = crate::now_ms() as u64 | 1;
     let label = |result: &str| [("webhook", target.to_string()), ("result", result.to_string())];
     let mut last_gauge = std::time::Instant::now();
+    // While the store is away (PostgreSQL restarting), retries back off to
+    // a few seconds and the warning is logged once per outage.
+    let mut store_away: Option<Duration> = None;
     while !cancel.is_cancelled() {
         let wanted = target.to_string();
         let next = match with_outbox(store, move |s| s.next_delivery(&wanted)).await {
-            Ok(n) => n,
+            Ok(n) => {
+                if store_away.take().is_some() {
+                    tracing::info!(target, "The alert outbox is readable again.");
+                }
+                n
+            }
             Err(e) => {
-                tracing::warn!(target, error = %e, "Cannot read the alert outbox; retrying.");
-                None
+                let pause = match store_away {
+                    None => {
+                        tracing::warn!(target, error = %e, "Cannot read the alert outbox; retrying until it answers.");
+                        Duration::from_millis(100)
+                    }
+                    Some(p) => (p * 2).min(Duration::from_secs(5)),
+                };
+                store_away = Some(pause);
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => continue,
+                }
             }
         };
         let Some(d) = next else {

@@ -120,7 +120,7 @@ pub async fn run(
         }
     }
     let producer =
-        Arc::new(ProducerSlot::new(client_config(&cfg.brokers, &cfg.properties), cfg.timeout, "alerts.kafka")?);
+        Arc::new(ProducerSlot::new(client_config(&cfg.brokers, &cfg.properties), cfg.timeout, "alerts.kafka", true)?);
     tracing::info!(brokers = %cfg.brokers, topic = %cfg.topic, "Alerts go to Kafka.");
     let policy = RetryPolicy {
         max_attempts: u32::MAX,

@@ -296,6 +296,20 @@ impl Pipeline<'_> {
                     // session) rather than claiming them back.
                     let until = Instant::now() + cluster.session_timeout;
                     source.wait_for_move(|| cancel.is_cancelled() || Instant::now() >= until);
+                    if !source.moved() && !cancel.is_cancelled() {
+                        // The group still says they are ours: it and the other
+                        // worker disagree (a coordinator restarted under the
+                        // group can leave two members holding one partition,
+                        // each claiming it back from the other in turn).
+                        // Joining again makes it assign every partition afresh.
+                        tracing::warn!(
+                            pipeline,
+                            "The group still assigns partitions another worker claimed; joining it again."
+                        );
+                        drop(source);
+                        source = log.group_source(&group_of(&cluster.group, &pipeline), cluster.session_timeout)?;
+                        continue;
+                    }
                 } else {
                     retry_pause(cancel);
                 }

@@ -5,7 +5,9 @@
 //! so ingest, processor, archiver and replay see the same layout on both
 //! backends. Kafka offsets are the log's offsets.
 //!
-//! * **Append**: the idempotent producer with `acks=all`. An append resolves
+//! * **Append**: an `acks=all` producer, not idempotent (see
+//!   [`KafkaLog::appender`] for why: repeats are dropped by the views, a
+//!   broker's forgotten producer state must not drop batches). An append resolves
 //!   only when every record of the batch has a successful delivery report;
 //!   any failure (broker down, `delivery_timeout` passed, queue full) is
 //!   [`EventLogError::Unavailable`], which ingest answers with 503.
@@ -26,7 +28,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, DefaultConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Message, TopicPartitionList};
@@ -133,7 +135,17 @@ impl KafkaLog {
     }
 
     pub fn appender(&self) -> Result<KafkaAppender, EventLogError> {
-        let producer = ProducerSlot::new(self.cfg.client(), self.cfg.delivery_timeout, "log.kafka")
+        // Not idempotent: the views drop repeated readings themselves, and a
+        // broker that loses its producer state in a restart (tansu 0.6 did,
+        // in the kappa-chaos soak) answers a retried batch it never stored
+        // with DuplicateSequenceNumber, which librdkafka reports as delivered.
+        // A plain retry is appended again instead. (A test switch turns
+        // idempotence back on, for the negative control.)
+        let idempotent = kappa_runtime::fault::on(
+            FAULT_IDEMPOTENT_LOG_PRODUCER,
+            "the log's producer is idempotent; a broker that forgets producer state loses retried batches",
+        );
+        let producer = ProducerSlot::new(self.cfg.client(), self.cfg.delivery_timeout, "log.kafka", idempotent)
             .map_err(EventLogError::Unavailable)?;
         let ack_before_delivery = kappa_runtime::fault::on(
             FAULT_ACK_BEFORE_DELIVERY,
@@ -149,7 +161,7 @@ impl KafkaLog {
 
     /// A source over every partition, starting at offset 0.
     pub fn source(&self) -> Result<KafkaSource, EventLogError> {
-        let consumer: BaseConsumer = self
+        let consumer: BaseConsumer<ReaderContext> = self
             .cfg
             .client()
             .set("group.id", "kappa-unused")
@@ -158,7 +170,7 @@ impl KafkaLog {
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "50")
-            .create()
+            .create_with_context(ReaderContext)
             .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot create a consumer: {e}")))?;
         let mut src = KafkaSource {
             consumer,
@@ -223,15 +235,34 @@ pub struct GroupContext {
 }
 
 impl ClientContext for GroupContext {
-    /// librdkafka reports reaching a partition's end as a "global error" to
-    /// a group member; it is how the source learns it is caught up, not a
-    /// failure. Everything else is logged.
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
-            tracing::warn!(%error, reason, "librdkafka reported an error.");
-        }
+        log_client_error(error, reason);
     }
 }
+
+/// librdkafka reports reaching a partition's end as a "global error"; it is
+/// how a source learns it is caught up, not a failure (left to rdkafka's
+/// default context, it is an ERROR line per partition per fetch). Everything
+/// else is logged.
+fn log_client_error(error: KafkaError, reason: &str) {
+    let end = matches!(error, KafkaError::PartitionEOF(_))
+        || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
+    if !end {
+        tracing::warn!(%error, reason, "librdkafka reported an error.");
+    }
+}
+
+/// The context of a source that reads partitions it assigns itself.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(error, reason);
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -327,7 +358,7 @@ pub trait SourceContext: ConsumerContext + 'static {
     fn stale(&self) -> bool;
 }
 
-impl SourceContext for DefaultConsumerContext {
+impl SourceContext for ReaderContext {
     fn stale(&self) -> bool {
         false
     }
@@ -344,6 +375,10 @@ impl SourceContext for GroupContext {
 /// show that the broker-outage test catches an ingest that answers 2xx for
 /// records Kafka never confirmed.
 pub const FAULT_ACK_BEFORE_DELIVERY: &str = "KAPPA_TEST_KAFKA_ACK_BEFORE_DELIVERY";
+
+/// Test switch: the log's producer is librdkafka's idempotent one (see
+/// [`KafkaLog::appender`]).
+pub const FAULT_IDEMPOTENT_LOG_PRODUCER: &str = "KAPPA_TEST_KAFKA_IDEMPOTENT_LOG_PRODUCER";
 
 /// The ingest side: the idempotent producer.
 #[derive(Debug, Clone)]
@@ -399,7 +434,7 @@ impl LogAppender for KafkaAppender {
 
 /// The read side: partitions assigned (all of them, or a consumer group's
 /// share), positions set by `seek`.
-pub struct KafkaSource<C: SourceContext = DefaultConsumerContext> {
+pub struct KafkaSource<C: SourceContext = ReaderContext> {
     consumer: BaseConsumer<C>,
     topic: String,
     positions: BTreeMap<Partition, Offset>,

@@ -132,7 +132,7 @@ impl LogSource for Box<dyn LogSource> {
 }
 
 /// The configured log backend, opened.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum EventLog {
     Sqlite(sqlite::SqliteLog),
     Kafka(kafka::KafkaLog),

@@ -76,8 +76,9 @@ impl Signal {
     }
 }
 
-/// An opened embedded log: hands out one appender and any number of sources.
-#[derive(Debug)]
+/// An opened embedded log: hands out one appender and any number of sources
+/// (a clone shares the wake-ups of the original's appender).
+#[derive(Debug, Clone)]
 pub struct SqliteLog {
     path: PathBuf,
     partitions: u32,

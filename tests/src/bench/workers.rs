@@ -46,11 +46,6 @@ const ASSIGNED: &str = "Kafka assigned this worker its partitions";
 const SKIPPED: &str = "The log no longer holds records this source had not read";
 const PROCESSED: &str = "kappa_cloud_readings_processed_total{pipeline=\"main\"}";
 
-/// PostgreSQL as the cluster tests find it (`.ci/run` starts it): trust auth, database `test`.
-fn postgres_url() -> String {
-    std::env::var("KAPPA_TEST_POSTGRES").unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
-}
-
 /// Runs `sql` on a connection of its own (never on a tokio runtime thread).
 fn pg_execute(url: &str, sql: &str) -> Result<(), postgres::Error> {
     postgres::Client::connect(url, postgres::NoTls)?.batch_execute(sql)
@@ -149,7 +144,7 @@ pub fn run(dir: &Path, scale: f64) -> Value {
         println!("cluster workers: skipped (no tansu broker; .ci/run builds it, or set KAPPA_TANSU)");
         return json!({ "skipped": "no tansu broker" });
     };
-    let url = postgres_url();
+    let url = kappa_tests::harness::postgres();
     if let Err(e) = pg_execute(&url, "SELECT 1") {
         println!("cluster workers: skipped (no PostgreSQL at KAPPA_TEST_POSTGRES or 127.0.0.1:5432: {e})");
         return json!({ "skipped": "no PostgreSQL" });

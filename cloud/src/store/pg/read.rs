@@ -214,8 +214,20 @@ impl PgReader {
         Self { settings, log_partitions, specs, store: RefCell::new(Some(store)) }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&PgStore) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        self.with_connection(|s, _| f(s))
+    /// Calls `f` with the connection. A connection that broke under the call
+    /// (PostgreSQL restarted since the last one) is made again and `f`
+    /// called once more, so the first request after a restart is answered.
+    fn with<T>(&self, f: impl Fn(&PgStore) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let mut was_fresh = false;
+        let first = self.with_connection(|s, fresh| {
+            was_fresh = fresh;
+            f(s)
+        });
+        let broke = || self.store.borrow().as_ref().is_some_and(PgStore::is_closed);
+        match first {
+            Err(_) if !was_fresh && broke() => self.with_connection(|s, _| f(s)),
+            other => other,
+        }
     }
 
     /// Calls `f` with the connection and whether it is new (made by this call).
