@@ -80,7 +80,10 @@ impl<S: LogSource> Archiver<S> {
         self
     }
 
-    fn apply_retention(&mut self) -> Result<(), ArchiveError> {
+    /// Deletes, now, the log records that are archived, processed by every
+    /// pipeline and older than the retention (the archiver also does this
+    /// on its own every `older_than`, between 0.5 and 60 s).
+    pub fn apply_retention(&mut self) -> Result<(), ArchiveError> {
         let Some(r) = &self.retention else { return Ok(()) };
         self.last_retention = Instant::now();
         let positions = crate::store::ViewStore::open_read_only(&r.store_path)
