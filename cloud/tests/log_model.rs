@@ -200,7 +200,7 @@ impl World {
                     self.next_seq[device] += 1;
                     let seq = self.next_seq[device];
                     // Mostly forward 20 s; every fifth a little back (out of order).
-                    self.clock[device] += if seq % 5 == 0 { -30_000 } else { 20_000 };
+                    self.clock[device] += if seq.is_multiple_of(5) { -30_000 } else { 20_000 };
                     readings.push(reading(device, seq, self.clock[device]));
                 }
                 let id = self.batches.len() as u64;

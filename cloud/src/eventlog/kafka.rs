@@ -183,6 +183,8 @@ impl KafkaLog {
             positioned: BTreeMap::new(),
             fresh: BTreeSet::new(),
             rewind: BTreeMap::new(),
+            delivered: BTreeMap::new(),
+            holes: 0,
         };
         src.assign()?;
         Ok(src)
@@ -221,6 +223,8 @@ impl KafkaLog {
             positioned: BTreeMap::new(),
             fresh: BTreeSet::new(),
             rewind: BTreeMap::new(),
+            delivered: BTreeMap::new(),
+            holes: 0,
         })
     }
 }
@@ -451,6 +455,11 @@ pub struct KafkaSource<C: SourceContext = ReaderContext> {
     fresh: BTreeSet<Partition>,
     /// How far before its position a partition's fetch starts (see `poll`).
     rewind: BTreeMap<Partition, Offset>,
+    /// The last offset each partition's fetch delivered since `assign`
+    /// positioned it (records before the position included).
+    delivered: BTreeMap<Partition, Offset>,
+    /// Offsets the broker's log does not hold, skipped so far.
+    holes: u64,
 }
 
 impl<C: SourceContext> std::fmt::Debug for KafkaSource<C> {
@@ -467,6 +476,7 @@ impl<C: SourceContext> KafkaSource<C> {
         }
         let mut tpl = TopicPartitionList::new();
         self.positioned.clear();
+        self.delivered.clear();
         for (p, o) in &self.positions {
             let from = o.saturating_sub(self.rewind.get(p).copied().unwrap_or(0));
             tpl.add_partition_offset(&self.topic, *p as i32, rdkafka::Offset::Offset(from as i64))
@@ -545,19 +555,35 @@ impl<C: SourceContext> LogSource for KafkaSource<C> {
                 Ok((p, offset, value)) => {
                     let Some(pos) = self.positions.get_mut(&p) else { continue };
                     let fresh = self.fresh.remove(&p);
+                    let previous = self.delivered.insert(p, offset);
                     if offset < *pos {
                         continue; // fetched before a seek moved past it, or rewound on purpose
                     }
                     if offset > *pos {
                         let expected = *pos;
-                        if !fresh {
+                        let what = ahead(previous, expected, fresh);
+                        if what == Ahead::Hole {
+                            // The fetch delivered the record just before the
+                            // position and then this one: the broker's log has
+                            // no records in between (a hole: Kafka leaves them
+                            // for transaction markers, tansu after a crash).
+                            // Nothing was there to read; read on.
+                            self.holes += offset - expected;
+                            tracing::warn!(
+                                partition = p,
+                                from = expected,
+                                to = offset,
+                                holes = self.holes,
+                                "The Kafka log has no records at these offsets; reading on after them."
+                            );
+                            *pos = offset;
+                        } else if what == Ahead::Reposition {
                             // The fetch runs ahead of this source's position
                             // (it was not positioned here since the last
                             // seek): never skip records, position it again.
                             self.reassign = true;
                             break;
-                        }
-                        if self.skip_allowed(p, expected, offset)? {
+                        } else if self.skip_allowed(p, expected, offset)? {
                             if let Some(pos) = self.positions.get_mut(&p) {
                                 *pos = offset;
                             }
@@ -567,6 +593,13 @@ impl<C: SourceContext> LogSource for KafkaSource<C> {
                             // a fetch from inside a batch): start earlier and
                             // skip the records before `expected`.
                             let back = self.rewind.get(&p).map_or(256, |r| r.saturating_mul(2));
+                            tracing::info!(
+                                partition = p,
+                                expected,
+                                offset,
+                                rewind = back,
+                                "The broker answered past this reader's position; fetching again from earlier."
+                            );
                             self.rewind.insert(p, back);
                             self.reassign = true;
                             break;
@@ -625,6 +658,29 @@ pub fn end_offsets(cfg: &KafkaLogConfig, partitions: u32) -> Result<Vec<(Partiti
             Ok((p, high.max(0) as Offset))
         })
         .collect()
+}
+
+/// A record at an offset past a reader's position `expected`: what it means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ahead {
+    /// The fetch delivered `expected - 1` and then this one: the broker's
+    /// log holds nothing in between.
+    Hole,
+    /// The fetch was positioned elsewhere before a seek: position it again.
+    Reposition,
+    /// The first record since positioning: retention took the start of the
+    /// log, or the broker answered from a later batch (see `poll`).
+    FirstAfterPositioning,
+}
+
+fn ahead(previous: Option<Offset>, expected: Offset, fresh: bool) -> Ahead {
+    if previous.is_some_and(|o| o + 1 == expected) {
+        Ahead::Hole
+    } else if fresh {
+        Ahead::FirstAfterPositioning
+    } else {
+        Ahead::Reposition
+    }
 }
 
 #[cfg(test)]
@@ -687,6 +743,24 @@ mod tests {
         let p = got[0].partition;
         let expect: Vec<u64> = got.iter().filter(|r| r.partition == p).skip(1).map(|r| r.offset).collect();
         assert_eq!(again.iter().map(|r| r.offset).collect::<Vec<_>>(), expect, "seek rewinds one partition");
+    }
+
+    /// A fetch that delivered the record before the position and then one
+    /// past it found a hole in the log (tansu left one after a crash in the
+    /// kappa-chaos soak): read on. The reader used to fetch again from
+    /// earlier, meet the same hole, and loop forever. (librdkafka's mock
+    /// cluster writes no transaction markers, so it cannot make a hole.)
+    #[test]
+    fn a_record_past_the_position_is_a_hole_only_right_after_the_one_before_it() {
+        // Positioned at 1270 after a rewind: ..., 1269, then 1288.
+        assert_eq!(ahead(Some(1269), 1270, false), Ahead::Hole);
+        assert_eq!(ahead(Some(1269), 1270, true), Ahead::Hole);
+        // The fetch ran ahead of a seek: position it again, never skip.
+        assert_eq!(ahead(Some(1200), 1270, false), Ahead::Reposition);
+        // The first record after positioning: the start of the log, or a
+        // broker answering from a later batch.
+        assert_eq!(ahead(None, 1270, true), Ahead::FirstAfterPositioning);
+        assert_eq!(ahead(None, 0, true), Ahead::FirstAfterPositioning);
     }
 
     #[tokio::test]

@@ -59,7 +59,7 @@ impl Rng {
         Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -68,7 +68,7 @@ impl Rng {
 
     /// Uniform in `[low, high)` milliseconds.
     pub fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(low + self.next() % (high - low).max(1))
+        Duration::from_millis(low + self.next_u64() % (high - low).max(1))
     }
 }
 
@@ -297,11 +297,11 @@ pub async fn run(opts: &Options) -> Report {
     let started = Instant::now();
     while started.elapsed() < opts.duration {
         tokio::time::sleep(rng.millis(1_000, 4_000)).await;
-        let fault = kinds[(rng.next() % kinds.len() as u64) as usize];
+        let fault = kinds[(rng.next_u64() % kinds.len() as u64) as usize];
         report.faults.push((started.elapsed(), fault));
         println!("  {:>6.1} s  {}", started.elapsed().as_secs_f64(), fault.name());
         let hold = rng.millis(500, 4_000);
-        let which = (rng.next() % rig.workers.len().max(1) as u64) as usize;
+        let which = (rng.next_u64() % rig.workers.len().max(1) as u64) as usize;
         match fault {
             Fault::KillAgent => {
                 rig.edge.proc.kill9().await;
@@ -316,7 +316,7 @@ pub async fn run(opts: &Options) -> Report {
             Fault::StopAgent => pause(&rig.edge.proc, hold).await,
             Fault::StopCloud => pause(&rig.cloud.proc, hold).await,
             Fault::ProxyDelay => {
-                faults.delay_ms.store(100 + rng.next() % 900, Ordering::SeqCst);
+                faults.delay_ms.store(100 + rng.next_u64() % 900, Ordering::SeqCst);
                 tokio::time::sleep(hold).await;
                 faults.clear();
             }
@@ -391,16 +391,22 @@ pub async fn run(opts: &Options) -> Report {
     report.acked = truth.acked;
     let url = rig.cloud.url();
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(180);
+    // Catching up can take minutes (tansu on moto's S3 serves a backlog
+    // slowly): wait while the views make progress, give up after 120 s
+    // without any, or 20 minutes in all.
+    let (cap, stall) = (Instant::now() + Duration::from_secs(1200), Duration::from_secs(120));
+    let (mut seen, mut progressed) = (0, Instant::now());
     let mut last_error = None;
     loop {
         match try_fetch_rows(&client, &url, "device_totals").await {
             Ok(rows) if total(&rows) >= truth.acked => break,
+            Ok(rows) if total(&rows) > seen => (seen, progressed) = (total(&rows), Instant::now()),
             Ok(_) => {}
             Err(e) => last_error = Some(e),
         }
-        if Instant::now() >= deadline {
+        if Instant::now() >= cap || progressed.elapsed() >= stall {
             report.problems.extend(last_error.map(|e| format!("the API failed while the views caught up: {e}")));
+            report.problems.push(format!("the views stopped at {seen} of {} readings", truth.acked));
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
