@@ -52,6 +52,11 @@ enum PipelineStore {
     },
 }
 
+/// Test switch (`fault-injection` builds only): a node's cluster pipelines
+/// do not restart after a store error, they stop the node (the negative
+/// control of the PostgreSQL restart test).
+pub const FAULT_NO_PIPELINE_RESTART: &str = "KAPPA_TEST_NO_PIPELINE_RESTART";
+
 /// Makes a pipeline's operators afresh: a pipeline that starts again after
 /// a failure restores them from the store.
 type MakeOps = Box<dyn Fn() -> Vec<Box<dyn Operator>> + Send>;
@@ -82,6 +87,10 @@ impl PipelineStore {
             PipelineStore::Cluster { settings: pg, log_partitions } => (pg, *log_partitions),
         };
         let every: Vec<_> = (0..log_partitions).collect();
+        let restart = !kappa_runtime::fault::on(
+            FAULT_NO_PIPELINE_RESTART,
+            "a node's cluster pipelines stop the node on any store error",
+        );
         let mut pause = Duration::from_millis(200);
         while !cancel.is_cancelled() {
             let outcome = make_source().and_then(|source| {
@@ -100,7 +109,7 @@ impl PipelineStore {
                 p.run(cancel.clone()).map_err(|e| e.to_string())
             });
             let Err(e) = outcome else { return Ok(()) };
-            if e.contains("fenced:") || cancel.is_cancelled() {
+            if e.contains("fenced:") || cancel.is_cancelled() || !restart {
                 return Err(e);
             }
             tracing::warn!(pipeline, error = %e, retry_in = ?pause, "The pipeline failed; it restores its last checkpoint and goes on.");

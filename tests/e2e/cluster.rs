@@ -410,3 +410,92 @@ async fn negative_control_a_version_that_is_not_replayed_misses_the_history() {
     assert_eq!(run.compare.0, Some(1), "compare finds the missing history:\n{}", run.compare.1);
     assert!(run.compare.1.contains("only in device_metrics@1"), "{}", run.compare.1);
 }
+
+/// A primary node on a PostgreSQL server the test stops and starts: what it
+/// went through, for the test and its negative control.
+struct PgRestart {
+    /// The node's exit status if it exited during or after the restart.
+    exited: Option<std::process::ExitStatus>,
+    /// Alert transitions the webhook received, by idempotency key.
+    delivered: BTreeSet<String>,
+    expected: BTreeSet<String>,
+    restarts: f64,
+    logs: String,
+}
+
+async fn restart_postgres_under_a_primary(name: &str, env: &[(&str, &str)]) -> PgRestart {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = PrivatePostgres::start(dir.path());
+    let broker = Tansu::start(dir.path()).await;
+    let (port, seen) = receiver(0, 0).await;
+    let rules = format!(
+        "[processor]\ncheckpoint_interval = \"200ms\"\n\
+         [[rules]]\nname = \"overheat\"\nkind = \"threshold\"\nwhen = \"temperature > 50\"\n\
+         resolve_when = \"temperature < 45\"\nseverity = \"critical\"\n\
+         [[webhooks]]\nname = \"ops\"\nurl = \"http://127.0.0.1:{port}/hook\"\ntimeout = \"300ms\"\n\
+         backoff_initial = \"50ms\"\nbackoff_max = \"200ms\"\nmax_attempts = 1000\n"
+    );
+    let config = cluster_config_on(&broker, &pg.conninfo(), name, &rules);
+    let mut node = Cloud::start_with(dir.path(), name, &config, env).await;
+
+    // PostgreSQL goes away; readings that overheat and cool down arrive
+    // meanwhile (ingest needs only Kafka), so the pipelines fail their
+    // checkpoints; then PostgreSQL comes back. Every device's alert must
+    // fire and resolve, and both transitions reach the webhook.
+    pg.stop();
+    let devices = 5;
+    ingest(&node, &crate::alerts::overheating(devices, 60, "gw-hot")).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let logs = std::fs::read_to_string(&node.proc.log).unwrap_or_default();
+        if logs.contains("The pipeline failed") || node.proc.exited().is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no pipeline met the outage\n{}", node.proc.tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pg.start_again();
+    let expected: BTreeSet<String> = (0..devices)
+        .flat_map(|d| {
+            let id = format!("overheat:hot-{d:03}:{}", T0 + 20_000);
+            [format!("{id}:fired"), format!("{id}:resolved")]
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut exited = None;
+    while std::time::Instant::now() < deadline {
+        exited = node.proc.exited();
+        let done = seen.lock().unwrap().by_key.keys().cloned().collect::<BTreeSet<_>>() == expected;
+        if exited.is_some() || done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let restarts =
+        metric(&format!("{}/metrics", node.url()), "kappa_cloud_pipeline_restarts_total").await.unwrap_or(0.0);
+    let logs = node.proc.tail();
+    if exited.is_none() {
+        assert!(node.proc.terminate().await.success(), "the node stops cleanly\n{logs}");
+    }
+    let delivered = seen.lock().unwrap().by_key.keys().cloned().collect();
+    PgRestart { exited, delivered, expected, restarts, logs }
+}
+
+/// Chaos seed 5 found it: a PostgreSQL restart stopped the primary node (its
+/// alert and edge-aggregate pipelines returned the store's error). Now they
+/// restore their last checkpoint and go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_node_rides_out_a_postgresql_restart() {
+    let run = restart_postgres_under_a_primary("pgrestart", &[]).await;
+    assert_eq!(run.exited, None, "the node ran through the restart\n{}", run.logs);
+    assert!(run.restarts >= 1.0, "a pipeline restarted ({} counted)\n{}", run.restarts, run.logs);
+    assert_eq!(run.delivered, run.expected, "every transition after the restart was delivered\n{}", run.logs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_pipelines_that_do_not_restart_take_the_node_down_with_postgresql() {
+    let run =
+        restart_postgres_under_a_primary("pgrestart_nc", &[(kappa_cloud::node::FAULT_NO_PIPELINE_RESTART, "1")]).await;
+    assert!(run.exited.is_some_and(|s| !s.success()), "the node failed with PostgreSQL\n{}", run.logs);
+    assert!(run.delivered.is_empty(), "nothing was delivered: {:?}", run.delivered);
+}

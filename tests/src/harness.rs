@@ -117,6 +117,11 @@ impl Proc {
         }
     }
 
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Waits for the process to exit on its own.
     pub async fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
         match tokio::time::timeout(timeout, self.child.wait()).await {
@@ -825,13 +830,104 @@ pub fn fresh_schema(name: &str) -> String {
 /// The node's and the workers' config (without `data_dir` and `[http]`),
 /// with `extra` (processor settings, views) at the end.
 pub fn cluster_config(broker: &Tansu, schema: &str, extra: &str) -> String {
+    cluster_config_on(broker, &postgres(), schema, extra)
+}
+
+/// [`cluster_config`] on the PostgreSQL server `conninfo`.
+pub fn cluster_config_on(broker: &Tansu, conninfo: &str, schema: &str, extra: &str) -> String {
     format!(
         "[log]\nbackend = \"kafka\"\npartitions = 6\n[log.kafka]\nbrokers = \"{}\"\ntopic = \"events\"\n\
          delivery_timeout = \"3s\"\n[cluster]\npostgres = \"{}\"\nschema = \"{schema}\"\n\
          session_timeout = \"6s\"\n{extra}",
         broker.brokers(),
-        postgres()
+        conninfo
     )
+}
+
+/// A PostgreSQL server of the test's own (initdb into a temporary
+/// directory, its own port), so that a test can stop and start it without
+/// touching the machine's. Uses the machine's PostgreSQL binaries
+/// (`/usr/lib/postgresql/*/bin`); as root, runs them as `postgres`.
+#[derive(Debug)]
+pub struct PrivatePostgres {
+    pub port: u16,
+    data: PathBuf,
+    bin: PathBuf,
+}
+
+impl PrivatePostgres {
+    pub fn start(dir: &Path) -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| d.flatten().map(|e| e.path().join("bin")).find(|b| b.join("initdb").exists()))
+            .expect("PostgreSQL's server binaries in /usr/lib/postgresql/*/bin");
+        let data = dir.join("pgdata");
+        std::fs::create_dir_all(&data).expect("pgdata");
+        let pg = Self { port: free_port(), data, bin };
+        if pg.as_root() {
+            let chown = std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir).status();
+            assert!(chown.is_ok_and(|s| s.success()), "chown {} to postgres", dir.display());
+        }
+        let data = pg.data.display().to_string();
+        pg.run("initdb", &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"]);
+        pg.start_again();
+        pg
+    }
+
+    fn as_root(&self) -> bool {
+        // SAFETY: geteuid(2) has no preconditions.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::geteuid() == 0
+        }
+    }
+
+    fn command(&self, tool: &str) -> std::process::Command {
+        let program = self.bin.join(tool);
+        if self.as_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            std::process::Command::new(&program)
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = self.command(tool).args(args).output().unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed:
+{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub fn start_again(&self) {
+        let data = self.data.display().to_string();
+        let log = self.data.join("server.log").display().to_string();
+        let opts = format!("-p {} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", self.port);
+        self.run("pg_ctl", &["-D", &data, "-l", &log, "-o", &opts, "-w", "-t", "60", "start"]);
+    }
+
+    /// A fast shutdown: connections are ended, as in a restart.
+    pub fn stop(&self) {
+        let data = self.data.display().to_string();
+        self.run("pg_ctl", &["-D", &data, "-m", "fast", "-w", "-t", "60", "stop"]);
+    }
+
+    pub fn conninfo(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.data.display().to_string();
+        let _ = self.command("pg_ctl").args(["-D", &data, "-m", "immediate", "stop"]).output();
+    }
 }
 
 /// A `kappa-cloud worker` process with `/metrics` on a port of its own.

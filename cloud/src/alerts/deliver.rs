@@ -242,8 +242,26 @@ where
     F: FnMut(Delivery) -> Fut,
     Fut: std::future::Future<Output = Outcome>,
 {
-    let opened = tokio::task::spawn_blocking(move || outbox.open()).await.map_err(|e| e.to_string())?;
-    let store: SharedOutbox = Arc::new(Mutex::new(opened.map_err(|e| format!("{target}: {e}"))?));
+    // The store may be away when delivery starts (PostgreSQL restarting):
+    // wait for it as for a read that fails, never stop the node over it.
+    let mut pause = Duration::from_millis(100);
+    let opened = loop {
+        let at = outbox.clone();
+        match tokio::task::spawn_blocking(move || at.open()).await.map_err(|e| e.to_string())? {
+            Ok(store) => break store,
+            Err(e) => {
+                if pause == Duration::from_millis(100) {
+                    tracing::warn!(target, error = %e, "Cannot open the alert outbox; retrying until it answers.");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    let store: SharedOutbox = Arc::new(Mutex::new(opened));
     let result = send_in_order(target, policy, &store, metrics, cancel, &mut send).await;
     // A PostgreSQL client must not be dropped on an async thread.
     tokio::task::spawn_blocking(move || drop(store)).await.map_err(|e| e.to_string())?;
