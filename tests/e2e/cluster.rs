@@ -165,6 +165,28 @@ async fn negative_control_workers_that_do_not_restore_state_lose_readings() {
     assert!(!problems.is_empty(), "starting a moved partition from empty state should lose readings");
 }
 
+/// The overheat rule and a webhook to `port`, checkpointing often.
+fn overheat_rules(port: u16) -> String {
+    format!(
+        "[processor]\ncheckpoint_interval = \"200ms\"\n\
+         [[rules]]\nname = \"overheat\"\nkind = \"threshold\"\nwhen = \"temperature > 50\"\n\
+         resolve_when = \"temperature < 45\"\nseverity = \"critical\"\n\
+         [[webhooks]]\nname = \"ops\"\nurl = \"http://127.0.0.1:{port}/hook\"\ntimeout = \"300ms\"\n\
+         backoff_initial = \"50ms\"\nbackoff_max = \"200ms\"\nmax_attempts = 1000\n"
+    )
+}
+
+/// The idempotency keys of the overheat alerts' transitions for
+/// [`crate::alerts::overheating`]: each device's alert fires and resolves.
+fn overheat_transitions(devices: u32) -> BTreeSet<String> {
+    (0..devices)
+        .flat_map(|d| {
+            let id = format!("overheat:hot-{d:03}:{}", T0 + 20_000);
+            [format!("{id}:fired"), format!("{id}:resolved")]
+        })
+        .collect()
+}
+
 /// Alerts on a cluster live in PostgreSQL: the node that runs the alert
 /// pipeline checkpoints it there and delivers webhooks from the outbox there.
 /// `kill -9` it while the receiver still fails, start another node with an
@@ -177,13 +199,7 @@ async fn a_second_node_takes_over_alerts_and_their_deliveries_from_postgresql() 
     let dir = tempfile::tempdir().unwrap();
     let broker = Tansu::start(dir.path()).await;
     let (port, seen) = receiver(15, 0).await;
-    let rules = format!(
-        "[processor]\ncheckpoint_interval = \"200ms\"\n\
-         [[rules]]\nname = \"overheat\"\nkind = \"threshold\"\nwhen = \"temperature > 50\"\n\
-         resolve_when = \"temperature < 45\"\nseverity = \"critical\"\n\
-         [[webhooks]]\nname = \"ops\"\nurl = \"http://127.0.0.1:{port}/hook\"\ntimeout = \"300ms\"\n\
-         backoff_initial = \"50ms\"\nbackoff_max = \"200ms\"\nmax_attempts = 1000\n"
-    );
+    let rules = overheat_rules(port);
     let config = cluster_config(&broker, &fresh_schema("alerts"), &rules);
     let mut ingest_only =
         Cloud::start_with(dir.path(), "ingest", &config, &[("KAPPA_CLOUD__CLUSTER__PRIMARY", "false")]).await;
@@ -198,12 +214,7 @@ async fn a_second_node_takes_over_alerts_and_their_deliveries_from_postgresql() 
     assert!(seen.lock().unwrap().by_key.is_empty(), "the receiver accepted nothing before the kill");
 
     let mut second = Cloud::start_with(dir.path(), "second", &config, &[]).await;
-    let expected: BTreeSet<String> = (0..devices)
-        .flat_map(|d| {
-            let id = format!("overheat:hot-{d:03}:{}", T0 + 20_000);
-            [format!("{id}:fired"), format!("{id}:resolved")]
-        })
-        .collect();
+    let expected = overheat_transitions(devices);
     wait_for("every transition delivered by the second node", Duration::from_secs(60), || async {
         let s = seen.lock().unwrap();
         (s.by_key.keys().cloned().collect::<BTreeSet<_>>() == expected).then_some(())
@@ -428,13 +439,7 @@ async fn restart_postgres_under_a_primary(name: &str, env: &[(&str, &str)]) -> P
     let pg = PrivatePostgres::start(dir.path());
     let broker = Tansu::start(dir.path()).await;
     let (port, seen) = receiver(0, 0).await;
-    let rules = format!(
-        "[processor]\ncheckpoint_interval = \"200ms\"\n\
-         [[rules]]\nname = \"overheat\"\nkind = \"threshold\"\nwhen = \"temperature > 50\"\n\
-         resolve_when = \"temperature < 45\"\nseverity = \"critical\"\n\
-         [[webhooks]]\nname = \"ops\"\nurl = \"http://127.0.0.1:{port}/hook\"\ntimeout = \"300ms\"\n\
-         backoff_initial = \"50ms\"\nbackoff_max = \"200ms\"\nmax_attempts = 1000\n"
-    );
+    let rules = overheat_rules(port);
     let config = cluster_config_on(&broker, &pg.conninfo(), name, &rules);
     let mut node = Cloud::start_with(dir.path(), name, &config, env).await;
 
@@ -455,12 +460,7 @@ async fn restart_postgres_under_a_primary(name: &str, env: &[(&str, &str)]) -> P
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     pg.start_again();
-    let expected: BTreeSet<String> = (0..devices)
-        .flat_map(|d| {
-            let id = format!("overheat:hot-{d:03}:{}", T0 + 20_000);
-            [format!("{id}:fired"), format!("{id}:resolved")]
-        })
-        .collect();
+    let expected = overheat_transitions(devices);
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let mut exited = None;
     while std::time::Instant::now() < deadline {
