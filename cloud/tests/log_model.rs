@@ -29,15 +29,17 @@ use kappa_cloud::archive::source::{ArchiveSource, ChainSource};
 use kappa_cloud::archive::store::{ArchiveStore, LocalStore};
 use kappa_cloud::config::{CloudConfig, Durability};
 use kappa_cloud::eventlog::sqlite::{SqliteAppender, SqliteLog, SqliteSource};
-use kappa_cloud::eventlog::{AppendBatch, AppendOutcome, AppendRecord, EventLogError, LogAppender, LogSource};
+use kappa_cloud::eventlog::{AppendOutcome, EventLogError, LogAppender, LogSource};
 use kappa_cloud::metrics::CloudMetrics;
 use kappa_cloud::processor::{Processor, ProcessorSettings};
 use kappa_cloud::store::{RowQuery, ViewStore};
 use kappa_cloud::views::batch::{self, LogEntry};
 use kappa_cloud::views::spec::ViewSpec;
 use kappa_common::Reading;
-use kappa_common::record::{self, LogEvent, LogRecord};
+use kappa_common::record;
 use proptest::prelude::*;
+
+mod common;
 
 const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 const BOUND_MS: i64 = 60_000;
@@ -173,21 +175,7 @@ impl World {
     }
 
     fn send(&mut self, batch_id: u64, readings: &[Reading]) -> AppendOutcome {
-        let records = readings
-            .iter()
-            .map(|r| AppendRecord {
-                key: r.device.clone(),
-                partition: None,
-                value: record::encode(&LogRecord {
-                    gateway: "gw".into(),
-                    batch_id,
-                    ingest_ms: 0,
-                    event: LogEvent::Reading(r.clone()),
-                }),
-            })
-            .collect();
-        let outcome =
-            self.rt.block_on(self.appender.append(AppendBatch { gateway: "gw".into(), batch_id, records })).unwrap();
+        let outcome = self.rt.block_on(self.appender.append(common::reading_batch(batch_id, readings))).unwrap();
         self.acked.extend(readings.iter().map(|r| (r.device.clone(), r.seq)));
         outcome
     }

@@ -28,6 +28,8 @@ use kappa_common::Reading;
 use kappa_common::record::{self, LogEvent, LogRecord};
 use proptest::prelude::*;
 
+mod common;
+
 const T0: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 const MIN: i64 = 60_000;
 
@@ -72,20 +74,7 @@ fn run(specs: &[ViewSpec], bound_ms: i64, partitions: u32, readings: &[Reading])
     let appender = log.start_writer(16).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for (i, chunk) in readings.chunks(50).enumerate() {
-        let records = chunk
-            .iter()
-            .map(|r| AppendRecord {
-                key: r.device.clone(),
-                partition: None,
-                value: record::encode(&LogRecord {
-                    gateway: "gw".into(),
-                    batch_id: i as u64,
-                    ingest_ms: 0,
-                    event: LogEvent::Reading(r.clone()),
-                }),
-            })
-            .collect();
-        rt.block_on(appender.append(AppendBatch { gateway: "gw".into(), batch_id: i as u64, records })).unwrap();
+        rt.block_on(appender.append(common::reading_batch(i as u64, chunk))).unwrap();
     }
     let store_path = dir.path().join("views.sqlite");
     let mut registry = prometheus_client::registry::Registry::default();
