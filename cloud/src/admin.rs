@@ -68,7 +68,7 @@ pub struct ViewStatus {
 /// `views list`: every version, its state, what each name serves, position and lag.
 pub fn list(cfg: &CloudConfig) -> Result<Vec<ViewStatus>, AdminError> {
     let s = store(cfg)?;
-    let ends = EventLog::end_offsets(cfg)?;
+    let ends = EventLog::end_offsets(&cfg.log, &cfg.data_dir)?;
     let end_total: u64 = ends.iter().map(|(_, o)| o).sum();
     let positions = s.pipeline_positions()?;
     Ok(s.list_views()?
@@ -186,7 +186,7 @@ pub fn drop_version(cfg: &CloudConfig, name: &str, version: u32) -> Result<u64, 
 /// The log as the batch path reads it: archive then log, every record
 /// before `positions` (per partition).
 fn log_entries(cfg: &CloudConfig, positions: &BTreeMap<Partition, Offset>) -> Result<Vec<LogEntry>, AdminError> {
-    let log = EventLog::open_existing(cfg)?;
+    let log = EventLog::open_existing(&cfg.log, &cfg.data_dir)?;
     let archive = archive_store(cfg)?;
     let mut source = ChainSource::new(ArchiveSource::open(archive, false)?, log.source()?);
     for p in source.assigned() {
@@ -280,7 +280,7 @@ pub struct PartitionArchive {
 pub fn archive_status(cfg: &CloudConfig) -> Result<Vec<PartitionArchive>, AdminError> {
     let archive = archive_store(cfg)?;
     let index = ArchiveIndex::load(archive.as_ref())?;
-    let ends = EventLog::end_offsets(cfg)?;
+    let ends = EventLog::end_offsets(&cfg.log, &cfg.data_dir)?;
     Ok(ends
         .into_iter()
         .map(|(p, end)| {

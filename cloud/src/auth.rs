@@ -26,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use crate::metrics::CloudMetrics;
+use crate::pki::PkiError;
 
 /// The `[auth]` section.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -130,7 +131,22 @@ fn is_sha256_hex(s: &str) -> bool {
 
 /// The SHA-256 of a token, as the config stores it.
 pub fn token_sha256(token: &str) -> String {
-    crate::pki::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref())
+    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+/// A new random token (256 bits, hex, with a `kappa_` prefix that secret
+/// scanners can match) and the SHA-256 the config stores instead of it.
+pub fn new_token() -> Result<(String, String), PkiError> {
+    let mut bytes = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| PkiError::Cert("no randomness from the system".into()))?;
+    let token = format!("kappa_{}", hex(&bytes));
+    let hash = token_sha256(&token);
+    Ok((token, hash))
+}
+
+/// Lowercase hexadecimal.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// An authenticated gateway.
@@ -351,5 +367,17 @@ mod tests {
         assert!(problems.contains("auth.tokens[0].token_sha256: must be 64"), "{problems}");
         let empty = AuthConfig { required: true, ..Default::default() };
         assert!(empty.problems()[0].starts_with("auth.required"));
+    }
+
+    #[test]
+    fn tokens_are_random_and_stored_as_their_hash() {
+        let (a, ha) = new_token().unwrap();
+        let (b, _) = new_token().unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with("kappa_") && a.len() == 6 + 64);
+        assert_eq!(ha.len(), 64);
+        assert_eq!(ha, token_sha256(&a));
+        // The well-known SHA-256 of "abc".
+        assert_eq!(token_sha256("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

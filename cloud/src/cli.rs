@@ -255,7 +255,7 @@ fn pki_command(cmd: PkiCommand) -> anyhow::Result<ExitCode> {
 
 fn auth_command(cmd: AuthCommand) -> anyhow::Result<ExitCode> {
     let AuthCommand::Token { gateway, api, role } = cmd;
-    let (token, hash) = crate::pki::new_token()?;
+    let (token, hash) = crate::auth::new_token()?;
     let entry = match (gateway, api) {
         (Some(id), None) => format!("[[auth.gateways]]\nid = {id:?}\ntoken_sha256 = \"{hash}\"\n"),
         (None, Some(name)) if matches!(role.as_str(), "read" | "admin") => {

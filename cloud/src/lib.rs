@@ -35,6 +35,7 @@ pub mod eventlog;
 pub mod ingest;
 pub mod kafka;
 pub mod metrics;
+pub mod model;
 pub mod node;
 pub mod pki;
 pub mod processor;
@@ -42,7 +43,4 @@ pub mod store;
 pub mod tls;
 pub mod views;
 
-/// The wall clock in Unix milliseconds (0 before 1970).
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
+pub(crate) use kappa_runtime::time::now_ms;

@@ -136,21 +136,6 @@ pub fn issue(dir: &Path, kind: Kind, name: &str, names: &[String]) -> Result<(Pa
     Ok((cert_path, key_path))
 }
 
-/// A new random token (256 bits, hex, with a `kappa_` prefix that secret
-/// scanners can match) and the SHA-256 the config stores instead of it.
-pub fn new_token() -> Result<(String, String), PkiError> {
-    let mut bytes = [0u8; 32];
-    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| PkiError::Cert("no randomness from the system".into()))?;
-    let token = format!("kappa_{}", hex(&bytes));
-    let hash = crate::auth::token_sha256(&token);
-    Ok((token, hash))
-}
-
-/// Lowercase hexadecimal.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,20 +185,5 @@ mod tests {
             .is_err()
         );
         assert!(issue(dir.path(), Kind::Device, "../evil", &[]).is_err(), "names cannot leave the directory");
-    }
-
-    #[test]
-    fn tokens_are_random_and_stored_as_their_hash() {
-        let (a, ha) = new_token().unwrap();
-        let (b, _) = new_token().unwrap();
-        assert_ne!(a, b);
-        assert!(a.starts_with("kappa_") && a.len() == 6 + 64);
-        assert_eq!(ha.len(), 64);
-        assert_eq!(ha, crate::auth::token_sha256(&a));
-        // The well-known SHA-256 of "abc".
-        assert_eq!(
-            crate::auth::token_sha256("abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 }

@@ -25,7 +25,6 @@
 
 pub mod aggregate;
 pub mod batch;
-pub mod columnar;
 pub mod device;
 pub mod frame;
 pub mod partition;
@@ -34,4 +33,5 @@ pub mod record;
 pub mod segment;
 pub mod window;
 
+pub use batch::columnar;
 pub use reading::{Reading, ReadingId, ValidationError};

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::agent::Agent;
 use crate::config::EdgeConfig;
 use crate::log::{EdgeLog, Which};
+use crate::now_ms;
 
 /// The Kappa IoT edge agent: MQTT in, durable SQLite log, batches forwarded to the cloud.
 ///
@@ -272,10 +273,6 @@ fn load(path: &Path) -> anyhow::Result<EdgeConfig> {
     Ok(EdgeConfig::load(path)?)
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Writes readings to `output` (or standard output) as JSON lines or CSV, with `fill`.
 fn write_readings(
     output: Option<&Path>,
@@ -395,10 +392,5 @@ fn log_command(cfg: &EdgeConfig, cmd: LogCommand) -> anyhow::Result<ExitCode> {
 
 /// RFC 3339 or Unix milliseconds.
 fn parse_time(s: &str) -> anyhow::Result<i64> {
-    if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
-    }
-    let t =
-        humantime::parse_rfc3339_weak(s).with_context(|| format!("{s:?} is neither RFC 3339 nor Unix milliseconds"))?;
-    Ok(t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
+    kappa_runtime::time::parse_time(s).map_err(anyhow::Error::msg)
 }

@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::LogConfig;
+use crate::log::config::LogConfig;
 use crate::log::{Class, EdgeLog, LogError, SharedLog, Usage};
 use crate::metrics::EdgeMetrics;
 use crate::now_ms;
@@ -241,8 +241,8 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Durability;
     use crate::log::Entry;
+    use crate::log::config::Durability;
     use crate::log::tests::reading;
 
     fn fill(log: &mut EdgeLog, device: &str, n: u64, received_ms: i64) {

@@ -4,6 +4,7 @@
 //! Plain hyper, so the agent carries no web framework.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
+use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -74,4 +76,23 @@ fn route(req: &Request<Incoming>, registry: &Registry, metrics: &crate::metrics:
         resp.headers_mut().insert("content-type", v);
     }
     resp
+}
+
+/// The `[http]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where `/metrics` and `/healthz` are served.
+    #[serde(default = "default_http_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9101))
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: default_http_listen() }
+    }
 }

@@ -29,7 +29,4 @@ pub mod metrics;
 pub mod mosquitto;
 pub mod mqtt;
 
-/// Wall clock, Unix milliseconds.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
+pub(crate) use kappa_runtime::time::now_ms;

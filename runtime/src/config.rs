@@ -189,6 +189,29 @@ impl<'de> serde::Deserialize<'de> for ByteSize {
     }
 }
 
+/// What "committed" means for a SQLite log (the edge's and the embedded
+/// event log): `durability = "full"` or `"normal"` in their `[log]` sections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `synchronous=FULL`: every commit is fsynced before it is acknowledged;
+    /// it survives a power cut.
+    Full,
+    /// `synchronous=NORMAL`: survives a process crash; the last commits may
+    /// be lost in a power cut (tests/e2e/power_cut.rs shows both).
+    Normal,
+}
+
+impl Durability {
+    /// The value of SQLite's `synchronous` pragma.
+    pub fn synchronous(self) -> &'static str {
+        match self {
+            Self::Full => "FULL",
+            Self::Normal => "NORMAL",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -16,6 +16,7 @@
 //! assert_eq!(err.0, ["workers: must be at least 1"]);
 //! ```
 
+pub mod backoff;
 pub mod config;
 pub mod fault;
 pub mod limits;
@@ -24,5 +25,6 @@ pub mod net;
 pub mod rate;
 pub mod signal;
 pub mod tasks;
+pub mod time;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -16,7 +16,7 @@ use kappa_tests::harness::*;
 
 fn token(name: &str) -> String {
     // A fixed prefix, the name and fresh randomness: unique per run, easy to grep for.
-    format!("{}-{name}", pki::new_token().expect("token").0)
+    format!("{}-{name}", kappa_cloud::auth::new_token().expect("token").0)
 }
 
 /// The body of `GET url` with `client` (panics on a transport error).

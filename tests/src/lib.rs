@@ -4,6 +4,8 @@
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod alert_kit;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod bench;
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod chaos;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod harness;

@@ -24,34 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::spec::Severity;
 use crate::metrics::CloudMetrics;
+pub use crate::store::alerts::Outbox;
 use crate::store::alerts::{Attempt, Delivery};
 use crate::store::pg::{PgOutbox, PgSettings};
 use crate::store::{StoreError, ViewStore};
-
-/// The outbox as a deliverer uses it.
-pub trait Outbox: Send {
-    /// The oldest pending delivery of `target`; none while another process
-    /// delivers for `target`.
-    fn next_delivery(&mut self, target: &str) -> Result<Option<Delivery>, StoreError>;
-    /// Records the outcome of an attempt.
-    fn record_attempt(&mut self, attempt: &Attempt) -> Result<(), StoreError>;
-    /// Deliveries per target and state.
-    fn delivery_counts(&mut self) -> Result<Vec<(String, String, u64)>, StoreError>;
-}
-
-impl Outbox for ViewStore {
-    fn next_delivery(&mut self, target: &str) -> Result<Option<Delivery>, StoreError> {
-        ViewStore::next_delivery(self, target)
-    }
-
-    fn record_attempt(&mut self, attempt: &Attempt) -> Result<(), StoreError> {
-        ViewStore::record_attempt(self, attempt)
-    }
-
-    fn delivery_counts(&mut self) -> Result<Vec<(String, String, u64)>, StoreError> {
-        ViewStore::delivery_counts(self)
-    }
-}
 
 /// Where the outbox is.
 #[derive(Debug, Clone)]
@@ -175,8 +151,7 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// Backoff before attempt `attempts + 1`, jittered to 50-100 %.
     pub fn backoff(&self, attempts: u32, jitter: f64) -> Duration {
-        let exp = self.backoff_initial.saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
-        exp.min(self.backoff_max).mul_f64(0.5 + 0.5 * jitter)
+        kappa_runtime::backoff::jittered(self.backoff_initial, self.backoff_max, attempts.saturating_sub(1), jitter)
     }
 }
 

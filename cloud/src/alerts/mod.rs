@@ -9,6 +9,7 @@
 //!   idempotency key and a dead-letter state.
 //! * [`kafka`]: sends it to a Kafka topic with the idempotent producer.
 
+pub mod config;
 pub mod deliver;
 pub mod engine;
 pub mod kafka;

@@ -34,6 +34,7 @@
 use serde::Serialize;
 use toml::{Table, Value};
 
+pub use crate::model::Severity;
 use crate::views::spec::Condition;
 
 /// A validated rule.
@@ -45,33 +46,6 @@ pub struct RuleSpec {
     pub filter: Vec<Condition>,
     /// How long a rule's condition must stay clear before the alert resolves.
     pub clear_for_ms: i64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    Info,
-    Warning,
-    Critical,
-}
-
-impl Severity {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "info" => Some(Self::Info),
-            "warning" => Some(Self::Warning),
-            "critical" => Some(Self::Critical),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Info => "info",
-            Self::Warning => "warning",
-            Self::Critical => "critical",
-        }
-    }
 }
 
 /// A boolean expression over a reading: conditions combined with `and`

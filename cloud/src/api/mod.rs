@@ -5,6 +5,7 @@
 
 pub mod aggregates;
 pub mod alerts;
+pub mod config;
 
 use std::sync::{Arc, Mutex};
 
@@ -109,15 +110,7 @@ fn bad_request(msg: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg)
 }
 
-/// RFC 3339 or Unix milliseconds.
-pub fn parse_time(s: &str) -> Result<i64, String> {
-    if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
-    }
-    humantime::parse_rfc3339_weak(s)
-        .map(|t| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64))
-        .map_err(|_| format!("{s:?} is neither RFC 3339 nor Unix milliseconds"))
-}
+pub use kappa_runtime::time::parse_time;
 
 fn limit(l: Option<usize>) -> Result<usize, ApiError> {
     let l = l.unwrap_or(DEFAULT_LIMIT);

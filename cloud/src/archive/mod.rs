@@ -17,6 +17,7 @@
 //! it to the live log at exactly the next offset.
 
 pub mod archiver;
+pub mod config;
 pub mod export;
 /// The segment format lives with the other wire codecs.
 pub use kappa_common::segment;

@@ -14,12 +14,16 @@
 //!   consumer-group share for Kafka), is told where to start with
 //!   [`LogSource::seek`], and polls records in offset order per partition.
 
+pub mod config;
 pub mod kafka;
 pub mod memory;
 pub mod sqlite;
 
 use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
+
+pub use self::config::{Durability, LogBackend, LogConfig};
 
 /// A partition number.
 pub type Partition = u32;
@@ -139,29 +143,26 @@ pub enum EventLog {
 }
 
 impl EventLog {
-    /// Opens the log `cfg` names, creating it (or its topic) if allowed.
-    pub async fn open(cfg: &crate::config::CloudConfig) -> Result<Self, EventLogError> {
-        match (&cfg.log.backend, &cfg.log.kafka) {
-            (crate::config::LogBackend::Kafka, Some(k)) => {
-                Ok(Self::Kafka(kafka::KafkaLog::connect(k.clone(), cfg.log.partitions).await?))
-            }
-            _ => Self::open_existing(cfg),
+    /// Opens the log the `[log]` section names (the embedded one in
+    /// `data_dir`), creating it (or its topic) if allowed.
+    pub async fn open(log: &LogConfig, data_dir: &Path) -> Result<Self, EventLogError> {
+        match (&log.backend, &log.kafka) {
+            (LogBackend::Kafka, Some(k)) => Ok(Self::Kafka(kafka::KafkaLog::connect(k.clone(), log.partitions).await?)),
+            _ => Self::open_existing(log, data_dir),
         }
     }
 
-    /// Opens the log `cfg` names without creating a Kafka topic (offline tools).
-    pub fn open_existing(cfg: &crate::config::CloudConfig) -> Result<Self, EventLogError> {
-        match (&cfg.log.backend, &cfg.log.kafka) {
-            (crate::config::LogBackend::Kafka, Some(k)) => {
-                Ok(Self::Kafka(kafka::KafkaLog::existing(k.clone(), cfg.log.partitions)))
-            }
-            (crate::config::LogBackend::Kafka, None) => {
+    /// Opens the log the `[log]` section names without creating a Kafka topic (offline tools).
+    pub fn open_existing(log: &LogConfig, data_dir: &Path) -> Result<Self, EventLogError> {
+        match (&log.backend, &log.kafka) {
+            (LogBackend::Kafka, Some(k)) => Ok(Self::Kafka(kafka::KafkaLog::existing(k.clone(), log.partitions))),
+            (LogBackend::Kafka, None) => {
                 Err(EventLogError::Inconsistent("log.backend is kafka but there is no [log.kafka]".into()))
             }
-            (crate::config::LogBackend::Sqlite, _) => Ok(Self::Sqlite(sqlite::SqliteLog::open(
-                &cfg.data_dir.join("eventlog.sqlite"),
-                cfg.log.partitions,
-                cfg.log.durability,
+            (LogBackend::Sqlite, _) => Ok(Self::Sqlite(sqlite::SqliteLog::open(
+                &data_dir.join("eventlog.sqlite"),
+                log.partitions,
+                log.durability,
             )?)),
         }
     }
@@ -183,10 +184,10 @@ impl EventLog {
     }
 
     /// The next offset of every partition (read beside a running node).
-    pub fn end_offsets(cfg: &crate::config::CloudConfig) -> Result<Vec<(Partition, Offset)>, EventLogError> {
-        match (&cfg.log.backend, &cfg.log.kafka) {
-            (crate::config::LogBackend::Kafka, Some(k)) => kafka::end_offsets(k, cfg.log.partitions),
-            _ => sqlite::SqliteLog::end_offsets_at(&cfg.data_dir.join("eventlog.sqlite")),
+    pub fn end_offsets(log: &LogConfig, data_dir: &Path) -> Result<Vec<(Partition, Offset)>, EventLogError> {
+        match (&log.backend, &log.kafka) {
+            (LogBackend::Kafka, Some(k)) => kafka::end_offsets(k, log.partitions),
+            _ => sqlite::SqliteLog::end_offsets_at(&data_dir.join("eventlog.sqlite")),
         }
     }
 }

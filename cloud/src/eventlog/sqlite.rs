@@ -25,8 +25,8 @@ use kappa_common::partition::partition_for;
 use rusqlite::{Connection, OpenFlags, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::config::Durability;
 use super::{AppendBatch, AppendOutcome, ConsumedRecord, EventLogError, LogAppender, LogSource, Offset, Partition};
-use crate::config::Durability;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS log (
@@ -208,11 +208,7 @@ fn connect(path: &Path, durability: Durability) -> Result<Connection, EventLogEr
     let conn = Connection::open(path).map_err(unavailable)?;
     conn.busy_timeout(Duration::from_secs(10)).map_err(unavailable)?;
     conn.pragma_update(None, "journal_mode", "WAL").map_err(unavailable)?;
-    let sync = match durability {
-        Durability::Full => "FULL",
-        Durability::Normal => "NORMAL",
-    };
-    conn.pragma_update(None, "synchronous", sync).map_err(unavailable)?;
+    conn.pragma_update(None, "synchronous", durability.synchronous()).map_err(unavailable)?;
     Ok(conn)
 }
 

@@ -15,6 +15,7 @@
 //! state that excludes them.
 
 pub mod committer;
+pub mod config;
 pub mod dedup;
 pub mod watermark;
 

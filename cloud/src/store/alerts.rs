@@ -15,8 +15,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use serde::Serialize;
 
 use super::{Columns, StoreError, ViewStore};
-use crate::alerts::engine::{AlertChanges, AlertEvent, AlertRecord};
-use crate::alerts::spec::Severity;
+use crate::model::{AlertChanges, AlertEvent, AlertRecord, Severity};
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS alerts (
@@ -350,4 +349,29 @@ pub(crate) fn alert_dump_line(a: &AlertRecord) -> String {
         a.value,
         a.message
     )
+}
+
+/// The outbox as a deliverer uses it.
+pub trait Outbox: Send {
+    /// The oldest pending delivery of `target`; none while another process
+    /// delivers for `target`.
+    fn next_delivery(&mut self, target: &str) -> Result<Option<Delivery>, StoreError>;
+    /// Records the outcome of an attempt.
+    fn record_attempt(&mut self, attempt: &Attempt) -> Result<(), StoreError>;
+    /// Deliveries per target and state.
+    fn delivery_counts(&mut self) -> Result<Vec<(String, String, u64)>, StoreError>;
+}
+
+impl Outbox for ViewStore {
+    fn next_delivery(&mut self, target: &str) -> Result<Option<Delivery>, StoreError> {
+        ViewStore::next_delivery(self, target)
+    }
+
+    fn record_attempt(&mut self, attempt: &Attempt) -> Result<(), StoreError> {
+        ViewStore::record_attempt(self, attempt)
+    }
+
+    fn delivery_counts(&mut self) -> Result<Vec<(String, String, u64)>, StoreError> {
+        ViewStore::delivery_counts(self)
+    }
 }

@@ -29,8 +29,8 @@
 //! the broker into the log. The cloud's silence alerts use it to tell a quiet
 //! device from an offline gateway.
 
-pub mod backoff;
 pub mod client;
+pub mod config;
 mod limiter;
 
 use std::collections::HashSet;
@@ -43,13 +43,13 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use self::backoff::Backoff;
 use self::client::{CloudClient, PostOutcome, Security};
+use self::config::ForwardConfig;
 use self::limiter::Limiter;
-use crate::config::ForwardConfig;
 use crate::log::{BatchKind, LogError, OutboxEntry, SharedLog};
 use crate::metrics::EdgeMetrics;
 use crate::now_ms;
+use kappa_runtime::backoff::Backoff;
 
 /// Runs until `cancel` fires. Transient log errors (busy, full) are retried;
 /// returns an error only for a damaged or unusable log.

@@ -4,6 +4,7 @@
 //! an [`Incoming`] and hand it to the [`writer`], which group-commits and then
 //! releases the acknowledgements.
 
+pub mod config;
 pub mod writer;
 
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use bytes::Bytes;
 use kappa_common::{Reading, device};
 use kappa_runtime::rate::{KeyedRate, Refused};
 
-use crate::config::{ClockConfig, ClockPolicy};
+use self::config::{ClockConfig, ClockPolicy};
 use crate::log::{Entry, Rejected};
 use crate::metrics::EdgeMetrics;
 

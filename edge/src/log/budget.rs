@@ -269,7 +269,7 @@ impl EdgeLog {
 mod tests {
     use super::super::tests::entries;
     use super::*;
-    use crate::config::Durability;
+    use crate::log::config::Durability;
 
     fn open() -> (tempfile::TempDir, EdgeLog) {
         let dir = tempfile::tempdir().unwrap();

@@ -323,7 +323,7 @@ mod tests {
         let decoder = Decoder {
             topic_prefix: String::new(),
             limits: Default::default(),
-            clock: crate::config::ClockConfig::default(),
+            clock: crate::ingest::config::ClockConfig::default(),
             metrics: metrics.clone(),
             rate: None,
         };

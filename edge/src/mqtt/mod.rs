@@ -18,6 +18,7 @@
 pub mod access;
 pub mod close;
 pub mod codec;
+pub mod config;
 pub mod external;
 pub mod link;
 pub mod listener;

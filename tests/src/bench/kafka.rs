@@ -38,7 +38,7 @@ fn log_config(brokers: &str, topic: &str) -> KafkaLogConfig {
 }
 
 pub fn ingest(dir: &Path, scale: f64) -> Value {
-    let Some(bin) = kappa_tests::tansu_binary() else {
+    let Some(bin) = crate::tansu_binary() else {
         println!("kafka ingest: skipped (no tansu broker; .ci/run builds it, or set KAPPA_TANSU)");
         return json!({ "skipped": "no tansu broker" });
     };

@@ -140,11 +140,11 @@ fn log_config(brokers: &str) -> KafkaLogConfig {
 }
 
 pub fn run(dir: &Path, scale: f64) -> Value {
-    let Some(bin) = kappa_tests::tansu_binary() else {
+    let Some(bin) = crate::tansu_binary() else {
         println!("cluster workers: skipped (no tansu broker; .ci/run builds it, or set KAPPA_TANSU)");
         return json!({ "skipped": "no tansu broker" });
     };
-    let url = kappa_tests::harness::postgres();
+    let url = crate::harness::postgres();
     if let Err(e) = pg_execute(&url, "SELECT 1") {
         println!("cluster workers: skipped (no PostgreSQL at KAPPA_TEST_POSTGRES or 127.0.0.1:5432: {e})");
         return json!({ "skipped": "no PostgreSQL" });
@@ -253,7 +253,7 @@ async fn load(brokers: &str, records: &[(String, Vec<u8>)]) -> f64 {
         .set("message.timeout.ms", "30000")
         .create()
         .unwrap();
-    crate::kafka::produce_all(&producer, TOPIC, PARTITIONS, records).await
+    super::kafka::produce_all(&producer, TOPIC, PARTITIONS, records).await
 }
 
 /// Reads the whole topic once with the log's own source, nothing else done

@@ -17,8 +17,7 @@
 use postgres::Transaction;
 
 use super::{Context, PgStore, lock_key, to_i64};
-use crate::alerts::engine::{AlertChanges, AlertEvent};
-use crate::alerts::spec::Severity;
+use crate::model::{AlertChanges, AlertEvent, Severity};
 use crate::store::StoreError;
 use crate::store::aggregates::{AGGREGATE_COLUMNS, AggregatePart, AggregateQuery, AggregateRow, aggregate_row};
 use crate::store::alerts::{
@@ -466,7 +465,7 @@ mod tests {
 
     use super::super::tests::{LOG_PARTITIONS, TestSchema, device_in};
     use super::*;
-    use crate::alerts::engine::{AlertRecord, OutboxItem};
+    use crate::model::{AlertRecord, OutboxItem};
     use crate::store::{Checkpoint, ProcessorStore, ViewStore};
 
     fn alert(id: &str, device: &str, state: &str, started_ms: i64) -> AlertRecord {

@@ -459,7 +459,7 @@ mod tests {
                 view: "v@1".into(),
                 partition: Some(0),
                 changes: crate::views::operator::Changes {
-                    row_upserts: vec![crate::store::tests::row(&device, 0, 2)],
+                    row_upserts: vec![crate::store::sqlite::tests::row(&device, 0, 2)],
                     ..Default::default()
                 },
                 closed_through: None,

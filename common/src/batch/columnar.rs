@@ -38,7 +38,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::batch::{BatchError, EdgeBatch};
+use super::{BatchError, EdgeBatch};
 use crate::reading::Reading;
 
 /// The batch format number of this layout.

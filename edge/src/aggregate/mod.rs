@@ -18,6 +18,8 @@
 //! its metrics moved past its deadband since the last one forwarded for that
 //! device, or when it trips a local rule.
 
+pub mod config;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +29,7 @@ use kappa_common::aggregate::{Aggregate, window_start};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AggregateConfig, ForwardMode, HybridConfig};
+use self::config::{AggregateConfig, ForwardMode, HybridConfig};
 use crate::log::{EdgeLog, FoldStep, LogError, SharedLog};
 use crate::metrics::EdgeMetrics;
 use crate::now_ms;
@@ -286,8 +288,8 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Durability;
     use crate::log::Entry;
+    use crate::log::config::Durability;
 
     fn reading(device: &str, seq: u64, t: f64) -> Reading {
         Reading {

@@ -18,6 +18,8 @@
 //! | 429 | over `ingest.max_gateway_readings_per_second` (`Retry-After`) | retry after the wait |
 //! | 503 | the log cannot take it now (`Retry-After`) | retry |
 
+pub mod config;
+
 use std::sync::Arc;
 
 use axum::body::Body;

@@ -6,7 +6,7 @@
 //!
 //! Format versions: the `format` field names the layout; a receiver refuses a
 //! layout it does not know with [`BatchError::UnknownFormat`]. Format 1 is
-//! packed CBOR, one record per reading; format 2 ([`crate::columnar`]) is
+//! packed CBOR, one record per reading; format 2 ([`columnar`]) is
 //! columns per device, several times smaller on the wire. Both are one zstd
 //! frame, and a receiver tells them apart by their first bytes.
 
@@ -18,7 +18,9 @@ use crate::reading::{Reading, validate_device_id};
 
 /// The record-per-reading CBOR layout.
 pub const BATCH_FORMAT: u16 = 1;
-pub use crate::columnar::COLUMNAR_FORMAT;
+pub mod columnar;
+
+pub use self::columnar::COLUMNAR_FORMAT;
 
 /// A batch of readings from one gateway.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,7 +77,7 @@ pub fn to_cbor(batch: &EdgeBatch) -> Vec<u8> {
 /// Encodes a batch for the wire in its `format` (columnar for
 /// [`COLUMNAR_FORMAT`], packed CBOR otherwise), in one zstd frame at `level`.
 pub fn encode(batch: &EdgeBatch, level: i32) -> Vec<u8> {
-    let raw = if batch.format == COLUMNAR_FORMAT { crate::columnar::encode(batch) } else { to_cbor(batch) };
+    let raw = if batch.format == COLUMNAR_FORMAT { columnar::encode(batch) } else { to_cbor(batch) };
     frame::compress(&raw, level)
 }
 
@@ -85,8 +87,8 @@ pub fn encode(batch: &EdgeBatch, level: i32) -> Vec<u8> {
 /// decides per reading, so one bad reading does not sink its neighbours.
 pub fn decode(body: &[u8], limits: &BatchLimits) -> Result<EdgeBatch, BatchError> {
     let raw = frame::decompress(body, &limits.frame)?;
-    let batch = if raw.starts_with(crate::columnar::MAGIC) {
-        crate::columnar::decode(&raw, limits.max_readings)?
+    let batch = if raw.starts_with(columnar::MAGIC) {
+        columnar::decode(&raw, limits.max_readings)?
     } else {
         let batch: EdgeBatch = serde_cbor::from_slice(&raw).map_err(|e| BatchError::Cbor(e.to_string()))?;
         if batch.format != BATCH_FORMAT {

@@ -20,9 +20,9 @@ impl Backoff {
 
     /// The delay before the next attempt, given a uniform sample in `[0, 1)`.
     pub fn next_with(&mut self, unit: f64) -> Duration {
-        let cap = self.min.saturating_mul(1u32 << self.failures.min(20)).min(self.max);
+        let delay = jittered(self.min, self.max, self.failures, unit);
         self.failures = self.failures.saturating_add(1);
-        cap.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+        delay
     }
 
     /// The delay before the next attempt.
@@ -35,6 +35,14 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.failures = 0;
     }
+}
+
+/// The delay after `failures` failures in a row (0 for the first retry):
+/// uniform in `[cap/2, cap]` for a `unit` sample in `[0, 1)`, where `cap` is
+/// `min` doubled per failure, at most `max`.
+pub fn jittered(min: Duration, max: Duration, failures: u32, unit: f64) -> Duration {
+    let cap = min.saturating_mul(1u32 << failures.min(20)).min(max.max(min));
+    cap.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
 }
 
 #[cfg(test)]

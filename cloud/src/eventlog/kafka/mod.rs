@@ -34,71 +34,13 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Message, TopicPartitionList};
 use serde::Deserialize;
 
+mod appender;
+mod config;
+
+pub use self::appender::{FAULT_ACK_BEFORE_DELIVERY, FAULT_IDEMPOTENT_LOG_PRODUCER, KafkaAppender};
+pub use self::config::KafkaLogConfig;
 use super::{AppendBatch, AppendOutcome, ConsumedRecord, EventLogError, LogAppender, LogSource, Offset, Partition};
 use crate::kafka::{ProducerSlot, TopicSpec, client_config, ensure_topic, topic_problem};
-
-/// `[log.kafka]` of the cloud config.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaLogConfig {
-    /// `host:port,host:port` (librdkafka's `bootstrap.servers`).
-    pub brokers: String,
-    #[serde(default = "default_topic")]
-    pub topic: String,
-    /// Create the topic (with `log.partitions` partitions) if it is missing;
-    /// otherwise a missing topic stops the node at startup.
-    #[serde(default = "default_true")]
-    pub create_topic: bool,
-    #[serde(default = "default_replication")]
-    pub replication_factor: i32,
-    /// How long an append may wait for its delivery reports before ingest
-    /// answers 503 (librdkafka's `message.timeout.ms`).
-    #[serde(default = "default_delivery_timeout", with = "humantime_serde")]
-    pub delivery_timeout: Duration,
-    /// Passed to librdkafka as they are, e.g. `"security.protocol" = "SASL_SSL"`.
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-}
-
-fn default_topic() -> String {
-    "kappa-events".into()
-}
-fn default_true() -> bool {
-    true
-}
-fn default_replication() -> i32 {
-    1
-}
-fn default_delivery_timeout() -> Duration {
-    Duration::from_secs(5)
-}
-
-impl KafkaLogConfig {
-    /// Problems, each with its key path.
-    pub fn problems(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.brokers.trim().is_empty() {
-            out.push("log.kafka.brokers: must name at least one host:port".into());
-        }
-        out.extend(topic_problem("log.kafka.topic", &self.topic));
-        if self.replication_factor < 1 {
-            out.push("log.kafka.replication_factor: must be at least 1".into());
-        }
-        if self.delivery_timeout < Duration::from_millis(100) {
-            out.push("log.kafka.delivery_timeout: must be at least 100ms".into());
-        }
-        for key in ["bootstrap.servers", "enable.idempotence", "acks"] {
-            if self.properties.contains_key(key) {
-                out.push(format!("log.kafka.properties: {key:?} is set by the log itself and cannot be overridden"));
-            }
-        }
-        out
-    }
-
-    fn client(&self) -> ClientConfig {
-        client_config(&self.brokers, &self.properties)
-    }
-}
 
 /// The log on a Kafka topic: hands out appenders and sources.
 #[derive(Debug, Clone)]
@@ -371,68 +313,6 @@ impl SourceContext for ReaderContext {
 impl SourceContext for GroupContext {
     fn stale(&self) -> bool {
         self.moved.load(Ordering::SeqCst)
-    }
-}
-
-/// TEST ONLY: with this environment variable set, an append resolves as
-/// soon as its records are queued, before any delivery report. It exists to
-/// show that the broker-outage test catches an ingest that answers 2xx for
-/// records Kafka never confirmed.
-pub const FAULT_ACK_BEFORE_DELIVERY: &str = "KAPPA_TEST_KAFKA_ACK_BEFORE_DELIVERY";
-
-/// Test switch: the log's producer is librdkafka's idempotent one (see
-/// [`KafkaLog::appender`]).
-pub const FAULT_IDEMPOTENT_LOG_PRODUCER: &str = "KAPPA_TEST_KAFKA_IDEMPOTENT_LOG_PRODUCER";
-
-/// The ingest side: the idempotent producer.
-#[derive(Debug, Clone)]
-pub struct KafkaAppender {
-    producer: std::sync::Arc<ProducerSlot>,
-    topic: String,
-    partitions: u32,
-    ack_before_delivery: bool,
-}
-
-impl LogAppender for KafkaAppender {
-    async fn append(&self, batch: AppendBatch) -> Result<AppendOutcome, EventLogError> {
-        let producer = self.producer.get().map_err(EventLogError::Unavailable)?;
-        let mut deliveries = Vec::with_capacity(batch.records.len());
-        for rec in &batch.records {
-            let p = match rec.partition {
-                Some(p) if p < self.partitions => p,
-                _ => partition_for(&rec.key, self.partitions),
-            };
-            let record = FutureRecord::to(&self.topic).key(&rec.key).payload(&rec.value).partition(p as i32);
-            match producer.send_result(record) {
-                Ok(delivery) => deliveries.push(delivery),
-                Err((e, _)) => {
-                    self.producer.failed(&e);
-                    return Err(EventLogError::Unavailable(format!("the Kafka producer refused a record: {e}")));
-                }
-            }
-        }
-        if self.ack_before_delivery {
-            return Ok(AppendOutcome::Appended { records: batch.records.len() });
-        }
-        let mut failure: Option<KafkaError> = None;
-        // Every record is in flight already; waiting in order costs nothing.
-        for delivery in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => failure = Some(e),
-                Err(_) => failure = Some(KafkaError::Canceled),
-            }
-        }
-        match failure {
-            None => {
-                self.producer.succeeded();
-                Ok(AppendOutcome::Appended { records: batch.records.len() })
-            }
-            Some(e) => {
-                let n = self.producer.failed(&e);
-                Err(EventLogError::Unavailable(format!("Kafka did not confirm the batch: {e} (failure {n} in a row)")))
-            }
-        }
     }
 }
 

@@ -16,6 +16,15 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+mod http;
+mod pipelines;
+
+pub(crate) use self::http::liveness_router;
+pub use self::http::router;
+use self::http::serve_connection;
+pub use self::pipelines::FAULT_NO_PIPELINE_RESTART;
+use self::pipelines::{MakeOps, PipelineStore, Sources, spawn_operators};
+
 use crate::aggregates::{AGGREGATES_PIPELINE, AggregatesOperator};
 use crate::alerts::ALERTS_PIPELINE;
 use crate::alerts::engine::{AlertOperator, Route, SilenceClock};
@@ -32,140 +41,6 @@ use crate::metrics::CloudMetrics;
 use crate::processor::{Operator, Processor, ProcessorSettings};
 use crate::store::pg::{PgReader, PgSettings, PgStore};
 use crate::store::{AlertAcks, ServingReader, StoreError, ViewStore};
-
-/// Where an operator pipeline reads: the archive (when there is one), then the log.
-struct Sources<'a> {
-    archive: Option<&'a Arc<dyn ArchiveStore>>,
-    skip_damaged: bool,
-    log: &'a EventLog,
-}
-
-/// Where the alert and aggregate pipelines keep their state and output.
-#[derive(Debug, Clone)]
-enum PipelineStore {
-    Embedded(PathBuf),
-    /// On a cluster: the pipeline claims every partition, fenced (a second
-    /// node that starts it takes over, and this one stops).
-    Cluster {
-        settings: PgSettings,
-        log_partitions: u32,
-    },
-}
-
-/// Test switch (`fault-injection` builds only): a node's cluster pipelines
-/// do not restart after a store error, they stop the node (the negative
-/// control of the PostgreSQL restart test).
-pub const FAULT_NO_PIPELINE_RESTART: &str = "KAPPA_TEST_NO_PIPELINE_RESTART";
-
-/// Makes a pipeline's operators afresh: a pipeline that starts again after
-/// a failure restores them from the store.
-type MakeOps = Box<dyn Fn() -> Vec<Box<dyn Operator>> + Send>;
-
-impl PipelineStore {
-    /// Restores `pipeline` from the store and runs it until `cancel`. On a
-    /// cluster, a failure that retrying can mend (PostgreSQL restarting or
-    /// unreachable) restores the pipeline again from its last checkpoint
-    /// and goes on; being fenced by another node that took the pipeline over
-    /// ends it (and the node).
-    fn run<S: LogSource>(
-        &self,
-        make_source: impl Fn() -> Result<S, String>,
-        pipeline: &str,
-        make_ops: MakeOps,
-        settings: ProcessorSettings,
-        metrics: Arc<CloudMetrics>,
-        cancel: CancellationToken,
-    ) -> Result<(), String> {
-        let name = pipeline.to_string();
-        let (pg, log_partitions) = match self {
-            PipelineStore::Embedded(path) => {
-                let store = ViewStore::open(path).map_err(|e| e.to_string())?;
-                let p = Processor::with_operators(make_source()?, store, name, make_ops(), false, settings, metrics)
-                    .map_err(|e| e.to_string())?;
-                return p.run(cancel).map_err(|e| e.to_string());
-            }
-            PipelineStore::Cluster { settings: pg, log_partitions } => (pg, *log_partitions),
-        };
-        let every: Vec<_> = (0..log_partitions).collect();
-        let restart = !kappa_runtime::fault::on(
-            FAULT_NO_PIPELINE_RESTART,
-            "a node's cluster pipelines stop the node on any store error",
-        );
-        let mut pause = Duration::from_millis(200);
-        while !cancel.is_cancelled() {
-            let outcome = make_source().and_then(|source| {
-                let mut store = PgStore::connect(pg, log_partitions).map_err(|e| e.to_string())?;
-                store.claim(pipeline, &every).map_err(|e| e.to_string())?;
-                let p = Processor::with_operators(
-                    source,
-                    store,
-                    name.clone(),
-                    make_ops(),
-                    false,
-                    settings,
-                    metrics.clone(),
-                )
-                .map_err(|e| e.to_string())?;
-                p.run(cancel.clone()).map_err(|e| e.to_string())
-            });
-            let Err(e) = outcome else { return Ok(()) };
-            if e.contains("fenced:") || cancel.is_cancelled() || !restart {
-                return Err(e);
-            }
-            tracing::warn!(pipeline, error = %e, retry_in = ?pause, "The pipeline failed; it restores its last checkpoint and goes on.");
-            metrics.pipeline_restarts.get_or_create(&[("pipeline", pipeline.to_string())]).inc();
-            let until = std::time::Instant::now() + pause;
-            while std::time::Instant::now() < until && !cancel.is_cancelled() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            pause = (pause * 2).min(Duration::from_secs(10));
-        }
-        Ok(())
-    }
-
-    fn outbox(&self) -> deliver::OutboxAt {
-        match self {
-            PipelineStore::Embedded(path) => deliver::OutboxAt::Embedded(path.clone()),
-            PipelineStore::Cluster { settings, log_partitions } => {
-                deliver::OutboxAt::Cluster { settings: settings.clone(), log_partitions: *log_partitions }
-            }
-        }
-    }
-}
-
-/// Runs the operators `make_ops` makes as the pipeline `pipeline` on its
-/// own thread; a failure it cannot ride out stops the node.
-#[allow(clippy::too_many_arguments)]
-fn spawn_operators(
-    tasks: &mut Tasks,
-    pipeline: &'static str,
-    make_ops: MakeOps,
-    src: &Sources<'_>,
-    store: &PipelineStore,
-    settings: ProcessorSettings,
-    metrics: &Arc<CloudMetrics>,
-    cancel: &CancellationToken,
-) -> Result<(), NodeError> {
-    let name: &'static str = Box::leak(format!("processor:{pipeline}").into_boxed_str());
-    let (c, m, store, log) = (cancel.clone(), metrics.clone(), store.clone(), src.log.clone());
-    // Sources are made in the pipeline's thread, so that a restart makes a new one.
-    let spawned = match src.archive {
-        Some(a) => {
-            let (archive, skip_damaged) = (a.clone(), src.skip_damaged);
-            let make = move || {
-                let archived = ArchiveSource::open(archive.clone(), skip_damaged).map_err(|e| e.to_string())?;
-                Ok(ChainSource::new(archived, log.source().map_err(|e| e.to_string())?))
-            };
-            tasks.spawn_thread(name, move || store.run(make, pipeline, make_ops, settings, m, c))
-        }
-        None => {
-            let make = move || log.source().map_err(|e| e.to_string());
-            tasks.spawn_thread(name, move || store.run(make, pipeline, make_ops, settings, m, c))
-        }
-    };
-    spawned.map_err(|e| NodeError::Bind(format!("cannot start the {pipeline} pipeline: {e}")))?;
-    Ok(())
-}
 
 /// A running cloud node.
 #[derive(Debug)]
@@ -187,7 +62,7 @@ impl Node {
         };
         let mut registry = Registry::default();
         let metrics = Arc::new(CloudMetrics::new(&mut registry));
-        let log = EventLog::open(&cfg).await?;
+        let log = EventLog::open(&cfg.log, &cfg.data_dir).await?;
         metrics.log_available.set(1);
         let appender = log.appender(cfg.ingest.queue_capacity)?;
         let store_path = cfg.data_dir.join("views.sqlite");
@@ -513,115 +388,10 @@ pub(crate) async fn serve_http(listener: TcpListener, router: Router, http: Http
     while connections.join_next().await.is_some() {}
 }
 
-async fn serve_connection<S>(io: S, router: Router, header_timeout: Duration, cancel: CancellationToken)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let svc = hyper_util::service::TowerToHyperService::new(router);
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = cancel.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-    }
-}
-
 /// A replaying processor, over the archive or (with no archive) the log.
 enum Replay {
     Archive(Processor<ChainSource<Box<dyn LogSource>>>),
     Log(Processor<Box<dyn LogSource>>),
-}
-
-/// Every HTTP route of a node.
-pub fn router<A: LogAppender>(ingest: IngestState<A>, api: ApiState, registry: Arc<Registry>) -> Router {
-    let ready_metrics = ingest.metrics.clone();
-    let read = crate::auth::ApiGuard {
-        auth: ingest.auth.clone(),
-        role: crate::auth::Role::Read,
-        metrics: ingest.metrics.clone(),
-    };
-    let admin = crate::auth::ApiGuard { role: crate::auth::Role::Admin, ..read.clone() };
-    let ingest = Router::new()
-        .route("/v1/ingest", post(ingest::ingest::<A>))
-        .route("/v1/heartbeat", post(ingest::heartbeat::<A>))
-        .with_state(Arc::new(ingest));
-    let api_state = Arc::new(api);
-    let acknowledge = Router::new()
-        .route("/v1/alerts/{id}/ack", post(api::alerts::ack))
-        .with_state(api_state.clone())
-        .route_layer(axum::middleware::from_fn_with_state(admin, crate::auth::require));
-    let api = Router::new()
-        .route("/v1/devices", get(api::devices))
-        .route("/v1/devices/{id}/windows", get(api::device_windows))
-        .route("/v1/views", get(api::views))
-        .route("/v1/views/{view}/rows", get(api::view_rows))
-        .route("/v1/late", get(api::late))
-        .route("/v1/aggregates", get(api::aggregates::list))
-        .route("/v1/alerts", get(api::alerts::list))
-        .route("/v1/alerts/{id}", get(api::alerts::get))
-        .with_state(api_state)
-        .route_layer(axum::middleware::from_fn_with_state(read, crate::auth::require))
-        .merge(acknowledge);
-    let ops = Router::new()
-        .route("/dashboard", get(api::dashboard))
-        .route("/readyz", get(move || readyz(ready_metrics.clone())))
-        .route("/", get(index));
-    ingest.merge(api).merge(ops).merge(liveness_router(registry))
-}
-
-/// `/metrics` and `/healthz`: what every process serves.
-pub(crate) fn liveness_router(registry: Arc<Registry>) -> Router {
-    Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok\n" })).with_state(registry)
-}
-
-async fn metrics(State(registry): State<Arc<Registry>>) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &registry) {
-        Ok(()) => {
-            ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
-        }
-        Err(_) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response(),
-    }
-}
-
-/// Ready while the event log takes appends: after an append failed (the
-/// disk, the Kafka brokers), 503 until one succeeds again. `/healthz` only
-/// says the process answers.
-async fn readyz(metrics: Arc<CloudMetrics>) -> (axum::http::StatusCode, &'static str) {
-    if metrics.log_available.get() == 1 {
-        (axum::http::StatusCode::OK, "ready\n")
-    } else {
-        (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the event log refused the last append; ingest answers 503\n",
-        )
-    }
-}
-
-async fn index() -> &'static str {
-    "Kappa IoT cloud node\n\n\
-     GET  /dashboard                      the operator's dashboard (fleet, devices, alerts, pipeline health)\n\
-     POST /v1/ingest                      edge batches (zstd + CBOR)\n\
-     GET  /v1/devices                     devices (rows of api.devices_view)\n\
-     GET  /v1/devices/{id}/windows        one device's windows (?from=&to=&limit=&after=&view=)\n\
-     GET  /v1/views                       view versions and definitions\n\
-     GET  /v1/views/{view}/rows           any view's rows (?key=&from=&to=&limit=&after=)\n\
-     GET  /v1/late                        the late-events log (?view=&device=&from=&to=&limit=&after=)\n\
-     GET  /v1/aggregates                  edge aggregates (?device=&metric=&window=&from=&to=&limit=&after=)\n\
-     GET  /v1/alerts                      alerts (?state=&severity=&device=&rule=&from=&to=&limit=&after=)\n\
-     GET  /v1/alerts/{id}                 one alert, its history and webhook deliveries\n\
-     POST /v1/alerts/{id}/ack             acknowledge ({\"by\": ..., \"note\": ...})\n\
-     POST /v1/heartbeat                   a gateway's heartbeat ({\"gateway\": ..., \"ts_ms\": ...})\n\
-     GET  /metrics                        Prometheus metrics\n\
-     GET  /healthz                        the process answers\n\
-     GET  /readyz                         ready: 503 while the event log refuses appends\n"
 }
 
 /// Why the node could not start or had to stop.

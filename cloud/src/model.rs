@@ -1,0 +1,85 @@
+//! What the operators emit and the store keeps: the types between the
+//! processing side (views, alerts) and the serving store, below both so that
+//! the store never imports an operator.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "info" => Some(Self::Info),
+            "warning" => Some(Self::Warning),
+            "critical" => Some(Self::Critical),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Info => "info",
+            Self::Warning => "warning",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+/// A stored alert, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertRecord {
+    pub id: String,
+    pub rule: String,
+    pub kind: String,
+    pub severity: Severity,
+    pub device: String,
+    pub gateway: String,
+    /// `firing` or `resolved`.
+    pub state: String,
+    /// Event time the alert started (for threshold with `for`: when the condition began).
+    pub started_ms: i64,
+    pub resolved_ms: Option<i64>,
+    /// The value that raised it, where there is one.
+    pub value: Option<f64>,
+    pub message: String,
+}
+
+/// One lifecycle step of an alert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertEvent {
+    pub alert_id: String,
+    /// `fired` or `resolved`.
+    pub transition: String,
+    pub ts_ms: i64,
+    pub message: String,
+}
+
+/// A webhook delivery to make (the outbox row).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxItem {
+    pub webhook: String,
+    pub alert_id: String,
+    pub transition: String,
+    pub payload: String,
+}
+
+/// What the alert operator adds to a checkpoint.
+#[derive(Debug, Default, Clone)]
+pub struct AlertChanges {
+    pub state_upserts: Vec<(String, Vec<u8>)>,
+    pub alerts: Vec<AlertRecord>,
+    pub events: Vec<AlertEvent>,
+    pub outbox: Vec<OutboxItem>,
+}
+
+impl AlertChanges {
+    pub fn is_empty(&self) -> bool {
+        self.state_upserts.is_empty() && self.alerts.is_empty() && self.events.is_empty() && self.outbox.is_empty()
+    }
+}
