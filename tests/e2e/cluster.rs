@@ -431,6 +431,9 @@ struct PgRestart {
     delivered: BTreeSet<String>,
     expected: BTreeSet<String>,
     restarts: f64,
+    /// The status of one API read (the alerts) before PostgreSQL stopped, and of the
+    /// first one after it came back and the pipelines caught up.
+    reads: (u16, u16),
     logs: String,
 }
 
@@ -443,6 +446,9 @@ async fn restart_postgres_under_a_primary(name: &str, env: &[(&str, &str)]) -> P
     let config = cluster_config_on(&broker, &pg.conninfo(), name, &rules);
     let mut node = Cloud::start_with(dir.path(), name, &config, env).await;
 
+    let rows_url = format!("{}/v1/alerts?limit=1", node.url());
+    let read_rows = || status(&rows_url);
+    let read_before = read_rows().await;
     // PostgreSQL goes away; readings that overheat and cool down arrive
     // meanwhile (ingest needs only Kafka), so the pipelines fail their
     // checkpoints; then PostgreSQL comes back. Every device's alert must
@@ -485,6 +491,9 @@ async fn restart_postgres_under_a_primary(name: &str, env: &[(&str, &str)]) -> P
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The API's connection broke with the restart and nothing has read
+    // through it since: this read meets the dead connection first.
+    let read_after = if exited.is_none() { read_rows().await } else { 0 };
     let restarts =
         metric(&format!("{}/metrics", node.url()), "kappa_cloud_pipeline_restarts_total").await.unwrap_or(0.0);
     let logs = node.proc.tail();
@@ -492,7 +501,7 @@ async fn restart_postgres_under_a_primary(name: &str, env: &[(&str, &str)]) -> P
         assert!(node.proc.terminate().await.success(), "the node stops cleanly\n{logs}");
     }
     let delivered = seen.lock().unwrap().by_key.keys().cloned().collect();
-    PgRestart { exited, delivered, expected, restarts, logs }
+    PgRestart { exited, delivered, expected, restarts, reads: (read_before, read_after), logs }
 }
 
 /// Chaos seed 5 found it: a PostgreSQL restart stopped the primary node (its
@@ -504,6 +513,20 @@ async fn a_primary_node_rides_out_a_postgresql_restart() {
     assert_eq!(run.exited, None, "the node ran through the restart\n{}", run.logs);
     assert!(run.restarts >= 1.0, "a pipeline restarted ({} counted)\n{}", run.restarts, run.logs);
     assert_eq!(run.delivered, run.expected, "every transition after the restart was delivered\n{}", run.logs);
+    // The chaos soak found the first read after a restart failing on the
+    // dead connection; the reader now connects again and retries once.
+    assert_eq!(run.reads, (200, 200), "the first API read after the restart is answered\n{}", run.logs);
+}
+
+/// Negative control of the read retry: a reader that does not connect again
+/// fails the first read after the restart, and the test above would see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_a_reader_that_does_not_reconnect_fails_the_first_read_after_a_postgresql_restart() {
+    let run =
+        restart_postgres_under_a_primary("pgread_nc", &[(kappa_cloud::store::pg::FAULT_NO_READ_RETRY, "1")]).await;
+    assert_eq!(run.exited, None, "the node ran through the restart\n{}", run.logs);
+    assert_eq!(run.reads.0, 200, "the read before the restart is answered\n{}", run.logs);
+    assert!(run.reads.1 >= 500, "without the retry the first read fails ({})\n{}", run.reads.1, run.logs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,7 @@ mod mqtt_abuse;
 mod mqtt_auth;
 mod mqtt_interop;
 mod pipeline;
+mod power_cut;
 mod processor;
 mod replay;
 mod security;

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod chaos;
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod harness;
+pub mod powercut;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

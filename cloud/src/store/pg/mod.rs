@@ -99,7 +99,7 @@ mod tls;
 mod versions;
 
 use checkpoint::keep_last;
-pub use read::{PgOutbox, PgReader};
+pub use read::{FAULT_NO_READ_RETRY, PgOutbox, PgReader};
 use schema::{DDL, MIGRATE_1_TO_2, SCHEMA_VERSION};
 
 /// `(key, window_start, window_end, row)` as stored.

@@ -204,13 +204,22 @@ pub struct PgReader {
     log_partitions: u32,
     specs: Vec<ViewSpec>,
     store: RefCell<Option<PgStore>>,
+    /// Off only in the negative control of the PostgreSQL restart test.
+    retry: bool,
 }
+
+/// Test switch (`fault-injection` builds only): a read that meets a broken
+/// connection fails instead of connecting again and retrying (the negative
+/// control of `the_first_api_read_after_a_postgresql_restart_is_answered`).
+pub const FAULT_NO_READ_RETRY: &str = "KAPPA_TEST_NO_READ_RETRY";
 
 impl PgReader {
     /// A reader of `specs` (merged views among them) over `store`.
     pub fn new(settings: PgSettings, log_partitions: u32, mut store: PgStore, specs: Vec<ViewSpec>) -> Self {
         store.reading_views(&specs);
-        Self { settings, log_partitions, specs, store: RefCell::new(Some(store)) }
+        let retry =
+            !kappa_runtime::fault::on(FAULT_NO_READ_RETRY, "the first API read after a PostgreSQL restart fails");
+        Self { settings, log_partitions, specs, store: RefCell::new(Some(store)), retry }
     }
 
     /// Calls `f` with the connection. A connection that broke under the call
@@ -224,7 +233,7 @@ impl PgReader {
         });
         let broke = || self.store.borrow().as_ref().is_some_and(PgStore::is_closed);
         match first {
-            Err(_) if !was_fresh && broke() => self.with_connection(|s, _| f(s)),
+            Err(_) if self.retry && !was_fresh && broke() => self.with_connection(|s, _| f(s)),
             other => other,
         }
     }
