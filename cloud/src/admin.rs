@@ -19,8 +19,7 @@ use crate::archive::{ArchiveError, ArchiveIndex};
 use crate::config::CloudConfig;
 use crate::eventlog::EventLog;
 use crate::eventlog::{LogSource, Offset, Partition};
-use crate::store::pg::PgStore;
-use crate::store::{StoreError, ViewCatalog, ViewInfo, ViewStore};
+use crate::store::{StoreError, ViewCatalog, ViewInfo};
 use crate::views::batch::{self, LogEntry, Rows};
 
 /// Why an admin command failed.
@@ -43,15 +42,9 @@ fn archive_store(cfg: &CloudConfig) -> Result<Arc<dyn ArchiveStore>, AdminError>
 
 /// The node's views, or on a cluster (`[cluster]`) the workers' in PostgreSQL.
 fn store(cfg: &CloudConfig) -> Result<Box<dyn ViewCatalog>, AdminError> {
-    match &cfg.cluster {
-        Some(cluster) => {
-            let mut pg = PgStore::connect(&cluster.store(), cfg.log.partitions)?;
-            // Views keyed by a tag are merged from partials: the reader needs their definitions.
-            pg.reading_views(&cfg.view_specs().map_err(|e| AdminError::Usage(e.join("; ")))?);
-            Ok(Box::new(pg))
-        }
-        None => Ok(Box::new(ViewStore::open(&cfg.data_dir.join("views.sqlite"))?)),
-    }
+    // Views keyed by a tag are merged from partials: a cluster's reader needs their definitions.
+    let specs = cfg.view_specs().map_err(|e| AdminError::Usage(e.join("; ")))?;
+    Ok(cfg.store_at().catalog(&specs)?)
 }
 
 /// A view version with its progress through the log.

@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use crate::admin;
 use crate::config::CloudConfig;
 use crate::node::Node;
-use crate::store::ViewStore;
 
 /// The Kappa IoT cloud tier: ingest into the event log, stream processing, views and query API.
 ///
@@ -347,26 +346,12 @@ fn views_command(cfg: &CloudConfig, cmd: ViewsCommand) -> anyhow::Result<ExitCod
         }
         ViewsCommand::Watch { view } => watch(cfg, &view),
         ViewsCommand::Dump { view, alerts } => {
-            if let Some(cluster) = &cfg.cluster {
-                // The workers' rows, in the same format: a cluster and a node compare byte for byte.
-                let mut pg = crate::store::pg::PgStore::connect(&cluster.store(), cfg.log.partitions)?;
-                pg.reading_views(&cfg.view_specs().map_err(|e| anyhow::anyhow!(e.join("\n  ")))?);
-                match view {
-                    Some(v) => print!("{}", pg.dump_rows(&v)?),
-                    None => print!("{}", pg.dump()?),
-                }
-                if alerts {
-                    print!("# alerts\n{}# aggregates\n{}", pg.dump_alerts()?, pg.dump_aggregates()?);
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            let store = ViewStore::open_read_only(&cfg.data_dir.join("views.sqlite"))?;
-            match view {
-                Some(v) => print!("{}", store.dump_rows(Some(&v))?),
-                None => print!("{}# late\n{}", store.dump()?, store.dump_late()?),
-            }
+            // A cluster's rows come from PostgreSQL in the same format: a cluster and a node compare byte for byte.
+            let specs = cfg.view_specs().map_err(|e| anyhow::anyhow!(e.join("\n  ")))?;
+            let store = cfg.store_at().dump_reader(&specs)?;
+            print!("{}", store.dump_views(view.as_deref())?);
             if alerts {
-                print!("# alerts\n{}# aggregates\n{}", store.dump_alerts()?, store.dump_aggregates()?);
+                print!("{}", store.dump_outputs()?);
             }
             Ok(ExitCode::SUCCESS)
         }

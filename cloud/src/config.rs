@@ -176,6 +176,17 @@ impl CloudConfig {
         parse_rules(&self.rules, &self.schema.metrics)
     }
 
+    /// Where the serving and checkpoint store is: PostgreSQL with
+    /// `[cluster]`, else `views.sqlite` in the data directory.
+    pub fn store_at(&self) -> crate::store::StoreAt {
+        match &self.cluster {
+            Some(cluster) => {
+                crate::store::StoreAt::Cluster { settings: cluster.store(), log_partitions: self.log.partitions }
+            }
+            None => crate::store::StoreAt::Embedded(self.data_dir.join("views.sqlite")),
+        }
+    }
+
     /// The views to run: the configured ones, or the defaults when none are.
     pub fn view_specs(&self) -> Result<Vec<ViewSpec>, Vec<String>> {
         if self.views.is_empty() {

@@ -12,10 +12,9 @@
 //! receiver accepted but before the row was marked sends it again with the
 //! same key: receivers deduplicate on it.
 //!
-//! On a cluster the outbox is in PostgreSQL ([`OutboxAt::Cluster`]) and a
+//! On a cluster the outbox is in PostgreSQL ([`StoreAt::Cluster`]) and a
 //! target's rows go out only from the process holding its delivery lock.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,27 +25,7 @@ use super::spec::Severity;
 use crate::metrics::CloudMetrics;
 pub use crate::store::alerts::Outbox;
 use crate::store::alerts::{Attempt, Delivery};
-use crate::store::pg::{PgOutbox, PgSettings};
-use crate::store::{StoreError, ViewStore};
-
-/// Where the outbox is.
-#[derive(Debug, Clone)]
-pub enum OutboxAt {
-    /// The embedded store's file.
-    Embedded(PathBuf),
-    /// The cluster store.
-    Cluster { settings: PgSettings, log_partitions: u32 },
-}
-
-impl OutboxAt {
-    /// Opens the outbox (blocking: call it off the async threads).
-    fn open(&self) -> Result<Box<dyn Outbox>, StoreError> {
-        Ok(match self {
-            OutboxAt::Embedded(path) => Box::new(ViewStore::open(path)?),
-            OutboxAt::Cluster { settings, log_partitions } => Box::new(PgOutbox::connect(settings, *log_partitions)?),
-        })
-    }
-}
+use crate::store::{StoreAt, StoreError};
 
 type SharedOutbox = Arc<Mutex<Box<dyn Outbox>>>;
 
@@ -188,7 +167,7 @@ async fn attempt(client: &reqwest::Client, hook: &WebhookConfig, d: &Delivery) -
 /// Delivers `hook`'s outbox rows in order until `cancel` fires.
 pub async fn run(
     hook: WebhookConfig,
-    outbox: OutboxAt,
+    outbox: StoreAt,
     metrics: Arc<CloudMetrics>,
     cancel: CancellationToken,
 ) -> Result<(), String> {
@@ -208,7 +187,7 @@ pub async fn run(
 pub async fn deliver_loop<F, Fut>(
     target: &str,
     policy: RetryPolicy,
-    outbox: OutboxAt,
+    outbox: StoreAt,
     metrics: Arc<CloudMetrics>,
     cancel: CancellationToken,
     mut send: F,
@@ -222,7 +201,7 @@ where
     let mut pause = Duration::from_millis(100);
     let opened = loop {
         let at = outbox.clone();
-        match tokio::task::spawn_blocking(move || at.open()).await.map_err(|e| e.to_string())? {
+        match tokio::task::spawn_blocking(move || at.outbox()).await.map_err(|e| e.to_string())? {
             Ok(store) => break store,
             Err(e) => {
                 if pause == Duration::from_millis(100) {

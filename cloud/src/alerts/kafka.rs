@@ -100,7 +100,7 @@ impl KafkaAlertsConfig {
 /// Produces the `#kafka` outbox rows in order until `cancel` fires.
 pub async fn run(
     cfg: KafkaAlertsConfig,
-    outbox: super::deliver::OutboxAt,
+    outbox: crate::store::StoreAt,
     metrics: Arc<CloudMetrics>,
     cancel: CancellationToken,
 ) -> Result<(), String> {

@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ pub(crate) use self::http::liveness_router;
 pub use self::http::router;
 use self::http::serve_connection;
 pub use self::pipelines::FAULT_NO_PIPELINE_RESTART;
-use self::pipelines::{MakeOps, PipelineStore, Sources, spawn_operators};
+use self::pipelines::{MakeOps, Sources, spawn_operators};
 
 use crate::aggregates::{AGGREGATES_PIPELINE, AggregatesOperator};
 use crate::alerts::ALERTS_PIPELINE;
@@ -39,8 +38,7 @@ use crate::eventlog::{EventLog, EventLogError, LogAppender, LogSource};
 use crate::ingest::{self, IngestState};
 use crate::metrics::CloudMetrics;
 use crate::processor::{Operator, Processor, ProcessorSettings};
-use crate::store::pg::{PgReader, PgSettings, PgStore};
-use crate::store::{AlertAcks, ServingReader, StoreError, ViewStore};
+use crate::store::{StoreAt, StoreError, ViewStore};
 
 /// A running cloud node.
 #[derive(Debug)]
@@ -74,32 +72,12 @@ impl Node {
         // API reads them there; this node ingests and runs the rest.
         // On a cluster the alert and aggregate pipelines keep their state
         // and output in PostgreSQL too, for every node's API to read.
-        type Serving = (Box<dyn ServingReader>, Box<dyn AlertAcks>);
-        let (plans, (serving, acks), pipeline_store): (Vec<_>, Serving, _) = match &cfg.cluster {
-            None => (
-                store.plan_pipelines(&specs, now_ms)?,
-                (Box::new(ViewStore::open_read_only(&store_path)?), Box::new(ViewStore::open(&store_path)?)),
-                PipelineStore::Embedded(store_path.clone()),
-            ),
-            Some(cluster) => {
-                let (settings, partitions) = (cluster.store(), cfg.log.partitions);
-                let (for_pipelines, specs) = (settings.clone(), specs.clone());
-                let readers = tokio::task::spawn_blocking(move || -> Result<Serving, StoreError> {
-                    let serving =
-                        PgReader::new(settings.clone(), partitions, PgStore::connect(&settings, partitions)?, specs);
-                    let acks = PgReader::new(
-                        settings.clone(),
-                        partitions,
-                        PgStore::connect(&settings, partitions)?,
-                        Vec::new(),
-                    );
-                    Ok((Box::new(serving), Box::new(acks)))
-                })
-                .await
-                .map_err(|e| NodeError::Bind(format!("connecting to PostgreSQL: {e}")))??;
-                (Vec::new(), readers, PipelineStore::Cluster { settings: for_pipelines, log_partitions: partitions })
-            }
-        };
+        let plans = if cfg.cluster.is_none() { store.plan_pipelines(&specs, now_ms)? } else { Vec::new() };
+        let pipeline_store = cfg.store_at();
+        let (at, for_readers) = (pipeline_store.clone(), specs.clone());
+        let (serving, acks) = tokio::task::spawn_blocking(move || at.serving(for_readers))
+            .await
+            .map_err(|e| NodeError::Bind(format!("connecting to the store: {e}")))??;
         let primary = cfg.primary();
         let archive: Option<Arc<dyn ArchiveStore>> = if cfg.archive.enabled && primary {
             Some(
@@ -198,11 +176,11 @@ impl Node {
             let src = Sources { archive: archive.as_ref(), skip_damaged: cfg.archive.skip_damaged, log: &log };
             spawn_operators(&mut tasks, ALERTS_PIPELINE, ops, &src, &pipeline_store, settings, &metrics, &cancel)?;
             if let Some(k) = cfg.alerts.kafka.clone() {
-                tasks.spawn("alerts:kafka", kafka::run(k, pipeline_store.outbox(), metrics.clone(), cancel.clone()));
+                tasks.spawn("alerts:kafka", kafka::run(k, pipeline_store.clone(), metrics.clone(), cancel.clone()));
             }
             for hook in cfg.webhooks.clone() {
                 let name: &'static str = Box::leak(format!("webhook:{}", hook.name).into_boxed_str());
-                tasks.spawn(name, deliver::run(hook, pipeline_store.outbox(), metrics.clone(), cancel.clone()));
+                tasks.spawn(name, deliver::run(hook, pipeline_store.clone(), metrics.clone(), cancel.clone()));
             }
         }
 

@@ -11,9 +11,12 @@ use serde_json::Value as Json;
 
 pub mod aggregates;
 pub mod alerts;
+mod at;
 pub mod pg;
 pub mod sqlite;
+pub mod versions;
 
+pub use self::at::StoreAt;
 pub use self::sqlite::{StateBytes, ViewStore};
 
 use crate::eventlog::{Offset, Partition};
@@ -150,6 +153,12 @@ pub trait ViewCatalog {
     fn rollback(&mut self, name: &str, now_ms: i64) -> Result<u32, StoreError>;
     /// Removes a retired version that is not served; returns its rows removed.
     fn drop_view(&mut self, name: &str, version: u32) -> Result<u64, StoreError>;
+    /// `views dump`: one version's rows, or (`None`) every version's rows
+    /// and the late events, in one canonical text format, so a cluster and
+    /// an embedded node compare byte for byte.
+    fn dump_views(&self, view_id: Option<&str>) -> Result<String, StoreError>;
+    /// `views dump --alerts`: the alerts, then the edge aggregates.
+    fn dump_outputs(&self) -> Result<String, StoreError>;
 }
 
 /// Implements [`ViewCatalog`] with a store's own methods of the same names.
@@ -193,6 +202,12 @@ macro_rules! view_catalog {
             }
             fn drop_view(&mut self, name: &str, version: u32) -> Result<u64, $crate::store::StoreError> {
                 <$store>::drop_view(self, name, version)
+            }
+            fn dump_views(&self, view_id: Option<&str>) -> Result<String, $crate::store::StoreError> {
+                <$store>::dump_views(self, view_id)
+            }
+            fn dump_outputs(&self) -> Result<String, $crate::store::StoreError> {
+                Ok(format!("# alerts\n{}# aggregates\n{}", self.dump_alerts()?, self.dump_aggregates()?))
             }
         }
     };

@@ -323,6 +323,14 @@ impl PgStore {
         self.rows_page(&read::all_rows(view_id))
     }
 
+    /// [`super::ViewCatalog::dump_views`].
+    pub fn dump_views(&self, view_id: Option<&str>) -> Result<String, StoreError> {
+        match view_id {
+            Some(v) => self.dump_rows(v),
+            None => self.dump(),
+        }
+    }
+
     /// A view's rows as text, in the format of [`super::ViewStore::dump_rows`]
     /// with one view: a cluster and an embedded node compare byte for byte.
     pub fn dump_rows(&self, view_id: &str) -> Result<String, StoreError> {

@@ -1,7 +1,7 @@
 //! View versions on a cluster: which pipeline computes each version, when a
-//! replay is live, and which version each name serves. The same rules as the
-//! embedded store's (`ViewStore::plan_pipelines`, `promote`, `rollback`,
-//! `drop_view`), over the tables every worker and node share.
+//! replay is live, and which version each name serves. The rules are
+//! [`crate::store::versions`], the same the embedded store applies; this
+//! module reads and writes the tables every worker and node share.
 
 use std::collections::BTreeMap;
 
@@ -9,10 +9,13 @@ use postgres::Transaction;
 
 use super::{Context, PgStore, lock_key, to_u32, to_u64};
 use crate::eventlog::{Offset, Partition};
-use crate::store::{MAIN_PIPELINE, PipelinePlan, StoreError, StoredRow};
+use crate::store::versions::{self, ConfigOf};
+use crate::store::{PipelinePlan, StoreError, StoredRow};
 use crate::views::spec::ViewSpec;
 
 crate::store::view_catalog!(PgStore);
+
+const WORKERS: ConfigOf = ConfigOf("the workers' config");
 
 impl PgStore {
     /// Which pipeline computes each of `specs`, recording the views.
@@ -136,16 +139,11 @@ impl PgStore {
                 &[&id],
             )
             .with_context(|| format!("reading view {id}"))?;
-        let (retired, state): (bool, String) = match found {
-            None => return Err(StoreError(format!("no view {id}; see views list"))),
-            Some(r) => (r.try_get(0)?, r.try_get(1)?),
+        let found: Option<(bool, String)> = match found {
+            None => None,
+            Some(r) => Some((r.try_get(0)?, r.try_get(1)?)),
         };
-        if retired {
-            return Err(StoreError(format!("{id} is retired (not in the workers' config)")));
-        }
-        if state != "live" {
-            return Err(StoreError(format!("{id} is {state}; promote it once it is live")));
-        }
+        versions::may_promote(&id, found.as_ref().map(|(r, s)| (*r, s.as_str())), WORKERS)?;
         set_alias(&mut tx, &s, name, version, now_ms)?;
         tx.commit().with_context(|| format!("promoting {id}"))?;
         Ok(())
@@ -161,11 +159,11 @@ impl PgStore {
                 &[&name],
             )
             .with_context(|| format!("reading the aliases of {name}"))?;
-        let history: Vec<i64> = rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
-        let Some(previous) = history.first().and_then(|current| history.iter().find(|v| *v != current)) else {
-            return Err(StoreError(format!("{name} has no earlier version to roll back to")));
-        };
-        let previous = to_u32(*previous, "view version")?;
+        let history: Vec<u32> = rows
+            .iter()
+            .map(|r| r.try_get::<_, i64>(0).map_err(StoreError::from).and_then(|v| to_u32(v, "view version")))
+            .collect::<Result<_, _>>()?;
+        let previous = versions::rollback_target(name, &history)?;
         set_alias(&mut tx, &s, name, previous, now_ms)?;
         tx.commit().with_context(|| format!("rolling {name} back"))?;
         Ok(previous)
@@ -189,14 +187,7 @@ impl PgStore {
             .with_context(|| format!("reading view {id}"))?;
         let Some(r) = found else { return Err(StoreError(format!("no view {id}"))) };
         let (retired, pipeline, serving): (bool, String, bool) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
-        if !retired {
-            return Err(StoreError(format!(
-                "{id} is running; remove it from the workers' config and restart them first (only retired versions are dropped)"
-            )));
-        }
-        if serving {
-            return Err(StoreError(format!("{id} is what {name} serves; promote another version first")));
-        }
+        versions::may_drop(name, version, retired, serving, WORKERS)?;
         let what = || format!("dropping {id}");
         let mut rows = 0;
         for table in ["view_rows", "view_partials", "view_state", "view_meta", "late_events", "views"] {
@@ -209,7 +200,7 @@ impl PgStore {
             .query_one(&format!("SELECT count(*) FROM {s}.views WHERE pipeline = $1"), &[&pipeline])
             .and_then(|r| r.try_get(0))
             .with_context(what)?;
-        if left == 0 && pipeline != MAIN_PIPELINE {
+        if versions::forget_pipeline(&pipeline, left, true) {
             for table in ["pipelines", "partitions", "dedup", "pipeline_meta"] {
                 tx.execute(&format!("DELETE FROM {s}.{table} WHERE pipeline = $1"), &[&pipeline]).with_context(what)?;
             }
@@ -232,8 +223,7 @@ fn register(
     let id = spec.id();
     let def = spec.fingerprint();
     let version = i64::from(spec.version);
-    let (pipeline, state) =
-        if into_main { (MAIN_PIPELINE.to_string(), "live") } else { (format!("replay:{id}"), "building") };
+    let (pipeline, state) = versions::new_view_pipeline(&id, into_main);
     let what = || format!("registering view {id}");
     tx.execute(
         &format!(
@@ -247,13 +237,7 @@ fn register(
         .query_one(&format!("SELECT definition, pipeline FROM {s}.views WHERE view_id = $1"), &[&id])
         .with_context(what)?;
     let (old, pipeline): (String, String) = (stored.try_get(0)?, stored.try_get(1)?);
-    if old != def {
-        return Err(StoreError(format!(
-            "view {id} was built with a different definition; give the changed view a new version \
-             (version = {}) so both can be compared",
-            spec.version + 1
-        )));
-    }
+    versions::same_definition(spec, &old)?;
     tx.execute(
         &format!(
             "INSERT INTO {s}.pipelines (pipeline, state, created_ms) VALUES ($1, $2, $3) ON CONFLICT (pipeline) DO NOTHING"
@@ -284,15 +268,15 @@ fn pipeline_state(tx: &mut Transaction<'_>, s: &str, pipeline: &str) -> Result<S
         .query_one(&format!("SELECT state FROM {s}.pipelines WHERE pipeline = $1"), &[&pipeline])
         .and_then(|r| r.try_get(0))
         .with_context(what)?;
-    if state == "failed" {
+    let planned = versions::replanned(&state);
+    if planned != state {
         tx.execute(
-            &format!("UPDATE {s}.pipelines SET state = 'building', detail = '' WHERE pipeline = $1"),
-            &[&pipeline],
+            &format!("UPDATE {s}.pipelines SET state = $2, detail = '' WHERE pipeline = $1"),
+            &[&pipeline, &planned],
         )
         .with_context(what)?;
-        return Ok("building".into());
     }
-    Ok(state)
+    Ok(planned.to_string())
 }
 
 /// Points `name` at `version` and records the change for rollbacks.
@@ -350,6 +334,7 @@ pub(super) fn mark_caught_up(
 mod tests {
     use super::super::tests::{TestSchema, two_versions};
     use super::*;
+    use crate::store::MAIN_PIPELINE;
     use crate::store::{Checkpoint, ProcessorStore};
 
     fn states(s: &PgStore) -> Vec<(String, String, bool)> {

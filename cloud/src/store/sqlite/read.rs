@@ -110,4 +110,12 @@ impl ViewStore {
     pub fn dump_late(&self) -> Result<String, StoreError> {
         Ok(self.late_events(&LateQuery::everything(None))?.iter().map(late_dump_line).collect())
     }
+
+    /// [`super::super::ViewCatalog::dump_views`].
+    pub fn dump_views(&self, view_id: Option<&str>) -> Result<String, StoreError> {
+        match view_id {
+            Some(v) => self.dump_rows(Some(v)),
+            None => Ok(format!("{}# late\n{}", self.dump()?, self.dump_late()?)),
+        }
+    }
 }

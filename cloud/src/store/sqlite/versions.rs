@@ -1,6 +1,7 @@
 //! View versions in the embedded store: which pipeline computes which
 //! view, what the API serves for each name (promote, roll back), and
-//! dropping retired versions.
+//! dropping retired versions. The rules are [`crate::store::versions`], the
+//! same the cluster store applies; this module reads and writes the tables.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +9,10 @@ use rusqlite::{OptionalExtension, params};
 use serde_json::Value as Json;
 
 use super::ViewStore;
-use crate::store::{MAIN_PIPELINE, PipelinePlan, StoreError, ViewInfo};
+use crate::store::versions::{self, ConfigOf};
+use crate::store::{PipelinePlan, StoreError, ViewInfo};
+
+const RUNNING: ConfigOf = ConfigOf("the running config");
 use crate::views::spec::ViewSpec;
 
 impl ViewStore {
@@ -33,21 +37,16 @@ impl ViewStore {
                 })
                 .optional()?;
             let pipeline = match stored {
-                Some((old, _)) if old != def => {
-                    return Err(StoreError(format!(
-                        "view {id} was built with a different definition; give the changed view a new version \
-                         (version = {}) so both can be compared",
-                        spec.version + 1
-                    )));
+                Some((old, pipeline)) => {
+                    versions::same_definition(spec, &old)?;
+                    pipeline
                 }
-                Some((_, pipeline)) => pipeline,
                 None => {
-                    let pipeline = if fresh { MAIN_PIPELINE.to_string() } else { format!("replay:{id}") };
+                    let (pipeline, state) = versions::new_view_pipeline(&id, fresh);
                     tx.execute(
                         "INSERT INTO views (view_id, name, version, definition, pipeline, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                         params![id, spec.name, spec.version, def, pipeline, now_ms],
                     )?;
-                    let state = if fresh { "live" } else { "building" };
                     tx.execute(
                         "INSERT OR IGNORE INTO pipelines (pipeline, state, created_ms) VALUES (?1, ?2, ?3)",
                         params![pipeline, state, now_ms],
@@ -66,14 +65,13 @@ impl ViewStore {
                     params![spec.name, spec.version, now_ms],
                 )?;
             }
-            let mut state: String = tx
+            let stored_state: String = tx
                 .query_row("SELECT state FROM pipelines WHERE pipeline = ?1", [&pipeline], |r| r.get(0))
                 .optional()?
                 .unwrap_or_default();
-            if state == "failed" {
-                // Try again from its checkpoint (say, after archive.skip_damaged was set).
-                tx.execute("UPDATE pipelines SET state = 'building' WHERE pipeline = ?1", [&pipeline])?;
-                state = "building".into();
+            let state = versions::replanned(&stored_state).to_string();
+            if state != stored_state {
+                tx.execute("UPDATE pipelines SET state = ?2 WHERE pipeline = ?1", params![pipeline, state])?;
             }
             plans
                 .entry(pipeline.clone())
@@ -146,12 +144,7 @@ impl ViewStore {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        match state {
-            None => return Err(StoreError(format!("no view {id}; see views list"))),
-            Some((true, _)) => return Err(StoreError(format!("{id} is retired (not in the running config)"))),
-            Some((_, s)) if s != "live" => return Err(StoreError(format!("{id} is {s}; promote it once it is live"))),
-            Some(_) => {}
-        }
+        versions::may_promote(&id, state.as_ref().map(|(r, s)| (*r, s.as_str())), RUNNING)?;
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO view_aliases (name, version) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET version = excluded.version",
@@ -172,10 +165,7 @@ impl ViewStore {
             .prepare("SELECT version FROM alias_history WHERE name = ?1 ORDER BY seq DESC")?
             .query_map([name], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        let (Some(&current), Some(&previous)) = (history.first(), history.iter().find(|v| **v != history[0])) else {
-            return Err(StoreError(format!("{name} has no earlier version to roll back to")));
-        };
-        let _ = current;
+        let previous = versions::rollback_target(name, &history)?;
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute("UPDATE view_aliases SET version = ?2 WHERE name = ?1", params![name, previous])?;
         tx.execute(
@@ -194,26 +184,19 @@ impl ViewStore {
             .query_row("SELECT retired, pipeline FROM views WHERE view_id = ?1", [&id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let Some((retired, pipeline)) = row else { return Err(StoreError(format!("no view {id}"))) };
-        if !retired {
-            return Err(StoreError(format!(
-                "{id} is running; remove it from the config and restart first (only retired versions are dropped)"
-            )));
-        }
         let serving: bool = self.conn.query_row(
             "SELECT count(*) > 0 FROM view_aliases WHERE name = ?1 AND version = ?2",
             params![name, version],
             |r| r.get(0),
         )?;
-        if serving {
-            return Err(StoreError(format!("{id} is what {name} serves; promote another version first")));
-        }
+        versions::may_drop(name, version, retired, serving, RUNNING)?;
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let rows = tx.execute("DELETE FROM view_rows WHERE view_id = ?1", [&id])? as u64;
         for table in ["view_state", "view_meta", "late_events", "views"] {
             tx.execute(&format!("DELETE FROM {table} WHERE view_id = ?1"), [&id])?;
         }
         let left: i64 = tx.query_row("SELECT count(*) FROM views WHERE pipeline = ?1", [&pipeline], |r| r.get(0))?;
-        if left == 0 {
+        if versions::forget_pipeline(&pipeline, left, false) {
             for table in ["pipelines", "partitions", "dedup", "processor_meta"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE pipeline = ?1"), [&pipeline])?;
             }
