@@ -66,7 +66,8 @@ pub fn list(cfg: &CloudConfig) -> Result<Vec<ViewStatus>, AdminError> {
     let positions = s.pipeline_positions()?;
     Ok(s.list_views()?
         .into_iter()
-        .map(|info| {
+        .map(|mut info| {
+            info.definition = crate::views::syntax::stored_in_config_syntax(&info.definition);
             let position: u64 = positions.get(&info.pipeline).map_or(0, |p| p.values().sum());
             ViewStatus { lag: end_total.saturating_sub(position), position, info }
         })

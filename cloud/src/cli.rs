@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use kappa_runtime::cli::{EXIT_FAILED, EXIT_NO};
+
 use crate::admin;
 use crate::config::CloudConfig;
 use crate::node::Node;
@@ -20,16 +22,18 @@ use crate::node::Node;
 ///   kappa-cloud views promote device_metrics 2 --config single-node.toml
 ///   kappa-cloud archive status --config single-node.toml
 ///
-/// Exit codes: 0 success (and, for compare and verify, "equal"); 1 the
-/// views differ, or the archive is damaged; 2 the command could not run.
+/// Exit codes (the same in kappa-edge and kappa-sim; docs/operations.md):
+/// 0 success (and, for compare and verify, "equal"); 1 the views differ,
+/// or the archive is damaged; 2 the command could not run; 141 the output
+/// pipe closed (`| head`).
 #[derive(Debug, Parser)]
 #[command(name = "kappa-cloud", version, verbatim_doc_comment)]
 pub struct Args {
     /// Configuration file (TOML); see deploy/cloud/single-node.toml.
     #[arg(long, short, global = true, env = "KAPPA_CLOUD_CONFIG", default_value = "kappa-cloud.toml")]
     pub config: PathBuf,
-    /// Log format: text or json.
-    #[arg(long, global = true, default_value = "text")]
+    /// Log format on standard error: text or json.
+    #[arg(long, global = true, env = "KAPPA_LOG_FORMAT", default_value = "text", value_parser = kappa_runtime::cli::LOG_FORMATS)]
     pub log_format: String,
     #[command(subcommand)]
     pub command: Command,
@@ -65,6 +69,7 @@ pub enum PkiCommand {
     /// Example: kappa-cloud pki init --dir pki
     #[command(verbatim_doc_comment)]
     Init {
+        /// The CA's directory: ca.pem and ca.key go here.
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
     },
@@ -76,8 +81,10 @@ pub enum PkiCommand {
     ///   kappa-cloud pki issue --dir pki --kind device --name sensor-17
     #[command(verbatim_doc_comment)]
     Issue {
+        /// The CA's directory (from `pki init`): NAME.pem and NAME.key go here too.
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
+        /// What the certificate is for: a server, a gateway or a device.
         #[arg(long, value_enum)]
         kind: crate::pki::Kind,
         /// The certificate's name (file name and common name).
@@ -112,7 +119,10 @@ pub enum AuthCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Parse and check the configuration; report every problem.
+    /// Parse and check the configuration, and what `run` needs from the machine
+    /// (data directory writable, the HTTPS certificate and key that parse and
+    /// match, PostgreSQL's connection string and CA file), without starting
+    /// anything or connecting anywhere; report every problem.
     Check,
 }
 
@@ -126,19 +136,35 @@ pub enum ViewsCommand {
     },
     /// Compare two versions of a view: row counts, per-aggregate totals, first differing rows. Exit 0 when equal.
     Compare {
+        /// The view's name.
         name: String,
+        /// One version.
         a: u32,
+        /// The other version.
         b: u32,
         /// How many differing rows to show.
         #[arg(long, default_value_t = 10)]
         examples: usize,
     },
     /// Serve VERSION of NAME from now on (atomic for readers).
-    Promote { name: String, version: u32 },
+    Promote {
+        /// The view's name.
+        name: String,
+        /// The version to serve.
+        version: u32,
+    },
     /// Serve the version NAME served before its last promotion.
-    Rollback { name: String },
+    Rollback {
+        /// The view's name.
+        name: String,
+    },
     /// Remove a retired version (not in the config, not served) and its rows.
-    Drop { name: String, version: u32 },
+    Drop {
+        /// The view's name.
+        name: String,
+        /// The retired version to remove.
+        version: u32,
+    },
     /// Recompute a view with the independent batch path over archive + log and diff it with the live rows. Exit 0 when equal.
     Verify {
         /// NAME (the version served) or NAME@VERSION.
@@ -175,11 +201,12 @@ pub enum ArchiveCommand {
         /// End (exclusive): RFC 3339 or Unix ms (default: the end).
         #[arg(long)]
         to: Option<String>,
+        /// File format: parquet, csv or jsonl.
         #[arg(long, value_enum, default_value_t = Format::Parquet)]
         format: Format,
-        /// Output directory.
-        #[arg(long, short)]
-        out: PathBuf,
+        /// Output directory (`--out` is accepted too).
+        #[arg(long, short, alias = "out")]
+        output: PathBuf,
     },
 }
 
@@ -197,13 +224,23 @@ pub fn main() -> ExitCode {
 
 /// Runs `kappa-cloud` with `args` (the first is the program name).
 pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    let args = Args::parse_from(args);
+    let args = match Args::try_parse_from(args) {
+        Ok(args) => args,
+        Err(e) => {
+            // Help and usage go to a pipe too (`--help | head`).
+            kappa_runtime::cli::end_quietly_on_closed_pipe();
+            e.exit()
+        }
+    };
     kappa_runtime::logging::init(&args.log_format, "info");
+    if !matches!(args.command, Command::Run | Command::Worker) {
+        kappa_runtime::cli::end_quietly_on_closed_pipe();
+    }
     match run(args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kappa-cloud: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }
@@ -229,6 +266,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Check) => {
+            // What `run` checks before it starts, without starting anything.
+            let problems = cfg.preflight();
+            if !problems.is_empty() {
+                let e = anyhow::Error::new(kappa_runtime::config::ConfigError(problems));
+                return Err(e.context(format!("{}: run would refuse it", args.config.display())));
+            }
             println!("{}: ok", args.config.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -314,7 +357,7 @@ fn views_command(cfg: &CloudConfig, cmd: ViewsCommand) -> anyhow::Result<ExitCod
                 println!("  {e}");
             }
             println!("{}", if c.equal() { "equal" } else { "different" });
-            Ok(if c.equal() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if c.equal() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_NO) })
         }
         ViewsCommand::Promote { name, version } => {
             admin::promote(cfg, &name, version)?;
@@ -341,7 +384,7 @@ fn views_command(cfg: &CloudConfig, cmd: ViewsCommand) -> anyhow::Result<ExitCod
                 Ok(ExitCode::SUCCESS)
             } else {
                 println!("{view}: {} differences", problems.len());
-                Ok(ExitCode::from(1))
+                Ok(ExitCode::from(EXIT_NO))
             }
         }
         ViewsCommand::Watch { view } => watch(cfg, &view),
@@ -349,7 +392,15 @@ fn views_command(cfg: &CloudConfig, cmd: ViewsCommand) -> anyhow::Result<ExitCod
             // A cluster's rows come from PostgreSQL in the same format: a cluster and a node compare byte for byte.
             let specs = cfg.view_specs().map_err(|e| anyhow::anyhow!(e.join("\n  ")))?;
             let store = cfg.store_at().dump_reader(&specs)?;
-            print!("{}", store.dump_views(view.as_deref())?);
+            let id = match view {
+                Some(v) => Some(
+                    store
+                        .resolve_view(&v)?
+                        .ok_or_else(|| anyhow::anyhow!("no view {v} (kappa-cloud views list shows them)"))?,
+                ),
+                None => None,
+            };
+            print!("{}", store.dump_views(id.as_deref())?);
             if alerts {
                 print!("{}", store.dump_outputs()?);
             }
@@ -379,7 +430,7 @@ fn watch(cfg: &CloudConfig, view: &str) -> anyhow::Result<ExitCode> {
             }
             "failed" => {
                 bar.abandon_with_message(format!("{view} failed: {}", v.info.detail));
-                return Ok(ExitCode::from(1));
+                return Ok(ExitCode::from(EXIT_NO));
             }
             "retired" => anyhow::bail!("{view} is retired (not in the config)"),
             _ => std::thread::sleep(std::time::Duration::from_millis(500)),
@@ -402,7 +453,7 @@ fn archive_command(cfg: &CloudConfig, cmd: ArchiveCommand) -> anyhow::Result<Exi
             }
             Ok(ExitCode::SUCCESS)
         }
-        ArchiveCommand::Export { from, to, format, out } => {
+        ArchiveCommand::Export { from, to, format, output } => {
             let from = from
                 .as_deref()
                 .map(crate::api::parse_time)
@@ -424,12 +475,17 @@ fn archive_command(cfg: &CloudConfig, cmd: ArchiveCommand) -> anyhow::Result<Exi
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
-            let stats = admin::export(cfg, from, to, format, &out, |done, total| {
+            let stats = admin::export(cfg, from, to, format, &output, |done, total| {
                 bar.set_length(total);
                 bar.set_position(done);
             })?;
             bar.finish_and_clear();
-            println!("exported {} readings into {} files under {}", stats.readings, stats.files.len(), out.display());
+            println!(
+                "exported {} readings into {} files under {}",
+                stats.readings,
+                stats.files.len(),
+                output.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         ArchiveCommand::Verify => {
@@ -441,7 +497,7 @@ fn archive_command(cfg: &CloudConfig, cmd: ArchiveCommand) -> anyhow::Result<Exi
                 println!("ok");
                 Ok(ExitCode::SUCCESS)
             } else {
-                Ok(ExitCode::from(1))
+                Ok(ExitCode::from(EXIT_NO))
             }
         }
     }

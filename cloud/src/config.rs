@@ -176,6 +176,29 @@ impl CloudConfig {
         parse_rules(&self.rules, &self.schema.metrics)
     }
 
+    /// What `run` and `worker` need from the machine, checked without
+    /// starting anything or connecting anywhere: the data directory (and a
+    /// local archive's) can be written, the HTTPS certificate and key parse
+    /// and match, PostgreSQL's connection string parses and its CA file
+    /// reads. `kappa-cloud config check` reports these, and a node and a
+    /// cluster worker refuse to start on them, so the two agree.
+    pub fn preflight(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut note = |r: Result<(), String>| problems.extend(r.err());
+        note(kappa_runtime::config::writable_dir("data_dir", &self.data_dir));
+        if self.archive.enabled && self.archive.url.is_none() {
+            note(kappa_runtime::config::writable_dir("archive.path", &self.archive_path()));
+        }
+        if let Some(t) = &self.http.tls {
+            note(crate::tls::server_config(&t.cert_file, &t.key_file).map(|_| ()));
+        }
+        if let Some(cluster) = &self.cluster {
+            let checked = crate::store::pg::client_config(&cluster.store());
+            note(checked.map(|_| ()).map_err(|e| format!("cluster.postgres: {e}")));
+        }
+        problems
+    }
+
     /// Where the serving and checkpoint store is: PostgreSQL with
     /// `[cluster]`, else `views.sqlite` in the data directory.
     pub fn store_at(&self) -> crate::store::StoreAt {

@@ -1,5 +1,7 @@
 //! Every metric the cloud exports, defined in one place (see `docs/metrics.md`).
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -51,7 +53,7 @@ pub struct CloudMetrics {
     /// visible in the views (freshness, as the device clock counts it).
     pub event_to_view_seconds: Family<PipelineLabel, Histogram, fn() -> Histogram>,
     pub lag_records: Family<PairLabel, Gauge>,
-    pub watermark_ms: Family<PipelineLabel, Gauge>,
+    pub watermark_seconds: Family<PipelineLabel, Gauge<f64, AtomicU64>>,
     pub archive_records: Counter,
     pub archive_segments: Counter,
     pub archive_bytes: Counter,
@@ -67,8 +69,8 @@ pub struct CloudMetrics {
     pub webhook_pending: Gauge,
     /// What each gateway reported with its last batch or heartbeat.
     pub gateway_backlog_readings: Family<ViewLabel, Gauge>,
-    pub gateway_oldest_unforwarded_seconds: Family<ViewLabel, Gauge>,
-    pub gateway_last_batch_ms: Family<ViewLabel, Gauge>,
+    pub gateway_oldest_unforwarded_age_seconds: Family<ViewLabel, Gauge>,
+    pub gateway_last_batch_seconds: Family<ViewLabel, Gauge<f64, AtomicU64>>,
     /// Gateways not tracked because `MAX_TRACKED_GATEWAYS` were already.
     pub gateways_untracked: Counter,
     /// 1 while the last append to the event log succeeded.
@@ -82,7 +84,54 @@ pub struct CloudMetrics {
     pub tls_handshake_failures: Counter,
 }
 
+/// The reasons `ingest_rejected` starts with, at zero: a series that
+/// appears only at its first event makes `increase(...) > 0` miss that first
+/// burst. docs/metrics.md lists the same values.
+pub const INGEST_REJECTED_REASONS: &[&str] = &[
+    "unsupported_encoding",
+    "body_too_large",
+    "body_read",
+    "body_timeout",
+    "corrupt_frame",
+    "decompression_bomb",
+    "malformed_batch",
+    "unknown_batch_format",
+    "bad_gateway_id",
+    "too_many_readings",
+    "gateway_mismatch",
+    "log_unavailable",
+    "unauthenticated",
+    "unknown_credential",
+    "revoked_credential",
+    "forbidden",
+    "wrong_gateway",
+    "rate_limited",
+    "heartbeat_malformed",
+    "heartbeat_gateway",
+    "heartbeat_time",
+];
+
+/// The results `ingest_requests` starts with, at zero.
+pub const INGEST_RESULTS: &[&str] = &["accepted", "duplicate", "unavailable", "refused"];
+
 impl CloudMetrics {
+    /// The series of a node's pipelines and views, at zero from its start
+    /// (the state sizes are sampled, and a pipeline counts readings as they
+    /// come): the rules that watch them see a value before the first
+    /// incident. Only pipelines that process readings get
+    /// `readings_processed`: the edge-aggregate pipeline never does, and a
+    /// zero rate there would read as a stalled pipeline.
+    pub fn start_series(&self, reading_pipelines: &[String], views: &[String]) {
+        for p in reading_pipelines {
+            let label = [("pipeline", p.clone())];
+            let _ = self.readings_processed.get_or_create(&label);
+            let _ = self.dedup_state_bytes.get_or_create(&label);
+        }
+        for v in views {
+            let _ = self.state_bytes.get_or_create(&[("view", v.clone())]);
+        }
+    }
+
     pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
             ingest_requests: Family::default(),
@@ -115,7 +164,7 @@ impl CloudMetrics {
                 ])
             }),
             lag_records: Family::default(),
-            watermark_ms: Family::default(),
+            watermark_seconds: Family::default(),
             archive_records: Counter::default(),
             archive_segments: Counter::default(),
             archive_bytes: Counter::default(),
@@ -130,8 +179,8 @@ impl CloudMetrics {
             webhook_deliveries: Family::default(),
             webhook_pending: Gauge::default(),
             gateway_backlog_readings: Family::default(),
-            gateway_oldest_unforwarded_seconds: Family::default(),
-            gateway_last_batch_ms: Family::default(),
+            gateway_oldest_unforwarded_age_seconds: Family::default(),
+            gateway_last_batch_seconds: Family::default(),
             gateways_untracked: Counter::default(),
             log_available: Gauge::default(),
             api_refused: Family::default(),
@@ -265,7 +314,11 @@ impl CloudMetrics {
             "Log records deleted by retention (archived and processed)",
             m.log_records_deleted.clone(),
         );
-        r.register("watermark_ms", "The processor's event-time watermark, Unix ms", m.watermark_ms.clone());
+        r.register(
+            "watermark_timestamp_seconds",
+            "The processor's event-time watermark, Unix seconds",
+            m.watermark_seconds.clone(),
+        );
         r.register(
             "state_windows",
             "Open windows held in processor memory, all views of a pipeline",
@@ -291,20 +344,26 @@ impl CloudMetrics {
             m.gateway_backlog_readings.clone(),
         );
         r.register(
-            "gateway_oldest_unforwarded_seconds",
+            "gateway_oldest_unforwarded_age_seconds",
             "Age of a gateway's oldest unforwarded reading, as it reported with its last request",
-            m.gateway_oldest_unforwarded_seconds.clone(),
+            m.gateway_oldest_unforwarded_age_seconds.clone(),
         );
         r.register(
-            "gateway_last_batch_ms",
-            "When a gateway's last batch or heartbeat was accepted, Unix ms (cloud clock)",
-            m.gateway_last_batch_ms.clone(),
+            "gateway_last_batch_timestamp_seconds",
+            "When a gateway's last batch or heartbeat was accepted, Unix seconds (cloud clock)",
+            m.gateway_last_batch_seconds.clone(),
         );
         r.register(
             "gateways_untracked",
             "Requests from gateways beyond the tracked limit (their status is not kept)",
             m.gateways_untracked.clone(),
         );
+        for reason in INGEST_REJECTED_REASONS {
+            let _ = m.ingest_rejected.get_or_create(&[("reason", reason)]);
+        }
+        for result in INGEST_RESULTS {
+            let _ = m.ingest_requests.get_or_create(&[("result", result)]);
+        }
         m
     }
 }

@@ -170,6 +170,32 @@ async fn the_query_api_pages_windows_and_refuses_bad_parameters() {
     assert_eq!(bad.status().as_u16(), 400);
     let missing = reqwest::get(format!("http://{}/v1/views/nope/rows", node.http_addr())).await.unwrap();
     assert_eq!(missing.status().as_u16(), 404);
+
+    // Definitions read as a config writes them, not as Rust types.
+    let views: serde_json::Value = serde_json::from_str(&get(&node, "/v1/views").await).unwrap();
+    let windows = views["views"].as_array().unwrap().iter().find(|v| v["id"] == "device_windows@1").unwrap();
+    let definition = &windows["definition"];
+    assert_eq!((definition["key"].as_str(), definition["window"]["kind"].as_str()), (Some("device"), Some("tumbling")));
+    assert!(definition["aggregates"].as_array().unwrap().iter().any(|a| a["fn"] == "count"), "{definition}");
+    assert!(!definition.to_string().contains("Count") && !definition.to_string().contains("Tumbling"), "{definition}");
+
+    // Every refusal is JSON with a sentence: a query string that does not
+    // read, a route that does not exist, a method a route does not take.
+    let client = reqwest::Client::new();
+    for (method, path, status, says) in [
+        ("GET", "/v1/devices/dev-b/windows?limit=many", 400, "limit"),
+        ("GET", "/v1/nope", 404, "/v1/nope"),
+        ("GET", "/nope", 404, "docs/api.md"),
+        ("DELETE", "/v1/views", 405, "DELETE"),
+    ] {
+        let url = format!("http://{}{path}", node.http_addr());
+        let resp = client.request(method.parse().unwrap(), url).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {path}");
+        assert_eq!(resp.headers()["content-type"], "application/json", "{method} {path}");
+        let body: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(says), "{method} {path}: {body}");
+    }
 }
 
 /// Over `ingest.max_gateway_readings_per_second` a gateway gets 429 with

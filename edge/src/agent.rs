@@ -46,6 +46,10 @@ impl Agent {
     /// Opens the log, binds the listeners and starts every task.
     pub async fn start(cfg: EdgeConfig) -> Result<Agent, AgentError> {
         cfg.check().map_err(|e| AgentError::Config(e.to_string()))?;
+        let problems = preflight(&cfg);
+        if !problems.is_empty() {
+            return Err(AgentError::Config(kappa_runtime::config::ConfigError(problems).to_string()));
+        }
         let shutdown_deadline = cfg.shutdown_deadline;
         let mut registry = Registry::default();
         let metrics = Arc::new(EdgeMetrics::new(&mut registry));
@@ -105,18 +109,7 @@ impl Agent {
             }
             MqttMode::External => {
                 let (host, port) = cfg.mqtt.broker_host_port().map_err(AgentError::Config)?;
-                let credentials = match &cfg.mqtt.username {
-                    None => None,
-                    Some(username) => {
-                        let var = &cfg.mqtt.password_env;
-                        let password = std::env::var(var).map_err(|_| {
-                            AgentError::Config(format!(
-                                "mqtt.password_env: the environment variable {var} (the password for mqtt.username {username:?}) is not set"
-                            ))
-                        })?;
-                        Some(external::Credentials { username: username.clone(), password })
-                    }
-                };
+                let credentials = external_credentials(&cfg).map_err(AgentError::Config)?;
                 let src = external::ExternalSource {
                     host,
                     port,
@@ -164,15 +157,7 @@ impl Agent {
 
         let (m, c, n) = (metrics.clone(), cancel.clone(), committed.clone());
         let (fcfg, gateway) = (cfg.forward.clone(), cfg.gateway_id.clone());
-        let security = forward::client::Security {
-            ca_pem: match &cfg.forward.ca_file {
-                Some(path) => Some(std::fs::read(path).map_err(|e| {
-                    AgentError::Config(format!("forward.ca_file: cannot read {}: {e}", path.display()))
-                })?),
-                None => None,
-            },
-            token: std::env::var(&cfg.forward.token_env).ok().filter(|t| !t.trim().is_empty()),
-        };
+        let security = forward_security(&cfg).map_err(AgentError::Config)?;
         if security.token.is_some() && cfg.forward.cloud_url.starts_with("http://") {
             tracing::warn!(
                 cloud = %cfg.forward.cloud_url,
@@ -242,6 +227,70 @@ fn fault_ack_on_receipt() -> bool {
         FAULT_ACK_ON_RECEIPT,
         "messages are acknowledged before they are committed; a crash loses readings",
     )
+}
+
+/// What `run` needs from the machine, checked without starting anything:
+/// the data directory can be written, every file the config names can be
+/// read and parses (certificates, keys that match them, the CA, the
+/// password file), the environment variables it names are set, and the
+/// cloud client can be built. `kappa-edge config check` reports these, and
+/// [`Agent::start`] refuses to start on them, so the two agree.
+pub fn preflight(cfg: &EdgeConfig) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut note = |r: Result<(), String>| problems.extend(r.err());
+    note(kappa_runtime::config::writable_dir("data_dir", &cfg.data_dir));
+    match cfg.mqtt.mode {
+        MqttMode::Embedded => note(
+            listener_settings(cfg)
+                .map_err(|e| e.to_string())
+                .and_then(|settings| settings.access.map(crate::mqtt::access::Access::new).transpose().map(|_| ())),
+        ),
+        MqttMode::External => {
+            note(cfg.mqtt.broker_host_port().map(|_| ()));
+            note(external_credentials(cfg).map(|_| ()));
+        }
+    }
+    note(forward_security(cfg).and_then(|security| {
+        forward::client::CloudClient::new(
+            &cfg.forward.cloud_url,
+            &cfg.gateway_id,
+            cfg.forward.request_timeout,
+            &security,
+        )
+        .map(|_| ())
+    }));
+    problems
+}
+
+/// The login for the external broker: `mqtt.username` with the password
+/// from the environment variable `mqtt.password_env`.
+fn external_credentials(cfg: &EdgeConfig) -> Result<Option<external::Credentials>, String> {
+    let Some(username) = &cfg.mqtt.username else { return Ok(None) };
+    let var = &cfg.mqtt.password_env;
+    let password = std::env::var(var).map_err(|_| {
+        format!(
+            "mqtt.password_env: the environment variable {var} (the password for mqtt.username {username:?}) is not set"
+        )
+    })?;
+    Ok(Some(external::Credentials { username: username.clone(), password }))
+}
+
+/// The cloud's CA (`forward.ca_file`) and the gateway's token (from the
+/// environment variable `forward.token_env`).
+fn forward_security(cfg: &EdgeConfig) -> Result<forward::client::Security, String> {
+    let ca_pem = match &cfg.forward.ca_file {
+        Some(path) => {
+            let pem =
+                std::fs::read(path).map_err(|e| format!("forward.ca_file: cannot read {}: {e}", path.display()))?;
+            // The HTTP client takes a file without a certificate in it, and
+            // then trusts nothing: every request would fail.
+            kappa_runtime::tls::client_config("forward.ca_file", path)?;
+            Some(pem)
+        }
+        None => None,
+    };
+    let token = std::env::var(&cfg.forward.token_env).ok().filter(|t| !t.trim().is_empty());
+    Ok(forward::client::Security { ca_pem, token })
 }
 
 /// What the agent's MQTT listener enforces, from the `[mqtt]` section.

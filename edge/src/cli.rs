@@ -19,15 +19,19 @@ use crate::now_ms;
 ///   kappa-edge config check --config deploy/edge/gateway.toml
 ///   kappa-edge log stats --config deploy/edge/gateway.toml
 ///   kappa-edge log export --config gw.toml --from 2026-11-26T00:00:00Z --format csv
-///   kappa-edge mosquitto credentials --out creds --device sensor-1 --device sensor-2
+///   kappa-edge mosquitto credentials --output creds --device sensor-1 --device sensor-2
+///
+/// Exit codes (the same in kappa-cloud and kappa-sim; docs/operations.md):
+/// 0 success; 1 `log check` found problems; 2 the command could not run;
+/// 141 the output pipe closed (`| head`).
 #[derive(Debug, Parser)]
 #[command(name = "kappa-edge", version, verbatim_doc_comment)]
 pub struct Args {
     /// Configuration file (TOML); see deploy/edge/gateway.toml.
     #[arg(long, short, global = true, env = "KAPPA_EDGE_CONFIG", default_value = "kappa-edge.toml")]
     pub config: PathBuf,
-    /// Log format: text or json.
-    #[arg(long, global = true, default_value = "text")]
+    /// Log format on standard error: text or json.
+    #[arg(long, global = true, env = "KAPPA_LOG_FORMAT", default_value = "text", value_parser = kappa_runtime::cli::LOG_FORMATS)]
     pub log_format: String,
     #[command(subcommand)]
     pub command: Command,
@@ -56,13 +60,13 @@ pub enum MosquittoCommand {
     /// (the passwords created now, 0600). Existing logins are kept.
     ///
     /// Examples:
-    ///   kappa-edge mosquitto credentials --out /etc/mosquitto/kappa --devices devices.txt
-    ///   kappa-edge mosquitto credentials --out creds --device sensor-1 --device sensor-2
+    ///   kappa-edge mosquitto credentials --output /etc/mosquitto/kappa --devices devices.txt
+    ///   kappa-edge mosquitto credentials --output creds --device sensor-1 --device sensor-2
     #[command(verbatim_doc_comment)]
     Credentials {
-        /// Directory for the files.
-        #[arg(long)]
-        out: PathBuf,
+        /// Directory for the files (`--out` is accepted too).
+        #[arg(long, short, alias = "out")]
+        output: PathBuf,
         /// A file with one device id per line (`#` starts a comment).
         #[arg(long)]
         devices: Option<PathBuf>,
@@ -84,7 +88,10 @@ pub enum MosquittoCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Parse and check the configuration; report every problem.
+    /// Parse and check the configuration, and what `run` needs from the machine
+    /// (data directory writable, files readable, certificates and keys that
+    /// parse and match, environment variables set), without starting
+    /// anything; report every problem.
     Check,
 }
 
@@ -102,6 +109,7 @@ pub enum LogCommand {
         /// End of the range, exclusive (default: the end).
         #[arg(long)]
         to: Option<String>,
+        /// jsonl (one reading per line, as JSON) or csv (one metric value per line).
         #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
         format: ExportFormat,
         /// Output file (default: standard output).
@@ -138,6 +146,7 @@ pub enum DeadLetterCommand {
     Export {
         #[command(flatten)]
         which: DeadLetterChoice,
+        /// jsonl (one reading per line, as JSON) or csv (one metric value per line).
         #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
         format: ExportFormat,
         /// Output file (default: standard output).
@@ -196,14 +205,24 @@ pub fn main() -> ExitCode {
 
 /// Runs `kappa-edge` with `args` (the first is the program name).
 pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    let args = Args::parse_from(args);
+    let args = match Args::try_parse_from(args) {
+        Ok(args) => args,
+        Err(e) => {
+            // Help and usage go to a pipe too (`--help | head`).
+            kappa_runtime::cli::end_quietly_on_closed_pipe();
+            e.exit()
+        }
+    };
     // rumqttd logs every ordinary client disconnect at ERROR from this target.
     kappa_runtime::logging::init(&args.log_format, "info,rumqttc=warn");
+    if !matches!(args.command, Command::Run) {
+        kappa_runtime::cli::end_quietly_on_closed_pipe();
+    }
     match run(args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kappa-edge: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(kappa_runtime::cli::EXIT_FAILED)
         }
     }
 }
@@ -222,12 +241,24 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Config(ConfigCommand::Check) => {
-            load(&args.config)?;
+            // What `run` checks before it starts, without starting anything.
+            let problems = crate::agent::preflight(&load(&args.config)?);
+            if !problems.is_empty() {
+                let e = anyhow::Error::new(kappa_runtime::config::ConfigError(problems));
+                return Err(e.context(format!("{}: run would refuse it", args.config.display())));
+            }
             println!("{}: ok", args.config.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Log(cmd) => log_command(&load(&args.config)?, cmd),
-        Command::Mosquitto(MosquittoCommand::Credentials { out, devices, device, agent_user, topic_prefix, group }) => {
+        Command::Mosquitto(MosquittoCommand::Credentials {
+            output,
+            devices,
+            device,
+            agent_user,
+            topic_prefix,
+            group,
+        }) => {
             let gid = match group.as_str() {
                 "" => None,
                 name => Some(crate::mosquitto::group_id(name).ok_or_else(|| {
@@ -248,7 +279,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             if ids.is_empty() {
                 anyhow::bail!("name the devices: --device ID (repeatable) or --devices FILE");
             }
-            let w = crate::mosquitto::write_credentials(&out, &agent_user, &ids, &topic_prefix, gid)?;
+            let w = crate::mosquitto::write_credentials(&output, &agent_user, &ids, &topic_prefix, gid)?;
             println!(
                 "wrote {} ({} logins kept, {} created) and {}",
                 w.passwd.display(),
@@ -376,7 +407,7 @@ fn log_command(cfg: &EdgeConfig, cmd: LogCommand) -> anyhow::Result<ExitCode> {
                 println!("ok");
                 Ok(ExitCode::SUCCESS)
             } else {
-                Ok(ExitCode::FAILURE)
+                Ok(ExitCode::from(kappa_runtime::cli::EXIT_NO))
             }
         }
         LogCommand::Compact | LogCommand::Backfill { .. } | LogCommand::DeadLetters(_) => Ok(ExitCode::SUCCESS),

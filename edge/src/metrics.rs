@@ -12,6 +12,36 @@ use prometheus_client::registry::Registry;
 /// A `reason` (or `result`) label.
 pub type Label = [(&'static str, &'static str); 1];
 
+/// The label values the reason-keyed counters that alert rules and
+/// dashboards watch start with, at zero: a series that appears only at its
+/// first event makes `increase(...) > 0` miss that first burst.
+/// docs/metrics.md lists the same values.
+pub mod labels {
+    /// `log_write_errors{kind}`.
+    pub const LOG_WRITE_ERROR_KINDS: &[&str] = &["full", "busy", "io", "corrupt", "sqlite"];
+    /// `forward_failures{reason}`.
+    pub const FORWARD_FAILURE_REASONS: &[&str] = &[
+        "connect",
+        "timeout",
+        "network",
+        "server_error",
+        "throttled",
+        "unauthorized",
+        "unexpected_status",
+        "refused",
+        "too_large",
+        "heartbeat",
+    ];
+    /// `readings_pruned{reason}`.
+    pub const PRUNE_REASONS: &[&str] = &["retention", "ttl", "budget", "disk_floor", "disk_full"];
+    /// `readings_shed{reason}`.
+    pub const SHED_REASONS: &[&str] = &["budget", "disk_floor", "ttl", "released"];
+    /// `readings_shed{class}`.
+    pub const SHED_CLASSES: &[&str] = &["raw", "aggregate", "exception"];
+    /// `readings_rolled_up{reason}`.
+    pub const ROLLUP_REASONS: &[&str] = &["budget", "disk_floor"];
+}
+
 /// The agent's metrics.
 #[derive(Debug)]
 pub struct EdgeMetrics {
@@ -252,6 +282,23 @@ impl EdgeMetrics {
             "1 while commits fail for lack of space (nothing new is acknowledged), else 0",
             m.log_full.clone(),
         );
+        for kind in labels::LOG_WRITE_ERROR_KINDS {
+            let _ = m.log_write_errors.get_or_create(&[("kind", kind)]);
+        }
+        for reason in labels::FORWARD_FAILURE_REASONS {
+            let _ = m.forward_failures.get_or_create(&[("reason", reason)]);
+        }
+        for reason in labels::PRUNE_REASONS {
+            let _ = m.readings_pruned.get_or_create(&[("reason", reason)]);
+        }
+        for reason in labels::SHED_REASONS {
+            for class in labels::SHED_CLASSES {
+                let _ = m.readings_shed.get_or_create(&[("reason", reason), ("class", class)]);
+            }
+        }
+        for reason in labels::ROLLUP_REASONS {
+            let _ = m.readings_rolled_up.get_or_create(&[("reason", reason)]);
+        }
         m
     }
 

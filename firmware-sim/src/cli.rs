@@ -24,6 +24,10 @@ use crate::security::DeviceSecurity;
 ///   kappa-sim --broker 127.0.0.1:1883 --devices 100 --rate 1
 ///   kappa-sim --devices 50 --readings 600 --rate 20 --event-interval 1s --seed 7 --truth truth.json
 ///   kappa-sim --broker gw:8883 --tls-ca ca.pem --cert-dir certs/ --id-prefix dev- --devices 10
+///
+/// Exit codes (the same in kappa-edge and kappa-cloud; docs/operations.md):
+/// 0 success; 2 the run could not start or failed; 3 readings were still
+/// unacknowledged at the end.
 #[derive(Debug, Parser)]
 #[command(name = "kappa-sim", version, verbatim_doc_comment)]
 pub struct Args {
@@ -107,8 +111,8 @@ pub struct Args {
     /// `kappa-edge mosquitto credentials` (login = device id).
     #[arg(long)]
     pub credentials: Option<PathBuf>,
-    /// Log format: text or json.
-    #[arg(long, default_value = "text")]
+    /// Log format on standard error: text or json.
+    #[arg(long, env = "KAPPA_LOG_FORMAT", default_value = "text", value_parser = kappa_runtime::cli::LOG_FORMATS)]
     pub log_format: String,
 }
 
@@ -182,7 +186,7 @@ impl Args {
 }
 
 /// Exit code when readings were still unacknowledged at the end of the run.
-pub const EXIT_UNDELIVERED: u8 = 3;
+pub use kappa_runtime::cli::EXIT_UNDELIVERED;
 
 /// Runs `kappa-sim` with the process arguments.
 pub fn main() -> ExitCode {
@@ -191,13 +195,23 @@ pub fn main() -> ExitCode {
 
 /// Runs `kappa-sim` with `args` (the first is the program name).
 pub fn main_from(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
-    let args = Args::parse_from(args);
+    let args = match Args::try_parse_from(args) {
+        Ok(args) => args,
+        Err(e) => {
+            // Help and usage go to a pipe too (`--help | head`).
+            kappa_runtime::cli::end_quietly_on_closed_pipe();
+            e.exit()
+        }
+    };
     kappa_runtime::logging::init(&args.log_format, "info,rumqttc=warn");
+    // Its devices' sockets are written with MSG_NOSIGNAL: only a closed
+    // standard output raises SIGPIPE.
+    kappa_runtime::cli::end_quietly_on_closed_pipe();
     match run(args) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kappa-sim: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(kappa_runtime::cli::EXIT_FAILED)
         }
     }
 }

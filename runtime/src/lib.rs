@@ -17,6 +17,7 @@
 //! ```
 
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod fault;
 pub mod limits;

@@ -2,7 +2,20 @@
 //! Text is coloured only when standard error is a terminal: files, pipes and
 //! the journal get plain text.
 
+use std::fmt::Display;
 use std::io::IsTerminal;
+
+/// `items` as one log field, space-separated (`0 1 5`): JSON logs carry a
+/// plain string rather than Rust's debug syntax (`[0, 1, 5]`).
+pub fn listed<T: Display>(items: impl IntoIterator<Item = T>) -> String {
+    items.into_iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ")
+}
+
+/// A map as one log field, `key=value` pairs space-separated (`0=120 1=96`),
+/// rather than Rust's debug syntax (`{0: 120, 1: 96}`).
+pub fn pairs<K: Display, V: Display>(items: impl IntoIterator<Item = (K, V)>) -> String {
+    items.into_iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+}
 
 /// Installs the global subscriber. `RUST_LOG` overrides `default_filter`.
 pub fn init(format: &str, default_filter: &str) {

@@ -8,7 +8,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 mod alerts;
+mod cli_manners;
 mod cluster;
+mod config_check;
 mod configs;
 mod dashboard;
 mod device_gate;

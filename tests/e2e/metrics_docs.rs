@@ -96,6 +96,87 @@ async fn documented_exported_and_used_metrics_agree() {
     }
 }
 
+/// Metric names with at least one sample in a scrape (histogram samples
+/// under their own `_bucket`, `_sum` and `_count` names).
+fn with_series(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The label values docs/metrics.md lists in `metric`'s row: its
+/// backticked lower-case words, less the metric's name and `labels`.
+fn documented_values(metric: &str, labels: &[&str]) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(repo("docs/metrics.md")).expect("docs/metrics.md");
+    let row = text.lines().find(|l| l.starts_with(&format!("| `{metric}`"))).expect(metric);
+    row.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| *w != metric && !labels.contains(w))
+        .filter(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every metric the shipped rules and dashboard use has a series on a node
+/// and an agent that just started, and the reason-keyed counters they watch
+/// for a first incident carry every documented reason already, at zero: a
+/// series that appears only at its first event makes `increase(x[5m]) > 0`
+/// miss that first burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_series_rules_and_dashboards_watch_exist_before_the_first_incident() {
+    let dir = tempfile::tempdir().unwrap();
+    let cloud = Cloud::start(dir.path()).await;
+    let edge = Edge::start(dir.path(), Mqtt::Embedded(free_port()), &cloud.url()).await;
+    let docs = documented();
+    let mut used = BTreeSet::new();
+    for file in ["deploy/prometheus/kappa-alerts.yml", "deploy/grafana/kappa-dashboard.json"] {
+        used.extend(referenced(&std::fs::read_to_string(repo(file)).expect(file), &docs));
+    }
+    let scrape = || async {
+        let get = |url: String| async move { reqwest::get(url).await.expect("metrics").text().await.expect("text") };
+        let cloud_text = get(format!("{}/metrics", cloud.url())).await;
+        cloud_text + &get(format!("http://127.0.0.1:{}/metrics", edge.http_port)).await
+    };
+    // Series keyed by a gateway appear when the agent's first heartbeat or
+    // batch arrives: wait for that, not for a time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let (text, missing) = loop {
+        let text = scrape().await;
+        let live = with_series(&text);
+        let has = |m: &String| {
+            live.contains(m) || ["_bucket", "_sum", "_count"].iter().any(|s| live.contains(&format!("{m}{s}")))
+        };
+        let missing: Vec<String> = used.iter().filter(|m| !has(m)).cloned().collect();
+        if missing.is_empty() || std::time::Instant::now() > deadline {
+            break (text, missing);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    assert!(used.len() >= 10, "{used:?}");
+    assert!(missing.is_empty(), "used by the rules or the dashboard, but no series on a fresh node: {missing:?}");
+
+    for (metric, labels) in [
+        ("kappa_edge_log_write_errors_total", &["kind"][..]),
+        ("kappa_edge_forward_failures_total", &["reason"]),
+        ("kappa_edge_readings_pruned_total", &["reason"]),
+        ("kappa_edge_readings_shed_total", &["reason", "class"]),
+        ("kappa_edge_readings_rolled_up_total", &["reason"]),
+        ("kappa_cloud_ingest_rejected_total", &["reason"]),
+    ] {
+        let values = documented_values(metric, labels);
+        assert!(values.len() >= 2, "{metric}: {values:?}");
+        let series: Vec<&str> = text.lines().filter(|l| l.starts_with(&format!("{metric}{{"))).collect();
+        for v in &values {
+            let present = series.iter().any(|l| labels.iter().any(|k| l.contains(&format!("{k}=\"{v}\""))));
+            assert!(present, "{metric}: no series for the documented value {v:?} on a fresh node; it has {series:?}");
+        }
+    }
+}
+
 /// The rule file is valid YAML in Prometheus's rule-group shape (read with
 /// PyYAML; promtool cannot be installed here), and the dashboard is a Grafana
 /// dashboard whose every panel queries something.

@@ -236,6 +236,20 @@ async fn a_minute_long_cloud_outage_only_grows_the_backlog_which_drains_while_de
     let rows = fetch_rows(&cloud.url(), "device_windows").await;
     assert_exact(&truth, &rows, &[&cloud.proc, &edge.proc]);
     assert!(edge.metric("kappa_edge_forward_failures_total").await.unwrap_or(0.0) > 0.0);
+
+    // The agent's log tells the outage in a few lines, not one per retry of
+    // every batch: a warning when it starts, a note when the cloud answers
+    // again and another when the backlog is sent.
+    let log = || strip_ansi(&std::fs::read_to_string(&edge.proc.log).unwrap_or_default());
+    wait_for("the agent to log that the backlog is sent", Duration::from_secs(60), || async {
+        log().contains("Sent the backlog of the outage").then_some(())
+    })
+    .await;
+    let log = log();
+    let warned = log.matches("Cannot forward to the cloud").count();
+    assert!((1..=5).contains(&warned), "one warning per outage, not one per retry: {warned}\n{log}");
+    assert!(log.contains("The cloud accepts batches again"), "{log}");
+    assert!(!log.contains("Forwarding failed"), "retries are logged at debug: {log}");
 }
 
 /// SIGTERM under load: the agent three times and the cloud twice while the

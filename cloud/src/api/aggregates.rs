@@ -3,10 +3,10 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, ApiState, bad_request, internal, limit, range, with_store};
+use super::{ApiError, ApiQuery, ApiState, bad_request, internal, limit, range, with_store};
 use crate::store::aggregates::{AggregateQuery, AggregateRow};
 
 #[derive(Debug, Deserialize)]
@@ -32,7 +32,7 @@ pub struct AggregatesPage {
 /// `GET /v1/aggregates?device=&metric=&window=&from=&to=&after=&limit=`.
 pub async fn list(
     State(st): State<Arc<ApiState>>,
-    Query(p): Query<AggregateParams>,
+    ApiQuery(p): ApiQuery<AggregateParams>,
 ) -> Result<Json<AggregatesPage>, ApiError> {
     let limit = limit(p.limit)?;
     let (from, to) = range(p.from.as_deref(), p.to.as_deref())?;

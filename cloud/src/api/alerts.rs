@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, ApiState, bad_request, internal, limit, range, with_store};
+use super::{ApiError, ApiQuery, ApiState, bad_request, internal, limit, range, with_store};
 use crate::alerts::spec::Severity;
 use crate::store::alerts::{AlertDetail, AlertQuery, AlertView};
 
@@ -34,7 +34,10 @@ pub struct AlertsPage {
 }
 
 /// `GET /v1/alerts?state=&severity=&device=&rule=&from=&to=&after=&limit=`.
-pub async fn list(State(st): State<Arc<ApiState>>, Query(p): Query<AlertParams>) -> Result<Json<AlertsPage>, ApiError> {
+pub async fn list(
+    State(st): State<Arc<ApiState>>,
+    ApiQuery(p): ApiQuery<AlertParams>,
+) -> Result<Json<AlertsPage>, ApiError> {
     let limit = limit(p.limit)?;
     let (from, to) = range(p.from.as_deref(), p.to.as_deref())?;
     if let Some(s) = &p.state

@@ -10,7 +10,7 @@ pub mod config;
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,32 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A query string, deserialized as `Query` does, refused as JSON with a
+/// sentence (`Query`'s own refusal is plain text).
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(t)) => Ok(ApiQuery(t)),
+            Err(e) => Err(bad_request(format!("the query string does not read: {}", e.body_text()))),
+        }
+    }
+}
+
+/// Every route the API does not have: 404 as JSON, pointing at the docs.
+pub async fn no_route(uri: axum::http::Uri) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("there is no {} here; the routes are in docs/api.md", uri.path()))
+}
+
+/// A route asked with a method it does not take: 405 as JSON.
+pub async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError(StatusCode::METHOD_NOT_ALLOWED, format!("{} does not take {method}; see docs/api.md", uri.path()))
+}
+
 fn bad_request(msg: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg)
 }
@@ -195,7 +221,10 @@ async fn query(st: &ApiState, view: String, key: Option<String>, p: &RowParams) 
 }
 
 /// `GET /v1/devices`: one row per device from the devices view.
-pub async fn devices(State(st): State<Arc<ApiState>>, Query(p): Query<RowParams>) -> Result<Json<RowsPage>, ApiError> {
+pub async fn devices(
+    State(st): State<Arc<ApiState>>,
+    ApiQuery(p): ApiQuery<RowParams>,
+) -> Result<Json<RowsPage>, ApiError> {
     query(&st, st.devices_view.clone(), None, &p).await.map(Json)
 }
 
@@ -203,7 +232,7 @@ pub async fn devices(State(st): State<Arc<ApiState>>, Query(p): Query<RowParams>
 pub async fn device_windows(
     State(st): State<Arc<ApiState>>,
     Path(id): Path<String>,
-    Query(p): Query<RowParams>,
+    ApiQuery(p): ApiQuery<RowParams>,
 ) -> Result<Json<RowsPage>, ApiError> {
     let view = p.view.clone().unwrap_or_else(|| st.windows_view.clone());
     query(&st, view, Some(id), &p).await.map(Json)
@@ -213,7 +242,7 @@ pub async fn device_windows(
 pub async fn view_rows(
     State(st): State<Arc<ApiState>>,
     Path(view): Path<String>,
-    Query(p): Query<RowParams>,
+    ApiQuery(p): ApiQuery<RowParams>,
 ) -> Result<Json<RowsPage>, ApiError> {
     let key = p.key.clone();
     query(&st, view, key, &p).await.map(Json)
@@ -221,12 +250,18 @@ pub async fn view_rows(
 
 /// `GET /v1/views`: every view version, its definition, and which one each name serves.
 pub async fn views(State(st): State<Arc<ApiState>>) -> Result<Json<Json_>, ApiError> {
-    let views: Vec<ViewInfo> = with_store(&st, |s| s.list_views().map_err(internal)).await?;
+    let mut views: Vec<ViewInfo> = with_store(&st, |s| s.list_views().map_err(internal)).await?;
+    for v in &mut views {
+        v.definition = crate::views::syntax::stored_in_config_syntax(&v.definition);
+    }
     Ok(Json(serde_json::json!({ "views": views })))
 }
 
 /// `GET /v1/late?view=&device=&from=&to=&after=&limit=`: the late-events log.
-pub async fn late(State(st): State<Arc<ApiState>>, Query(p): Query<LateParams>) -> Result<Json<LatePage>, ApiError> {
+pub async fn late(
+    State(st): State<Arc<ApiState>>,
+    ApiQuery(p): ApiQuery<LateParams>,
+) -> Result<Json<LatePage>, ApiError> {
     let limit = limit(p.limit)?;
     let (from, to) = range(p.from.as_deref(), p.to.as_deref())?;
     let after = p

@@ -106,7 +106,7 @@ impl<S: LogSource> Archiver<S> {
         let deleted = crate::eventlog::sqlite::SqliteLog::apply_retention(&r.log_path, &below, cutoff)?;
         if deleted > 0 {
             self.metrics.log_records_deleted.inc_by(deleted);
-            tracing::info!(deleted, ?below, "Log retention deleted archived, processed records.");
+            tracing::info!(deleted, below = %kappa_runtime::logging::pairs(&below), "Log retention deleted archived, processed records.");
         }
         Ok(())
     }
@@ -124,7 +124,7 @@ impl<S: LogSource> Archiver<S> {
             source.seek(p, o);
             next.insert(p, o);
         }
-        tracing::info!(?next, records = index.records(), "Archiver resumes after the last published segments.");
+        tracing::info!(next = %kappa_runtime::logging::pairs(&next), records = index.records(), "Archiver resumes after the last published segments.");
         Ok(Self {
             source,
             store,

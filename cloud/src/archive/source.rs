@@ -221,7 +221,7 @@ impl<L: LogSource> LogSource for ChainSource<L> {
                 self.log.seek(*p, *o);
             }
             self.in_log = true;
-            tracing::info!(boundary = ?self.boundary, "Replay reached the end of the archive; continuing from the live log.");
+            tracing::info!(boundary = %kappa_runtime::logging::pairs(&self.boundary), "Replay reached the end of the archive; continuing from the live log.");
         }
         self.log.poll(max, timeout)
     }

@@ -209,7 +209,7 @@ impl Pipeline<'_> {
             _ => None,
         };
         while let Some(share) = source.next_assignment(|| cancel.is_cancelled()) {
-            tracing::info!(pipeline, partitions = ?share, "Kafka assigned this worker its partitions.");
+            tracing::info!(pipeline, partitions = %kappa_runtime::logging::listed(&share), "Kafka assigned this worker its partitions.");
             ready.store(share.is_empty(), Ordering::Relaxed);
             if share.is_empty() {
                 continue;
@@ -413,6 +413,10 @@ impl LogSource for ShareSource {
 /// SIGINT/SIGTERM or a failure.
 pub async fn run_until_signal(cfg: CloudConfig) -> Result<(), WorkerError> {
     use prometheus_client::registry::Registry;
+    let problems = cfg.preflight();
+    if !problems.is_empty() {
+        return Err(WorkerError::Config(kappa_runtime::config::ConfigError(problems).to_string()));
+    }
     let mut registry = Registry::default();
     let metrics = Arc::new(CloudMetrics::new(&mut registry));
     let worker = Worker::open(cfg.clone(), metrics.clone()).await?;

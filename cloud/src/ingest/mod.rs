@@ -75,12 +75,12 @@ fn record_gateway_status<A>(st: &IngestState<A>, gateway: &str, headers: &Header
     let header =
         |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<i64>().ok());
     let label = [("gateway", gateway.to_string())];
-    st.metrics.gateway_last_batch_ms.get_or_create(&label).set(now_ms);
+    st.metrics.gateway_last_batch_seconds.get_or_create(&label).set(now_ms as f64 / 1000.0);
     if let Some(n) = header("x-kappa-backlog-readings").filter(|n| *n >= 0) {
         st.metrics.gateway_backlog_readings.get_or_create(&label).set(n);
     }
     if let Some(s) = header("x-kappa-oldest-unforwarded-seconds").filter(|s| *s >= 0) {
-        st.metrics.gateway_oldest_unforwarded_seconds.get_or_create(&label).set(s);
+        st.metrics.gateway_oldest_unforwarded_age_seconds.get_or_create(&label).set(s);
     }
 }
 

@@ -56,7 +56,12 @@ pub fn router<A: LogAppender>(ingest: IngestState<A>, api: ApiState, registry: A
         .route("/dashboard", get(api::dashboard))
         .route("/readyz", get(move || readyz(ready_metrics.clone())))
         .route("/", get(index));
-    ingest.merge(api).merge(ops).merge(liveness_router(registry))
+    ingest
+        .merge(api)
+        .merge(ops)
+        .merge(liveness_router(registry))
+        .fallback(api::no_route)
+        .method_not_allowed_fallback(api::wrong_method)
 }
 
 /// `/metrics` and `/healthz`: what every process serves.

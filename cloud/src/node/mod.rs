@@ -51,6 +51,10 @@ impl Node {
     /// Opens the log and the store, restores the processor and starts serving.
     pub async fn start(cfg: CloudConfig) -> Result<Node, NodeError> {
         cfg.check().map_err(|e| NodeError::Config(e.to_string()))?;
+        let problems = cfg.preflight();
+        if !problems.is_empty() {
+            return Err(NodeError::Config(kappa_runtime::config::ConfigError(problems).to_string()));
+        }
         // The certificate is read before anything starts, so a bad one stops nothing half-way.
         let tls = match &cfg.http.tls {
             None => None,
@@ -73,6 +77,12 @@ impl Node {
         // On a cluster the alert and aggregate pipelines keep their state
         // and output in PostgreSQL too, for every node's API to read.
         let plans = if cfg.cluster.is_none() { store.plan_pipelines(&specs, now_ms)? } else { Vec::new() };
+        let mut reading_pipelines: Vec<String> = plans.iter().map(|p| p.pipeline.clone()).collect();
+        if !cfg.rule_specs().map_err(|e| NodeError::Config(e.join("\n  ")))?.is_empty() && cfg.primary() {
+            reading_pipelines.push(ALERTS_PIPELINE.to_string());
+        }
+        let view_ids: Vec<String> = plans.iter().flat_map(|p| p.views.iter().map(|v| v.id())).collect();
+        metrics.start_series(&reading_pipelines, &view_ids);
         let pipeline_store = cfg.store_at();
         let (at, for_readers) = (pipeline_store.clone(), specs.clone());
         let (serving, acks) = tokio::task::spawn_blocking(move || at.serving(for_readers))

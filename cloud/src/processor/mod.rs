@@ -259,9 +259,9 @@ impl<S: LogSource> Processor<S> {
         tracing::info!(
             pipeline,
             building,
-            ?positions,
-            global_watermark = ?marks.global(),
-            views = ?ops.iter().map(|o| o.id().to_string()).collect::<Vec<_>>(),
+            positions = %kappa_runtime::logging::pairs(&positions),
+            global_watermark = marks.global(),
+            views = %kappa_runtime::logging::listed(ops.iter().map(|o| o.id())),
             "Processor restored its checkpoint."
         );
         Ok(Self {
@@ -408,7 +408,7 @@ impl<S: LogSource> Processor<S> {
                 op.on_watermark(g);
             }
             self.dedup.prune(g);
-            self.metrics.watermark_ms.get_or_create(&[("pipeline", self.pipeline.clone())]).set(g);
+            self.metrics.watermark_seconds.get_or_create(&[("pipeline", self.pipeline.clone())]).set(g as f64 / 1000.0);
             closed = closed || self.ops.iter().any(|o| o.has_pending_output());
         }
         self.since_checkpoint += n;

@@ -6,3 +6,4 @@ pub mod batch;
 pub mod defaults;
 pub mod operator;
 pub mod spec;
+pub mod syntax;

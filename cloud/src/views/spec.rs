@@ -21,11 +21,11 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 
 /// A validated view.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ViewSpec {
     pub name: String,
     pub version: u32,
@@ -51,7 +51,7 @@ impl ViewSpec {
 }
 
 /// Something a reading carries.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Field {
     /// The device id.
     Device,
@@ -93,7 +93,7 @@ impl Field {
 }
 
 /// How readings are grouped in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WindowSpec {
     Tumbling { size_ms: i64 },
     Hopping { size_ms: i64, slide_ms: i64 },
@@ -102,7 +102,7 @@ pub enum WindowSpec {
 }
 
 /// When rows are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OutputMode {
     /// The row is replaced as the window changes.
     Update,
@@ -111,14 +111,14 @@ pub enum OutputMode {
 }
 
 /// A filter condition: `field op value`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Condition {
     pub field: Field,
     pub op: Op,
     pub value: Literal,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     Eq,
     Ne,
@@ -142,14 +142,14 @@ impl Op {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Literal {
     Num(f64),
     Str(String),
 }
 
 /// One output column.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AggSpec {
     pub name: String,
     pub func: AggFn,
@@ -160,7 +160,7 @@ pub struct AggSpec {
 }
 
 /// Aggregate functions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AggFn {
     Count,
     Sum,
@@ -176,23 +176,30 @@ pub enum AggFn {
     List,
 }
 
+/// Each function's name in a config (`fn = "count"`).
+pub const AGG_FNS: [(&str, AggFn); 12] = [
+    ("count", AggFn::Count),
+    ("sum", AggFn::Sum),
+    ("min", AggFn::Min),
+    ("max", AggFn::Max),
+    ("avg", AggFn::Avg),
+    ("variance", AggFn::Variance),
+    ("stddev", AggFn::Stddev),
+    ("first", AggFn::First),
+    ("last", AggFn::Last),
+    ("approx_distinct", AggFn::ApproxDistinct),
+    ("set", AggFn::Set),
+    ("list", AggFn::List),
+];
+
+/// Each comparison as a condition writes it (`temperature > 30`); the
+/// two-character ones first, so `<=` is not read as `<`.
+pub const OPS: [(&str, Op); 6] =
+    [("==", Op::Eq), ("!=", Op::Ne), ("<=", Op::Le), (">=", Op::Ge), ("<", Op::Lt), (">", Op::Gt)];
+
 impl AggFn {
     fn parse(s: &str) -> Option<AggFn> {
-        Some(match s {
-            "count" => AggFn::Count,
-            "sum" => AggFn::Sum,
-            "min" => AggFn::Min,
-            "max" => AggFn::Max,
-            "avg" => AggFn::Avg,
-            "variance" => AggFn::Variance,
-            "stddev" => AggFn::Stddev,
-            "first" => AggFn::First,
-            "last" => AggFn::Last,
-            "approx_distinct" => AggFn::ApproxDistinct,
-            "set" => AggFn::Set,
-            "list" => AggFn::List,
-            _ => return None,
-        })
+        AGG_FNS.iter().find(|(name, _)| *name == s).map(|(_, f)| *f)
     }
 
     fn numeric_only(self) -> bool {
@@ -489,8 +496,7 @@ fn parse_agg(v: &Value, metrics: &[String], p: &mut Problems, path: &str) -> Opt
 
 /// Parses one `FIELD OP VALUE` condition (views' filters and alert rules).
 pub fn parse_condition(s: &str, metrics: &[String]) -> Result<Condition, String> {
-    let ops = [("==", Op::Eq), ("!=", Op::Ne), ("<=", Op::Le), (">=", Op::Ge), ("<", Op::Lt), (">", Op::Gt)];
-    let (field, op, value) = ops
+    let (field, op, value) = OPS
         .iter()
         .find_map(|(tok, op)| s.split_once(tok).map(|(l, r)| (l.trim(), *op, r.trim())))
         .ok_or_else(|| format!("{s:?} must be FIELD OP VALUE with OP one of == != < <= > >="))?;

@@ -32,6 +32,7 @@
 pub mod client;
 pub mod config;
 mod limiter;
+mod outage;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -46,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use self::client::{CloudClient, PostOutcome, Security};
 use self::config::ForwardConfig;
 use self::limiter::Limiter;
+use self::outage::OutageLog;
 use crate::log::{BatchKind, LogError, OutboxEntry, SharedLog};
 use crate::metrics::EdgeMetrics;
 use crate::now_ms;
@@ -63,7 +65,14 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), LogError> {
     let client = CloudClient::new(&cfg.cloud_url, &gateway, cfg.request_timeout, &security).map_err(LogError::Io)?;
-    let fwd = Forwarder { log, cfg: Arc::new(cfg), gateway: Arc::from(gateway), client, metrics };
+    let fwd = Forwarder {
+        log,
+        cfg: Arc::new(cfg),
+        gateway: Arc::from(gateway),
+        client,
+        metrics,
+        outage: OutageLog::default(),
+    };
     let mut limiter = Limiter::new(fwd.cfg.max_readings_per_second);
     loop {
         match fwd.forward_loop(&mut limiter, &committed, &cancel).await {
@@ -88,6 +97,7 @@ struct Forwarder {
     gateway: Arc<str>,
     client: CloudClient,
     metrics: Arc<EdgeMetrics>,
+    outage: OutageLog,
 }
 
 /// How far behind the gateway's clock a heartbeat claims completeness.
@@ -138,6 +148,7 @@ impl Forwarder {
             }
             self.metrics.forward_in_flight.set(in_flight.len() as i64);
             if caught_up && in_flight.is_empty() {
+                self.outage.caught_up();
                 let hb = self.cfg.heartbeat_interval;
                 if !hb.is_zero() && last_contact.elapsed() >= hb {
                     self.heartbeat().await;
@@ -219,6 +230,7 @@ impl Forwarder {
                     m.readings_forwarded.inc_by(count as u64);
                     m.batch_readings.observe(count as f64);
                     m.batch_bytes.observe(body.len() as f64);
+                    self.outage.accepted(m.backlog_readings.get());
                     tracing::debug!(
                         batch_id = entry.batch_id,
                         readings = count,
@@ -233,7 +245,7 @@ impl Forwarder {
                     if let Some((a, b)) = split {
                         m.forward_failures.get_or_create(&[("reason", "too_large")]).inc();
                         m.batches_split.inc();
-                        tracing::warn!(batch_id = entry.batch_id, readings = count, halves = ?(a.batch_id, b.batch_id), %detail, "The cloud refused a batch as too large; sending it in two halves.");
+                        tracing::warn!(batch_id = entry.batch_id, readings = count, halves = %format!("{} {}", a.batch_id, b.batch_id), %detail, "The cloud refused a batch as too large; sending it in two halves.");
                         return Ok(());
                     }
                     let reason = format!("HTTP 413: {detail}");
@@ -248,7 +260,7 @@ impl Forwarder {
                 PostOutcome::Retry { reason, detail, retry_after } => {
                     m.forward_failures.get_or_create(&[("reason", reason)]).inc();
                     let delay = backoff.next_delay().max(retry_after.unwrap_or_default());
-                    tracing::warn!(batch_id = entry.batch_id, reason, detail = %detail, retry_in = ?delay, "Forwarding failed; will retry.");
+                    self.outage.failed(entry.batch_id, reason, &detail, delay);
                     tokio::time::sleep(delay).await;
                 }
             }

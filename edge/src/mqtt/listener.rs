@@ -264,7 +264,7 @@ impl Listener {
                 Some((stream, name))
             }
             Ok(Err(e)) => {
-                tracing::debug!(?peer, error = %e, "A device's TLS handshake failed.");
+                tracing::debug!(peer = peer.map(tracing::field::display), error = %e, "A device's TLS handshake failed.");
                 self.refused(Refusal::Tls, "", peer);
                 None
             }
@@ -286,9 +286,19 @@ impl Listener {
         match why {
             // Floods of these are the attack the counter is for: one line each would be a second flood.
             Refusal::TooManyConnections | Refusal::Timeout | Refusal::Tls | Refusal::Closed => {
-                tracing::debug!(reason = why.reason(), device, ?peer, "Refused a device connection.")
+                tracing::debug!(
+                    reason = why.reason(),
+                    device,
+                    peer = peer.map(tracing::field::display),
+                    "Refused a device connection."
+                )
             }
-            _ => tracing::warn!(reason = why.reason(), device, ?peer, "Refused a device connection."),
+            _ => tracing::warn!(
+                reason = why.reason(),
+                device,
+                peer = peer.map(tracing::field::display),
+                "Refused a device connection."
+            ),
         }
     }
 

@@ -121,7 +121,7 @@ async fn establish<'l, S: AsyncRead + AsyncWrite + Unpin>(
         l.sessions.close(&session.client_id, session.connection, session.session_expiry, std::time::Instant::now());
         return None;
     }
-    tracing::debug!(client_id = %session.client_id, locked = session.locked, version = version.label(), ?peer, "A device connected.");
+    tracing::debug!(client_id = %session.client_id, locked = session.locked, version = version.label(), peer = peer.map(tracing::field::display), "A device connected.");
     Some(session)
 }
 

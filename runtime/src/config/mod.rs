@@ -20,6 +20,8 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 
+mod report;
+
 /// Semantic checks of a parsed configuration.
 pub trait Validate {
     /// Every problem, each starting with its key path (`log.partitions: ...`).
@@ -32,18 +34,48 @@ pub trait Validate {
     }
 }
 
-/// Parses and checks a configuration.
+/// Parses and checks a configuration, reporting every problem at once,
+/// each with its line and column.
 pub fn from_toml<T: DeserializeOwned + Validate>(text: &str) -> Result<T, ConfigError> {
-    let cfg: T = toml::from_str(text).map_err(|e| ConfigError(vec![e.to_string()]))?;
-    cfg.check()?;
-    Ok(cfg)
+    parse("", text, None)
 }
 
-/// Reads, parses and checks a configuration file; problems name the file.
+/// Reads, parses and checks a configuration file; problems name the file,
+/// with the line and column where the file has them.
 pub fn load<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigError> {
     let text =
         std::fs::read_to_string(path).map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
-    from_toml(&text).map_err(|e| ConfigError(e.0.into_iter().map(|m| format!("{}: {m}", path.display())).collect()))
+    parse(&path.display().to_string(), &text, None)
+}
+
+/// Parses `text` (the file `file`'s, or none when empty), applies the
+/// overrides among `env`'s variables of its prefix, deserializes and checks.
+fn parse<T: DeserializeOwned + Validate>(
+    file: &str,
+    text: &str,
+    env: Option<(&str, Vec<(String, String)>)>,
+) -> Result<T, ConfigError> {
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+        let at = e.span().map(|s| report::position(file, text, s.start)).unwrap_or_else(|| file.to_string());
+        let m = format!("not TOML: {}", e.message().trim());
+        ConfigError(vec![if at.is_empty() { m } else { format!("{at}: {m}") }])
+    })?;
+    let (applied, lead) = match env {
+        Some((prefix, vars)) => (apply_env(&mut table, prefix, vars)?, format!("{prefix}__")),
+        None => (Vec::new(), String::new()),
+    };
+    let overrides: Vec<(String, String)> = applied
+        .iter()
+        .map(|name| (name[lead.len()..].split("__").map(str::to_lowercase).collect::<Vec<_>>().join("."), name.clone()))
+        .collect();
+    let src = report::Source { file, text, overrides: &overrides };
+    let cfg: T = report::deserialize_all(&src, table).map_err(ConfigError)?;
+    let note = |m: String| {
+        let m = if applied.is_empty() { m } else { format!("{m} (environment overrides: {})", applied.join(", ")) };
+        if file.is_empty() { m } else { format!("{file}: {m}") }
+    };
+    cfg.check().map_err(|e| ConfigError(e.0.into_iter().map(note).collect()))?;
+    Ok(cfg)
 }
 
 /// Reads, parses and checks a configuration file after applying the
@@ -59,22 +91,9 @@ pub fn load_with_vars<T: DeserializeOwned + Validate>(
     prefix: &str,
     vars: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
-    let in_file = |m: String| format!("{}: {m}", path.display());
     let text =
         std::fs::read_to_string(path).map_err(|e| ConfigError(vec![format!("cannot read {}: {e}", path.display())]))?;
-    let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError(vec![in_file(e.to_string())]))?;
-    let applied = apply_env(&mut table, prefix, vars)?;
-    let note = |m: String| {
-        if applied.is_empty() {
-            in_file(m)
-        } else {
-            in_file(format!("{m} (environment overrides: {})", applied.join(", ")))
-        }
-    };
-    let cfg: T =
-        toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError(vec![note(e.to_string())]))?;
-    cfg.check().map_err(|e| ConfigError(e.0.into_iter().map(note).collect()))?;
-    Ok(cfg)
+    parse(&path.display().to_string(), &text, Some((prefix, vars.into_iter().collect())))
 }
 
 /// Applies every `{prefix}__A__B=value` in `vars` to `table` as key `a.b`;
@@ -212,6 +231,40 @@ impl Durability {
     }
 }
 
+/// Whether the process can keep its data in `dir` (`key` names it in the
+/// problem): an existing directory it can write into, or one it can create
+/// because the nearest existing ancestor is a directory it can write into.
+/// Creates nothing but a probe file, removed at once.
+pub fn writable_dir(key: &str, dir: &Path) -> Result<(), String> {
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) if at == dir => return Err(format!("{key}: {} is a file, not a directory", dir.display())),
+            Ok(_) => {
+                return Err(format!("{key}: {} cannot be created: {} is a file", dir.display(), at.display()));
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                match at.parent() {
+                    Some(parent) if parent.as_os_str().is_empty() => at = Path::new("."),
+                    Some(parent) => at = parent,
+                    None => return Err(format!("{key}: {} has no existing ancestor", dir.display())),
+                }
+            }
+            Err(e) => return Err(format!("{key}: cannot look at {}: {e}", at.display())),
+        }
+    }
+    let probe = at.join(format!(".kappa-write-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) if at == dir => Err(format!("{key}: cannot write into {}: {e}", dir.display())),
+        Err(e) => Err(format!("{key}: {} cannot be created: cannot write into {}: {e}", dir.display(), at.display())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -254,7 +307,12 @@ mod tests {
         let err = load::<Cfg>(&path).unwrap_err();
         assert_eq!(err.0, [format!("{}: a: must be at most 9", path.display())]);
         std::fs::write(&path, "b = 1").unwrap();
-        assert!(load::<Cfg>(&path).unwrap_err().to_string().contains("unknown field `b`"));
+        let err = load::<Cfg>(&path).unwrap_err();
+        let p = path.display();
+        assert_eq!(
+            err.0,
+            [format!("{p}:1:1: b: unknown key `b`; did you mean `a`?"), format!("{p}:1:1: missing field `a`")]
+        );
     }
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -315,6 +373,20 @@ mod tests {
         let err = load_with_vars::<Cfg>(&path, "K", vars(&[("K__A", "70")])).unwrap_err();
         assert_eq!(err.0, [format!("{}: a: must be at most 9 (environment overrides: K__A)", path.display())]);
         let err = load_with_vars::<Cfg>(&path, "K", vars(&[("K__B", "1")])).unwrap_err().to_string();
-        assert!(err.contains("unknown field `b`") && err.contains("K__B"), "{err}");
+        assert!(err.contains("K__B (environment): b: unknown key `b`"), "{err}");
+    }
+
+    #[test]
+    fn a_data_directory_must_be_writable_or_creatable() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(writable_dir("data_dir", tmp.path()), Ok(()));
+        assert_eq!(writable_dir("data_dir", &tmp.path().join("a/b/c")), Ok(()));
+        assert!(!tmp.path().join("a").exists(), "the check creates nothing");
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let err = writable_dir("data_dir", &file.join("data")).unwrap_err();
+        assert!(err.starts_with("data_dir: ") && err.contains("is a file"), "{err}");
+        assert!(writable_dir("data_dir", &file).unwrap_err().contains("not a directory"));
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1, "no probe left behind");
     }
 }

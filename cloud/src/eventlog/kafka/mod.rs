@@ -220,7 +220,9 @@ impl ConsumerContext for GroupContext {
                 return;
             }
         };
-        tracing::info!(?assignment, "The consumer group moved partitions.");
+        let partitions =
+            assignment.as_ref().map(|a: &Vec<Partition>| tracing::field::display(kappa_runtime::logging::listed(a)));
+        tracing::info!(partitions, "The consumer group moved partitions.");
         if let Ok(mut a) = self.assignment.lock() {
             *a = assignment;
         }

@@ -161,6 +161,36 @@ impl fmt::Debug for PgStore {
     }
 }
 
+/// How to connect: the parsed connection string, and the TLS connector
+/// when `cluster.postgres_ca` is set (then never plain text). Touches no
+/// network: `config check` runs it too.
+pub(crate) fn client_config(settings: &PgSettings) -> Result<(postgres::Config, Option<tls::Verified>), StoreError> {
+    check_schema_name(&settings.schema)?;
+    let mut config: postgres::Config = settings
+        .url
+        .parse()
+        .map_err(|e: postgres::Error| StoreError(format!("the PostgreSQL url does not parse: {e}")))?;
+    config.connect_timeout(CONNECT_TIMEOUT);
+    if config.get_application_name().is_none() {
+        config.application_name("kappa-cloud");
+    }
+    let verified = match &settings.ca_file {
+        Some(ca) => {
+            config.ssl_mode(postgres::config::SslMode::Require);
+            Some(tls::Verified::new(ca)?)
+        }
+        None if config.get_ssl_mode() == postgres::config::SslMode::Require => {
+            return Err(StoreError(
+                "the PostgreSQL connection string asks for sslmode=require: set cluster.postgres_ca to the \
+                 PEM file of the CA that signed the server's certificate"
+                    .into(),
+            ));
+        }
+        None => None,
+    };
+    Ok((config, verified))
+}
+
 impl PgStore {
     /// Connects and creates the schema and its tables if missing.
     ///
@@ -172,27 +202,9 @@ impl PgStore {
         if log_partitions == 0 {
             return Err(StoreError("the event log needs at least one partition".into()));
         }
-        let mut config: postgres::Config = settings
-            .url
-            .parse()
-            .map_err(|e: postgres::Error| StoreError(format!("the PostgreSQL url does not parse: {e}")))?;
-        config.connect_timeout(CONNECT_TIMEOUT);
-        if config.get_application_name().is_none() {
-            config.application_name("kappa-cloud");
-        }
-        let connected = match &settings.ca_file {
-            Some(ca) => {
-                // Never fall back to plain text.
-                config.ssl_mode(postgres::config::SslMode::Require);
-                config.connect(tls::Verified::new(ca)?)
-            }
-            None if config.get_ssl_mode() == postgres::config::SslMode::Require => {
-                return Err(StoreError(
-                    "the PostgreSQL connection string asks for sslmode=require: set cluster.postgres_ca to the \
-                     PEM file of the CA that signed the server's certificate"
-                        .into(),
-                ));
-            }
+        let (config, verified) = client_config(settings)?;
+        let connected = match verified {
+            Some(tls) => config.connect(tls),
             None => config.connect(NoTls),
         };
         let mut client = connected.map_err(|e| {

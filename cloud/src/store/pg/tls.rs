@@ -26,6 +26,12 @@ pub struct Verified {
     config: Arc<rustls::ClientConfig>,
 }
 
+impl std::fmt::Debug for Verified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verified").finish_non_exhaustive()
+    }
+}
+
 impl Verified {
     /// Trusts the certificates in the PEM file `ca_file` (the CA that signed
     /// the server's certificate), and nothing else.
