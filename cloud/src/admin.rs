@@ -20,7 +20,7 @@ use crate::config::CloudConfig;
 use crate::eventlog::EventLog;
 use crate::eventlog::{LogSource, Offset, Partition};
 use crate::store::{StoreError, ViewCatalog, ViewInfo};
-use crate::views::batch::{self, LogEntry, Rows};
+use crate::views::reference::{self, LogEntry, Rows};
 
 /// Why an admin command failed.
 #[derive(Debug, thiserror::Error)]
@@ -221,8 +221,8 @@ pub fn verify(cfg: &CloudConfig, view: &str) -> Result<Vec<String>, AdminError> 
         .map(|r| ((r.key, r.window_start), (r.window_end, r.values.as_object().cloned().unwrap_or_default())))
         .collect();
     let entries = log_entries(cfg, &positions)?;
-    let computed = batch::compute(&spec, &entries, cfg.processor.max_out_of_orderness.as_millis() as i64);
-    Ok(batch::diff(&spec, &stream, &computed))
+    let computed = reference::compute(&spec, &entries, cfg.processor.max_out_of_orderness.as_millis() as i64);
+    Ok(reference::diff(&spec, &stream, &computed))
 }
 
 /// `archive export`: readings with `from_ms <= event time < to_ms` as

@@ -33,7 +33,7 @@ use kappa_cloud::eventlog::{AppendOutcome, EventLogError, LogAppender, LogSource
 use kappa_cloud::metrics::CloudMetrics;
 use kappa_cloud::processor::{Processor, ProcessorSettings};
 use kappa_cloud::store::{RowQuery, ViewStore};
-use kappa_cloud::views::batch::{self, LogEntry};
+use kappa_cloud::views::reference::{self, LogEntry};
 use kappa_cloud::views::spec::ViewSpec;
 use kappa_common::Reading;
 use kappa_common::record;
@@ -300,7 +300,7 @@ fn read_all(src: &mut impl LogSource) -> Result<Vec<LogEntry>, EventLogError> {
     }
 }
 
-fn view_rows(store: &ViewStore, spec: &ViewSpec) -> batch::Rows {
+fn view_rows(store: &ViewStore, spec: &ViewSpec) -> reference::Rows {
     let q = RowQuery { view_id: spec.id(), key: None, from: i64::MIN, to: i64::MAX, after: None, limit: 1 << 30 };
     store
         .rows(&q)
@@ -344,8 +344,8 @@ fn check(ops: &[Op]) -> Result<usize, String> {
     // The live views equal the independent batch computation.
     let live = ViewStore::open_read_only(&dir.path().join("views.sqlite")).unwrap();
     for spec in &world.specs {
-        let b = batch::compute(spec, &entries, BOUND_MS);
-        let problems = batch::diff(spec, &view_rows(&live, spec), &b);
+        let b = reference::compute(spec, &entries, BOUND_MS);
+        let problems = reference::diff(spec, &view_rows(&live, spec), &b);
         if !problems.is_empty() {
             return Err(format!(
                 "live view {} differs from the batch computation:\n{}",

@@ -22,7 +22,7 @@ use kappa_cloud::eventlog::{AppendBatch, AppendRecord, LogAppender, LogSource};
 use kappa_cloud::metrics::CloudMetrics;
 use kappa_cloud::processor::{Processor, ProcessorSettings};
 use kappa_cloud::store::{RowQuery, ViewStore};
-use kappa_cloud::views::batch::{self, LogEntry};
+use kappa_cloud::views::reference::{self, LogEntry};
 use kappa_cloud::views::spec::ViewSpec;
 use kappa_common::Reading;
 use kappa_common::record::{self, LogEvent, LogRecord};
@@ -60,7 +60,7 @@ fn reading(device: &str, user: &str, seq: u64, ts_ms: i64, kind: &str, t: Option
 struct Outcome {
     dump: String,
     late: String,
-    rows: BTreeMap<String, batch::Rows>,
+    rows: BTreeMap<String, reference::Rows>,
     late_keys: BTreeMap<String, Vec<(u32, u64, i64)>>,
     log: Vec<LogEntry>,
 }
@@ -320,8 +320,8 @@ proptest! {
         let bound = 2 * MIN;
         let out = run(&specs, bound, partitions, &readings);
         for spec in &specs {
-            let b = batch::compute(spec, &out.log, bound);
-            let problems = batch::diff(spec, &out.rows[&spec.id()], &b);
+            let b = reference::compute(spec, &out.log, bound);
+            let problems = reference::diff(spec, &out.rows[&spec.id()], &b);
             prop_assert!(problems.is_empty(), "{}", problems.join("\n"));
             let mut stream_late: Vec<(u32, u64, i64)> = out.late_keys.get(&spec.id()).cloned().unwrap_or_default();
             stream_late.sort_unstable();

@@ -13,7 +13,7 @@ use kappa_edge::log::EdgeLog;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    kappa_runtime::net::free_port().unwrap()
 }
 
 fn config(dir: &std::path::Path, mqtt_port: u16, extra: &str) -> EdgeConfig {

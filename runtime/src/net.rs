@@ -5,6 +5,12 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+/// A loopback port nobody listens on right now (the system picks it), for
+/// a server that must be told its port before it binds (tests, demos).
+pub fn free_port() -> std::io::Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port())
+}
+
 /// The next connection, or `None` once `cancel` fires. An accept error (for
 /// example out of file descriptors) is logged and retried after a short
 /// pause instead of ending the server.

@@ -7,15 +7,28 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Buckets kept before idle (full) ones are forgotten.
+/// Buckets kept at most: keys come from outside (a device id in a topic, a
+/// gateway's header), and a flood of new ones must not grow memory.
 const MAX_KEYS: usize = 100_000;
 
-/// Per-key token buckets.
+/// Per-key token buckets, at most `capacity` of them. The keys live in two
+/// generations: a key used goes to the young one; when the young one holds
+/// half the capacity, the old one is forgotten and the young one becomes
+/// old. So the keys forgotten are those unused for a whole generation
+/// (least recently used, roughly), each step is O(1), and a key in use
+/// keeps its bucket however many new keys arrive.
 #[derive(Debug)]
 pub struct KeyedRate {
     per_second: f64,
     burst: f64,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    capacity: usize,
+    buckets: Mutex<Generations>,
+}
+
+#[derive(Debug, Default)]
+struct Generations {
+    young: HashMap<String, Bucket>,
+    old: HashMap<String, Bucket>,
 }
 
 /// One token bucket (a key's in [`KeyedRate`], or a connection's own).
@@ -36,9 +49,9 @@ impl Bucket {
     /// Takes `cost` tokens at `now` from a bucket refilled at `per_second`
     /// up to `burst` (positive), or says how long to wait.
     pub fn admit(&mut self, per_second: f64, burst: f64, cost: f64, now: Instant) -> Result<(), Refused> {
-        let (per_second, burst) = (per_second.max(f64::MIN_POSITIVE), burst.max(1.0));
-        self.tokens = (self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * per_second).min(burst);
-        self.at = now;
+        let per_second = per_second.max(f64::MIN_POSITIVE);
+        self.refill(per_second, burst, now);
+        let burst = burst.max(1.0);
         let needed = cost.min(burst);
         if self.tokens >= needed {
             self.tokens -= cost;
@@ -50,9 +63,24 @@ impl Bucket {
         }
     }
 
-    /// Whether the bucket is full again at `now`.
-    fn is_full(&self, per_second: f64, burst: f64, now: Instant) -> bool {
-        self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * per_second >= burst
+    /// Takes `cost` tokens at `now` whatever the bucket holds: it may go
+    /// into debt, which [`Bucket::debt`] says how long to repay (a sender
+    /// that spends first and waits after, like the agent's forwarder).
+    pub fn spend(&mut self, per_second: f64, burst: f64, cost: f64, now: Instant) {
+        self.refill(per_second, burst, now);
+        self.tokens -= cost;
+    }
+
+    /// How long until the bucket is out of debt, if it is in debt at `now`.
+    pub fn debt(&mut self, per_second: f64, burst: f64, now: Instant) -> Option<Duration> {
+        self.refill(per_second, burst, now);
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / per_second.max(f64::MIN_POSITIVE)))
+    }
+
+    fn refill(&mut self, per_second: f64, burst: f64, now: Instant) {
+        let gained = now.saturating_duration_since(self.at).as_secs_f64() * per_second;
+        self.tokens = (self.tokens + gained).min(burst.max(1.0));
+        self.at = now;
     }
 }
 
@@ -68,22 +96,44 @@ pub struct Refused {
 impl KeyedRate {
     /// `per_second` must be positive.
     pub fn new(per_second: f64, burst: f64) -> Self {
-        Self { per_second: per_second.max(f64::MIN_POSITIVE), burst: burst.max(1.0), buckets: Default::default() }
+        Self::with_capacity(per_second, burst, MAX_KEYS)
+    }
+
+    /// At most `capacity` keys (at least 2).
+    pub fn with_capacity(per_second: f64, burst: f64, capacity: usize) -> Self {
+        Self {
+            per_second: per_second.max(f64::MIN_POSITIVE),
+            burst: burst.max(1.0),
+            capacity: capacity.max(2),
+            buckets: Default::default(),
+        }
     }
 
     /// Takes `cost` tokens for `key` at `now`, or says how long to wait.
     pub fn admit(&self, key: &str, cost: f64, now: Instant) -> Result<(), Refused> {
-        let Ok(mut buckets) = self.buckets.lock() else { return Ok(()) };
+        // A panic elsewhere while holding the lock leaves the buckets as
+        // they were: keep enforcing them (never admit everything).
+        let mut g = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let (rate, burst) = (self.per_second, self.burst);
-        // Only a key seen for the first time allocates (this runs per message).
-        if !buckets.contains_key(key) {
-            if buckets.len() >= MAX_KEYS {
-                buckets.retain(|_, b| !b.is_full(rate, burst, now));
-            }
-            buckets.insert(key.to_string(), Bucket::full(burst, now));
+        if let Some(b) = g.young.get_mut(key) {
+            return b.admit(rate, burst, cost, now);
         }
-        let Some(b) = buckets.get_mut(key) else { return Ok(()) };
-        b.admit(rate, burst, cost, now)
+        // Only a key seen for the first time allocates (this runs per
+        // message); one from the old generation moves over with its bucket.
+        let (owned, bucket) = match g.old.remove_entry(key) {
+            Some(found) => found,
+            None => (key.to_string(), Bucket::full(burst, now)),
+        };
+        if g.young.len() >= self.capacity / 2 {
+            g.old = std::mem::take(&mut g.young);
+        }
+        g.young.entry(owned).or_insert(bucket).admit(rate, burst, cost, now)
+    }
+
+    /// Keys held now (at most the capacity).
+    pub fn keys(&self) -> usize {
+        let g = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        g.young.len() + g.old.len()
     }
 }
 
@@ -121,5 +171,43 @@ mod tests {
         // 3,000 in debt: 5 s until the bucket is full again.
         assert!((refused.wait.as_secs_f64() - 5.0).abs() < 1e-6, "{refused:?}");
         assert!(rate.admit("gw", 5000.0, t + Duration::from_secs(5)).is_ok());
+    }
+
+    #[test]
+    fn a_flood_of_new_keys_stays_within_the_capacity_and_a_key_in_use_keeps_its_bucket() {
+        let rate = KeyedRate::with_capacity(1.0, 2.0, 1000);
+        let t = Instant::now();
+        // The key in use empties its bucket.
+        assert!(rate.admit("busy", 2.0, t).is_ok());
+        for i in 0..1_000_000 {
+            let _ = rate.admit(&format!("flood-{i}"), 1.0, t);
+            if i % 100 == 0 {
+                // Still refused: its empty bucket was not forgotten and refilled.
+                assert!(rate.admit("busy", 1.0, t).is_err(), "after {i} new keys");
+            }
+            assert!(rate.keys() <= 1000);
+        }
+        // A key unused for a whole generation is forgotten: it starts full.
+        let idle = KeyedRate::with_capacity(1.0, 2.0, 10);
+        assert!(idle.admit("idle", 2.0, t).is_ok());
+        for i in 0..20 {
+            let _ = idle.admit(&format!("k{i}"), 1.0, t);
+        }
+        assert!(idle.admit("idle", 2.0, t).is_ok(), "forgotten, so full again");
+    }
+
+    #[test]
+    fn a_poisoned_lock_keeps_enforcing_the_limits() {
+        let rate = std::sync::Arc::new(KeyedRate::new(1.0, 1.0));
+        let t = Instant::now();
+        assert!(rate.admit("a", 1.0, t).is_ok());
+        let r = rate.clone();
+        let _ = std::thread::spawn(move || {
+            let _g = r.buckets.lock().unwrap();
+            panic!("poison the lock");
+        })
+        .join();
+        assert!(rate.buckets.is_poisoned());
+        assert!(rate.admit("a", 1.0, t).is_err(), "still refused, not admitted");
     }
 }

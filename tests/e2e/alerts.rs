@@ -12,6 +12,9 @@ use serde_json::Value;
 use kappa_tests::alert_kit::*;
 use kappa_tests::harness::*;
 
+/// A secret in a webhook's address, as receivers often take it.
+const SECRET: &str = "whk-7f2c9a1e-do-not-log";
+
 /// Heartbeats from an idle edge keep its gateway's clock going, so devices
 /// that stop are declared silent although nothing else arrives; in real time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +95,7 @@ backoff_max = "300ms"
 max_attempts = 1000
 [[webhooks]]
 name = "gone"
-url = "http://127.0.0.1:{nobody}/hook"
+url = "http://127.0.0.1:{nobody}/hook/{SECRET}?key={SECRET}"
 timeout = "200ms"
 backoff_initial = "20ms"
 backoff_max = "50ms"
@@ -143,6 +146,12 @@ max_attempts = 3
     let gone = detail["deliveries"].as_array().unwrap().iter().find(|d| d["webhook"] == "gone").unwrap();
     assert_eq!(gone["attempts"], 3);
     assert!(gone["last_error"].as_str().unwrap().contains("connect"), "{gone}");
+    // The webhook's address holds its secret: it is in no stored error the
+    // API serves, and in no log line.
+    assert!(!detail.to_string().contains(SECRET), "the webhook's secret is served: {detail}");
+    let log = std::fs::read_to_string(&cloud.proc.log).unwrap();
+    assert!(!log.contains(SECRET), "the webhook's secret is in the log");
+    assert!(log.contains("Webhook delivery started"), "{log}");
     assert_eq!(detail["history"].as_array().unwrap().len(), 2, "fired and resolved: {detail}");
 }
 

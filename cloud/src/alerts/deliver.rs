@@ -159,8 +159,10 @@ async fn attempt(client: &reqwest::Client, hook: &WebhookConfig, d: &Delivery) -
         Ok(resp) if resp.status().is_success() => Outcome::Delivered,
         Ok(resp) => Outcome::Failed(format!("HTTP {}", resp.status().as_u16())),
         Err(e) if e.is_timeout() => Outcome::Failed(format!("timed out after {:?}", hook.timeout)),
-        Err(e) if e.is_connect() => Outcome::Failed(format!("cannot connect: {e}")),
-        Err(e) => Outcome::Failed(e.to_string()),
+        // Without the URL: a webhook's address often holds its secret, and
+        // the error is stored and served with the alert.
+        Err(e) if e.is_connect() => Outcome::Failed(format!("cannot connect: {}", e.without_url())),
+        Err(e) => Outcome::Failed(e.without_url().to_string()),
     }
 }
 
@@ -172,7 +174,9 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), String> {
     let client = reqwest::Client::builder().build().map_err(|e| format!("webhook {}: {e}", hook.name))?;
-    tracing::info!(webhook = %hook.name, url = %hook.url, "Webhook delivery started.");
+    // The host only: the path or the query often holds the receiver's secret.
+    let host = reqwest::Url::parse(&hook.url).ok().and_then(|u| u.host_str().map(str::to_string)).unwrap_or_default();
+    tracing::info!(webhook = %hook.name, host, "Webhook delivery started.");
     let policy = hook.policy();
     let name = hook.name.clone();
     deliver_loop(&name, policy, outbox, metrics, cancel, |d| {

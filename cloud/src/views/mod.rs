@@ -2,8 +2,8 @@
 //! the streaming operator that maintains a view ([`operator`]).
 
 pub mod agg;
-pub mod batch;
 pub mod defaults;
 pub mod operator;
+pub mod reference;
 pub mod spec;
 pub mod syntax;

@@ -1,6 +1,9 @@
-//! The bound on how fast new batches are built: a token bucket in readings.
+//! The bound on how fast new batches are built: the project's token bucket
+//! (`kappa_runtime::rate::Bucket`), in readings.
 
 use std::time::{Duration, Instant};
+
+use kappa_runtime::rate::Bucket;
 
 /// At most `rate` readings per second on average, in bursts of up to one
 /// second's worth. A batch may take the bucket into debt; the next one waits
@@ -8,18 +11,13 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone)]
 pub struct Limiter {
     rate: f64,
-    tokens: f64,
-    at: Instant,
+    bucket: Bucket,
 }
 
 impl Limiter {
     pub fn new(rate: u64) -> Self {
-        Self { rate: rate as f64, tokens: rate as f64, at: Instant::now() }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
-        self.at = now;
+        let rate = rate as f64;
+        Self { rate, bucket: Bucket::full(rate, Instant::now()) }
     }
 
     /// How long until the next batch may be built, if it must wait.
@@ -31,8 +29,7 @@ impl Limiter {
         if self.rate == 0.0 {
             return None;
         }
-        self.refill(now);
-        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+        self.bucket.debt(self.rate, self.rate, now)
     }
 
     /// Spends `readings` tokens.
@@ -42,8 +39,7 @@ impl Limiter {
 
     fn take_at(&mut self, readings: u64, now: Instant) {
         if self.rate > 0.0 {
-            self.refill(now);
-            self.tokens -= readings as f64;
+            self.bucket.spend(self.rate, self.rate, readings as f64, now);
         }
     }
 }

@@ -3,7 +3,6 @@
 //! the fleet, and the comparison of views against ground truth.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -48,7 +47,7 @@ pub fn bin() -> &'static str {
 
 /// A port nobody is listening on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+    kappa_runtime::net::free_port().expect("no free port")
 }
 
 /// A child process whose output goes to a log file; killed when dropped.

@@ -331,7 +331,7 @@ impl PgStore {
     }
 
     /// All rows of a view, ordered by key (byte order), then window start.
-    pub fn rows(&self, view_id: &str) -> Result<Vec<StoredRow>, StoreError> {
+    pub fn all_rows(&self, view_id: &str) -> Result<Vec<StoredRow>, StoreError> {
         self.rows_page(&read::all_rows(view_id))
     }
 
@@ -567,7 +567,11 @@ mod tests {
 
     /// Rows as (key, start, n), in the store's order.
     fn rows_of(s: &PgStore) -> Vec<(String, i64, u64)> {
-        s.rows("v@1").unwrap().into_iter().map(|r| (r.key, r.window_start, r.values["n"].as_u64().unwrap())).collect()
+        s.all_rows("v@1")
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.key, r.window_start, r.values["n"].as_u64().unwrap()))
+            .collect()
     }
 
     /// `v@1` (a global count per device) and `v@2` (the same per minute).
@@ -732,7 +736,7 @@ aggregates = [{ name = "n", fn = "count" }]
         ];
         want.sort();
         assert_eq!(rows_of(&a), want);
-        let global = a.rows("v@1").unwrap().into_iter().find(|r| r.key == d1).unwrap();
+        let global = a.all_rows("v@1").unwrap().into_iter().find(|r| r.key == d1).unwrap();
         assert_eq!(global.window_end, None);
         let dump = a.dump_rows("v@1").unwrap();
         assert!(dump.starts_with("Z\t0\t60000\t{\"n\":4}\na\t0\t60000\t{\"n\":3}\n"), "{dump}");
@@ -913,7 +917,7 @@ aggregates = [{ name = "n", fn = "count" }]
         let started = std::time::Instant::now();
         s.checkpoint(&cp).unwrap();
         eprintln!("10,000 rows and 10,000 states in {:?}", started.elapsed());
-        let rows = s.rows("v@1").unwrap();
+        let rows = s.all_rows("v@1").unwrap();
         assert_eq!(rows.len(), 10_000);
         assert_eq!((rows[0].key.as_str(), rows[9_999].key.as_str()), ("p0-00000", "p1-04999"));
         assert_eq!(s.view_state("v@1", Some(1)).unwrap().1.len(), 5_000);

@@ -116,7 +116,7 @@ impl PgStore {
                 .ok_or_else(|| StoreError(format!("no view {view_id}; see views list")))?
                 .try_get(0)?;
             let positions = self.positions(&pipeline)?;
-            Ok((self.rows(view_id)?, positions))
+            Ok((self.all_rows(view_id)?, positions))
         })();
         let end = if read.is_ok() { "COMMIT" } else { "ROLLBACK" };
         self.client.get_mut().batch_execute(end).context("finishing a snapshot")?;
