@@ -123,7 +123,13 @@ pub enum ConfigCommand {
     /// (data directory writable, the HTTPS certificate and key that parse and
     /// match, PostgreSQL's connection string and CA file), without starting
     /// anything or connecting anywhere; report every problem.
-    Check,
+    Check {
+        /// Check the file only, not this machine (files, directories,
+        /// environment variables): for a config that runs elsewhere, such
+        /// as a pod's, whose certificates are mounted there.
+        #[arg(long)]
+        no_environment: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -265,9 +271,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             runtime.block_on(crate::cluster::run_until_signal(cfg))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Config(ConfigCommand::Check) => {
+        Command::Config(ConfigCommand::Check { no_environment }) => {
             // What `run` checks before it starts, without starting anything.
-            let problems = cfg.preflight();
+            let problems = if no_environment { Vec::new() } else { cfg.preflight() };
             if !problems.is_empty() {
                 let e = anyhow::Error::new(kappa_runtime::config::ConfigError(problems));
                 return Err(e.context(format!("{}: run would refuse it", args.config.display())));

@@ -3,6 +3,9 @@
 //! the store never imports an operator.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::eventlog::{Offset, Partition};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,4 +85,49 @@ impl AlertChanges {
     pub fn is_empty(&self) -> bool {
         self.state_upserts.is_empty() && self.alerts.is_empty() && self.events.is_empty() && self.outbox.is_empty()
     }
+}
+
+/// A reading (or one of its windows) that arrived too late to count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LateEvent {
+    pub view: String,
+    pub partition: Partition,
+    pub offset: Offset,
+    pub window_start: i64,
+    pub device: String,
+    pub boot: u32,
+    pub seq: u64,
+    pub ts_ms: i64,
+    pub watermark_ms: i64,
+    pub reason: &'static str,
+}
+
+/// A view row to write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub key: String,
+    pub window_start: i64,
+    pub window_end: Option<i64>,
+    /// The aggregates as a JSON object, keys sorted.
+    pub values: String,
+}
+
+impl Row {
+    /// The values, parsed.
+    pub fn json(&self) -> Json {
+        serde_json::from_str(&self.values).unwrap_or(Json::Null)
+    }
+}
+
+/// What a checkpoint must write for one view.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub state_upserts: Vec<(String, i64, Vec<u8>)>,
+    pub state_deletes: Vec<(String, i64)>,
+    pub row_upserts: Vec<Row>,
+    /// Instead of rows, when the operator keeps partials (see
+    /// `views::operator::ViewOperator::keeping_partials`): `(key, window
+    /// start, window end, window state as CBOR)`.
+    pub partial_upserts: Vec<(String, i64, Option<i64>, Vec<u8>)>,
+    pub row_deletes: Vec<(String, i64)>,
 }

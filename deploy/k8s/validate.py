@@ -678,7 +678,12 @@ def config_checks(docs: list[dict], cloud_bin: str) -> list[str]:
                         value = "host=stand-in user=kappa dbname=kappa" if env_path(name)[-1] == "postgres" else "stand-in"
                     env[name] = value
                 out = subprocess.run(
-                    [cloud_bin, "config", "check", "--config", str(path)], capture_output=True, text=True, env=env
+                    # --no-environment: the files the config names (TLS, CAs) are
+                    # mounted in the pod, not on this machine.
+                    [cloud_bin, "config", "check", "--no-environment", "--config", str(path)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
                 )
                 if out.returncode != 0:
                     problems.append(f"{cn}: kappa-cloud config check failed:\n{out.stdout}{out.stderr}")

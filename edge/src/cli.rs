@@ -92,7 +92,13 @@ pub enum ConfigCommand {
     /// (data directory writable, files readable, certificates and keys that
     /// parse and match, environment variables set), without starting
     /// anything; report every problem.
-    Check,
+    Check {
+        /// Check the file only, not this machine (files, directories,
+        /// environment variables): for a config that runs elsewhere, such
+        /// as a pod's, whose certificates are mounted there.
+        #[arg(long)]
+        no_environment: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -240,9 +246,10 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Config(ConfigCommand::Check) => {
+        Command::Config(ConfigCommand::Check { no_environment }) => {
             // What `run` checks before it starts, without starting anything.
-            let problems = crate::agent::preflight(&load(&args.config)?);
+            let cfg = load(&args.config)?;
+            let problems = if no_environment { Vec::new() } else { crate::agent::preflight(&cfg) };
             if !problems.is_empty() {
                 let e = anyhow::Error::new(kappa_runtime::config::ConfigError(problems));
                 return Err(e.context(format!("{}: run would refuse it", args.config.display())));

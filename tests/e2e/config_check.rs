@@ -177,4 +177,10 @@ fn the_clouds_config_check_refuses_what_run_refuses() {
         both_refuse("cloud", dir.path(), name, text, key);
     }
     assert!(!data.exists(), "checking created nothing");
+    // A config for another machine (a pod's, with its certificates mounted
+    // there) is checked without this machine's files.
+    let elsewhere = dir.path().join("missing-tls-cert.toml");
+    let (code, err) =
+        run_to_end("cloud", &["config", "check", "--no-environment", "--config", elsewhere.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "--no-environment checks the file only: {err}");
 }

@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json_;
 
+use crate::model::LateEvent;
 use crate::store::{AlertAcks, LateQuery, RowQuery, ServingReader, StoredRow, ViewInfo};
-use crate::views::operator::LateEvent;
 
 /// Largest page.
 pub const MAX_LIMIT: usize = 10_000;

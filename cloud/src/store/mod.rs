@@ -21,7 +21,8 @@ pub use self::sqlite::{StateBytes, ViewStore};
 
 use crate::eventlog::{Offset, Partition};
 use crate::model::AlertChanges;
-use crate::views::operator::{Changes, LateEvent, WinState};
+use crate::model::{Changes, LateEvent};
+use crate::views::operator::WinState;
 use crate::views::spec::ViewSpec;
 
 /// The pipeline of the views present when the store was created.

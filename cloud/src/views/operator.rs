@@ -27,7 +27,6 @@ use std::collections::HashMap;
 use kappa_common::Reading;
 use kappa_common::window::tumbling_start;
 use serde::{Deserialize, Serialize};
-use serde_json::Value as Json;
 
 use super::agg::{AggState, Val, field_value};
 use super::spec::{Condition, Literal, Op, OutputMode, ViewSpec, WindowSpec};
@@ -62,50 +61,7 @@ pub struct Event<'a> {
     pub watermark: Option<i64>,
 }
 
-/// A reading (or one of its windows) that arrived too late to count.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LateEvent {
-    pub view: String,
-    pub partition: Partition,
-    pub offset: Offset,
-    pub window_start: i64,
-    pub device: String,
-    pub boot: u32,
-    pub seq: u64,
-    pub ts_ms: i64,
-    pub watermark_ms: i64,
-    pub reason: &'static str,
-}
-
-/// A view row to write.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Row {
-    pub key: String,
-    pub window_start: i64,
-    pub window_end: Option<i64>,
-    /// The aggregates as a JSON object, keys sorted.
-    pub values: String,
-}
-
-impl Row {
-    /// The values, parsed.
-    pub fn json(&self) -> Json {
-        serde_json::from_str(&self.values).unwrap_or(Json::Null)
-    }
-}
-
-/// What a checkpoint must write for one view.
-#[derive(Debug, Default)]
-pub struct Changes {
-    pub state_upserts: Vec<(String, i64, Vec<u8>)>,
-    pub state_deletes: Vec<(String, i64)>,
-    pub row_upserts: Vec<Row>,
-    /// Instead of rows, when the operator keeps partials (see
-    /// [`ViewOperator::keeping_partials`]): `(key, window start, window end,
-    /// window state as CBOR)`.
-    pub partial_upserts: Vec<(String, i64, Option<i64>, Vec<u8>)>,
-    pub row_deletes: Vec<(String, i64)>,
-}
+pub use crate::model::{Changes, LateEvent, Row};
 
 /// Counters the processor turns into metrics.
 #[derive(Debug, Default, Clone, Copy)]

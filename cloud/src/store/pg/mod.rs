@@ -84,7 +84,7 @@ use postgres::{Client, NoTls};
 
 use super::{StoreError, StoredRow};
 use crate::eventlog::{Offset, Partition};
-use crate::views::operator::LateEvent;
+use crate::model::LateEvent;
 use crate::views::spec::ViewSpec;
 
 /// Alerts, edge aggregates and global watermarks.

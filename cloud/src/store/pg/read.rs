@@ -10,10 +10,11 @@ use postgres::fallible_iterator::FallibleIterator;
 use serde_json::Value as Json;
 
 use super::{Context, PgSettings, PgStore, RawRow, late_reason, to_u32, to_u64};
+use crate::model::LateEvent;
 use crate::store::aggregates::{AggregateQuery, AggregateRow};
 use crate::store::alerts::{AlertDetail, AlertQuery, AlertView, Attempt, Delivery, Outbox};
 use crate::store::{AlertAcks, LateQuery, RowQuery, ServingReader, StoreError, StoredRow, ViewInfo, late_dump_line};
-use crate::views::operator::{LateEvent, WinState, merge_partials};
+use crate::views::operator::{WinState, merge_partials};
 use crate::views::spec::ViewSpec;
 
 impl PgStore {

@@ -37,7 +37,8 @@ use super::{
     StoredRow, ViewChanges, ViewInfo, ViewState, aggregates, alerts, view_catalog,
 };
 use crate::eventlog::{Offset, Partition};
-use crate::views::operator::{LateEvent, WinState};
+use crate::model::LateEvent;
+use crate::views::operator::WinState;
 
 const SCHEMA_VERSION: i64 = 3;
 

@@ -4,8 +4,8 @@
 use rusqlite::params;
 
 use super::{StateBytes, ViewStore};
+use crate::model::LateEvent;
 use crate::store::{LateQuery, RowQuery, StoreError, StoredRow, late_dump_line};
-use crate::views::operator::LateEvent;
 
 impl ViewStore {
     /// A page of rows, ordered by key then window start.
