@@ -1,7 +1,8 @@
 //! What the log costs on disk, and the operations that give space back.
 //!
-//! The policy (when to call which) lives in [`crate::housekeeping`]; these
-//! are the mechanisms, each one transaction:
+//! The policy (when to call which) lives in the agent's housekeeping
+//! module, which calls these; they are the mechanisms, each one
+//! transaction:
 //!
 //! * [`EdgeLog::prune_forwarded`]: delete readings the cloud already has
 //!   (`id <= cursor`), oldest first. Nothing is lost: the cloud holds them.
