@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! [auth]
-//! required = true
+//! required = true              # the default is false, allowed only on a loopback http.listen
+//! open_metrics = false         # true: /metrics answers without a token
 //! [[auth.gateways]]            # may POST /v1/ingest and /v1/heartbeat as this gateway
 //! id = "gw-0001"
 //! token_sha256 = "…"           # `kappa-cloud auth token` prints a token and this
@@ -33,9 +34,20 @@ use crate::pki::PkiError;
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Refuse ingest and API requests without a valid token. Off by default
-    /// for local development; the production example configs turn it on.
+    /// for local development, where `http.listen` must be a loopback
+    /// address; the production example configs turn it on.
     #[serde(default)]
     pub required: bool,
+    /// Serve without tokens on a non-loopback `http.listen` all the same
+    /// (logged as a warning at every start). For a node behind something
+    /// else that authenticates.
+    #[serde(default)]
+    pub insecure: bool,
+    /// With `required`, `/metrics` answers without a token too. It names
+    /// every gateway and its backlog, so by default it needs an API token
+    /// (any role), as the query API does.
+    #[serde(default)]
+    pub open_metrics: bool,
     #[serde(default)]
     pub gateways: Vec<GatewayCredential>,
     #[serde(default)]
@@ -125,6 +137,40 @@ impl AuthConfig {
     }
 }
 
+impl AuthConfig {
+    /// Problems of serving on `listen` with this section: no tokens are
+    /// allowed only where nobody but this machine can connect.
+    pub fn exposure_problems(&self, listen: std::net::SocketAddr) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.required && !self.insecure && !listen.ip().is_loopback() {
+            out.push(format!(
+                "auth.required: false on http.listen = \"{listen}\", which other machines can reach: anyone could \
+                 ingest, query and acknowledge alerts. Set auth.required = true with [[auth.gateways]] and \
+                 [[auth.tokens]] (`kappa-cloud auth token`), listen on 127.0.0.1, or set auth.insecure = true \
+                 if something in front of this node authenticates"
+            ));
+        }
+        if self.required && self.insecure {
+            out.push("auth.insecure: true has no effect with auth.required = true; remove one".into());
+        }
+        if !self.required && self.open_metrics {
+            out.push("auth.open_metrics: without auth.required every route is open already; remove it".into());
+        }
+        out
+    }
+
+    /// Says at every start that a process serves without tokens where
+    /// other machines can connect (only `auth.insecure = true` gets here).
+    pub fn warn_if_exposed(&self, listen: std::net::SocketAddr) {
+        if !self.required && !listen.ip().is_loopback() {
+            tracing::warn!(
+                %listen,
+                "Serving without authentication where other machines can connect (auth.insecure = true): anyone who reaches it may ingest, query and acknowledge alerts."
+            );
+        }
+    }
+}
+
 fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
@@ -205,6 +251,7 @@ impl Refusal {
 #[derive(Debug, Default)]
 pub struct Auth {
     required: bool,
+    open_metrics: bool,
     by_hash: HashMap<String, Principal>,
 }
 
@@ -219,12 +266,17 @@ impl Auth {
         for t in &cfg.tokens {
             by_hash.insert(t.token_sha256.clone(), Principal::Api(t.name.clone(), t.role, t.revoked));
         }
-        Self { required: cfg.required, by_hash }
+        Self { required: cfg.required, open_metrics: cfg.open_metrics, by_hash }
     }
 
     /// Tokens are checked at all.
     pub fn required(&self) -> bool {
         self.required
+    }
+
+    /// `/metrics` needs an API token.
+    pub fn guards_metrics(&self) -> bool {
+        self.required && !self.open_metrics
     }
 
     fn principal(&self, headers: &HeaderMap) -> Result<&Principal, Refusal> {

@@ -339,7 +339,7 @@ fn views_command(cfg: &CloudConfig, cmd: ViewsCommand) -> anyhow::Result<ExitCod
                         v.info.id,
                         state,
                         if v.info.current { "yes" } else { "" },
-                        v.info.rows,
+                        v.info.rows.map_or_else(|| "-".to_string(), |n| n.to_string()),
                         v.position,
                         v.lag
                     );

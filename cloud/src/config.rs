@@ -138,6 +138,25 @@ pub struct SchemaConfig {
     /// Metric names views may refer to; a view naming another is refused.
     #[serde(default = "default_metrics")]
     pub metrics: Vec<String>,
+    /// Each metric's unit, for people (the dashboard's charts and
+    /// `GET /v1/views`). Absent: the simulated fleet's (°C, %, hPa, V) for
+    /// those of its metrics named in `metrics`.
+    #[serde(default)]
+    pub units: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl SchemaConfig {
+    /// The unit of every metric that has one.
+    pub fn units(&self) -> std::collections::BTreeMap<String, String> {
+        match &self.units {
+            Some(units) => units.clone(),
+            None => [("temperature", "°C"), ("humidity", "%"), ("pressure", "hPa"), ("battery", "V")]
+                .into_iter()
+                .filter(|(m, _)| self.metrics.iter().any(|n| n == m))
+                .map(|(m, u)| (m.to_string(), u.to_string()))
+                .collect(),
+        }
+    }
 }
 
 fn default_metrics() -> Vec<String> {
@@ -146,7 +165,7 @@ fn default_metrics() -> Vec<String> {
 
 impl Default for SchemaConfig {
     fn default() -> Self {
-        Self { metrics: default_metrics() }
+        Self { metrics: default_metrics(), units: None }
     }
 }
 
@@ -264,6 +283,15 @@ impl Validate for CloudConfig {
         if self.ingest.max_ratio == 0 {
             errors.push("ingest.max_ratio: must be at least 1".into());
         }
+        if !(1..=64).contains(&self.api.readers) {
+            errors.push(format!("api.readers: {} is outside 1..=64", self.api.readers));
+        }
+        if self.api.query_timeout.is_zero() {
+            errors.push("api.query_timeout: must be positive".into());
+        }
+        if self.ingest.max_gateway_heartbeats_per_second == 0 {
+            errors.push("ingest.max_gateway_heartbeats_per_second: must be at least 1".into());
+        }
         if self.ingest.queue_capacity == 0 {
             errors.push("ingest.queue_capacity: must be at least 1".into());
         }
@@ -316,11 +344,20 @@ impl Validate for CloudConfig {
             errors.push("http.header_read_timeout, http.body_read_timeout: must be positive".into());
         }
         errors.extend(self.auth.problems());
+        errors.extend(self.auth.exposure_problems(self.http.listen));
         if self.shutdown_deadline.is_zero() {
             errors.push("shutdown_deadline: must be positive".into());
         }
         if self.processor.checkpoint_interval.is_zero() {
             errors.push("processor.checkpoint_interval: must be positive".into());
+        }
+        for (metric, unit) in self.schema.units.iter().flatten() {
+            if !self.schema.metrics.contains(metric) {
+                errors.push(format!("schema.units.{metric}: {metric:?} is not in schema.metrics"));
+            }
+            if unit.chars().count() > 16 {
+                errors.push(format!("schema.units.{metric}: {unit:?} is longer than 16 characters"));
+            }
         }
         for (i, m) in self.schema.metrics.iter().enumerate() {
             if m.is_empty() || m.starts_with("tags.") || matches!(m.as_str(), "device" | "event_time") {
@@ -423,6 +460,28 @@ mod tests {
         let props = &cfg.log.kafka.as_ref().expect("[log.kafka]").properties;
         assert_eq!(props.get("sasl.password").map(String::as_str), Some("s3cret"));
         assert_eq!(props.get("sasl.mechanism").map(String::as_str), Some("SCRAM-SHA-512"));
+    }
+
+    /// Issue 22: no tokens only where nobody else can connect, unless the
+    /// operator says `auth.insecure`.
+    #[test]
+    fn auth_is_off_only_on_loopback_unless_said_insecure() {
+        let listen =
+            |addr: &str, auth: &str| CloudConfig::from_toml(&format!("[http]\nlisten = \"{addr}\"\n[auth]\n{auth}\n"));
+        for local in ["127.0.0.1:8080", "[::1]:8080"] {
+            assert!(listen(local, "").is_ok(), "{local}");
+        }
+        for public in ["0.0.0.0:8080", "[::]:8080", "192.0.2.7:8080"] {
+            let err = listen(public, "").unwrap_err().to_string();
+            assert!(err.contains("auth.required: false on http.listen") && err.contains("auth.insecure"), "{err}");
+            assert!(listen(public, "insecure = true").is_ok(), "{public}: the escape hatch");
+        }
+        let hash = crate::auth::token_sha256("t");
+        let required =
+            format!("required = true\n[[auth.tokens]]\nname = \"p\"\ntoken_sha256 = \"{hash}\"\nrole = \"read\"");
+        assert!(listen("0.0.0.0:8080", &required).is_ok());
+        let err = listen("0.0.0.0:8080", &format!("insecure = true\n{required}")).unwrap_err().to_string();
+        assert!(err.contains("auth.insecure: true has no effect"), "{err}");
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub struct CloudMetrics {
     pub gateway_last_batch_seconds: Family<ViewLabel, Gauge<f64, AtomicU64>>,
     /// Gateways not tracked because `MAX_TRACKED_GATEWAYS` were already.
     pub gateways_untracked: Counter,
+    /// Batches of gateways beyond `ingest::MAX_PROGRESS_GATEWAYS` active at
+    /// once: no progress markers were written for them.
+    pub progress_untracked: Counter,
     /// 1 while the last append to the event log succeeded.
     pub log_available: Gauge,
     /// API requests refused for their token, by reason.
@@ -109,6 +112,7 @@ pub const INGEST_REJECTED_REASONS: &[&str] = &[
     "heartbeat_malformed",
     "heartbeat_gateway",
     "heartbeat_time",
+    "heartbeat_rate_limited",
 ];
 
 /// The results `ingest_requests` starts with, at zero.
@@ -182,6 +186,7 @@ impl CloudMetrics {
             gateway_oldest_unforwarded_age_seconds: Family::default(),
             gateway_last_batch_seconds: Family::default(),
             gateways_untracked: Counter::default(),
+            progress_untracked: Counter::default(),
             log_available: Gauge::default(),
             api_refused: Family::default(),
             state_bytes: Family::default(),
@@ -357,6 +362,11 @@ impl CloudMetrics {
             "gateways_untracked",
             "Requests from gateways beyond the tracked limit (their status is not kept)",
             m.gateways_untracked.clone(),
+        );
+        r.register(
+            "progress_untracked",
+            "Batches whose gateway found no room among the gateways tracked for progress markers (none written)",
+            m.progress_untracked.clone(),
         );
         for reason in INGEST_REJECTED_REASONS {
             let _ = m.ingest_rejected.get_or_create(&[("reason", reason)]);

@@ -188,9 +188,40 @@ impl ValidationError {
     }
 }
 
+/// A value as its sensor measured it. A reading sent as a 32-bit float
+/// arrives widened to 64 bits with noise in its last digits (`21.37f32` is
+/// 21.3700008392334 as `f64`); a value that is exactly a 32-bit float is
+/// given as the shortest decimal of that float (21.37), which reads back to
+/// the same float. Any other value is unchanged. What the API and alert
+/// messages present; stored views keep the exact value.
+pub fn as_measured(v: f64) -> f64 {
+    let narrow = v as f32;
+    if !v.is_finite() || f64::from(narrow) != v {
+        return v;
+    }
+    narrow.to_string().parse().unwrap_or(v)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn values_are_presented_at_the_precision_they_were_measured() {
+        assert_eq!(f64::from(18.39f32), 18.39000015258789);
+        assert_eq!(as_measured(f64::from(18.39f32)), 18.39);
+        assert_eq!(as_measured(f64::from(37.06f32)).to_string(), "37.06");
+        assert_eq!(as_measured(f64::from(-0.1f32)), -0.1);
+        // Already short, or not a 32-bit float at all: unchanged.
+        for v in [18.39, 0.5, 3.0, 1e300, 0.1 + 0.2, f64::NAN.abs().min(1.0)] {
+            assert_eq!(as_measured(v).to_bits(), v.to_bits(), "{v}");
+        }
+        assert!(as_measured(f64::NAN).is_nan());
+        // The presented value reads back to the very float the sensor sent.
+        for f in [21.37f32, 1013.2, 0.001, 99.99, 1.0e-7, 16_777_217.0] {
+            assert_eq!(as_measured(f64::from(f)) as f32, f, "{f}");
+        }
+    }
 
     pub(crate) fn sample() -> Reading {
         Reading {

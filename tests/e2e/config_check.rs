@@ -172,6 +172,12 @@ fn the_clouds_config_check_refuses_what_run_refuses() {
         ("key-of-another-cert", base(&tls(&a_pem, &b_key), &data), "http.tls"),
         ("data-under-a-file", base("", &dir.path().join("a-file/data")), "data_dir"),
         ("missing-postgres-ca", base(&cluster(&dir.path().join("nope.pem")), &data), "cluster.postgres"),
+        // No tokens where other machines can connect (docs/security.md).
+        (
+            "open-on-a-public-address",
+            format!("data_dir = {data:?}\n[http]\nlisten = \"0.0.0.0:{}\"\n", free_port()),
+            "auth.required",
+        ),
     ];
     for (name, text, key) in &cases {
         both_refuse("cloud", dir.path(), name, text, key);

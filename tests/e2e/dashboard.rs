@@ -119,11 +119,33 @@ async fn the_dashboard_shows_live_numbers_in_a_real_browser() {
     let points = page.split("points=\"").nth(1).and_then(|p| p.split('"').next()).unwrap_or_default();
     assert!(points.split(' ').count() >= 2, "a chart with at least two windows: {points:?}");
     assert!(page.contains("data-alert=\""), "the device's alerts are listed:\n{page}");
+    // Axes with the range and the unit, and a mark where each alert started.
+    let temp = page.split("data-metric=\"temperature_avg\"").nth(1).unwrap_or_default();
+    let temp = &temp[..temp.find("</svg>").unwrap_or(temp.len())];
+    for part in
+        ["(°C)", "class=\"y-max\"", "class=\"y-min\"", "class=\"x-from\"", "class=\"x-to\"", "data-alert-mark=\""]
+    {
+        assert!(temp.contains(part), "the temperature chart has no {part}:\n{temp}");
+    }
+
+    // Values at the precision the sensors measured them (temperature in
+    // hundredths, sent as 32-bit floats), in the API and in alert messages.
+    let body: serde_json::Value = reqwest::get(&windows).await.unwrap().json().await.unwrap();
+    let decimals = |v: f64| v.to_string().split('.').nth(1).map_or(0, str::len);
+    let maxima: Vec<f64> =
+        body["rows"].as_array().unwrap().iter().filter_map(|r| r["values"]["temperature_max"].as_f64()).collect();
+    assert!(!maxima.is_empty() && maxima.iter().all(|v| decimals(*v) <= 2), "temperature_max as measured: {maxima:?}");
 
     // Alerts: the lifecycle table.
     let page = dom(&profile, &format!("{url}#/alerts")).await;
     assert!(number_by_id(&page, "alerts-firing").unwrap_or(0.0) >= 1.0, "{page}");
     assert!(page.contains(">warm<") && page.contains("pill firing"), "{page}");
+    let value = page
+        .split("condition holds (value ")
+        .nth(1)
+        .and_then(|v| v.split(')').next())
+        .unwrap_or_else(|| panic!("no alert message:\n{page}"));
+    assert!(value.parse::<f64>().is_ok() && decimals(value.parse().unwrap_or(0.0)) <= 2, "message value {value:?}");
 
     // Pipeline health: totals from /metrics and the gateway's own report.
     let page = dom(&profile, &format!("{url}#/health")).await;

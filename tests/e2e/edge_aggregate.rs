@@ -68,10 +68,12 @@ async fn aggregate_mode_survives_kills_and_the_cloud_merges_exactly_the_truth() 
                 problems.push(format!("{} @ {} {metric}: missing", t.device, t.window_start_ms));
                 continue;
             };
+            // The API shows readings' values as their sensors measured them.
+            let as_measured = kappa_common::reading::as_measured;
             let sum = a["sum"].as_f64().unwrap();
             let same = a["n"].as_u64() == Some(m.count)
-                && a["lo"].as_f64() == Some(m.min)
-                && a["hi"].as_f64() == Some(m.max)
+                && a["lo"].as_f64() == Some(as_measured(m.min))
+                && a["hi"].as_f64() == Some(as_measured(m.max))
                 && (sum - m.sum).abs() <= 1e-9 * m.sum.abs().max(1.0);
             if !same {
                 problems.push(format!("{} @ {} {metric}: cloud {a} != truth {m:?}", t.device, t.window_start_ms));

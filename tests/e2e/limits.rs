@@ -47,19 +47,84 @@ async fn slow_and_silent_clients_are_cut_off_at_their_timeouts() {
         .await
         .unwrap();
 
+    // A heartbeat whose body trickles in the same way.
+    let mut heartbeat = TcpStream::connect(addr).await.unwrap();
+    heartbeat
+        .write_all(b"POST /v1/heartbeat HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{")
+        .await
+        .unwrap();
+
     let limit = Duration::from_secs(8);
-    let ((_, silent_after), (_, slow_after), (answer, trickle_after)) =
-        tokio::join!(until_closed(silent, limit), until_closed(slow, limit), until_closed(trickle, limit));
-    for (what, after) in [("silent", silent_after), ("slow headers", slow_after), ("slow body", trickle_after)] {
+    let ((_, silent_after), (_, slow_after), (answer, trickle_after), (hb_answer, hb_after)) = tokio::join!(
+        until_closed(silent, limit),
+        until_closed(slow, limit),
+        until_closed(trickle, limit),
+        until_closed(heartbeat, limit)
+    );
+    for (what, after) in [
+        ("silent", silent_after),
+        ("slow headers", slow_after),
+        ("slow body", trickle_after),
+        ("slow heartbeat", hb_after),
+    ] {
         assert!(after < Duration::from_secs(4), "{what}: closed after {after:?} (timeout 1 s)");
     }
     assert!(answer.starts_with("HTTP/1.1 408"), "a trickling body gets 408: {answer:?}");
+    assert!(hb_answer.starts_with("HTTP/1.1 408"), "a trickling heartbeat gets 408: {hb_answer:?}");
     let url = format!("{}/metrics", cloud.url());
     let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
-    assert!(text.contains("kappa_cloud_ingest_rejected_total{reason=\"body_timeout\"} 1"), "{text}");
+    assert!(text.contains("kappa_cloud_ingest_rejected_total{reason=\"body_timeout\"} 2"), "{text}");
 
     // Everyone else is served as before.
     assert_eq!(ingest(&cloud, &scenario(false)[..2]).await, 1000);
+}
+
+/// Issue 22: a heartbeat appends a record to every partition, so one
+/// gateway's heartbeats are limited (`ingest.max_gateway_heartbeats_per_second`,
+/// a bucket of 10 s of them) and their bodies are small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_flood_is_limited_per_gateway_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("KAPPA_CLOUD__INGEST__MAX_GATEWAY_HEARTBEATS_PER_SECOND", "1")];
+    let cloud = Cloud::start_with(dir.path(), "cloud", "", &env).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/heartbeat", cloud.url());
+    let beat = |gateway: &str, ts_ms: i64| {
+        let req = client.post(&url).json(&serde_json::json!({ "gateway": gateway, "ts_ms": ts_ms }));
+        async move { req.send().await.expect("heartbeat").status().as_u16() }
+    };
+    let base = 1_800_000_000_000i64;
+    let (mut passed, mut limited) = (0u32, 0u32);
+    let started = Instant::now();
+    for i in 0..60 {
+        match beat("gw-flood", base + i).await {
+            200 => passed += 1,
+            429 => limited += 1,
+            other => panic!("heartbeat {i}: {other}"),
+        }
+    }
+    // The bucket holds 10; it refills 1 a second of however long the flood took.
+    let allowed = 10 + started.elapsed().as_secs() as u32 + 1;
+    assert!(
+        passed <= allowed && limited >= 60 - allowed,
+        "{passed} passed, {limited} limited, at most {allowed} may pass"
+    );
+    assert!(limited > 0, "the flood was not limited at all");
+    assert_eq!(beat("gw-calm", base).await, 200, "another gateway is not limited by the flood");
+    let big = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(format!("{{\"gateway\": \"gw-calm\", \"ts_ms\": {base}, \"pad\": \"{}\"}}", "x".repeat(8192)))
+        .send()
+        .await
+        .expect("a large heartbeat")
+        .status()
+        .as_u16();
+    assert_eq!(big, 413, "a heartbeat is a few bytes");
+    let rejected = |reason: &str| format!("kappa_cloud_ingest_rejected_total{{reason=\"{reason}\"}}");
+    assert_eq!(series(&cloud.url(), &rejected("heartbeat_rate_limited")).await, f64::from(limited));
+    assert_eq!(series(&cloud.url(), &rejected("body_too_large")).await, 1.0);
+    assert_eq!(series(&cloud.url(), "kappa_cloud_heartbeats_total").await, f64::from(passed + 1));
 }
 
 /// Posts `body` as a zstd batch; the status, or 0 when the server closed

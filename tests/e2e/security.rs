@@ -114,12 +114,21 @@ async fn only_gateways_with_their_own_valid_token_reach_a_tls_cloud_and_the_api_
     let cloud = Cloud::start_with(dir.path(), "cloud", &config, &[]).await;
     let base = format!("https://127.0.0.1:{}", cloud.port);
     let client = trusting(&pki_dir.join("ca.pem"), None);
+    // /metrics names every gateway: it needs an API token (auth.open_metrics).
+    let scraper = trusting(&pki_dir.join("ca.pem"), Some(&viewer));
 
     // Transport: plain HTTP and a client without the CA get nowhere.
     assert_eq!(get(&client, &format!("{base}/healthz"), None).await.0, 200, "health is open, over TLS");
     assert_eq!(status(&format!("http://127.0.0.1:{}/healthz", cloud.port)).await, 0, "plain HTTP is not served");
     assert!(reqwest::get(format!("{base}/healthz")).await.is_err(), "the system roots do not vouch for the dev CA");
-    assert!(series_with(&client, &base, "kappa_cloud_tls_handshake_failures_total").await >= 2.0);
+    assert!(series_with(&scraper, &base, "kappa_cloud_tls_handshake_failures_total").await >= 2.0);
+
+    let metrics = format!("{base}/metrics");
+    assert_eq!(get(&client, &metrics, None).await.0, 401, "/metrics needs a token");
+    assert_eq!(get(&client, &metrics, Some(&gw_a)).await.0, 403, "a gateway token cannot scrape");
+    let (code, page) = get(&client, &metrics, Some(&viewer)).await;
+    assert!(code == 200 && page.contains("kappa_cloud_ingest_requests_total"), "{code}: {page:.200}");
+    assert_eq!(get(&client, &format!("{base}/readyz"), None).await.0, 200, "probes need no token");
 
     // The API: read tokens query, admin tokens also acknowledge.
     let devices = format!("{base}/v1/devices");
@@ -133,7 +142,7 @@ async fn only_gateways_with_their_own_valid_token_reach_a_tls_cloud_and_the_api_
     };
     assert_eq!(ack(&viewer).await.status().as_u16(), 403, "read tokens cannot acknowledge");
     assert_eq!(ack(&oncall).await.status().as_u16(), 404, "an admin token passes (there is no such alert)");
-    assert!(series_with(&client, &base, "kappa_cloud_api_refused_total{reason=\"forbidden\"}").await >= 2.0);
+    assert!(series_with(&scraper, &base, "kappa_cloud_api_refused_total{reason=\"forbidden\"}").await >= 2.0);
 
     // Gateways: the right token over TLS; the revoked one and another
     // gateway's token are refused, and their agents keep their backlogs.
@@ -183,7 +192,7 @@ async fn only_gateways_with_their_own_valid_token_reach_a_tls_cloud_and_the_api_
     let problems = diff_against_truth(&registered_truth, &rows);
     assert!(problems.is_empty(), "gw-a's registered devices: {problems:?}\n{}", cloud.proc.tail());
     assert_eq!(
-        series_with(&client, &base, "kappa_cloud_readings_rejected_total{reason=\"unregistered_device\"}").await,
+        series_with(&scraper, &base, "kappa_cloud_readings_rejected_total{reason=\"unregistered_device\"}").await,
         unregistered as f64
     );
     let edge_url = |e: &Edge| format!("http://127.0.0.1:{}", e.http_port);
@@ -191,7 +200,7 @@ async fn only_gateways_with_their_own_valid_token_reach_a_tls_cloud_and_the_api_
     for (edge, truth, reason) in [(&edge_b, &truth_b, "revoked_credential"), (&edge_c, &truth_c, "wrong_gateway")] {
         wait_for("the refusals to be counted", Duration::from_secs(30), || async {
             (series(&edge_url(edge), unauthorized).await > 0.0
-                && series_with(&client, &base, &format!("kappa_cloud_ingest_rejected_total{{reason=\"{reason}\"}}"))
+                && series_with(&scraper, &base, &format!("kappa_cloud_ingest_rejected_total{{reason=\"{reason}\"}}"))
                     .await
                     > 0.0)
                 .then_some(())

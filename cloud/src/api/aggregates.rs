@@ -47,7 +47,14 @@ pub async fn list(
         .transpose()?;
     let after = p.after.as_deref().map(decode_after).transpose()?;
     let q = AggregateQuery { device: p.device, metric: p.metric, window_ms, from, to, after, limit };
-    let rows = with_store(&st, move |s| s.aggregates(&q).map_err(internal)).await?;
+    let mut rows = with_store(&st, move |s| s.aggregates(&q).map_err(internal)).await?;
+    for r in &mut rows {
+        // The readings' own values, as their sensors measured them.
+        let a = &mut r.aggregate;
+        for v in [&mut a.min, &mut a.max, &mut a.first, &mut a.last] {
+            *v = kappa_common::reading::as_measured(*v);
+        }
+    }
     let next = (rows.len() == limit)
         .then(|| {
             rows.last().map(|r| {

@@ -65,7 +65,10 @@ pub async fn list(
         })
         .transpose()?;
     let q = AlertQuery { state: p.state, min_severity, device: p.device, rule: p.rule, from, to, after, limit };
-    let alerts = with_store(&st, move |s| s.alerts(&q).map_err(internal)).await?;
+    let mut alerts = with_store(&st, move |s| s.alerts(&q).map_err(internal)).await?;
+    for a in &mut alerts {
+        a.alert.value = a.alert.value.map(kappa_common::reading::as_measured);
+    }
     let next = (alerts.len() == limit)
         .then(|| alerts.last().map(|a| format!("{}:{}", a.alert.started_ms, a.alert.id)))
         .flatten();
@@ -75,10 +78,11 @@ pub async fn list(
 /// `GET /v1/alerts/{id}`: the alert, its history and its webhook deliveries.
 pub async fn get(State(st): State<Arc<ApiState>>, Path(id): Path<String>) -> Result<Json<AlertDetail>, ApiError> {
     let wanted = id.clone();
-    with_store(&st, move |s| s.alert(&wanted).map_err(internal))
+    let mut found = with_store(&st, move |s| s.alert(&wanted).map_err(internal))
         .await?
-        .map(Json)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no alert {id:?}")))
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no alert {id:?}")))?;
+    found.view.alert.value = found.view.alert.value.map(kappa_common::reading::as_measured);
+    Ok(Json(found))
 }
 
 #[derive(Debug, Deserialize)]

@@ -67,6 +67,21 @@ pub struct ApiConfig {
     /// `GET /v1/devices/{id}/windows` reads this view.
     #[serde(default = "default_windows_view")]
     pub windows_view: String,
+    /// Connections to the serving store the API reads through; one slow
+    /// query holds one of them.
+    #[serde(default = "default_readers")]
+    pub readers: usize,
+    /// Longest an API query may wait for a reader and run; past it, 503
+    /// (the query is interrupted, or cancelled by PostgreSQL).
+    #[serde(default = "default_query_timeout", with = "humantime_serde")]
+    pub query_timeout: Duration,
+}
+
+fn default_readers() -> usize {
+    4
+}
+fn default_query_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_devices_view() -> String {
@@ -78,6 +93,11 @@ fn default_windows_view() -> String {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { devices_view: default_devices_view(), windows_view: default_windows_view() }
+        Self {
+            devices_view: default_devices_view(),
+            windows_view: default_windows_view(),
+            readers: default_readers(),
+            query_timeout: default_query_timeout(),
+        }
     }
 }

@@ -6,6 +6,7 @@
 pub mod aggregates;
 pub mod alerts;
 pub mod config;
+pub mod readers;
 
 use std::sync::{Arc, Mutex};
 
@@ -27,14 +28,16 @@ const DEFAULT_LIMIT: usize = 1000;
 #[derive(Debug)]
 pub struct ApiState {
     /// Views, late events, alerts and edge aggregates: the embedded store,
-    /// or PostgreSQL on a cluster.
-    pub serving: Arc<Mutex<Box<dyn ServingReader>>>,
+    /// or PostgreSQL on a cluster, through a few readers.
+    pub readers: Arc<readers::ReaderPool>,
     /// A writable connection, for acknowledgements.
     pub acks: Arc<Mutex<Box<dyn AlertAcks>>>,
     /// The view `GET /v1/devices` lists.
     pub devices_view: String,
     /// The view `GET /v1/devices/{id}/windows` reads.
     pub windows_view: String,
+    /// Each metric's unit (`schema.units`), served with the views.
+    pub units: std::collections::BTreeMap<String, String>,
 }
 
 /// One view row, as served.
@@ -50,11 +53,25 @@ pub struct RowOut {
 
 impl From<StoredRow> for RowOut {
     fn from(r: StoredRow) -> Self {
-        let values = match r.values {
+        let values = match presented(r.values) {
             Json_::Object(m) => m,
             _ => serde_json::Map::new(),
         };
         Self { key: r.key, window_start_ms: r.window_start, window_end_ms: r.window_end, values }
+    }
+}
+
+/// Numbers as their sensors measured them ([`kappa_common::reading::as_measured`]),
+/// through arrays and objects; integers and everything else unchanged.
+pub fn presented(v: Json_) -> Json_ {
+    match v {
+        Json_::Number(n) if n.is_f64() => {
+            let shown = n.as_f64().map(kappa_common::reading::as_measured).and_then(serde_json::Number::from_f64);
+            Json_::Number(shown.unwrap_or(n))
+        }
+        Json_::Array(a) => Json_::Array(a.into_iter().map(presented).collect()),
+        Json_::Object(m) => Json_::Object(m.into_iter().map(|(k, v)| (k, presented(v))).collect()),
+        other => other,
     }
 }
 
@@ -98,7 +115,7 @@ pub struct LateParams {
 
 /// An API error: a status and a sentence.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -169,29 +186,21 @@ fn decode_after(token: &str) -> Result<(Option<String>, String, i64), ApiError> 
     Ok((view, key.to_string(), start.parse().map_err(|_| malformed())?))
 }
 
-/// Runs `f` on the locked connection on a blocking thread.
-async fn locked<S: ?Sized + Send + 'static, T: Send + 'static>(
-    conn: Arc<Mutex<S>>,
-    f: impl FnOnce(&S) -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        let conn =
-            conn.lock().map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "store lock poisoned".into()))?;
-        f(&conn)
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-}
-
 async fn with_store<T: Send + 'static>(
     st: &ApiState,
     f: impl FnOnce(&dyn ServingReader) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    locked(st.serving.clone(), move |v| f(&**v)).await
+    st.readers.run(f).await
 }
 
+/// A store error as an answer: 503 when the store cut the query for its
+/// time, else 500.
 fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    let msg = e.to_string();
+    if readers::timed_out(&msg) {
+        return ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("the query ran past api.query_timeout: {msg}"));
+    }
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, msg)
 }
 
 async fn query(st: &ApiState, view: String, key: Option<String>, p: &RowParams) -> Result<RowsPage, ApiError> {
@@ -248,13 +257,14 @@ pub async fn view_rows(
     query(&st, view, key, &p).await.map(Json)
 }
 
-/// `GET /v1/views`: every view version, its definition, and which one each name serves.
+/// `GET /v1/views`: every view version, its definition, and which one each
+/// name serves; and each metric's unit.
 pub async fn views(State(st): State<Arc<ApiState>>) -> Result<Json<Json_>, ApiError> {
     let mut views: Vec<ViewInfo> = with_store(&st, |s| s.list_views().map_err(internal)).await?;
     for v in &mut views {
         v.definition = crate::views::syntax::stored_in_config_syntax(&v.definition);
     }
-    Ok(Json(serde_json::json!({ "views": views })))
+    Ok(Json(serde_json::json!({ "views": views, "units": st.units })))
 }
 
 /// `GET /v1/late?view=&device=&from=&to=&after=&limit=`: the late-events log.
@@ -321,6 +331,20 @@ mod tests {
         assert_eq!(parse_time("1767225600000"), Ok(1_767_225_600_000));
         assert_eq!(parse_time("2026-01-01T00:00:00Z"), Ok(1_767_225_600_000));
         assert!(parse_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn rows_show_values_as_measured() {
+        let stored = StoredRow {
+            key: "dev-1".into(),
+            window_start: 0,
+            window_end: Some(60_000),
+            values: serde_json::json!({
+                "count": 3, "t_max": f64::from(18.39f32), "t_avg": 18.391_666_666_666_666, "ts": [f64::from(0.1f32), 2]
+            }),
+        };
+        let out = serde_json::to_string(&RowOut::from(stored).values).unwrap();
+        assert_eq!(out, r#"{"count":3,"t_avg":18.391666666666666,"t_max":18.39,"ts":[0.1,2]}"#);
     }
 
     #[test]

@@ -431,8 +431,14 @@ pub async fn run_until_signal(cfg: CloudConfig) -> Result<(), WorkerError> {
     tasks
         .spawn_thread("worker", move || worker.run(c).map_err(|e| e.to_string()))
         .map_err(|e| WorkerError::Config(format!("cannot start the worker: {e}")))?;
+    let auth = Arc::new(crate::auth::Auth::new(&cfg.auth));
+    let guard = auth.guards_metrics().then(|| crate::auth::ApiGuard {
+        auth: auth.clone(),
+        role: crate::auth::Role::Read,
+        metrics: metrics.clone(),
+    });
     let http = crate::node::Http { header_timeout: cfg.http.header_read_timeout, tls: None, metrics };
-    let router = crate::node::liveness_router(Arc::new(registry)).route(
+    let router = crate::node::liveness_router(Arc::new(registry), guard).route(
         "/readyz",
         axum::routing::get(move || {
             let ready = ready.iter().all(|r| r.load(Ordering::Relaxed));
@@ -452,6 +458,7 @@ pub async fn run_until_signal(cfg: CloudConfig) -> Result<(), WorkerError> {
         Ok(())
     });
     tracing::info!(http = %addr, partitions = cfg.log.partitions, "Worker started.");
+    cfg.auth.warn_if_exposed(addr);
     tasks
         .run_in_background("worker", cfg.shutdown_deadline)
         .run_until_signal()

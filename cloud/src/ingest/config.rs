@@ -34,6 +34,15 @@ pub struct IngestConfig {
     /// passes from a full bucket. Over it, 429 with `Retry-After`. 0: no limit.
     #[serde(default)]
     pub max_gateway_readings_per_second: u64,
+    /// Most heartbeats per second one gateway may send (a bucket of 10 s of
+    /// them); each appends a record to every partition. Over it, 429. The
+    /// agent sends one every `forward.heartbeat_interval` (default 5 s).
+    #[serde(default = "default_heartbeats")]
+    pub max_gateway_heartbeats_per_second: u64,
+}
+
+fn default_heartbeats() -> u64 {
+    2
 }
 
 fn default_progress_interval() -> Duration {
@@ -66,6 +75,7 @@ impl Default for IngestConfig {
             queue_capacity: default_queue(),
             progress_interval: default_progress_interval(),
             max_gateway_readings_per_second: 0,
+            max_gateway_heartbeats_per_second: default_heartbeats(),
         }
     }
 }
@@ -75,6 +85,12 @@ impl IngestConfig {
     pub fn gateway_rate(&self) -> Option<kappa_runtime::rate::KeyedRate> {
         let rate = self.max_gateway_readings_per_second as f64;
         (rate > 0.0).then(|| kappa_runtime::rate::KeyedRate::new(rate, rate * 10.0))
+    }
+
+    /// The per-gateway heartbeat limiter.
+    pub fn heartbeat_rate(&self) -> kappa_runtime::rate::KeyedRate {
+        let rate = self.max_gateway_heartbeats_per_second as f64;
+        kappa_runtime::rate::KeyedRate::new(rate, rate * 10.0)
     }
 
     pub fn batch_limits(&self) -> BatchLimits {

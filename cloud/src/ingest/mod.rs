@@ -46,16 +46,95 @@ pub struct IngestState<A> {
     /// How often per gateway a progress marker goes into the partitions a
     /// batch does not touch (zero: with every batch).
     pub progress_interval: std::time::Duration,
-    /// When each gateway's last progress markers were written.
-    pub last_progress: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// When each gateway's last progress markers were written (bounded).
+    pub progress: std::sync::Mutex<ProgressMarks>,
     /// A request body must arrive within this (slow clients get 408).
     pub body_timeout: std::time::Duration,
     /// Which gateway may send what (open when `auth.required` is off).
     pub auth: Arc<crate::auth::Auth>,
     /// Readings per second per gateway (`ingest.max_gateway_readings_per_second`).
     pub gateway_rate: Option<kappa_runtime::rate::KeyedRate>,
+    /// Heartbeats per second per gateway (`ingest.max_gateway_heartbeats_per_second`).
+    pub heartbeat_rate: kappa_runtime::rate::KeyedRate,
     /// Gateways whose reported status is kept in metrics (bounded).
     pub tracked_gateways: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl<A> IngestState<A> {
+    /// Ingest into `appender` as `cfg` says, checking tokens with `auth`.
+    pub fn new(
+        appender: A,
+        cfg: &crate::config::CloudConfig,
+        metrics: Arc<CloudMetrics>,
+        auth: Arc<crate::auth::Auth>,
+    ) -> Self {
+        Self {
+            appender,
+            limits: cfg.ingest.batch_limits(),
+            reading_limits: kappa_common::reading::ReadingLimits::default(),
+            metrics,
+            partitions: cfg.log.partitions,
+            progress_interval: cfg.ingest.progress_interval,
+            progress: Default::default(),
+            body_timeout: cfg.http.body_read_timeout,
+            auth,
+            gateway_rate: cfg.ingest.gateway_rate(),
+            heartbeat_rate: cfg.ingest.heartbeat_rate(),
+            tracked_gateways: Default::default(),
+        }
+    }
+}
+
+/// At most this many gateways are remembered for progress markers.
+pub const MAX_PROGRESS_GATEWAYS: usize = 100_000;
+
+/// When each gateway last had progress markers written. Bounded: a
+/// gateway last marked longer than the interval ago is due anyway, so
+/// forgetting it changes nothing; those are dropped when the map is full
+/// (at most once per interval), and a gateway that still finds no room gets
+/// no markers for that batch.
+#[derive(Debug, Default)]
+pub struct ProgressMarks {
+    last: std::collections::HashMap<String, std::time::Instant>,
+    pruned: Option<std::time::Instant>,
+}
+
+impl ProgressMarks {
+    /// Whether `gateway` is due for markers at `now` (and notes that it got
+    /// them); `None` when there is no room to remember it.
+    pub fn due(
+        &mut self,
+        gateway: &str,
+        interval: std::time::Duration,
+        now: std::time::Instant,
+        capacity: usize,
+    ) -> Option<bool> {
+        if let Some(t) = self.last.get_mut(gateway) {
+            if now.saturating_duration_since(*t) < interval {
+                return Some(false);
+            }
+            *t = now;
+            return Some(true);
+        }
+        if self.last.len() >= capacity && self.pruned.is_none_or(|p| now.saturating_duration_since(p) >= interval) {
+            self.last.retain(|_, t| now.saturating_duration_since(*t) < interval);
+            self.pruned = Some(now);
+        }
+        if self.last.len() >= capacity {
+            return None;
+        }
+        self.last.insert(gateway.to_string(), now);
+        Some(true)
+    }
+
+    /// Gateways remembered.
+    pub fn len(&self) -> usize {
+        self.last.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last.is_empty()
+    }
 }
 
 /// At most this many gateways' status is kept (metrics labels stay bounded).
@@ -87,19 +166,12 @@ fn record_gateway_status<A>(st: &IngestState<A>, gateway: &str, headers: &Header
 impl<A> IngestState<A> {
     /// Whether `gateway` is due for progress markers (and notes that it got them).
     fn progress_due(&self, gateway: &str) -> bool {
-        let Ok(mut last) = self.last_progress.lock() else { return false };
+        let mut marks = self.progress.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        match last.get_mut(gateway) {
-            Some(t) if now.duration_since(*t) < self.progress_interval => false,
-            Some(t) => {
-                *t = now;
-                true
-            }
-            None => {
-                last.insert(gateway.to_string(), now);
-                true
-            }
-        }
+        marks.due(gateway, self.progress_interval, now, MAX_PROGRESS_GATEWAYS).unwrap_or_else(|| {
+            self.metrics.progress_untracked.inc();
+            false
+        })
     }
 }
 
@@ -137,6 +209,10 @@ pub enum IngestError {
     NotYourGateway { token: String, batch: String },
     #[error("gateway {gateway:?} sends faster than ingest.max_gateway_readings_per_second; retry in {wait:?}")]
     RateLimited { gateway: String, wait: std::time::Duration },
+    #[error(
+        "gateway {gateway:?} sends heartbeats faster than ingest.max_gateway_heartbeats_per_second; retry in {wait:?}"
+    )]
+    HeartbeatRateLimited { gateway: String, wait: std::time::Duration },
 }
 
 impl IngestError {
@@ -155,7 +231,7 @@ impl IngestError {
             Self::Log(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Auth(r) => r.status(),
             Self::NotYourGateway { .. } => StatusCode::FORBIDDEN,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::HeartbeatRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -172,6 +248,7 @@ impl IngestError {
             Self::Auth(r) => r.reason(),
             Self::NotYourGateway { .. } => "wrong_gateway",
             Self::RateLimited { .. } => "rate_limited",
+            Self::HeartbeatRateLimited { .. } => "heartbeat_rate_limited",
         }
     }
 }
@@ -181,7 +258,9 @@ impl IntoResponse for IngestError {
         let status = self.status();
         let retry_after = match &self {
             Self::Log(_) => Some(1),
-            Self::RateLimited { wait, .. } => Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            Self::RateLimited { wait, .. } | Self::HeartbeatRateLimited { wait, .. } => {
+                Some(wait.as_secs_f64().ceil().max(1.0) as u64)
+            }
             _ => None,
         };
         let body = serde_json::json!({ "error": self.to_string(), "reason": self.reason() }).to_string();
@@ -244,15 +323,7 @@ async fn handle<A: LogAppender>(
     if declared.is_some_and(|len| len > max) {
         return Err(IngestError::BodyTooLarge { max });
     }
-    let read = tokio::time::timeout(st.body_timeout, axum::body::to_bytes(body, max))
-        .await
-        .map_err(|_| IngestError::BodyTimeout(st.body_timeout))?;
-    let bytes = read.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some())
-            || e.to_string().contains("length limit");
-        if too_large { IngestError::BodyTooLarge { max } } else { IngestError::BodyRead(e.to_string()) }
-    })?;
+    let bytes = read_body(body, max, st.body_timeout).await?;
     st.metrics.ingest_bytes.inc_by(bytes.len() as u64);
     let batch = batch::decode(&bytes, &st.limits)?;
     if let Some(header) = headers.get("x-kappa-gateway").and_then(|v| v.to_str().ok())
@@ -363,6 +434,22 @@ async fn handle<A: LogAppender>(
     Ok(IngestReply { gateway: batch.gateway, batch_id: batch.batch_id, accepted, rejected, duplicate })
 }
 
+/// A request body of at most `max` bytes that arrives within `timeout`.
+async fn read_body(body: Body, max: usize, timeout: std::time::Duration) -> Result<axum::body::Bytes, IngestError> {
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, max))
+        .await
+        .map_err(|_| IngestError::BodyTimeout(timeout))?;
+    read.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.downcast_ref::<http_body_util::LengthLimitError>().is_some())
+            || e.to_string().contains("length limit");
+        if too_large { IngestError::BodyTooLarge { max } } else { IngestError::BodyRead(e.to_string()) }
+    })
+}
+
+/// The largest heartbeat body (one gateway id and a time).
+pub const MAX_HEARTBEAT_BYTES: usize = 4096;
+
 /// A gateway's heartbeat (`POST /v1/heartbeat`, JSON).
 #[derive(Debug, serde::Deserialize)]
 pub struct Heartbeat {
@@ -378,13 +465,18 @@ pub struct Heartbeat {
 pub async fn heartbeat<A: LogAppender>(
     State(st): State<Arc<IngestState<A>>>,
     headers: HeaderMap,
-    body: Result<axum::Json<Heartbeat>, axum::extract::rejection::JsonRejection>,
+    body: Body,
 ) -> Response {
     let refuse = |st: &IngestState<A>, reason: &'static str, msg: String| {
         st.metrics.ingest_rejected.get_or_create(&[("reason", reason)]).inc();
         tracing::warn!(reason, error = %msg, "Refused a heartbeat.");
         let body = serde_json::json!({ "error": msg, "reason": reason }).to_string();
         (StatusCode::BAD_REQUEST, [("content-type", "application/json")], body).into_response()
+    };
+    let refuse_with = |st: &IngestState<A>, e: IngestError| {
+        st.metrics.ingest_rejected.get_or_create(&[("reason", e.reason())]).inc();
+        tracing::warn!(reason = e.reason(), error = %e, "Refused a heartbeat.");
+        e.into_response()
     };
     let sender = match st.auth.gateway(&headers) {
         Ok(sender) => sender,
@@ -394,21 +486,27 @@ pub async fn heartbeat<A: LogAppender>(
             return crate::auth::refusal_response(refusal);
         }
     };
-    let hb = match body {
-        Ok(axum::Json(hb)) => hb,
-        Err(e) => return refuse(&st, "heartbeat_malformed", e.body_text()),
+    let bytes = match read_body(body, MAX_HEARTBEAT_BYTES, st.body_timeout).await {
+        Ok(bytes) => bytes,
+        Err(e) => return refuse_with(&st, e),
+    };
+    let hb: Heartbeat = match serde_json::from_slice(&bytes) {
+        Ok(hb) => hb,
+        Err(e) => return refuse(&st, "heartbeat_malformed", format!("not a heartbeat: {e}")),
     };
     if let Some(g) = sender
         && g.id != hb.gateway
     {
-        st.metrics.ingest_rejected.get_or_create(&[("reason", "wrong_gateway")]).inc();
-        return IngestError::NotYourGateway { token: g.id.clone(), batch: hb.gateway }.into_response();
+        return refuse_with(&st, IngestError::NotYourGateway { token: g.id.clone(), batch: hb.gateway });
     }
     if let Err(e) = kappa_common::reading::validate_device_id(&hb.gateway) {
         return refuse(&st, "heartbeat_gateway", format!("gateway: {e}"));
     }
     if hb.ts_ms <= 0 {
         return refuse(&st, "heartbeat_time", format!("ts_ms {} is not a time", hb.ts_ms));
+    }
+    if let Err(refused) = st.heartbeat_rate.admit(&hb.gateway, 1.0, std::time::Instant::now()) {
+        return refuse_with(&st, IngestError::HeartbeatRateLimited { gateway: hb.gateway, wait: refused.wait });
     }
     let ingest_ms = crate::now_ms();
     let value = record::encode(&LogRecord {
@@ -431,5 +529,42 @@ pub async fn heartbeat<A: LogAppender>(
             (StatusCode::OK, [("content-type", "application/json")], "{\"ok\":true}").into_response()
         }
         Err(e) => IngestError::Log(e).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::ProgressMarks;
+
+    /// Issue 22: the gateways remembered for progress markers are bounded,
+    /// and forgetting the stale ones changes no answer.
+    #[test]
+    fn progress_marks_stay_bounded_and_forget_only_what_is_due_anyway() {
+        let (interval, cap) = (Duration::from_secs(1), 3);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut marks = ProgressMarks::default();
+        for g in ["a", "b", "c"] {
+            assert_eq!(marks.due(g, interval, at(0), cap), Some(true));
+        }
+        assert_eq!(marks.due("a", interval, at(500), cap), Some(false), "within the interval");
+        assert_eq!(marks.due("d", interval, at(500), cap), None, "full of fresh gateways: no room");
+        assert_eq!(marks.len(), 3);
+        // "a" is marked again at 1,000 ms; by 1,500 ms (an interval after the
+        // last pruning) "b" and "c" are stale and make room, and "b" is due
+        // when it comes back, as it would have been.
+        assert_eq!(marks.due("a", interval, at(1_000), cap), Some(true));
+        assert_eq!(marks.due("d", interval, at(1_200), cap), None, "pruned at most once per interval");
+        assert_eq!(marks.due("d", interval, at(1_500), cap), Some(true));
+        assert_eq!(marks.len(), 2, "the stale were dropped");
+        assert_eq!(marks.due("b", interval, at(1_600), cap), Some(true));
+        assert_eq!(marks.due("a", interval, at(1_700), cap), Some(false));
+        assert_eq!(marks.due("e", interval, at(1_800), cap), None);
+        for i in 0..10_000u64 {
+            let _ = marks.due(&format!("x{i}"), interval, at(2_000 + i), cap);
+        }
+        assert!(marks.len() <= cap, "{} remembered", marks.len());
     }
 }

@@ -31,6 +31,7 @@ pub fn router<A: LogAppender>(ingest: IngestState<A>, api: ApiState, registry: A
         metrics: ingest.metrics.clone(),
     };
     let admin = crate::auth::ApiGuard { role: crate::auth::Role::Admin, ..read.clone() };
+    let metrics_guard = ingest.auth.guards_metrics().then(|| read.clone());
     let ingest = Router::new()
         .route("/v1/ingest", post(ingest::ingest::<A>))
         .route("/v1/heartbeat", post(ingest::heartbeat::<A>))
@@ -59,14 +60,19 @@ pub fn router<A: LogAppender>(ingest: IngestState<A>, api: ApiState, registry: A
     ingest
         .merge(api)
         .merge(ops)
-        .merge(liveness_router(registry))
+        .merge(liveness_router(registry, metrics_guard))
         .fallback(api::no_route)
         .method_not_allowed_fallback(api::wrong_method)
 }
 
-/// `/metrics` and `/healthz`: what every process serves.
-pub(crate) fn liveness_router(registry: Arc<Registry>) -> Router {
-    Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok\n" })).with_state(registry)
+/// `/metrics` and `/healthz`: what every process serves. With a guard,
+/// `/metrics` needs its token (`auth.open_metrics`); `/healthz` never does.
+pub(crate) fn liveness_router(registry: Arc<Registry>, guard: Option<crate::auth::ApiGuard>) -> Router {
+    let mut scrape = Router::new().route("/metrics", get(metrics)).with_state(registry);
+    if let Some(guard) = guard {
+        scrape = scrape.route_layer(axum::middleware::from_fn_with_state(guard, crate::auth::require));
+    }
+    scrape.route("/healthz", get(|| async { "ok\n" }))
 }
 
 async fn metrics(State(registry): State<Arc<Registry>>) -> axum::response::Response {
@@ -108,7 +114,7 @@ async fn index() -> &'static str {
      GET  /v1/alerts/{id}                 one alert, its history and webhook deliveries\n\
      POST /v1/alerts/{id}/ack             acknowledge ({\"by\": ..., \"note\": ...})\n\
      POST /v1/heartbeat                   a gateway's heartbeat ({\"gateway\": ..., \"ts_ms\": ...})\n\
-     GET  /metrics                        Prometheus metrics\n\
+     GET  /metrics                        Prometheus metrics (an API token with [auth] on)\n\
      GET  /healthz                        the process answers\n\
      GET  /readyz                         ready: 503 while the event log refuses appends\n"
 }

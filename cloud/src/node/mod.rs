@@ -84,10 +84,11 @@ impl Node {
         let view_ids: Vec<String> = plans.iter().flat_map(|p| p.views.iter().map(|v| v.id())).collect();
         metrics.start_series(&reading_pipelines, &view_ids);
         let pipeline_store = cfg.store_at();
-        let (at, for_readers) = (pipeline_store.clone(), specs.clone());
-        let (serving, acks) = tokio::task::spawn_blocking(move || at.serving(for_readers))
-            .await
-            .map_err(|e| NodeError::Bind(format!("connecting to the store: {e}")))??;
+        let (at, for_readers, api) = (pipeline_store.clone(), specs.clone(), cfg.api.clone());
+        let (serving, acks) =
+            tokio::task::spawn_blocking(move || at.serving(&for_readers, api.readers, api.query_timeout))
+                .await
+                .map_err(|e| NodeError::Bind(format!("connecting to the store: {e}")))??;
         let primary = cfg.primary();
         let archive: Option<Arc<dyn ArchiveStore>> = if cfg.archive.enabled && primary {
             Some(
@@ -232,24 +233,13 @@ impl Node {
             .map_err(|e| NodeError::Bind(format!("cannot start the state-size sampler: {e}")))?;
 
         let router = router(
-            IngestState {
-                appender,
-                limits: cfg.ingest.batch_limits(),
-                reading_limits: kappa_common::reading::ReadingLimits::default(),
-                metrics: metrics.clone(),
-                partitions: cfg.log.partitions,
-                progress_interval: cfg.ingest.progress_interval,
-                last_progress: Default::default(),
-                tracked_gateways: Default::default(),
-                body_timeout: cfg.http.body_read_timeout,
-                auth: Arc::new(crate::auth::Auth::new(&cfg.auth)),
-                gateway_rate: cfg.ingest.gateway_rate(),
-            },
+            IngestState::new(appender, &cfg, metrics.clone(), Arc::new(crate::auth::Auth::new(&cfg.auth))),
             ApiState {
-                serving: Arc::new(Mutex::new(serving)),
+                readers: crate::api::readers::ReaderPool::new(serving, cfg.api.query_timeout, metrics.clone()),
                 acks: Arc::new(Mutex::new(acks)),
                 devices_view: cfg.api.devices_view.clone(),
                 windows_view: cfg.api.windows_view.clone(),
+                units: cfg.schema.units(),
             },
             Arc::new(registry),
         );
@@ -275,6 +265,7 @@ impl Node {
             shutdown_deadline = %humantime::format_duration(cfg.shutdown_deadline),
             "Cloud node started."
         );
+        cfg.auth.warn_if_exposed(http_addr);
         Ok(Node { http_addr, running: tasks.run_in_background("cloud node", cfg.shutdown_deadline) })
     }
 

@@ -5,6 +5,7 @@
 //! a pipeline's checkpoints) and never names a backend itself.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::ViewStore;
 use super::alerts::Outbox;
@@ -13,8 +14,8 @@ use super::{AlertAcks, Checkpoint, ProcessorStore, Restored, ServingReader, Stor
 use crate::eventlog::Partition;
 use crate::views::spec::ViewSpec;
 
-/// The API's side of a store: what it reads, and where it writes alert acknowledgements.
-pub type Serving = (Box<dyn ServingReader>, Box<dyn AlertAcks>);
+/// The API's side of a store: its readers, and where it writes alert acknowledgements.
+pub type Serving = (Vec<Box<dyn ServingReader>>, Box<dyn AlertAcks>);
 
 /// A store's address. Every method blocks (the stores' clients do): call
 /// them off the async threads.
@@ -27,19 +28,30 @@ pub enum StoreAt {
 }
 
 impl StoreAt {
-    /// What the API reads (views, late events, alerts, aggregates; `specs`
-    /// names the views a reader merges from partials) and where it writes
-    /// alert acknowledgements.
-    pub fn serving(&self, specs: Vec<ViewSpec>) -> Result<Serving, StoreError> {
-        Ok(match self {
-            Self::Embedded(path) => (Box::new(ViewStore::open_read_only(path)?), Box::new(ViewStore::open(path)?)),
+    /// `readers` connections the API reads through (views, late events,
+    /// alerts, aggregates; `specs` names the views a reader merges from
+    /// partials), PostgreSQL's with every statement limited to
+    /// `query_timeout`, and where it writes alert acknowledgements.
+    pub fn serving(&self, specs: &[ViewSpec], readers: usize, query_timeout: Duration) -> Result<Serving, StoreError> {
+        let mut out: Vec<Box<dyn ServingReader>> = Vec::with_capacity(readers);
+        for _ in 0..readers.max(1) {
+            out.push(match self {
+                Self::Embedded(path) => Box::new(ViewStore::open_read_only(path)?),
+                Self::Cluster { settings, log_partitions } => {
+                    let store = PgStore::connect(settings, *log_partitions)?;
+                    let reader = PgReader::new(settings.clone(), *log_partitions, store, specs.to_vec());
+                    Box::new(reader.with_statement_timeout(query_timeout)?)
+                }
+            });
+        }
+        let acks: Box<dyn AlertAcks> = match self {
+            Self::Embedded(path) => Box::new(ViewStore::open(path)?),
             Self::Cluster { settings, log_partitions } => {
                 let p = *log_partitions;
-                let serving = PgReader::new(settings.clone(), p, PgStore::connect(settings, p)?, specs);
-                let acks = PgReader::new(settings.clone(), p, PgStore::connect(settings, p)?, Vec::new());
-                (Box::new(serving), Box::new(acks))
+                Box::new(PgReader::new(settings.clone(), p, PgStore::connect(settings, p)?, Vec::new()))
             }
-        })
+        };
+        Ok((out, acks))
     }
 
     /// View versions as `kappa-cloud views` operates them.

@@ -50,7 +50,10 @@ pub struct ViewInfo {
     /// Why a pipeline failed.
     pub detail: String,
     pub pipeline: String,
-    pub rows: u64,
+    /// Rows stored; counted for `kappa-cloud views list`, not for the API
+    /// (a count reads the whole view).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
     pub definition: Json,
 }
 
@@ -135,7 +138,15 @@ pub trait ServingReader: Send + std::fmt::Debug {
     fn alert(&self, id: &str) -> Result<Option<alerts::AlertDetail>, StoreError>;
     /// A page of merged edge aggregates.
     fn aggregates(&self, q: &aggregates::AggregateQuery) -> Result<Vec<aggregates::AggregateRow>, StoreError>;
+    /// Stops the query running on this reader, from another thread (`None`:
+    /// the store bounds its queries itself, as PostgreSQL's `statement_timeout` does).
+    fn interrupter(&self) -> Option<Interrupter> {
+        None
+    }
 }
+
+/// Interrupts the query a reader runs (see [`ServingReader::interrupter`]).
+pub type Interrupter = Box<dyn Fn() + Send>;
 
 /// View versions as `kappa-cloud views` operates them: the embedded store,
 /// or PostgreSQL on a cluster.

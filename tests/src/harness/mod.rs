@@ -272,6 +272,7 @@ pub async fn wait_for_readings(cloud_url: &str, expected: u64, timeout: Duration
 /// Every difference between the `device_windows` view and the ground truth;
 /// empty when every acknowledged reading is counted exactly once.
 pub fn diff_against_truth(truth: &GroundTruth, rows: &[RowOut]) -> Vec<String> {
+    use kappa_common::reading::as_measured;
     let mut problems = Vec::new();
     let mut by_key: BTreeMap<(&str, i64), &RowOut> =
         rows.iter().map(|r| ((r.key.as_str(), r.window_start_ms), r)).collect();
@@ -293,7 +294,10 @@ pub fn diff_against_truth(truth: &GroundTruth, rows: &[RowOut]) -> Vec<String> {
             let (n, sum) = (count(row, &format!("{name}_count")), num(row, &format!("{name}_sum")).unwrap_or(f64::NAN));
             let (min, max) = (num(row, &format!("{name}_min")), num(row, &format!("{name}_max")));
             let sum_ok = (sum - m.sum).abs() <= 1e-9 * m.sum.abs().max(1.0);
-            if n != m.count || min != Some(m.min) || max != Some(m.max) || !sum_ok {
+            // The API shows values as their sensors measured them (the
+            // views store them exactly; `views dump` shows those).
+            let (t_min, t_max) = (as_measured(m.min), as_measured(m.max));
+            if n != m.count || min != Some(t_min) || max != Some(t_max) || !sum_ok {
                 problems.push(format!(
                     "{} @ {} {name}: view (n={n}, sum={sum}, min={min:?}, max={max:?}) != truth (n={}, sum={}, min={}, max={})",
                     t.device, t.window_start_ms, m.count, m.sum, m.min, m.max

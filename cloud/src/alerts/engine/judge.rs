@@ -30,17 +30,22 @@ pub(super) fn describe(rule: &RuleSpec, d: Detail) -> String {
         }
         _ => "",
     };
+    let shown = kappa_common::reading::as_measured;
     match d {
-        Detail::Holds(Some(v)) => format!("condition holds (value {v})"),
+        Detail::Holds(Some(v)) => format!("condition holds (value {})", shown(v)),
         Detail::Holds(None) => "condition holds".into(),
-        Detail::Sigma { x, z, mean } => format!("{metric} {x} is {z:.1} sigma from its running mean {mean:.3}"),
+        Detail::Sigma { x, z, mean } => {
+            format!("{metric} {} is {z:.1} sigma from its running mean {mean:.3}", shown(x))
+        }
         Detail::Rate(rate) => match &rule.kind {
             RuleKind::RateOfChange { max_per_second, .. } => {
                 format!("{metric} changed {rate:.3}/s (limit {max_per_second}/s)")
             }
             _ => format!("{metric} changed {rate:.3}/s"),
         },
-        Detail::Stuck { v, n, ms } => format!("{metric} stuck at {v} for {n} readings ({ms} ms)"),
+        Detail::Stuck { v, n, ms } => {
+            format!("{metric} stuck at {} for {n} readings ({})", shown(v), kappa_runtime::time::format_span(ms))
+        }
         Detail::Missing { missing, from, to, boot } => {
             format!("{missing} readings missing between seq {from} and {to} (boot {boot})")
         }

@@ -403,7 +403,7 @@ impl AlertOperator {
             if let RuleKind::Silence { .. } = rule.kind {
                 if let Life::Firing { started, .. } = s.life {
                     s.life = Life::Ok;
-                    let msg = format!("reading again at {}", r.ts_ms);
+                    let msg = format!("reading again at {}", kappa_runtime::time::format_time(r.ts_ms));
                     self.resolve(rule, d, started, r.ts_ms, msg);
                 }
                 continue;

@@ -101,7 +101,11 @@ impl AlertOperator {
             s.life = Life::Firing { started: deadline, clear_since: None };
         }
         self.mark_dirty(d);
-        let msg = format!("no reading since {} ({} ms of event time)", last, deadline - last);
+        let msg = format!(
+            "no reading since {} ({} of event time)",
+            kappa_runtime::time::format_time(last),
+            kappa_runtime::time::format_span(deadline - last)
+        );
         self.fire(&rule, d, deadline, deadline, None, msg);
     }
 

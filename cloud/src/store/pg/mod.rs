@@ -171,6 +171,12 @@ pub(crate) fn client_config(settings: &PgSettings) -> Result<(postgres::Config, 
         .parse()
         .map_err(|e: postgres::Error| StoreError(format!("the PostgreSQL url does not parse: {e}")))?;
     config.connect_timeout(CONNECT_TIMEOUT);
+    // A server that vanished without a word (a node lost, a partition) is
+    // noticed in about a minute, not after the kernel's two hours.
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(30));
+    config.keepalives_interval(Duration::from_secs(10));
+    config.keepalives_retries(3);
     if config.get_application_name().is_none() {
         config.application_name("kappa-cloud");
     }
@@ -197,6 +203,16 @@ impl PgStore {
     /// Workers start together: the DDL runs in one transaction holding an
     /// advisory lock derived from the schema name, so their `CREATE ... IF NOT
     /// EXISTS` statements do not race.
+    /// Bounds every later statement on this connection to `timeout` (the
+    /// server cancels it: "canceling statement due to statement timeout").
+    pub fn limit_statements(&self, timeout: Duration) -> Result<(), StoreError> {
+        let ms = timeout.as_millis().max(1);
+        self.client
+            .borrow_mut()
+            .batch_execute(&format!("SET statement_timeout = {ms}"))
+            .context("setting statement_timeout")
+    }
+
     pub fn connect(settings: &PgSettings, log_partitions: u32) -> Result<Self, StoreError> {
         check_schema_name(&settings.schema)?;
         if log_partitions == 0 {

@@ -6,7 +6,6 @@
 use std::cell::RefCell;
 
 use postgres::Row;
-use postgres::fallible_iterator::FallibleIterator;
 use serde_json::Value as Json;
 
 use super::{Context, PgSettings, PgStore, RawRow, late_reason, to_u32, to_u64};
@@ -15,7 +14,7 @@ use crate::store::aggregates::{AggregateQuery, AggregateRow};
 use crate::store::alerts::{AlertDetail, AlertQuery, AlertView, Attempt, Delivery, Outbox};
 use crate::store::{AlertAcks, LateQuery, RowQuery, ServingReader, StoreError, StoredRow, ViewInfo, late_dump_line};
 use crate::views::operator::{WinState, merge_partials};
-use crate::views::spec::ViewSpec;
+use crate::views::spec::{ViewSpec, WindowSpec};
 
 impl PgStore {
     /// A page of one view's rows, as [`crate::store::ViewStore::rows`] pages them.
@@ -57,28 +56,38 @@ impl PgStore {
             .with_context(|| format!("reading the rows of {}", q.view_id))
     }
 
-    /// A page of a merged view's rows: each key's partials from every
-    /// partition, merged ([`merge_partials`]), then filtered and paged like
-    /// stored rows. Reads the partials of the keys from the page's first key
-    /// on, and stops at the end of the key that fills the page.
+    /// A page of a merged view's rows: each window's partials from every
+    /// partition, merged ([`merge_partials`]), paged like stored rows. The
+    /// window range and the page token go into the SQL, and partials are
+    /// fetched a chunk at a time until the page is full, so a page reads
+    /// about as many partials as it serves. Session windows are the
+    /// exception: partials of different starts merge, so a key's partials
+    /// from the page's first key on are read whole and the range applied
+    /// after merging.
     fn merged_page(&self, spec: &ViewSpec, q: &RowQuery) -> Result<Vec<RawRow>, StoreError> {
+        const CHUNK: i32 = 1024;
         let s = &self.s;
+        let session = matches!(spec.window, WindowSpec::Session { .. });
         let (after_key, after_start) = q.after.clone().unwrap_or((String::new(), i64::MIN));
+        let (lo, hi, skip_to) = if session { (i64::MIN, i64::MAX, i64::MIN) } else { (q.from, q.to, after_start) };
         let what = || format!("reading the partials of {}", q.view_id);
         let mut client = self.client.borrow_mut();
-        let params: [&(dyn postgres::types::ToSql + Sync); 3] = [&q.view_id, &q.key, &after_key];
-        let mut it = client
-            .query_raw(
+        let mut tx = client.transaction().with_context(what)?;
+        let portal = tx
+            .bind(
                 &format!(
-                    "SELECT key, state FROM {s}.view_partials
-                     WHERE view_id = $1 AND ($2::text IS NULL OR key = $2) AND key >= $3
+                    "SELECT key, window_start, state FROM {s}.view_partials
+                     WHERE view_id = $1 AND ($2::text IS NULL OR key = $2)
+                       AND window_start >= $3 AND window_start < $4
+                       AND (key > $5 OR (key = $5 AND window_start > $6))
                      ORDER BY key, window_start, part"
                 ),
-                params,
+                &[&q.view_id, &q.key, &lo, &hi, &after_key, &skip_to],
             )
             .with_context(what)?;
         let mut out: Vec<RawRow> = Vec::new();
-        let mut key: Option<String> = None;
+        // The partials of the window (or, for sessions, the key) being read.
+        let mut group: Option<(String, i64)> = None;
         let mut wins: Vec<WinState> = Vec::new();
         let flush = |key: &str, wins: Vec<WinState>, out: &mut Vec<RawRow>| {
             for row in merge_partials(spec, key, wins) {
@@ -88,42 +97,64 @@ impl PgStore {
                 }
             }
         };
-        while let Some(r) = it.next().with_context(what)? {
-            let k: String = r.try_get(0).with_context(what)?;
-            let blob: &[u8] = r.try_get(1).with_context(what)?;
-            let win: WinState = serde_cbor::from_slice(blob)
-                .map_err(|e| StoreError(format!("a partial of {} key {k:?} does not decode: {e}", q.view_id)))?;
-            if key.as_deref() != Some(k.as_str()) {
-                if let Some(done) = key.take() {
-                    flush(&done, std::mem::take(&mut wins), &mut out);
-                    if out.len() >= q.limit {
-                        return Ok(out);
+        loop {
+            let chunk = tx.query_portal(&portal, CHUNK).with_context(what)?;
+            let last_chunk = chunk.len() < CHUNK as usize;
+            for r in chunk {
+                let k: String = r.try_get(0).with_context(what)?;
+                let start: i64 = r.try_get(1).with_context(what)?;
+                let blob: &[u8] = r.try_get(2).with_context(what)?;
+                let win: WinState = serde_cbor::from_slice(blob)
+                    .map_err(|e| StoreError(format!("a partial of {} key {k:?} does not decode: {e}", q.view_id)))?;
+                let this = (k, if session { i64::MIN } else { start });
+                if group.as_ref() != Some(&this) {
+                    if let Some((done, _)) = group.take() {
+                        flush(&done, std::mem::take(&mut wins), &mut out);
+                        if out.len() >= q.limit {
+                            return Ok(out);
+                        }
                     }
+                    group = Some(this);
                 }
-                key = Some(k);
+                wins.push(win);
             }
-            wins.push(win);
+            if last_chunk {
+                break;
+            }
         }
-        if let Some(done) = key {
+        if let Some((done, _)) = group {
             flush(&done, wins, &mut out);
         }
         Ok(out)
     }
 
     /// Every view version the workers registered, with its pipeline's state
-    /// (`retired` for a version the last worker to start did not run).
+    /// (`retired` for a version the last worker to start did not run) and
+    /// its rows counted.
     pub fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
+        self.views(true)
+    }
+
+    /// [`Self::list_views`]; `counted`: with the rows counted (which reads
+    /// every row and partial of every view).
+    pub fn views(&self, counted: bool) -> Result<Vec<ViewInfo>, StoreError> {
         let s = &self.s;
+        let count = if counted {
+            format!(
+                "(SELECT count(*) FROM {s}.view_rows r WHERE r.view_id = v.view_id)
+                 + (SELECT count(*) FROM (SELECT DISTINCT key, window_start FROM {s}.view_partials p
+                                          WHERE p.view_id = v.view_id) d)"
+            )
+        } else {
+            "NULL::bigint".to_string()
+        };
         let rows = self
             .client
             .borrow_mut()
             .query(
                 &format!(
                     "SELECT v.name, v.version, v.view_id, v.definition, a.version IS NOT NULL, v.retired,
-                            coalesce(p.state, ''), coalesce(p.detail, ''), v.pipeline,
-                            (SELECT count(*) FROM {s}.view_rows r WHERE r.view_id = v.view_id)
-                            + (SELECT count(*) FROM (SELECT DISTINCT key, window_start FROM {s}.view_partials p
-                                                     WHERE p.view_id = v.view_id) d)
+                            coalesce(p.state, ''), coalesce(p.detail, ''), v.pipeline, {count}
                      FROM {s}.views v
                      LEFT JOIN {s}.view_aliases a ON a.name = v.name AND a.version = v.version
                      LEFT JOIN {s}.pipelines p ON p.pipeline = v.pipeline
@@ -145,7 +176,11 @@ impl PgStore {
                     state: if retired { "retired".to_string() } else { state },
                     detail: r.try_get(7).context("listing the views")?,
                     pipeline: r.try_get(8).context("listing the views")?,
-                    rows: to_u64(r.try_get(9).context("listing the views")?, "row count")?,
+                    rows: r
+                        .try_get::<_, Option<i64>>(9)
+                        .context("listing the views")?
+                        .map(|n| to_u64(n, "row count"))
+                        .transpose()?,
                     definition: serde_json::from_str(&definition).unwrap_or(Json::Null),
                 })
             })
@@ -205,6 +240,8 @@ pub struct PgReader {
     log_partitions: u32,
     specs: Vec<ViewSpec>,
     store: RefCell<Option<PgStore>>,
+    /// Every statement's limit (the API's `api.query_timeout`).
+    statement_timeout: Option<std::time::Duration>,
     /// Off only in the negative control of the PostgreSQL restart test.
     retry: bool,
 }
@@ -220,7 +257,17 @@ impl PgReader {
         store.reading_views(&specs);
         let retry =
             !kappa_runtime::fault::on(FAULT_NO_READ_RETRY, "the first API read after a PostgreSQL restart fails");
-        Self { settings, log_partitions, specs, store: RefCell::new(Some(store)), retry }
+        Self { settings, log_partitions, specs, store: RefCell::new(Some(store)), statement_timeout: None, retry }
+    }
+
+    /// This reader's statements are cancelled by the server after `timeout`
+    /// (on this connection and every one it makes again).
+    pub fn with_statement_timeout(mut self, timeout: std::time::Duration) -> Result<Self, StoreError> {
+        if let Some(store) = self.store.get_mut() {
+            store.limit_statements(timeout)?;
+        }
+        self.statement_timeout = Some(timeout);
+        Ok(self)
     }
 
     /// Calls `f` with the connection. A connection that broke under the call
@@ -249,6 +296,9 @@ impl PgReader {
             }
             let mut store = PgStore::connect(&self.settings, self.log_partitions)?;
             store.reading_views(&self.specs);
+            if let Some(t) = self.statement_timeout {
+                store.limit_statements(t)?;
+            }
             *slot = Some(store);
         }
         match slot.as_ref() {
@@ -276,7 +326,7 @@ impl ServingReader for PgReader {
     }
 
     fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
-        self.with(PgStore::list_views)
+        self.with(|s| s.views(false))
     }
 
     fn late_events(&self, q: &LateQuery) -> Result<Vec<LateEvent>, StoreError> {

@@ -92,7 +92,12 @@ impl ServingReader for ViewStore {
     }
 
     fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
-        ViewStore::list_views(self)
+        ViewStore::views(self, false)
+    }
+
+    fn interrupter(&self) -> Option<super::Interrupter> {
+        let handle = self.conn.get_interrupt_handle();
+        Some(Box::new(move || handle.interrupt()))
     }
 
     fn late_events(&self, q: &LateQuery) -> Result<Vec<LateEvent>, StoreError> {

@@ -104,17 +104,23 @@ impl ViewStore {
             .map(|v| format!("{name}@{v}")))
     }
 
-    /// Every view version the store knows.
+    /// Every view version the store knows, with its rows counted.
     pub fn list_views(&self) -> Result<Vec<ViewInfo>, StoreError> {
-        let mut stmt = self.conn.prepare(
+        self.views(true)
+    }
+
+    /// Every view version the store knows; `counted`: with its rows counted
+    /// (which reads every row).
+    pub fn views(&self, counted: bool) -> Result<Vec<ViewInfo>, StoreError> {
+        let count = if counted { "(SELECT count(*) FROM view_rows r WHERE r.view_id = v.view_id)" } else { "NULL" };
+        let mut stmt = self.conn.prepare(&format!(
             "SELECT v.name, v.version, v.view_id, v.definition, a.version IS NOT NULL, v.retired,
-                    coalesce(p.state, ''), coalesce(p.detail, ''), v.pipeline,
-                    (SELECT count(*) FROM view_rows r WHERE r.view_id = v.view_id)
+                    coalesce(p.state, ''), coalesce(p.detail, ''), v.pipeline, {count}
              FROM views v
              LEFT JOIN view_aliases a ON a.name = v.name AND a.version = v.version
              LEFT JOIN pipelines p ON p.pipeline = v.pipeline
-             ORDER BY v.name, v.version",
-        )?;
+             ORDER BY v.name, v.version"
+        ))?;
         let rows = stmt.query_map([], |r| {
             let retired: bool = r.get(5)?;
             let state: String = r.get(6)?;
@@ -127,7 +133,7 @@ impl ViewStore {
                 state: if retired { "retired".to_string() } else { state },
                 detail: r.get(7)?,
                 pipeline: r.get(8)?,
-                rows: r.get::<_, i64>(9)? as u64,
+                rows: r.get::<_, Option<i64>>(9)?.map(|n| n.max(0) as u64),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
