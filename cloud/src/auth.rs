@@ -322,12 +322,49 @@ pub struct ApiGuard {
     pub auth: Arc<Auth>,
     pub role: Role,
     pub metrics: Arc<CloudMetrics>,
+    /// What each API token may spend per second (`api.max_requests_per_second`).
+    pub rate: Option<Arc<kappa_runtime::rate::KeyedRate>>,
 }
 
+/// What a request costs against its token's rate: 1, and 1 more per 1,000
+/// rows it may ask for (`limit`), so the widest page costs 11.
+pub fn request_cost(query: Option<&str>) -> f64 {
+    let limit = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("limit="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1000)
+        .min(crate::api::MAX_LIMIT as u64);
+    1.0 + limit as f64 / 1000.0
+}
+
+/// How often a token over its rate may be logged.
+static RATE_LOGGED: kappa_runtime::logging::Throttle =
+    kappa_runtime::logging::Throttle::new(std::time::Duration::from_secs(10));
+
 /// Refuses API requests without a token of the guard's role (401/403, JSON
-/// with a reason, counted in `kappa_cloud_api_refused_total`).
+/// with a reason, counted in `kappa_cloud_api_refused_total`), and those of
+/// a token over its rate (429 with `Retry-After`).
 pub async fn require(State(guard): State<ApiGuard>, req: Request, next: Next) -> Response {
     match guard.auth.api(req.headers(), guard.role) {
+        Ok(Some(name)) if guard.rate.is_some() => {
+            let cost = request_cost(req.uri().query());
+            let Some(rate) = &guard.rate else { return next.run(req).await };
+            match rate.admit(name, cost, std::time::Instant::now()) {
+                Ok(()) => next.run(req).await,
+                Err(refused) => {
+                    guard.metrics.api_refused.get_or_create(&[("reason", "rate_limited")]).inc();
+                    if RATE_LOGGED.ready() {
+                        tracing::warn!(
+                            token = name,
+                            "An API token asks faster than api.max_requests_per_second; answered 429 (at most one line per 10 s; every one is counted)."
+                        );
+                    }
+                    rate_limited_response(refused.wait)
+                }
+            }
+        }
         Ok(_) => next.run(req).await,
         Err(refusal) => {
             guard.metrics.api_refused.get_or_create(&[("reason", refusal.reason())]).inc();
@@ -335,6 +372,20 @@ pub async fn require(State(guard): State<ApiGuard>, req: Request, next: Next) ->
             refusal_response(refusal)
         }
     }
+}
+
+/// The answer to a request over its token's rate.
+fn rate_limited_response(wait: std::time::Duration) -> Response {
+    let body = serde_json::json!({
+        "error": "this token asks faster than api.max_requests_per_second; retry after the wait",
+        "reason": "rate_limited",
+    })
+    .to_string();
+    let mut resp = (StatusCode::TOO_MANY_REQUESTS, [("content-type", "application/json")], body).into_response();
+    if let Ok(v) = (wait.as_secs_f64().ceil().max(1.0) as u64).to_string().parse() {
+        resp.headers_mut().insert("retry-after", v);
+    }
+    resp
 }
 
 /// The answer to a refused request.
@@ -419,6 +470,15 @@ mod tests {
         assert!(problems.contains("auth.tokens[0].token_sha256: must be 64"), "{problems}");
         let empty = AuthConfig { required: true, ..Default::default() };
         assert!(empty.problems()[0].starts_with("auth.required"));
+    }
+
+    #[test]
+    fn a_request_costs_one_and_one_per_thousand_rows_asked() {
+        assert_eq!(request_cost(None), 2.0);
+        assert_eq!(request_cost(Some("limit=100")), 1.1);
+        assert_eq!(request_cost(Some("from=1&limit=10000&after=x")), 11.0);
+        assert_eq!(request_cost(Some("limit=99999999")), 11.0, "capped at the largest page");
+        assert_eq!(request_cost(Some("limit=nope")), 2.0);
     }
 
     #[test]

@@ -485,6 +485,23 @@ mod tests {
     }
 
     #[test]
+    fn units_readers_and_query_timeouts_are_checked() {
+        let cfg = CloudConfig::from_toml("").unwrap();
+        assert_eq!(cfg.schema.units().get("temperature").map(String::as_str), Some("°C"));
+        assert_eq!((cfg.api.readers, cfg.api.query_timeout), (4, Duration::from_secs(10)));
+        let only = CloudConfig::from_toml("[schema]\nmetrics = [\"flow\"]\nunits = { flow = \"l/min\" }\n").unwrap();
+        assert_eq!(only.schema.units().into_iter().collect::<Vec<_>>(), [("flow".to_string(), "l/min".to_string())]);
+        let err = CloudConfig::from_toml(
+            "[schema]\nunits = { flwo = \"l/min\" }\n[api]\nreaders = 0\nquery_timeout = \"0s\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in ["schema.units.flwo", "api.readers: 0", "api.query_timeout"] {
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         assert!(CloudConfig::from_toml("[log]\npartitons = 4\n").unwrap_err().to_string().contains("partitons"));
     }

@@ -206,7 +206,11 @@ impl CloudMetrics {
             "Bytes of deduplication state per pipeline as checkpointed, sampled every 10 s",
             m.dedup_state_bytes.clone(),
         );
-        r.register("api_refused", "API requests refused for their token, by reason", m.api_refused.clone());
+        r.register(
+            "api_refused",
+            "API requests refused for their token, or answered 503 for time (readers_busy, query_timeout), by reason",
+            m.api_refused.clone(),
+        );
         r.register(
             "tls_handshake_failures",
             "TLS connections that failed or timed out in the handshake (plain HTTP to the TLS port, an untrusted certificate)",

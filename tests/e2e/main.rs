@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
+mod abuse;
 mod alerts;
 mod cli_manners;
 mod cluster;

@@ -75,6 +75,24 @@ pub struct ApiConfig {
     /// (the query is interrupted, or cancelled by PostgreSQL).
     #[serde(default = "default_query_timeout", with = "humantime_serde")]
     pub query_timeout: Duration,
+    /// With `[auth]` on: what one API token may spend per second, a request
+    /// costing 1 and 1 more per 1,000 rows it asks for (`limit`; the widest
+    /// page costs 11), from a bucket holding 2 s of it. Over it, 429 with
+    /// `Retry-After`. 0: no limit.
+    #[serde(default = "default_requests_per_second")]
+    pub max_requests_per_second: u64,
+}
+
+fn default_requests_per_second() -> u64 {
+    50
+}
+
+impl ApiConfig {
+    /// The per-token limiter, if one is configured.
+    pub fn request_rate(&self) -> Option<kappa_runtime::rate::KeyedRate> {
+        let rate = self.max_requests_per_second as f64;
+        (rate > 0.0).then(|| kappa_runtime::rate::KeyedRate::new(rate, rate * 2.0))
+    }
 }
 
 fn default_readers() -> usize {
@@ -98,6 +116,7 @@ impl Default for ApiConfig {
             windows_view: default_windows_view(),
             readers: default_readers(),
             query_timeout: default_query_timeout(),
+            max_requests_per_second: default_requests_per_second(),
         }
     }
 }

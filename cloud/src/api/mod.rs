@@ -38,6 +38,8 @@ pub struct ApiState {
     pub windows_view: String,
     /// Each metric's unit (`schema.units`), served with the views.
     pub units: std::collections::BTreeMap<String, String>,
+    /// What each API token may spend per second (`api.max_requests_per_second`).
+    pub request_rate: Option<Arc<kappa_runtime::rate::KeyedRate>>,
 }
 
 /// One view row, as served.

@@ -16,6 +16,9 @@ use super::ApiError;
 use crate::metrics::CloudMetrics;
 use crate::store::ServingReader;
 
+/// How often a refused query may be logged.
+static LOGGED: kappa_runtime::logging::Throttle = kappa_runtime::logging::Throttle::new(Duration::from_secs(10));
+
 /// The serving store's connections, lent one query at a time.
 #[derive(Debug)]
 pub struct ReaderPool {
@@ -58,7 +61,13 @@ impl ReaderPool {
 
     fn refuse(&self, reason: &'static str, msg: String) -> ApiError {
         self.metrics.api_refused.get_or_create(&[("reason", reason)]).inc();
-        tracing::warn!(reason, "{msg}");
+        if LOGGED.ready() {
+            tracing::warn!(
+                reason,
+                timeout = %humantime::format_duration(self.timeout),
+                "API queries are answered 503: the readers are busy or the queries slow (at most one line per 10 s; every one is counted)."
+            );
+        }
         ApiError(StatusCode::SERVICE_UNAVAILABLE, msg)
     }
 
@@ -73,7 +82,7 @@ impl ReaderPool {
             Ok(Err(_)) | Err(_) => {
                 return Err(self.refuse(
                     "readers_busy",
-                    format!("Every API reader stayed busy for {:?}; answered 503.", self.timeout),
+                    format!("every reader stayed busy for api.query_timeout ({:?}); retry", self.timeout),
                 ));
             }
         };
@@ -102,7 +111,7 @@ impl ReaderPool {
                 }
                 Err(self.refuse(
                     "query_timeout",
-                    format!("An API query ran longer than api.query_timeout ({:?}); answered 503.", self.timeout),
+                    format!("the query ran longer than api.query_timeout ({:?}); narrow it or retry", self.timeout),
                 ))
             }
         }

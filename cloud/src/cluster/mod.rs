@@ -436,6 +436,7 @@ pub async fn run_until_signal(cfg: CloudConfig) -> Result<(), WorkerError> {
         auth: auth.clone(),
         role: crate::auth::Role::Read,
         metrics: metrics.clone(),
+        rate: None,
     });
     let http = crate::node::Http { header_timeout: cfg.http.header_read_timeout, tls: None, metrics };
     let router = crate::node::liveness_router(Arc::new(registry), guard).route(

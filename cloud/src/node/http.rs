@@ -29,6 +29,7 @@ pub fn router<A: LogAppender>(ingest: IngestState<A>, api: ApiState, registry: A
         auth: ingest.auth.clone(),
         role: crate::auth::Role::Read,
         metrics: ingest.metrics.clone(),
+        rate: api.request_rate.clone(),
     };
     let admin = crate::auth::ApiGuard { role: crate::auth::Role::Admin, ..read.clone() };
     let metrics_guard = ingest.auth.guards_metrics().then(|| read.clone());

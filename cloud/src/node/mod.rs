@@ -240,6 +240,7 @@ impl Node {
                 devices_view: cfg.api.devices_view.clone(),
                 windows_view: cfg.api.windows_view.clone(),
                 units: cfg.schema.units(),
+                request_rate: cfg.api.request_rate().map(Arc::new),
             },
             Arc::new(registry),
         );

@@ -225,6 +225,12 @@ pub async fn try_fetch_rows(client: &reqwest::Client, cloud_url: &str, view: &st
         }
         let response = req.send().await.map_err(|e| format!("query API: {e}"))?;
         let status = response.status();
+        if status.as_u16() == 429 {
+            // Over the token's rate: wait as told, as a client should, and ask again.
+            let wait = response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            continue;
+        }
         let body = response.text().await.map_err(|e| format!("query API: {e}"))?;
         if !status.is_success() {
             return Err(format!("query API: {status}: {body}"));
