@@ -61,25 +61,28 @@ pub struct IngestState<A> {
 }
 
 impl<A> IngestState<A> {
-    /// Ingest into `appender` as `cfg` says, checking tokens with `auth`.
+    /// Ingest into `appender` (a log of `partitions`) as `cfg` says, reading
+    /// bodies within `body_timeout` and checking tokens with `auth`.
     pub fn new(
         appender: A,
-        cfg: &crate::config::CloudConfig,
+        cfg: &config::IngestConfig,
+        partitions: u32,
+        body_timeout: std::time::Duration,
         metrics: Arc<CloudMetrics>,
         auth: Arc<crate::auth::Auth>,
     ) -> Self {
         Self {
             appender,
-            limits: cfg.ingest.batch_limits(),
+            limits: cfg.batch_limits(),
             reading_limits: kappa_common::reading::ReadingLimits::default(),
             metrics,
-            partitions: cfg.log.partitions,
-            progress_interval: cfg.ingest.progress_interval,
+            partitions,
+            progress_interval: cfg.progress_interval,
             progress: Default::default(),
-            body_timeout: cfg.http.body_read_timeout,
+            body_timeout,
             auth,
-            gateway_rate: cfg.ingest.gateway_rate(),
-            heartbeat_rate: cfg.ingest.heartbeat_rate(),
+            gateway_rate: cfg.gateway_rate(),
+            heartbeat_rate: cfg.heartbeat_rate(),
             tracked_gateways: Default::default(),
         }
     }

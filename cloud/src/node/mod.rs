@@ -233,7 +233,14 @@ impl Node {
             .map_err(|e| NodeError::Bind(format!("cannot start the state-size sampler: {e}")))?;
 
         let router = router(
-            IngestState::new(appender, &cfg, metrics.clone(), Arc::new(crate::auth::Auth::new(&cfg.auth))),
+            IngestState::new(
+                appender,
+                &cfg.ingest,
+                cfg.log.partitions,
+                cfg.http.body_read_timeout,
+                metrics.clone(),
+                Arc::new(crate::auth::Auth::new(&cfg.auth)),
+            ),
             ApiState {
                 readers: crate::api::readers::ReaderPool::new(serving, cfg.api.query_timeout, metrics.clone()),
                 acks: Arc::new(Mutex::new(acks)),

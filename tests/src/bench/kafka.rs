@@ -167,10 +167,10 @@ pub async fn produce_all(
 /// The ingest handler on a loopback port over `appender`; `bodies` POSTed
 /// with `IN_FLIGHT` requests at a time. Returns readings per second.
 async fn http_ingest<A: LogAppender + std::fmt::Debug>(appender: A, bodies: &[Vec<u8>], n: usize) -> f64 {
-    let mut cfg = kappa_cloud::config::CloudConfig::from_toml("").unwrap();
-    cfg.log.partitions = PARTITIONS;
+    let cfg = kappa_cloud::config::CloudConfig::from_toml("").unwrap();
     let metrics = Arc::new(CloudMetrics::new(&mut prometheus_client::registry::Registry::default()));
-    let state = IngestState::new(appender, &cfg, metrics, Default::default());
+    let state =
+        IngestState::new(appender, &cfg.ingest, PARTITIONS, cfg.http.body_read_timeout, metrics, Default::default());
     let app = Router::new().route("/v1/ingest", post(ingest::ingest::<A>)).with_state(Arc::new(state));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1/ingest", listener.local_addr().unwrap());
