@@ -208,7 +208,7 @@ pub(crate) mod tests {
 
     #[test]
     fn values_are_presented_at_the_precision_they_were_measured() {
-        assert_eq!(f64::from(18.39f32), 18.39000015258789);
+        assert_eq!(f64::from(18.39f32).to_string(), "18.389999389648438");
         assert_eq!(as_measured(f64::from(18.39f32)), 18.39);
         assert_eq!(as_measured(f64::from(37.06f32)).to_string(), "37.06");
         assert_eq!(as_measured(f64::from(-0.1f32)), -0.1);

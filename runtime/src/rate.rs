@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 /// Buckets kept at most: keys come from outside (a device id in a topic, a
 /// gateway's header), and a flood of new ones must not grow memory.
-const MAX_KEYS: usize = 100_000;
+pub const MAX_KEYS: usize = 100_000;
 
 /// Per-key token buckets, at most `capacity` of them. The keys live in two
 /// generations: a key used goes to the young one; when the young one holds

@@ -225,6 +225,29 @@ mod tests {
         assert_eq!(d.metrics.readings_rejected.get_or_create(&[("reason", "rate_limited")]).get(), 3);
     }
 
+    /// Issue 22: device ids come from outside (an external broker's topics).
+    /// A million distinct ones leave the limiter at its bound, and a device
+    /// that floods all along stays held to its rate.
+    #[test]
+    fn a_million_device_ids_leave_the_limiter_bounded_and_a_flooder_limited() {
+        let mut d = decoder(ClockPolicy::Quarantine);
+        let rate = Arc::new(KeyedRate::new(10.0, 5.0));
+        d.rate = Some(rate.clone());
+        let (one, started) = (payload(NOW), std::time::Instant::now());
+        let mut flooder_passed = 0u64;
+        for i in 0..1_000_000u32 {
+            assert!(!matches!(d.decode(&format!("devices/x{i}/telemetry"), one.clone(), NOW), Entry::Rejected(_)));
+            if i % 100 == 0 && !matches!(d.decode("devices/flood/telemetry", one.clone(), NOW), Entry::Rejected(_)) {
+                flooder_passed += 1;
+            }
+        }
+        assert!(rate.keys() <= kappa_runtime::rate::MAX_KEYS, "{} keys held", rate.keys());
+        // A burst of 5, then 10 a second of however long the flood took.
+        let allowed = 5 + 10 * started.elapsed().as_secs() + 10;
+        assert!(flooder_passed <= allowed, "the flooder passed {flooder_passed} of 10,000 (at most {allowed})");
+        assert!(flooder_passed < 10_000 / 2, "the flooder was held to its rate: {flooder_passed} passed");
+    }
+
     #[test]
     fn a_year_1970_timestamp_is_refused_whatever_the_policy() {
         let d = decoder(ClockPolicy::Correct);

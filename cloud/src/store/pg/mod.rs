@@ -149,6 +149,8 @@ pub struct PgStore {
     claim: Option<Claim>,
     /// Views whose rows readers merge from partials, by view id.
     merged_views: BTreeMap<String, ViewSpec>,
+    /// Partials fetched from the server by readers (what a page cost).
+    partials_fetched: std::cell::Cell<u64>,
 }
 
 impl fmt::Debug for PgStore {
@@ -277,6 +279,7 @@ impl PgStore {
             log_partitions,
             claim: None,
             merged_views: BTreeMap::new(),
+            partials_fetched: std::cell::Cell::new(0),
         })
     }
 
@@ -1020,6 +1023,114 @@ aggregates = [{ name = "n", fn = "count" }]
         assert_eq!(first, vec![("u".to_string(), 0, 3), ("u".to_string(), 5_000, 1)]);
         assert_eq!(page(Some(("u".into(), 5_000))), vec![("v".to_string(), 100, 1)]);
         assert_eq!(store.rows_page(&page_query(&spec.id(), None, 100)).unwrap().len(), 3);
+    }
+
+    /// Tumbling windows of a tag-keyed view, written as partials by two
+    /// partitions: pages by `after`, the window range and a range in the
+    /// future are served from SQL-side filters, and more partials than one
+    /// fetch holds are read in chunks.
+    #[test]
+    fn a_merged_view_is_paged_and_ranged_in_sql() {
+        use crate::views::operator::{Event, ViewOperator};
+        use crate::views::spec::{AggFn, AggSpec, Field, OutputMode, WindowSpec};
+        let spec = ViewSpec {
+            name: "per_user".into(),
+            version: 1,
+            key: Field::Tag("user".into()),
+            window: WindowSpec::Tumbling { size_ms: 1_000 },
+            output: OutputMode::Update,
+            allowed_lateness_ms: 0,
+            filter: vec![],
+            aggregates: vec![AggSpec { name: "n".into(), func: AggFn::Count, of: None, max: 10 }],
+        };
+        let db = TestSchema::new("mergedpages");
+        let mut store = db.connect();
+        store.claim("main", &[0, 1]).unwrap();
+        // Users a and b, 700 windows each, a reading per window from each
+        // partition (2,800 partials; a window counts 2).
+        let mut views = Vec::new();
+        for p in [0, 1] {
+            let mut op = ViewOperator::new(spec.clone()).keeping_partials();
+            let mut offset = 0;
+            for user in ["a", "b"] {
+                for w in 0..700i64 {
+                    let r = kappa_common::reading::Reading {
+                        device: device_in(p),
+                        boot: 1,
+                        seq: offset,
+                        ts_ms: w * 1_000 + 10 * i64::from(p),
+                        schema: 2,
+                        metrics: Default::default(),
+                        tags: [("user".to_string(), user.to_string())].into(),
+                    };
+                    let ev = Event { partition: p, offset, gateway: "g", ingest_ms: 0, reading: &r, watermark: None };
+                    op.process(&ev, &mut Vec::new());
+                    offset += 1;
+                }
+            }
+            views.push(ViewChanges { merged: true, ..view_changes(p, op.take_changes(), None) });
+        }
+        views.iter_mut().for_each(|v| v.view = spec.id());
+        store.checkpoint(&Checkpoint { pipeline: "main".into(), views, ..Checkpoint::default() }).unwrap();
+        store.reading_views(std::slice::from_ref(&spec));
+        let rows = |q: &crate::store::RowQuery| {
+            store
+                .rows_page(q)
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.key, r.window_start, r.values["n"].as_u64().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let all = rows(&page_query(&spec.id(), None, 10_000));
+        assert_eq!(all.len(), 1_400, "every window of both users, across chunks");
+        assert!(all.iter().all(|r| r.2 == 2), "each window merges its two partials");
+        // Paged by `after`, 333 at a time, the same rows in the same order.
+        let mut paged = Vec::new();
+        let mut after = None;
+        loop {
+            let page = rows(&page_query(&spec.id(), after.clone(), 333));
+            after = page.last().map(|r| (r.0.clone(), r.1));
+            paged.extend(page.iter().cloned());
+            if page.len() < 333 {
+                break;
+            }
+        }
+        assert_eq!(paged, all);
+        // A window range, and one in the future.
+        let ranged = crate::store::RowQuery { from: 5_000, to: 8_000, ..page_query(&spec.id(), None, 10_000) };
+        let got: Vec<(String, i64)> = rows(&ranged).into_iter().map(|r| (r.0, r.1)).collect();
+        let want: Vec<(String, i64)> =
+            ["a", "b"].iter().flat_map(|u| (5..8).map(move |w| (u.to_string(), w * 1_000))).collect();
+        assert_eq!(got, want);
+        let future = crate::store::RowQuery { from: 4_102_444_800_000, ..page_query(&spec.id(), None, 10_000) };
+        let fetched = store.partials_fetched.get();
+        assert!(rows(&future).is_empty());
+        assert_eq!(store.partials_fetched.get(), fetched, "a range in the future fetches no partial");
+        rows(&page_query(&spec.id(), Some(("a".into(), 600_000)), 10));
+        let cost = store.partials_fetched.get() - fetched;
+        assert!(cost <= 1_024, "a page of 10 fetched {cost} partials, more than one chunk");
+    }
+
+    /// The API's connections are cut by the server past their statement
+    /// timeout, and the error says so (the API answers it 503).
+    #[test]
+    fn an_api_readers_statement_is_cancelled_at_its_timeout() {
+        use crate::store::ServingReader;
+        let t = TestSchema::new("stmttimeout");
+        let reader = PgReader::new(t.settings.clone(), LOG_PARTITIONS, t.connect(), vec![])
+            .with_statement_timeout(std::time::Duration::from_millis(300))
+            .unwrap();
+        assert_eq!(reader.list_views().unwrap(), vec![]);
+        // Another session holds a lock the reader's query must wait for.
+        let mut raw = t.raw();
+        let mut tx = raw.transaction().unwrap();
+        tx.batch_execute(&format!("LOCK TABLE {}.views IN ACCESS EXCLUSIVE MODE", t.settings.schema)).unwrap();
+        let started = std::time::Instant::now();
+        let err = reader.list_views().unwrap_err();
+        assert!(crate::api::readers::timed_out(&err.0), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "cancelled, not waited out");
+        tx.rollback().unwrap();
+        assert_eq!(reader.list_views().unwrap(), vec![], "the connection serves the next query");
     }
 
     /// A page of a view's rows, all windows.

@@ -99,6 +99,7 @@ impl PgStore {
         };
         loop {
             let chunk = tx.query_portal(&portal, CHUNK).with_context(what)?;
+            self.partials_fetched.set(self.partials_fetched.get() + chunk.len() as u64);
             let last_chunk = chunk.len() < CHUNK as usize;
             for r in chunk {
                 let k: String = r.try_get(0).with_context(what)?;
