@@ -18,7 +18,10 @@
 //! | 429 | over `ingest.max_gateway_readings_per_second` (`Retry-After`) | retry after the wait |
 //! | 503 | the log cannot take it now (`Retry-After`) | retry |
 
+pub mod bounded;
 pub mod config;
+
+pub use bounded::{MAX_PROGRESS_GATEWAYS, MAX_TRACKED_GATEWAYS, ProgressMarks, TrackedGateways};
 
 use std::sync::Arc;
 
@@ -57,7 +60,7 @@ pub struct IngestState<A> {
     /// Heartbeats per second per gateway (`ingest.max_gateway_heartbeats_per_second`).
     pub heartbeat_rate: kappa_runtime::rate::KeyedRate,
     /// Gateways whose reported status is kept in metrics (bounded).
-    pub tracked_gateways: std::sync::Mutex<std::collections::HashSet<String>>,
+    pub tracked_gateways: std::sync::Mutex<TrackedGateways>,
 }
 
 impl<A> IngestState<A> {
@@ -88,71 +91,22 @@ impl<A> IngestState<A> {
     }
 }
 
-/// At most this many gateways are remembered for progress markers.
-pub const MAX_PROGRESS_GATEWAYS: usize = 100_000;
-
-/// When each gateway last had progress markers written. Bounded: a
-/// gateway last marked longer than the interval ago is due anyway, so
-/// forgetting it changes nothing; those are dropped when the map is full
-/// (at most once per interval), and a gateway that still finds no room gets
-/// no markers for that batch.
-#[derive(Debug, Default)]
-pub struct ProgressMarks {
-    last: std::collections::HashMap<String, std::time::Instant>,
-    pruned: Option<std::time::Instant>,
-}
-
-impl ProgressMarks {
-    /// Whether `gateway` is due for markers at `now` (and notes that it got
-    /// them); `None` when there is no room to remember it.
-    pub fn due(
-        &mut self,
-        gateway: &str,
-        interval: std::time::Duration,
-        now: std::time::Instant,
-        capacity: usize,
-    ) -> Option<bool> {
-        if let Some(t) = self.last.get_mut(gateway) {
-            if now.saturating_duration_since(*t) < interval {
-                return Some(false);
-            }
-            *t = now;
-            return Some(true);
-        }
-        if self.last.len() >= capacity && self.pruned.is_none_or(|p| now.saturating_duration_since(p) >= interval) {
-            self.last.retain(|_, t| now.saturating_duration_since(*t) < interval);
-            self.pruned = Some(now);
-        }
-        if self.last.len() >= capacity {
-            return None;
-        }
-        self.last.insert(gateway.to_string(), now);
-        Some(true)
-    }
-
-    /// Gateways remembered.
-    pub fn len(&self) -> usize {
-        self.last.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.last.is_empty()
-    }
-}
-
-/// At most this many gateways' status is kept (metrics labels stay bounded).
-pub const MAX_TRACKED_GATEWAYS: usize = 10_000;
-
 /// What a gateway says about itself with each request (`x-kappa-backlog-readings`,
 /// `x-kappa-oldest-unforwarded-seconds`); shown on the dashboard.
 fn record_gateway_status<A>(st: &IngestState<A>, gateway: &str, headers: &HeaderMap, now_ms: i64) {
-    let known = match st.tracked_gateways.lock() {
-        Ok(mut g) => g.contains(gateway) || (g.len() < MAX_TRACKED_GATEWAYS && g.insert(gateway.to_string())),
-        Err(_) => false,
-    };
-    if !known {
-        st.metrics.gateways_untracked.inc();
-        return;
+    let admitted = st.tracked_gateways.lock().unwrap_or_else(|p| p.into_inner()).admit(gateway, now_ms);
+    match admitted {
+        bounded::Tracked::Yes => {}
+        bounded::Tracked::Replacing(stale) => {
+            let label = [("gateway", stale)];
+            st.metrics.gateway_last_batch_seconds.remove(&label);
+            st.metrics.gateway_backlog_readings.remove(&label);
+            st.metrics.gateway_oldest_unforwarded_age_seconds.remove(&label);
+        }
+        bounded::Tracked::No => {
+            st.metrics.gateways_untracked.inc();
+            return;
+        }
     }
     let header =
         |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<i64>().ok());
@@ -532,42 +486,5 @@ pub async fn heartbeat<A: LogAppender>(
             (StatusCode::OK, [("content-type", "application/json")], "{\"ok\":true}").into_response()
         }
         Err(e) => IngestError::Log(e).into_response(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, Instant};
-
-    use super::ProgressMarks;
-
-    /// Issue 22: the gateways remembered for progress markers are bounded,
-    /// and forgetting the stale ones changes no answer.
-    #[test]
-    fn progress_marks_stay_bounded_and_forget_only_what_is_due_anyway() {
-        let (interval, cap) = (Duration::from_secs(1), 3);
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let mut marks = ProgressMarks::default();
-        for g in ["a", "b", "c"] {
-            assert_eq!(marks.due(g, interval, at(0), cap), Some(true));
-        }
-        assert_eq!(marks.due("a", interval, at(500), cap), Some(false), "within the interval");
-        assert_eq!(marks.due("d", interval, at(500), cap), None, "full of fresh gateways: no room");
-        assert_eq!(marks.len(), 3);
-        // "a" is marked again at 1,000 ms; by 1,500 ms (an interval after the
-        // last pruning) "b" and "c" are stale and make room, and "b" is due
-        // when it comes back, as it would have been.
-        assert_eq!(marks.due("a", interval, at(1_000), cap), Some(true));
-        assert_eq!(marks.due("d", interval, at(1_200), cap), None, "pruned at most once per interval");
-        assert_eq!(marks.due("d", interval, at(1_500), cap), Some(true));
-        assert_eq!(marks.len(), 2, "the stale were dropped");
-        assert_eq!(marks.due("b", interval, at(1_600), cap), Some(true));
-        assert_eq!(marks.due("a", interval, at(1_700), cap), Some(false));
-        assert_eq!(marks.due("e", interval, at(1_800), cap), None);
-        for i in 0..10_000u64 {
-            let _ = marks.due(&format!("x{i}"), interval, at(2_000 + i), cap);
-        }
-        assert!(marks.len() <= cap, "{} remembered", marks.len());
     }
 }
