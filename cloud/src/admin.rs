@@ -44,7 +44,7 @@ fn archive_store(cfg: &CloudConfig) -> Result<Arc<dyn ArchiveStore>, AdminError>
 fn store(cfg: &CloudConfig) -> Result<Box<dyn ViewCatalog>, AdminError> {
     // Views keyed by a tag are merged from partials: a cluster's reader needs their definitions.
     let specs = cfg.view_specs().map_err(|e| AdminError::Usage(e.join("; ")))?;
-    Ok(cfg.store_at().catalog(&specs)?)
+    Ok(cfg.store_at().catalog(&specs, crate::views::operator::merge_encoded)?)
 }
 
 /// A view version with its progress through the log.

@@ -397,7 +397,7 @@ fn views_command(cfg: &CloudConfig, cmd: ViewsCommand) -> anyhow::Result<ExitCod
         ViewsCommand::Dump { view, alerts } => {
             // A cluster's rows come from PostgreSQL in the same format: a cluster and a node compare byte for byte.
             let specs = cfg.view_specs().map_err(|e| anyhow::anyhow!(e.join("\n  ")))?;
-            let store = cfg.store_at().dump_reader(&specs)?;
+            let store = cfg.store_at().dump_reader(&specs, crate::views::operator::merge_encoded)?;
             let id = match view {
                 Some(v) => Some(
                     store

@@ -73,7 +73,7 @@ impl Operator for PartitionedView {
         }
         for (p, op) in &mut self.parts {
             let (closed, states) = store.view_state(&self.id, Some(*p))?;
-            op.restore(closed, states);
+            op.restore(closed, states).map_err(StoreError)?;
         }
         Ok(())
     }

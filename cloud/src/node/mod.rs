@@ -85,10 +85,11 @@ impl Node {
         metrics.start_series(&reading_pipelines, &view_ids);
         let pipeline_store = cfg.store_at();
         let (at, for_readers, api) = (pipeline_store.clone(), specs.clone(), cfg.api.clone());
-        let (serving, acks) =
-            tokio::task::spawn_blocking(move || at.serving(&for_readers, api.readers, api.query_timeout))
-                .await
-                .map_err(|e| NodeError::Bind(format!("connecting to the store: {e}")))??;
+        let (serving, acks) = tokio::task::spawn_blocking(move || {
+            at.serving(&for_readers, crate::views::operator::merge_encoded, api.readers, api.query_timeout)
+        })
+        .await
+        .map_err(|e| NodeError::Bind(format!("connecting to the store: {e}")))??;
         let primary = cfg.primary();
         let archive: Option<Arc<dyn ArchiveStore>> = if cfg.archive.enabled && primary {
             Some(

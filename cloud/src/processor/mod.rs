@@ -83,8 +83,7 @@ impl Operator for ViewOperator {
 
     fn on_start(&mut self, store: &dyn ProcessorStore) -> Result<(), StoreError> {
         let (closed, states) = store.view_state(ViewOperator::id(self), None)?;
-        self.restore(closed, states);
-        Ok(())
+        self.restore(closed, states).map_err(StoreError)
     }
 
     fn process(&mut self, ev: &Event<'_>, late: &mut Vec<LateEvent>) {

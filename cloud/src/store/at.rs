@@ -10,7 +10,9 @@ use std::time::Duration;
 use super::ViewStore;
 use super::alerts::Outbox;
 use super::pg::{PgOutbox, PgReader, PgSettings, PgStore};
-use super::{AlertAcks, Checkpoint, ProcessorStore, Restored, ServingReader, StoreError, ViewCatalog, ViewState};
+use super::{
+    AlertAcks, Checkpoint, MergePartials, ProcessorStore, Restored, ServingReader, StoreError, ViewCatalog, ViewState,
+};
 use crate::eventlog::Partition;
 use crate::views::spec::ViewSpec;
 
@@ -30,16 +32,22 @@ pub enum StoreAt {
 impl StoreAt {
     /// `readers` connections the API reads through (views, late events,
     /// alerts, aggregates; `specs` names the views a reader merges from
-    /// partials), PostgreSQL's with every statement limited to
+    /// partials with `merge`), PostgreSQL's with every statement limited to
     /// `query_timeout`, and where it writes alert acknowledgements.
-    pub fn serving(&self, specs: &[ViewSpec], readers: usize, query_timeout: Duration) -> Result<Serving, StoreError> {
+    pub fn serving(
+        &self,
+        specs: &[ViewSpec],
+        merge: MergePartials,
+        readers: usize,
+        query_timeout: Duration,
+    ) -> Result<Serving, StoreError> {
         let mut out: Vec<Box<dyn ServingReader>> = Vec::with_capacity(readers);
         for _ in 0..readers.max(1) {
             out.push(match self {
                 Self::Embedded(path) => Box::new(ViewStore::open_read_only(path)?),
                 Self::Cluster { settings, log_partitions } => {
                     let store = PgStore::connect(settings, *log_partitions)?;
-                    let reader = PgReader::new(settings.clone(), *log_partitions, store, specs.to_vec());
+                    let reader = PgReader::new(settings.clone(), *log_partitions, store, specs.to_vec(), Some(merge));
                     Box::new(reader.with_statement_timeout(query_timeout)?)
                 }
             });
@@ -48,19 +56,20 @@ impl StoreAt {
             Self::Embedded(path) => Box::new(ViewStore::open(path)?),
             Self::Cluster { settings, log_partitions } => {
                 let p = *log_partitions;
-                Box::new(PgReader::new(settings.clone(), p, PgStore::connect(settings, p)?, Vec::new()))
+                Box::new(PgReader::new(settings.clone(), p, PgStore::connect(settings, p)?, Vec::new(), None))
             }
         };
         Ok((out, acks))
     }
 
-    /// View versions as `kappa-cloud views` operates them.
-    pub fn catalog(&self, specs: &[ViewSpec]) -> Result<Box<dyn ViewCatalog>, StoreError> {
+    /// View versions as `kappa-cloud views` operates them (`specs` names the
+    /// views read merged from partials with `merge`).
+    pub fn catalog(&self, specs: &[ViewSpec], merge: MergePartials) -> Result<Box<dyn ViewCatalog>, StoreError> {
         Ok(match self {
             Self::Embedded(path) => Box::new(ViewStore::open(path)?),
             Self::Cluster { settings, log_partitions } => {
                 let mut pg = PgStore::connect(settings, *log_partitions)?;
-                pg.reading_views(specs);
+                pg.reading_views(specs, merge);
                 Box::new(pg)
             }
         })
@@ -68,10 +77,10 @@ impl StoreAt {
 
     /// View versions for reading only (`views dump`): the embedded file is
     /// opened read-only, beside a running node.
-    pub fn dump_reader(&self, specs: &[ViewSpec]) -> Result<Box<dyn ViewCatalog>, StoreError> {
+    pub fn dump_reader(&self, specs: &[ViewSpec], merge: MergePartials) -> Result<Box<dyn ViewCatalog>, StoreError> {
         match self {
             Self::Embedded(path) => Ok(Box::new(ViewStore::open_read_only(path)?)),
-            Self::Cluster { .. } => self.catalog(specs),
+            Self::Cluster { .. } => self.catalog(specs, merge),
         }
     }
 

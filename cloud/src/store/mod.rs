@@ -22,7 +22,6 @@ pub use self::sqlite::{StateBytes, ViewStore};
 use crate::eventlog::{Offset, Partition};
 use crate::model::AlertChanges;
 use crate::model::{Changes, LateEvent};
-use crate::views::operator::WinState;
 use crate::views::spec::ViewSpec;
 
 /// The pipeline of the views present when the store was created.
@@ -240,8 +239,17 @@ pub struct Restored {
     pub dedup: Vec<(String, u32, Vec<u8>)>,
 }
 
-/// A view's restored state: the watermark it closed through, and its open windows.
-pub type ViewState = (Option<i64>, Vec<(String, WinState)>);
+/// A view's restored state: the watermark it closed through, and its open
+/// windows, each as the view's operator encoded it (the store keeps window
+/// state without reading it).
+pub type ViewState = (Option<i64>, Vec<(String, Vec<u8>)>);
+
+/// Merges one key's partial window states (as the view's operator encoded
+/// them, one per partition and window) into the rows readers serve. The
+/// views layer gives it (`views::operator::merge_encoded`) to a store that
+/// serves views merged from partials, so the store never decodes window
+/// state and does not depend on the operators.
+pub type MergePartials = fn(&ViewSpec, &str, &[Vec<u8>]) -> Result<Vec<crate::model::Row>, String>;
 
 /// One late event as `views dump` prints it.
 pub fn late_dump_line(l: &LateEvent) -> String {

@@ -125,13 +125,16 @@ impl ViewOperator {
     }
 
     /// Restores state written by earlier checkpoints.
-    pub fn restore(&mut self, closed_through: Option<i64>, states: Vec<(String, WinState)>) {
+    pub fn restore(&mut self, closed_through: Option<i64>, states: Vec<(String, Vec<u8>)>) -> Result<(), String> {
         self.closed_through = closed_through;
-        for (key, win) in states {
+        for (key, blob) in states {
+            let win: WinState = serde_cbor::from_slice(&blob)
+                .map_err(|e| format!("state of {} key {key:?} does not decode: {e}", self.id))?;
             let list = self.slots.entry(key).or_default();
             list.push(Slot { win, dirty: false });
             list.sort_by_key(|s| s.win.start);
         }
+        Ok(())
     }
 
     /// Final rows of closed windows are waiting (update-mode rows simply go
@@ -415,6 +418,18 @@ fn partial_of(window: WindowSpec, key: &str, w: &WinState) -> (String, i64, Opti
 /// same start merge, and sessions merge wherever they overlap (a session
 /// spans its readings plus one gap), exactly as one operator seeing every
 /// reading would have merged them. Rows come out by window start.
+/// [`merge_partials`] of window states as the operator encodes them (what
+/// a store keeps): the function a store that serves merged views is given,
+/// so that it never decodes window state itself.
+pub fn merge_encoded(spec: &ViewSpec, key: &str, parts: &[Vec<u8>]) -> Result<Vec<Row>, String> {
+    let wins = parts
+        .iter()
+        .map(|blob| serde_cbor::from_slice(blob))
+        .collect::<Result<Vec<WinState>, _>>()
+        .map_err(|e| format!("a partial of {} key {key:?} does not decode: {e}", spec.id()))?;
+    Ok(merge_partials(spec, key, wins))
+}
+
 pub fn merge_partials(spec: &ViewSpec, key: &str, mut parts: Vec<WinState>) -> Vec<Row> {
     let mut by_name: Vec<usize> = (0..spec.aggregates.len()).collect();
     by_name.sort_by(|a, b| spec.aggregates[*a].name.cmp(&spec.aggregates[*b].name));
@@ -617,9 +632,9 @@ mod tests {
         let mut a = ViewOperator::new(spec(WindowSpec::Tumbling { size_ms: 100 }, OutputMode::Update, 0));
         feed(&mut a, 10, None);
         let ch = a.take_changes();
-        let states = ch.state_upserts.iter().map(|(k, _, b)| (k.clone(), serde_cbor::from_slice(b).unwrap())).collect();
+        let states = ch.state_upserts.iter().map(|(k, _, b)| (k.clone(), b.clone())).collect();
         let mut b = ViewOperator::new(spec(WindowSpec::Tumbling { size_ms: 100 }, OutputMode::Update, 0));
-        b.restore(None, states);
+        b.restore(None, states).unwrap();
         feed(&mut b, 20, None);
         feed(&mut a, 20, None);
         assert_eq!(a.take_changes().row_upserts, b.take_changes().row_upserts);

@@ -11,7 +11,6 @@ use postgres::{IsolationLevel, Transaction};
 use super::{Context, PgStore, alerts, to_i64, to_u32, to_u64, versions};
 use crate::eventlog::Partition;
 use crate::store::{Checkpoint, ProcessorStore, Restored, StoreError, ViewState};
-use crate::views::operator::WinState;
 
 impl ProcessorStore for PgStore {
     /// Positions, max event times and dedup state of the claimed partitions
@@ -106,10 +105,8 @@ impl ProcessorStore for PgStore {
         let mut states = Vec::with_capacity(rows.len());
         for r in &rows {
             let key: String = r.try_get(0).with_context(what)?;
-            let blob: &[u8] = r.try_get(1).with_context(what)?;
-            let win: WinState = serde_cbor::from_slice(blob)
-                .map_err(|e| StoreError(format!("state of {view_id} key {key:?} does not decode: {e}")))?;
-            states.push((key, win));
+            let blob: Vec<u8> = r.try_get(1).with_context(what)?;
+            states.push((key, blob));
         }
         tx.commit().with_context(what)?;
         Ok((closed, states))

@@ -147,8 +147,9 @@ pub struct PgStore {
     schema: String,
     log_partitions: u32,
     claim: Option<Claim>,
-    /// Views whose rows readers merge from partials, by view id.
+    /// Views whose rows readers merge from partials, by view id, and how.
     merged_views: BTreeMap<String, ViewSpec>,
+    merge: Option<crate::store::MergePartials>,
     /// Partials fetched from the server by readers (what a page cost).
     partials_fetched: std::cell::Cell<u64>,
 }
@@ -279,6 +280,7 @@ impl PgStore {
             log_partitions,
             claim: None,
             merged_views: BTreeMap::new(),
+            merge: None,
             partials_fetched: std::cell::Cell::new(0),
         })
     }
@@ -316,10 +318,11 @@ impl PgStore {
     }
 
     /// Tells a reader the views it serves: those keyed by something other
-    /// than the device are merged from their partitions' partials.
-    pub fn reading_views(&mut self, specs: &[ViewSpec]) {
+    /// than the device are merged from their partitions' partials by `merge`.
+    pub fn reading_views(&mut self, specs: &[ViewSpec], merge: crate::store::MergePartials) {
         self.merged_views =
             specs.iter().filter(|s| s.key != crate::views::spec::Field::Device).map(|s| (s.id(), s.clone())).collect();
+        self.merge = Some(merge);
     }
 
     /// Whether this store claimed every partition of the log for its pipeline.
@@ -509,7 +512,7 @@ mod tests {
     use super::*;
     use crate::store::sqlite::tests::row;
     use crate::store::{Checkpoint, ProcessorStore, ViewChanges};
-    use crate::views::operator::{Changes, Row, WinState};
+    use crate::views::operator::{Changes, Row, WinState, merge_encoded};
 
     pub(super) const LOG_PARTITIONS: u32 = 4;
 
@@ -740,8 +743,8 @@ aggregates = [{ name = "n", fn = "count" }]
         assert_eq!(dedup, want, "the dedup state of the claimed partitions only, the last upsert winning");
         assert_eq!(b.restore("main").unwrap().dedup, [(d2.clone(), 1, vec![7])]);
 
-        assert_eq!(a.view_state("v@1", Some(0)).unwrap(), (Some(5), vec![(d0.clone(), win(0))]));
-        assert_eq!(a.view_state("v@1", Some(1)).unwrap(), (None, vec![(d1.clone(), win(60_000))]));
+        assert_eq!(a.view_state("v@1", Some(0)).unwrap(), (Some(5), vec![(d0.clone(), cbor(&win(0)))]));
+        assert_eq!(a.view_state("v@1", Some(1)).unwrap(), (None, vec![(d1.clone(), cbor(&win(60_000)))]));
         assert_eq!(a.view_state("v@1", Some(2)).unwrap(), (None, vec![]));
         assert!(a.view_state("v@1", None).is_err());
         assert!(a.alert_state().unwrap().is_empty());
@@ -949,7 +952,7 @@ aggregates = [{ name = "n", fn = "count" }]
     fn the_api_reader_connects_again_after_its_connection_was_dropped() {
         use crate::store::ServingReader;
         let t = TestSchema::new("reader");
-        let reader = PgReader::new(t.settings.clone(), LOG_PARTITIONS, t.connect(), vec![]);
+        let reader = PgReader::new(t.settings.clone(), LOG_PARTITIONS, t.connect(), vec![], Some(merge_encoded));
         assert_eq!(reader.list_views().unwrap(), vec![]);
         let mut raw = t.raw();
         // The reader's connection: its last query named this test's schema.
@@ -1009,7 +1012,7 @@ aggregates = [{ name = "n", fn = "count" }]
         views.iter_mut().for_each(|v| v.view = spec.id());
         let cp = Checkpoint { pipeline: "main".into(), views, ..Checkpoint::default() };
         store.checkpoint(&cp).unwrap();
-        store.reading_views(std::slice::from_ref(&spec));
+        store.reading_views(std::slice::from_ref(&spec), crate::views::operator::merge_encoded);
         let page = |after: Option<(String, i64)>| {
             let q = page_query(&spec.id(), after, 2);
             store
@@ -1072,7 +1075,7 @@ aggregates = [{ name = "n", fn = "count" }]
         }
         views.iter_mut().for_each(|v| v.view = spec.id());
         store.checkpoint(&Checkpoint { pipeline: "main".into(), views, ..Checkpoint::default() }).unwrap();
-        store.reading_views(std::slice::from_ref(&spec));
+        store.reading_views(std::slice::from_ref(&spec), crate::views::operator::merge_encoded);
         let rows = |q: &crate::store::RowQuery| {
             store
                 .rows_page(q)
@@ -1117,7 +1120,7 @@ aggregates = [{ name = "n", fn = "count" }]
     fn an_api_readers_statement_is_cancelled_at_its_timeout() {
         use crate::store::ServingReader;
         let t = TestSchema::new("stmttimeout");
-        let reader = PgReader::new(t.settings.clone(), LOG_PARTITIONS, t.connect(), vec![])
+        let reader = PgReader::new(t.settings.clone(), LOG_PARTITIONS, t.connect(), vec![], Some(merge_encoded))
             .with_statement_timeout(std::time::Duration::from_millis(300))
             .unwrap();
         assert_eq!(reader.list_views().unwrap(), vec![]);

@@ -13,7 +13,6 @@ use crate::model::LateEvent;
 use crate::store::aggregates::{AggregateQuery, AggregateRow};
 use crate::store::alerts::{AlertDetail, AlertQuery, AlertView, Attempt, Delivery, Outbox};
 use crate::store::{AlertAcks, LateQuery, RowQuery, ServingReader, StoreError, StoredRow, ViewInfo, late_dump_line};
-use crate::views::operator::{WinState, merge_partials};
 use crate::views::spec::{ViewSpec, WindowSpec};
 
 impl PgStore {
@@ -85,17 +84,19 @@ impl PgStore {
                 &[&q.view_id, &q.key, &lo, &hi, &after_key, &skip_to],
             )
             .with_context(what)?;
+        let merge = self.merge.ok_or_else(|| StoreError(format!("{} is merged, but no merge was given", q.view_id)))?;
         let mut out: Vec<RawRow> = Vec::new();
         // The partials of the window (or, for sessions, the key) being read.
         let mut group: Option<(String, i64)> = None;
-        let mut wins: Vec<WinState> = Vec::new();
-        let flush = |key: &str, wins: Vec<WinState>, out: &mut Vec<RawRow>| {
-            for row in merge_partials(spec, key, wins) {
+        let mut wins: Vec<Vec<u8>> = Vec::new();
+        let flush = |key: &str, wins: Vec<Vec<u8>>, out: &mut Vec<RawRow>| -> Result<(), StoreError> {
+            for row in merge(spec, key, &wins).map_err(StoreError)? {
                 let after = key > after_key.as_str() || row.window_start > after_start;
                 if after && row.window_start >= q.from && row.window_start < q.to && out.len() < q.limit {
                     out.push((row.key, row.window_start, row.window_end, row.values));
                 }
             }
+            Ok(())
         };
         loop {
             let chunk = tx.query_portal(&portal, CHUNK).with_context(what)?;
@@ -104,13 +105,11 @@ impl PgStore {
             for r in chunk {
                 let k: String = r.try_get(0).with_context(what)?;
                 let start: i64 = r.try_get(1).with_context(what)?;
-                let blob: &[u8] = r.try_get(2).with_context(what)?;
-                let win: WinState = serde_cbor::from_slice(blob)
-                    .map_err(|e| StoreError(format!("a partial of {} key {k:?} does not decode: {e}", q.view_id)))?;
+                let win: Vec<u8> = r.try_get(2).with_context(what)?;
                 let this = (k, if session { i64::MIN } else { start });
                 if group.as_ref() != Some(&this) {
                     if let Some((done, _)) = group.take() {
-                        flush(&done, std::mem::take(&mut wins), &mut out);
+                        flush(&done, std::mem::take(&mut wins), &mut out)?;
                         if out.len() >= q.limit {
                             return Ok(out);
                         }
@@ -124,7 +123,7 @@ impl PgStore {
             }
         }
         if let Some((done, _)) = group {
-            flush(&done, wins, &mut out);
+            flush(&done, wins, &mut out)?;
         }
         Ok(out)
     }
@@ -240,6 +239,7 @@ pub struct PgReader {
     settings: PgSettings,
     log_partitions: u32,
     specs: Vec<ViewSpec>,
+    merge: Option<crate::store::MergePartials>,
     store: RefCell<Option<PgStore>>,
     /// Every statement's limit (the API's `api.query_timeout`).
     statement_timeout: Option<std::time::Duration>,
@@ -253,12 +253,30 @@ pub struct PgReader {
 pub const FAULT_NO_READ_RETRY: &str = "KAPPA_TEST_NO_READ_RETRY";
 
 impl PgReader {
-    /// A reader of `specs` (merged views among them) over `store`.
-    pub fn new(settings: PgSettings, log_partitions: u32, mut store: PgStore, specs: Vec<ViewSpec>) -> Self {
-        store.reading_views(&specs);
+    /// A reader over `store` of `specs`, views merged from partials by
+    /// `merge` among them (`None`: a reader of no view, for alerts and the
+    /// outbox).
+    pub fn new(
+        settings: PgSettings,
+        log_partitions: u32,
+        mut store: PgStore,
+        specs: Vec<ViewSpec>,
+        merge: Option<crate::store::MergePartials>,
+    ) -> Self {
+        if let Some(m) = merge {
+            store.reading_views(&specs, m);
+        }
         let retry =
             !kappa_runtime::fault::on(FAULT_NO_READ_RETRY, "the first API read after a PostgreSQL restart fails");
-        Self { settings, log_partitions, specs, store: RefCell::new(Some(store)), statement_timeout: None, retry }
+        Self {
+            settings,
+            log_partitions,
+            specs,
+            merge,
+            store: RefCell::new(Some(store)),
+            statement_timeout: None,
+            retry,
+        }
     }
 
     /// This reader's statements are cancelled by the server after `timeout`
@@ -296,7 +314,9 @@ impl PgReader {
                 std::thread::spawn(move || drop(old));
             }
             let mut store = PgStore::connect(&self.settings, self.log_partitions)?;
-            store.reading_views(&self.specs);
+            if let Some(m) = self.merge {
+                store.reading_views(&self.specs, m);
+            }
             if let Some(t) = self.statement_timeout {
                 store.limit_statements(t)?;
             }
@@ -366,7 +386,7 @@ pub struct PgOutbox {
 impl PgOutbox {
     pub fn connect(settings: &PgSettings, log_partitions: u32) -> Result<Self, StoreError> {
         let store = PgStore::connect(settings, log_partitions)?;
-        Ok(Self { reader: PgReader::new(settings.clone(), log_partitions, store, Vec::new()), locked: false })
+        Ok(Self { reader: PgReader::new(settings.clone(), log_partitions, store, Vec::new(), None), locked: false })
     }
 }
 

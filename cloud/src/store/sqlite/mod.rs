@@ -38,7 +38,6 @@ use super::{
 };
 use crate::eventlog::{Offset, Partition};
 use crate::model::LateEvent;
-use crate::views::operator::WinState;
 
 const SCHEMA_VERSION: i64 = 3;
 
@@ -290,10 +289,7 @@ impl ViewStore {
             self.conn.prepare("SELECT key, state FROM view_state WHERE view_id = ?1 ORDER BY key, window_start")?;
         let mut states = Vec::new();
         for row in stmt.query_map([view_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))? {
-            let (key, blob) = row?;
-            let win: WinState = serde_cbor::from_slice(&blob)
-                .map_err(|e| StoreError(format!("state of {view_id} key {key:?} does not decode: {e}")))?;
-            states.push((key, win));
+            states.push(row?);
         }
         Ok((closed, states))
     }
