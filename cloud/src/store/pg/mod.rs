@@ -973,17 +973,7 @@ aggregates = [{ name = "n", fn = "count" }]
     #[test]
     fn partials_of_a_tag_keyed_view_are_merged_and_paged_by_the_reader() {
         use crate::views::operator::{Event, ViewOperator};
-        use crate::views::spec::{AggFn, AggSpec, Field, OutputMode, WindowSpec};
-        let spec = ViewSpec {
-            name: "sessions".into(),
-            version: 1,
-            key: Field::Tag("user".into()),
-            window: WindowSpec::Session { gap_ms: 1_000 },
-            output: OutputMode::Update,
-            allowed_lateness_ms: 0,
-            filter: vec![],
-            aggregates: vec![AggSpec { name: "n".into(), func: AggFn::Count, of: None, max: 10 }],
-        };
+        let spec = counted_per_user("sessions", crate::views::spec::WindowSpec::Session { gap_ms: 1_000 });
         let db = TestSchema::new("partials");
         let mut store = db.connect();
         store.claim("main", &[0, 1]).unwrap();
@@ -1035,17 +1025,7 @@ aggregates = [{ name = "n", fn = "count" }]
     #[test]
     fn a_merged_view_is_paged_and_ranged_in_sql() {
         use crate::views::operator::{Event, ViewOperator};
-        use crate::views::spec::{AggFn, AggSpec, Field, OutputMode, WindowSpec};
-        let spec = ViewSpec {
-            name: "per_user".into(),
-            version: 1,
-            key: Field::Tag("user".into()),
-            window: WindowSpec::Tumbling { size_ms: 1_000 },
-            output: OutputMode::Update,
-            allowed_lateness_ms: 0,
-            filter: vec![],
-            aggregates: vec![AggSpec { name: "n".into(), func: AggFn::Count, of: None, max: 10 }],
-        };
+        let spec = counted_per_user("per_user", crate::views::spec::WindowSpec::Tumbling { size_ms: 1_000 });
         let db = TestSchema::new("mergedpages");
         let mut store = db.connect();
         store.claim("main", &[0, 1]).unwrap();
@@ -1134,6 +1114,21 @@ aggregates = [{ name = "n", fn = "count" }]
         assert!(started.elapsed() < std::time::Duration::from_secs(30), "cancelled, not waited out");
         tx.rollback().unwrap();
         assert_eq!(reader.list_views().unwrap(), vec![], "the connection serves the next query");
+    }
+
+    /// A view counting readings per `user` tag in `window`s.
+    fn counted_per_user(name: &str, window: crate::views::spec::WindowSpec) -> ViewSpec {
+        use crate::views::spec::{AggFn, AggSpec, Field, OutputMode};
+        ViewSpec {
+            name: name.into(),
+            version: 1,
+            key: Field::Tag("user".into()),
+            window,
+            output: OutputMode::Update,
+            allowed_lateness_ms: 0,
+            filter: vec![],
+            aggregates: vec![AggSpec { name: "n".into(), func: AggFn::Count, of: None, max: 10 }],
+        }
     }
 
     /// A page of a view's rows, all windows.
