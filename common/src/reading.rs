@@ -16,7 +16,7 @@ pub const MAX_TIMESTAMP_MS: i64 = 4_102_444_800_000;
 ///
 /// Metrics are named numbers; a metric present with no value (`null` on the
 /// wire) is kept as `None` so views can skip and count it rather than guess.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Reading {
     /// Device id, as in the MQTT topic `devices/{device}/telemetry`.
     #[serde(rename = "d")]

@@ -5,8 +5,11 @@
 //! from the event alone, so replaying the log gives the same views whatever
 //! the ingest times were.
 
+mod in_place;
+
 use serde::{Deserialize, Serialize};
 
+pub use self::in_place::decode_into;
 use crate::aggregate::Aggregate;
 use crate::reading::Reading;
 

@@ -9,10 +9,12 @@
 //! are joined, and a reading from the gap between them is then counted as a
 //! duplicate (`kappa_cloud_readings_duplicate_total`), never twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
+use compact_str::CompactString;
 use kappa_common::Reading;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 /// Most ranges kept per device boot.
 pub const MAX_RANGES: usize = 256;
@@ -20,47 +22,37 @@ pub const MAX_RANGES: usize = 256;
 /// The sequence numbers seen in one boot.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SeqSet {
-    /// start -> end, inclusive, disjoint and not adjacent.
-    ranges: BTreeMap<u64, u64>,
+    /// `(start, end)`, inclusive, sorted, disjoint and not adjacent; one
+    /// range inline (a device sending in order). Encoded as a map start -> end.
+    #[serde(with = "ranges_as_map")]
+    ranges: SmallVec<[(u64, u64); 1]>,
     pub last_ts: i64,
 }
 
 impl SeqSet {
     /// Adds `seq`; false if it was already there.
     pub fn insert(&mut self, seq: u64) -> bool {
-        let below = self.ranges.range_mut(..=seq).next_back();
-        if let Some((_, e)) = below {
-            if seq <= *e {
-                return false;
+        let r = &mut self.ranges;
+        // The ranges before `i` start at or below `seq`.
+        let i = r.partition_point(|&(s, _)| s <= seq);
+        if i > 0 && seq <= r[i - 1].1 {
+            return false;
+        }
+        let joins_below = i > 0 && r[i - 1].1.checked_add(1) == Some(seq);
+        let joins_above = i < r.len() && seq.checked_add(1) == Some(r[i].0);
+        match (joins_below, joins_above) {
+            // The common case: the next number of the newest range.
+            (true, false) => r[i - 1].1 = seq,
+            (true, true) => {
+                r[i - 1].1 = r[i].1;
+                r.remove(i);
             }
-            // The common case: the next number of the newest range, with nothing after it.
-            let next = seq.checked_add(1);
-            if *e + 1 == seq && next.is_none_or(|n| !self.ranges.contains_key(&n)) {
-                if let Some((_, e)) = self.ranges.range_mut(..=seq).next_back() {
-                    *e = seq;
-                }
-                return true;
-            }
+            (false, true) => r[i].0 = seq,
+            (false, false) => r.insert(i, (seq, seq)),
         }
-        let mut start = seq;
-        let mut end = seq;
-        if let Some((&s, &e)) = self.ranges.range(..seq).next_back()
-            && e.checked_add(1) == Some(seq)
-        {
-            start = s;
-            self.ranges.remove(&s);
-        }
-        if let Some(next) = seq.checked_add(1)
-            && let Some(e) = self.ranges.remove(&next)
-        {
-            end = e;
-        }
-        self.ranges.insert(start, end);
-        while self.ranges.len() > MAX_RANGES {
-            let mut it = self.ranges.iter();
-            let (Some((&s0, _)), Some((&s1, &e1))) = (it.next(), it.next()) else { break };
-            self.ranges.remove(&s1);
-            self.ranges.insert(s0, e1);
+        while r.len() > MAX_RANGES {
+            r[0].1 = r[1].1;
+            r.remove(1);
         }
         true
     }
@@ -70,22 +62,63 @@ impl SeqSet {
     }
 }
 
+/// The ranges as a CBOR map `start -> end` (the form checkpoints have always used).
+mod ranges_as_map {
+    use serde::de::{MapAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+    use smallvec::SmallVec;
+
+    pub fn serialize<S: Serializer>(ranges: &SmallVec<[(u64, u64); 1]>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(ranges.iter().map(|(a, b)| (a, b)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SmallVec<[(u64, u64); 1]>, D::Error> {
+        struct Ranges;
+        impl<'de> Visitor<'de> for Ranges {
+            type Value = SmallVec<[(u64, u64); 1]>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of sequence ranges")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = SmallVec::new();
+                while let Some((start, end)) = map.next_entry::<u64, u64>()? {
+                    out.push((start, end));
+                }
+                out.sort_unstable();
+                Ok(out)
+            }
+        }
+        d.deserialize_map(Ranges)
+    }
+}
+
 /// Encoded boots to upsert, and boots to delete, for a checkpoint.
 pub type DedupChanges = (Vec<(String, u32, Vec<u8>)>, Vec<(String, u32)>);
 
 #[derive(Debug)]
 struct Slot {
+    boot: u32,
     set: SeqSet,
     dirty: bool,
 }
 
 /// Dedup state for every device boot, with what the next checkpoint must write.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Dedup {
-    /// device -> boot -> sequence numbers (looked up by `&str`, no allocation per reading).
-    boots: HashMap<String, HashMap<u32, Slot>, foldhash::fast::RandomState>,
+    /// device -> its boots (usually one, searched in place). Looked up by
+    /// `&str` with the id stored inline: no allocation, one probe per reading.
+    boots: HashMap<CompactString, SmallVec<[Slot; 1]>, foldhash::fast::RandomState>,
     deleted: Vec<(String, u32)>,
     horizon_ms: i64,
+    /// No boot's latest reading is older than this (a lower bound: pruning
+    /// below it finds nothing, without visiting every device).
+    oldest_ts: i64,
+}
+
+impl Default for Dedup {
+    fn default() -> Self {
+        Self { boots: HashMap::default(), deleted: Vec::new(), horizon_ms: 0, oldest_ts: i64::MAX }
+    }
 }
 
 impl Dedup {
@@ -94,18 +127,26 @@ impl Dedup {
     }
 
     pub fn restore(&mut self, device: String, boot: u32, set: SeqSet) {
-        self.boots.entry(device).or_default().insert(boot, Slot { set, dirty: false });
+        self.oldest_ts = self.oldest_ts.min(set.last_ts);
+        self.boots.entry(CompactString::from(device)).or_default().push(Slot { boot, set, dirty: false });
     }
 
     /// True the first time a reading identity is seen.
     pub fn first_sighting(&mut self, r: &Reading) -> bool {
         let boots = match self.boots.get_mut(r.device.as_str()) {
             Some(b) => b,
-            None => self.boots.entry(r.device.clone()).or_default(),
+            None => self.boots.entry(CompactString::from(r.device.as_str())).or_default(),
         };
-        let slot = boots
-            .entry(r.boot)
-            .or_insert_with(|| Slot { set: SeqSet { ranges: BTreeMap::new(), last_ts: r.ts_ms }, dirty: true });
+        let at = match boots.iter().position(|s| s.boot == r.boot) {
+            Some(at) => at,
+            None => {
+                self.oldest_ts = self.oldest_ts.min(r.ts_ms);
+                let set = SeqSet { ranges: SmallVec::new(), last_ts: r.ts_ms };
+                boots.push(Slot { boot: r.boot, set, dirty: true });
+                boots.len() - 1
+            }
+        };
+        let slot = &mut boots[at];
         let new = slot.set.insert(r.seq);
         if new {
             slot.set.last_ts = slot.set.last_ts.max(r.ts_ms);
@@ -117,26 +158,33 @@ impl Dedup {
     /// Forgets boots whose latest reading is more than the horizon behind `watermark`.
     pub fn prune(&mut self, watermark: i64) {
         let horizon = self.horizon_ms;
+        if self.oldest_ts.saturating_add(horizon) > watermark {
+            return;
+        }
         let deleted = &mut self.deleted;
+        let mut oldest = i64::MAX;
         self.boots.retain(|device, boots| {
-            boots.retain(|boot, s| {
+            boots.retain(|s| {
                 let keep = s.set.last_ts.saturating_add(horizon) > watermark;
-                if !keep {
-                    deleted.push((device.clone(), *boot));
+                if keep {
+                    oldest = oldest.min(s.set.last_ts);
+                } else {
+                    deleted.push((device.to_string(), s.boot));
                 }
                 keep
             });
             !boots.is_empty()
         });
+        self.oldest_ts = oldest;
     }
 
     /// Changed boots (encoded) and forgotten ones, since the last call.
     pub fn take_changes(&mut self) -> DedupChanges {
         let mut up = Vec::new();
         for (d, boots) in self.boots.iter_mut() {
-            for (b, s) in boots.iter_mut().filter(|(_, s)| s.dirty) {
+            for s in boots.iter_mut().filter(|s| s.dirty) {
                 s.dirty = false;
-                up.push((d.clone(), *b, serde_cbor::ser::to_vec_packed(&s.set).unwrap_or_default()));
+                up.push((d.to_string(), s.boot, serde_cbor::ser::to_vec_packed(&s.set).unwrap_or_default()));
             }
         }
         up.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
@@ -145,7 +193,7 @@ impl Dedup {
 
     /// Device boots remembered.
     pub fn len(&self) -> usize {
-        self.boots.values().map(HashMap::len).sum()
+        self.boots.values().map(|b| b.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -156,6 +204,39 @@ impl Dedup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Checkpoints written before the ranges were kept inline hold a
+    /// `BTreeMap<u64, u64>`: the encoding is the same both ways.
+    #[test]
+    fn the_ranges_encode_as_the_map_checkpoints_have_always_held() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Before {
+            ranges: std::collections::BTreeMap<u64, u64>,
+            last_ts: i64,
+        }
+        let mut s = SeqSet { last_ts: 77, ..SeqSet::default() };
+        for seq in [9, 1, 2, 3, 5, u64::MAX] {
+            s.insert(seq);
+        }
+        let before = Before { ranges: [(1, 3), (5, 5), (9, 9), (u64::MAX, u64::MAX)].into(), last_ts: 77 };
+        let bytes = serde_cbor::ser::to_vec_packed(&s).unwrap();
+        assert_eq!(bytes, serde_cbor::ser::to_vec_packed(&before).unwrap());
+        assert_eq!(serde_cbor::from_slice::<SeqSet>(&bytes).unwrap(), s);
+    }
+
+    proptest::proptest! {
+        /// Against a plain set of every number seen (below the range cap).
+        #[test]
+        fn seq_set_answers_as_a_set_of_every_number_seen(seqs in proptest::collection::vec(0u64..300, 0..400)) {
+            let mut s = SeqSet::default();
+            let mut model = std::collections::BTreeSet::new();
+            for seq in seqs {
+                proptest::prop_assert_eq!(s.insert(seq), model.insert(seq));
+            }
+            let runs = model.iter().zip(model.iter().skip(1)).filter(|(a, b)| **a + 1 != **b).count();
+            proptest::prop_assert_eq!(s.ranges(), if model.is_empty() { 0 } else { runs + 1 });
+        }
+    }
 
     #[test]
     fn in_order_sequences_cost_one_range() {

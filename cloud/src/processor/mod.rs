@@ -23,7 +23,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kappa_common::record::{self, LogEvent};
+use kappa_common::Reading;
+use kappa_common::record::{self, LogEvent, LogRecord};
 use tokio_util::sync::CancellationToken;
 
 use self::committer::{Committer, Done, Job};
@@ -184,6 +185,8 @@ pub struct Processor<S: LogSource> {
     /// This pipeline's `readings_processed`, created at its first reading
     /// (a pipeline of aggregates never has one).
     processed: Option<prometheus_client::metrics::counter::Counter>,
+    /// The record being processed, decoded into the buffers of the last one.
+    scratch: LogRecord,
 }
 
 impl<S: LogSource> Processor<S> {
@@ -285,6 +288,12 @@ impl<S: LogSource> Processor<S> {
             event_ts: Vec::new(),
             spare_ts: Vec::new(),
             processed: None,
+            scratch: LogRecord {
+                gateway: String::new(),
+                batch_id: 0,
+                ingest_ms: 0,
+                event: LogEvent::Reading(Reading::default()),
+            },
         })
     }
 
@@ -328,45 +337,43 @@ impl<S: LogSource> Processor<S> {
         let now = Instant::now();
         for rec in records {
             self.positions.insert(rec.partition, rec.offset + 1);
-            let decoded = record::decode(&rec.value);
-            if let Ok(r) = &decoded {
-                self.newest_ingest_ms = self.newest_ingest_ms.max(r.ingest_ms);
+            // Decoded into the record kept from the last one, reusing its buffers.
+            if let Err(e) = record::decode_into(&rec.value, &mut self.scratch) {
+                self.metrics.records_undecodable.inc();
+                tracing::error!(partition = rec.partition, offset = rec.offset, error = %e, "Skipping an undecodable log record.");
+                continue;
             }
-            let (gateway, ingest_ms, reading) = match decoded {
-                Ok(r) => match r.event {
-                    LogEvent::Reading(reading) => (r.gateway, r.ingest_ms, reading),
-                    LogEvent::Heartbeat { ts_ms } => {
-                        for op in &mut self.ops {
-                            op.on_gateway_clock(rec.partition, &r.gateway, GatewayClock::Heartbeat(ts_ms), r.ingest_ms);
-                        }
-                        continue;
+            let r = &self.scratch;
+            self.newest_ingest_ms = self.newest_ingest_ms.max(r.ingest_ms);
+            let reading = match &r.event {
+                LogEvent::Reading(reading) => reading,
+                LogEvent::Heartbeat { ts_ms } => {
+                    for op in &mut self.ops {
+                        op.on_gateway_clock(rec.partition, &r.gateway, GatewayClock::Heartbeat(*ts_ms), r.ingest_ms);
                     }
-                    LogEvent::Progress { ts_ms } => {
-                        for op in &mut self.ops {
-                            op.on_gateway_clock(
-                                rec.partition,
-                                &r.gateway,
-                                GatewayClock::NewestReading(ts_ms),
-                                r.ingest_ms,
-                            );
-                        }
-                        continue;
+                    continue;
+                }
+                LogEvent::Progress { ts_ms } => {
+                    for op in &mut self.ops {
+                        op.on_gateway_clock(
+                            rec.partition,
+                            &r.gateway,
+                            GatewayClock::NewestReading(*ts_ms),
+                            r.ingest_ms,
+                        );
                     }
-                    LogEvent::Aggregate(a) => {
-                        for op in &mut self.ops {
-                            op.on_aggregate(&r.gateway, r.batch_id, &a);
-                        }
-                        self.metrics.aggregates_processed.inc();
-                        continue;
+                    continue;
+                }
+                LogEvent::Aggregate(a) => {
+                    for op in &mut self.ops {
+                        op.on_aggregate(&r.gateway, r.batch_id, a);
                     }
-                },
-                Err(e) => {
-                    self.metrics.records_undecodable.inc();
-                    tracing::error!(partition = rec.partition, offset = rec.offset, error = %e, "Skipping an undecodable log record.");
+                    self.metrics.aggregates_processed.inc();
                     continue;
                 }
             };
-            if !self.dedup.first_sighting(&reading) {
+            let (gateway, ingest_ms) = (&r.gateway, r.ingest_ms);
+            if !self.dedup.first_sighting(reading) {
                 self.metrics.readings_duplicate.inc();
                 continue;
             }
@@ -375,9 +382,9 @@ impl<S: LogSource> Processor<S> {
             let ev = Event {
                 partition: rec.partition,
                 offset: rec.offset,
-                gateway: &gateway,
+                gateway,
                 ingest_ms,
-                reading: &reading,
+                reading,
                 watermark: self.marks.partition(rec.partition),
             };
             for op in &mut self.ops {

@@ -10,9 +10,11 @@
 
 use std::collections::BTreeSet;
 
+use compact_str::CompactString;
 use kappa_common::Reading;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
+use smallvec::SmallVec;
 
 use super::spec::{AggFn, AggSpec, Field};
 
@@ -33,19 +35,19 @@ pub fn field_value<'r>(field: &Field, r: &'r Reading) -> Option<Val<'r>> {
     }
 }
 
-/// A stored value.
+/// A stored value (short text inline: no allocation per reading).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum OwnedVal {
     Num(f64),
-    Str(String),
+    Str(CompactString),
 }
 
 impl From<Val<'_>> for OwnedVal {
     fn from(v: Val<'_>) -> Self {
         match v {
             Val::Num(n) => OwnedVal::Num(n),
-            Val::Str(s) => OwnedVal::Str(s.to_string()),
+            Val::Str(s) => OwnedVal::Str(CompactString::from(s)),
         }
     }
 }
@@ -58,7 +60,7 @@ impl OwnedVal {
     fn to_json(&self) -> Json {
         match self {
             OwnedVal::Num(n) => json_num(*n),
-            OwnedVal::Str(s) => Json::String(s.clone()),
+            OwnedVal::Str(s) => Json::String(s.to_string()),
         }
     }
 }
@@ -71,18 +73,19 @@ fn text(v: Val<'_>) -> String {
     }
 }
 
-/// The total order of readings used by `first`, `last` and `list`.
+/// The total order of readings used by `first`, `last` and `list` (the
+/// device id inline when short: compared without a pointer chase).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct OrderKey {
     pub ts_ms: i64,
-    pub device: String,
+    pub device: CompactString,
     pub boot: u32,
     pub seq: u64,
 }
 
 impl OrderKey {
     pub fn of(r: &Reading) -> Self {
-        Self { ts_ms: r.ts_ms, device: r.device.clone(), boot: r.boot, seq: r.seq }
+        Self { ts_ms: r.ts_ms, device: CompactString::from(r.device.as_str()), boot: r.boot, seq: r.seq }
     }
 
     /// How `r` orders against this key, without building a key for it.
@@ -92,9 +95,11 @@ impl OrderKey {
 }
 
 /// An exact sum of floats: the non-overlapping partials of Shewchuk's algorithm.
+/// Sums of sensor values need one or two partials, kept inline (no
+/// allocation, no pointer to follow); it encodes as the list it is.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ExactSum {
-    partials: Vec<f64>,
+    partials: SmallVec<[f64; 2]>,
 }
 
 impl ExactSum {

@@ -29,6 +29,8 @@ use kappa_common::window::tumbling_start;
 use serde::{Deserialize, Serialize};
 
 use super::agg::{AggState, Val, field_value};
+/// A view's key: stored inline when short (device and user ids are).
+type Key = compact_str::CompactString;
 use super::spec::{Condition, Literal, Op, OutputMode, ViewSpec, WindowSpec};
 use crate::eventlog::{Offset, Partition};
 
@@ -79,10 +81,14 @@ pub struct ViewOperator {
     pub spec: ViewSpec,
     id: String,
     /// key -> its open windows (sessions too), sorted by start. Looked up by
-    /// `&str`, so a reading for a known key allocates nothing here.
-    slots: HashMap<String, Vec<Slot>, foldhash::fast::RandomState>,
+    /// `&str`, so a reading for a known key allocates nothing here; a short
+    /// key is stored inline in the table, compared without a pointer chase.
+    slots: HashMap<Key, Vec<Slot>, foldhash::fast::RandomState>,
     /// The global watermark at the last close.
     closed_through: Option<i64>,
+    /// No open window closes before this watermark (a lower bound: a
+    /// watermark below it closes nothing, without visiting every key).
+    next_close: i64,
     pending: Changes,
     pub tally: Tally,
     /// Aggregate indices in name order: rows list their values sorted by name.
@@ -101,6 +107,7 @@ impl ViewOperator {
             spec,
             slots: HashMap::default(),
             closed_through: None,
+            next_close: i64::MAX,
             pending: Changes::default(),
             tally: Tally::default(),
             partials: false,
@@ -130,7 +137,8 @@ impl ViewOperator {
         for (key, blob) in states {
             let win: WinState = serde_cbor::from_slice(&blob)
                 .map_err(|e| format!("state of {} key {key:?} does not decode: {e}", self.id))?;
-            let list = self.slots.entry(key).or_default();
+            self.next_close = self.next_close.min(close_at(&self.spec, &win));
+            let list = self.slots.entry(Key::from(key)).or_default();
             list.push(Slot { win, dirty: false });
             list.sort_by_key(|s| s.win.start);
         }
@@ -207,10 +215,10 @@ impl ViewOperator {
                         self.tally.late += 1;
                         continue;
                     }
-                    let Self { spec, slots, tally, .. } = self;
+                    let Self { spec, slots, tally, next_close, .. } = self;
                     let list = match slots.get_mut(key.as_ref()) {
                         Some(l) => l,
-                        None => slots.entry(key.to_string()).or_default(),
+                        None => slots.entry(Key::from(key.as_ref())).or_default(),
                     };
                     let at = match list.binary_search_by_key(&start, |s| s.win.start) {
                         Ok(i) => i,
@@ -220,6 +228,7 @@ impl ViewOperator {
                                 last_ts: r.ts_ms,
                                 aggs: spec.aggregates.iter().map(AggState::new).collect(),
                             };
+                            *next_close = (*next_close).min(close_at(spec, &win));
                             list.insert(i, Slot { win, dirty: true });
                             i
                         }
@@ -236,10 +245,10 @@ impl ViewOperator {
     }
 
     fn add_to_session(&mut self, key: &str, r: &Reading, gap_ms: i64) {
-        let Self { spec, slots, tally, pending, .. } = self;
+        let Self { spec, slots, tally, pending, next_close, .. } = self;
         let list = match slots.get_mut(key) {
             Some(l) => l,
-            None => slots.entry(key.to_string()).or_default(),
+            None => slots.entry(Key::from(key)).or_default(),
         };
         let (lo, hi) = (r.ts_ms, r.ts_ms + gap_ms);
         let overlaps = |s: &Slot| s.win.start < hi && lo < s.win.last_ts + gap_ms;
@@ -267,6 +276,8 @@ impl ViewOperator {
                 };
                 let mut slot = Slot { win, dirty: true };
                 add_reading(spec, &mut slot.win, r, tally);
+                // A session only ever closes later as readings extend or merge it.
+                *next_close = (*next_close).min(close_at(spec, &slot.win));
                 let at = list.partition_point(|s| s.win.start < slot.win.start);
                 list.insert(at, slot);
             }
@@ -313,24 +324,25 @@ impl ViewOperator {
             return;
         }
         self.closed_through = Some(watermark);
-        let lateness = self.spec.allowed_lateness_ms;
-        let extra = match self.spec.window {
-            WindowSpec::Global => return,
-            // A session closes one gap after its end.
-            WindowSpec::Session { gap_ms } => gap_ms,
-            WindowSpec::Tumbling { .. } | WindowSpec::Hopping { .. } => 0,
-        };
+        if self.spec.window == WindowSpec::Global || watermark < self.next_close {
+            return;
+        }
         let mut closing = Vec::new();
-        for (key, list) in self.slots.iter_mut() {
-            let window = self.spec.window;
+        let mut next_close = i64::MAX;
+        let Self { spec, slots, .. } = self;
+        for (key, list) in slots.iter_mut() {
             list.retain(|s| {
-                let done = end_of(window, &s.win).saturating_add(extra + lateness) <= watermark;
+                let at = close_at(spec, &s.win);
+                let done = at <= watermark;
                 if done {
-                    closing.push((key.clone(), s.clone()));
+                    closing.push((key.to_string(), s.clone()));
+                } else {
+                    next_close = next_close.min(at);
                 }
                 !done
             });
         }
+        self.next_close = next_close;
         self.slots.retain(|_, l| !l.is_empty());
         closing.sort_by(|a, b| (&a.0, a.1.win.start).cmp(&(&b.0, b.1.win.start)));
         for (key, slot) in closing {
@@ -361,29 +373,29 @@ impl ViewOperator {
         let update = self.spec.output == OutputMode::Update;
         let partials = self.partials;
         let Self { spec, slots, by_name, .. } = self;
-        let mut keys: Vec<&String> = slots.iter().filter(|(_, l)| l.iter().any(|s| s.dirty)).map(|(k, _)| k).collect();
-        keys.sort();
+        let mut keys: Vec<(&Key, &mut Vec<Slot>)> =
+            slots.iter_mut().filter(|(_, l)| l.iter().any(|s| s.dirty)).collect();
+        keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let mut alive: std::collections::HashSet<(String, i64)> = std::collections::HashSet::new();
-        for key in keys {
-            for slot in slots.get(key).into_iter().flatten().filter(|s| s.dirty) {
+        for (key, list) in keys {
+            let key = key.as_str();
+            for slot in list.iter_mut().filter(|s| s.dirty) {
+                slot.dirty = false;
                 if update && partials {
                     out.partial_upserts.push(partial_of(spec.window, key, &slot.win));
                 } else if update {
                     out.row_upserts.push(row_of(spec, by_name, key, &slot.win));
                 }
                 let blob = serde_cbor::ser::to_vec_packed(&slot.win).unwrap_or_default();
-                out.state_upserts.push((key.clone(), slot.win.start, blob));
+                out.state_upserts.push((key.to_string(), slot.win.start, blob));
                 if !out.state_deletes.is_empty() {
-                    alive.insert((key.clone(), slot.win.start));
+                    alive.insert((key.to_string(), slot.win.start));
                 }
             }
         }
         // Deleted earlier in this interval and alive again: the upsert wins.
         out.state_deletes.retain(|k| !alive.contains(k));
         out.row_deletes.retain(|k| !alive.contains(k));
-        for list in slots.values_mut() {
-            list.iter_mut().for_each(|s| s.dirty = false);
-        }
         out
     }
 }
@@ -452,6 +464,15 @@ pub fn merge_partials(spec: &ViewSpec, key: &str, mut parts: Vec<WinState>) -> V
         }
     }
     merged.iter().map(|w| row_of(spec, &by_name, key, w)).collect()
+}
+
+/// The global watermark at which a window closes (see [`ViewOperator::on_watermark`]).
+fn close_at(spec: &ViewSpec, w: &WinState) -> i64 {
+    let extra = match spec.window {
+        WindowSpec::Session { gap_ms } => gap_ms,
+        WindowSpec::Tumbling { .. } | WindowSpec::Hopping { .. } | WindowSpec::Global => 0,
+    };
+    end_of(spec.window, w).saturating_add(extra).saturating_add(spec.allowed_lateness_ms)
 }
 
 /// Where a window ends (exclusive); `i64::MAX` for the global window.
