@@ -7,6 +7,18 @@ use serde_json::Value as Json;
 
 use crate::eventlog::{Offset, Partition};
 
+/// Packed CBOR of state a checkpoint writes, into a buffer sized for it up
+/// front (the encoder writes a few bytes at a time: growing from empty
+/// reallocates several times per window). Plain data: encoding cannot fail.
+pub fn packed_cbor<T: Serialize>(value: &T, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
+    let mut writer = serde_cbor::ser::IoWrite::new(&mut out);
+    if value.serialize(&mut serde_cbor::Serializer::new(&mut writer).packed_format()).is_err() {
+        return Vec::new();
+    }
+    out
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {

@@ -30,6 +30,8 @@ import os
 import sys
 import time
 
+from tumbling_columns import COLUMNS
+
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType
@@ -55,19 +57,6 @@ SCHEMA = StructType(
     ]
 )
 
-# The result's columns, in the order spark.rs reads them.
-COLUMNS = [
-    "device",
-    "window_start_ms",
-    "event_count",
-    "avg_temp",
-    "max_temp",
-    "min_temp",
-    "stddev_temp",
-    "avg_humidity",
-    "avg_pressure",
-    "event_types",
-]
 
 
 def process_cpu_seconds(pid):

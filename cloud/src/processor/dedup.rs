@@ -184,7 +184,7 @@ impl Dedup {
         for (d, boots) in self.boots.iter_mut() {
             for s in boots.iter_mut().filter(|s| s.dirty) {
                 s.dirty = false;
-                up.push((d.to_string(), s.boot, serde_cbor::ser::to_vec_packed(&s.set).unwrap_or_default()));
+                up.push((d.to_string(), s.boot, crate::model::packed_cbor(&s.set, 32)));
             }
         }
         up.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));

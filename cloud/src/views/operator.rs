@@ -386,7 +386,7 @@ impl ViewOperator {
                 } else if update {
                     out.row_upserts.push(row_of(spec, by_name, key, &slot.win));
                 }
-                let blob = serde_cbor::ser::to_vec_packed(&slot.win).unwrap_or_default();
+                let blob = crate::model::packed_cbor(&slot.win, 256);
                 out.state_upserts.push((key.to_string(), slot.win.start, blob));
                 if !out.state_deletes.is_empty() {
                     alive.insert((key.to_string(), slot.win.start));
@@ -402,27 +402,31 @@ impl ViewOperator {
 
 /// A row's JSON, written directly: values in name order.
 fn row_of(spec: &ViewSpec, by_name: &[usize], key: &str, w: &WinState) -> Row {
-    let mut values = String::with_capacity(32 * by_name.len());
-    values.push('{');
+    let mut values = Vec::with_capacity(32 * by_name.len());
+    values.push(b'{');
     for (n, &i) in by_name.iter().enumerate() {
         if n > 0 {
-            values.push(',');
+            values.push(b',');
         }
         let a = &spec.aggregates[i];
-        values.push('"');
-        values.push_str(&a.name);
-        values.push_str("\":");
-        values.push_str(&w.aggs[i].output(a).to_string());
+        // Names are checked to be plain identifiers: no escaping needed.
+        values.push(b'"');
+        values.extend_from_slice(a.name.as_bytes());
+        values.extend_from_slice(b"\":");
+        // Writing JSON values into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut values, &w.aggs[i].output(a));
     }
-    values.push('}');
+    values.push(b'}');
     let end = Some(end_of(spec.window, w)).filter(|e| *e != i64::MAX);
+    // serde_json writes UTF-8 only.
+    let values = String::from_utf8(values).unwrap_or_default();
     Row { key: key.to_string(), window_start: w.start, window_end: end, values }
 }
 
 /// A window's state as a partial: key, start, end (none for the global window), CBOR.
 fn partial_of(window: WindowSpec, key: &str, w: &WinState) -> (String, i64, Option<i64>, Vec<u8>) {
     let end = Some(end_of(window, w)).filter(|e| *e != i64::MAX);
-    (key.to_string(), w.start, end, serde_cbor::ser::to_vec_packed(w).unwrap_or_default())
+    (key.to_string(), w.start, end, crate::model::packed_cbor(w, 256))
 }
 
 /// The rows of one key from its windows' partial states, computed apart

@@ -15,6 +15,12 @@
 //! (process CPU, so the committer thread is counted); for Spark, the query
 //! from `start()` to `awaitTermination()` (JVM CPU, all threads), warm (the
 //! second run in the session) as the headline, cold beside it.
+//!
+//! Beside them, DuckDB (`tests/bench/duckdb_tumbling.py`) computes the same
+//! rows as one in-process batch GROUP BY over the events in memory: not a
+//! peer but a ceiling, reported as our streaming rate over its batch rate.
+//! Each of Spark and DuckDB runs when it is installed; the section is
+//! skipped only when neither is.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufWriter, Write};
@@ -32,6 +38,7 @@ use kappa_common::record;
 use serde_json::{Value, json};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/spark_tumbling.py");
+const DUCKDB_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/duckdb_tumbling.py");
 /// 2026-01-01T00:00:00Z, on a 5-minute boundary.
 const BASE_MS: i64 = 1_767_225_600_000;
 /// One reading per device every 30 s of event time.
@@ -44,7 +51,9 @@ const MAX_OUT_OF_ORDERNESS_MS: i64 = 600_000;
 const TOLERANCE: f64 = 1e-9;
 
 pub fn run(dir: &Path, scale: f64) -> Value {
-    if let Err(why) = spark_available() {
+    let (spark_ok, duckdb_ok) = (spark_available(), duckdb_available());
+    if let (Err(spark), Err(duckdb)) = (&spark_ok, &duckdb_ok) {
+        let why = format!("{spark}; {duckdb}");
         println!("spark tumbling: skipped ({why})");
         return json!({ "skipped": why });
     }
@@ -54,9 +63,37 @@ pub fn run(dir: &Path, scale: f64) -> Value {
     let (src, n) = events(devices, per_device, &work.path().join("events.csv"));
 
     let (ours_rows, ours) = run_ours(src, n, &work.path().join("views.sqlite"));
-    let spark = run_spark(work.path());
-    let spark_rows = spark_rows(&spark);
-    let cmp = compare(&ours_rows, &spark_rows);
+    let mut out = json!({
+        "events": n, "devices": devices, "windows": ours_rows.len(),
+        "ours": {
+            "threads": 1, "seconds": ours.secs, "cpu_seconds": ours.cpu,
+            "events_per_s": ours.per_s, "events_per_cpu_second": ours.per_cpu,
+            "processing_only": { "events_per_s": ours.processing_per_s, "events_per_cpu_second": ours.processing_per_cpu },
+        },
+    });
+    match spark_ok {
+        Ok(()) => spark_beside(&mut out, work.path(), n, devices, &ours_rows, &ours),
+        Err(why) => {
+            println!("spark tumbling: Spark skipped ({why})");
+            out["spark"] = json!({ "skipped": why });
+        }
+    }
+    match duckdb_ok {
+        Ok(()) => duckdb_beside(&mut out, work.path(), n, &ours_rows, &ours),
+        Err(why) => {
+            println!("spark tumbling: DuckDB skipped ({why})");
+            out["duckdb"] = json!({ "skipped": why });
+        }
+    }
+    out
+}
+
+/// Spark Structured Streaming on the same events: its figures, the ratios
+/// and the row comparison go into `out`.
+fn spark_beside(out: &mut Value, work: &Path, n: usize, devices: u64, ours_rows: &Rows, ours: &Ours) {
+    let spark = run_python(SCRIPT, work, "spark");
+    let spark_rows = result_rows(&spark, "spark_tumbling.py");
+    let cmp = compare(ours_rows, &spark_rows);
 
     let warm = &spark["warm"];
     let spark_wall = warm["wall_seconds"].as_f64().unwrap();
@@ -80,38 +117,72 @@ pub fn run(dir: &Path, scale: f64) -> Value {
         ours.per_s,
         ours.per_cpu,
     );
+    report_comparison("Spark", &cmp, ours_rows.len(), spark_rows.len());
+    out["spark"] = json!({
+        "version": version, "cores": cores, "shuffle_partitions": spark["shuffle_partitions"],
+        "cold": spark["cold"], "warm": spark["warm"],
+        "events_per_s": spark_per_s, "events_per_cpu_second": spark_per_cpu,
+    });
+    out["ratio"] = json!({ "per_cpu_second": ratio_cpu, "wall_throughput": ratio_wall });
+    out["rows_agree"] = json!(cmp.mismatches == 0);
+    out["mismatches"] = json!(cmp.mismatches);
+    out["max_rel_diff"] = json!(cmp.max_rel);
+}
+
+/// DuckDB's batch GROUP BY over the same events, a ceiling: our streaming
+/// rate as a ratio to its batch rate, and the row comparison, go into `out`.
+fn duckdb_beside(out: &mut Value, work: &Path, n: usize, ours_rows: &Rows, ours: &Ours) {
+    let duck = run_python(DUCKDB_SCRIPT, work, "duckdb");
+    let duck_rows = result_rows(&duck, "duckdb_tumbling.py");
+    let cmp = compare(ours_rows, &duck_rows);
+    let warm = &duck["warm"];
+    let input = warm["input_rows"].as_u64().unwrap();
+    assert_eq!(input, n as u64, "DuckDB read {input} of {n} events");
+    let per_s = n as f64 / warm["wall_seconds"].as_f64().unwrap();
+    let per_cpu = n as f64 / warm["cpu_seconds"].as_f64().unwrap().max(1e-9);
+    let version = duck["version"].as_str().unwrap_or("?");
+    let threads = duck["threads"].as_u64().unwrap_or(0);
+    println!(
+        "spark tumbling: DuckDB {version} batch GROUP BY ({threads} threads) {per_s:.0} events/s warm ({per_cpu:.0} per CPU-second); \
+         our streaming rate is {:.2} of its batch rate, {:.2} per CPU-second",
+        ours.per_s / per_s,
+        ours.per_cpu / per_cpu,
+    );
+    report_comparison("DuckDB", &cmp, ours_rows.len(), duck_rows.len());
+    out["duckdb"] = json!({
+        "version": version, "threads": threads, "cold": duck["cold"], "warm": duck["warm"],
+        "events_per_s": per_s, "events_per_cpu_second": per_cpu,
+        "ours_over_duckdb": { "wall_throughput": ours.per_s / per_s, "per_cpu_second": ours.per_cpu / per_cpu },
+        "rows_agree": cmp.mismatches == 0, "mismatches": cmp.mismatches, "max_rel_diff": cmp.max_rel,
+    });
+}
+
+fn report_comparison(peer: &str, cmp: &Comparison, ours: usize, theirs: usize) {
     if cmp.mismatches == 0 {
         println!(
-            "spark tumbling: all {} rows agree (largest relative difference {:.1e})",
-            ours_rows.len(),
+            "spark tumbling: all {ours} rows agree with {peer}'s (largest relative difference {:.1e})",
             cmp.max_rel
         );
     } else {
         println!(
-            "spark tumbling: ROWS DISAGREE: {} mismatches (ours {} rows, Spark {}); first ones:",
-            cmp.mismatches,
-            ours_rows.len(),
-            spark_rows.len()
+            "spark tumbling: ROWS DISAGREE with {peer}: {} mismatches (ours {ours} rows, {peer} {theirs}); first ones:",
+            cmp.mismatches
         );
         for m in &cmp.first {
             println!("  {m}");
         }
     }
-    json!({
-        "events": n, "devices": devices, "windows": ours_rows.len(),
-        "ours": {
-            "threads": 1, "seconds": ours.secs, "cpu_seconds": ours.cpu,
-            "events_per_s": ours.per_s, "events_per_cpu_second": ours.per_cpu,
-            "processing_only": { "events_per_s": ours.processing_per_s, "events_per_cpu_second": ours.processing_per_cpu },
-        },
-        "spark": {
-            "version": version, "cores": cores, "shuffle_partitions": spark["shuffle_partitions"],
-            "cold": spark["cold"], "warm": spark["warm"],
-            "events_per_s": spark_per_s, "events_per_cpu_second": spark_per_cpu,
-        },
-        "ratio": { "per_cpu_second": ratio_cpu, "wall_throughput": ratio_wall },
-        "rows_agree": cmp.mismatches == 0, "mismatches": cmp.mismatches, "max_rel_diff": cmp.max_rel,
-    })
+}
+
+/// `Ok` when `python3` imports duckdb; else why not.
+fn duckdb_available() -> Result<(), String> {
+    let ok = Command::new("python3")
+        .args(["-c", "import duckdb"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok { Ok(()) } else { Err("duckdb is not installed (python3 -m pip install duckdb)".into()) }
 }
 
 /// `Ok` when `python3` imports pyspark and `java` runs; else why not.
@@ -260,12 +331,13 @@ fn strings(v: &Value) -> Vec<String> {
     out
 }
 
-/// Runs `spark_tumbling.py` over `work/events.csv`; its result JSON.
-fn run_spark(work: &Path) -> Value {
-    let (csv, result, log) = (work.join("events.csv"), work.join("spark-result.json"), work.join("spark.log"));
+/// Runs `script` over `work/events.csv`; its result JSON.
+fn run_python(script: &str, work: &Path, name: &str) -> Value {
+    let csv = work.join("events.csv");
+    let (result, log) = (work.join(format!("{name}-result.json")), work.join(format!("{name}.log")));
     let log_file = std::fs::File::create(&log).unwrap();
     let status = Command::new("python3")
-        .arg(SCRIPT)
+        .arg(script)
         .arg(&csv)
         .arg(&result)
         .arg(work)
@@ -277,13 +349,14 @@ fn run_spark(work: &Path) -> Value {
     if !status.success() {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
-        panic!("{SCRIPT} failed ({status}); the end of its output:\n{}", tail.join("\n"));
+        panic!("{script} failed ({status}); the end of its output:\n{}", tail.join("\n"));
     }
     serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap()
 }
 
-fn spark_rows(spark: &Value) -> Rows {
-    let columns: Vec<&str> = spark["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+/// The rows a script wrote (`spark_tumbling.py`'s layout, which both share).
+fn result_rows(result: &Value, script: &str) -> Rows {
+    let columns: Vec<&str> = result["columns"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
     assert_eq!(
         columns,
         [
@@ -298,9 +371,9 @@ fn spark_rows(spark: &Value) -> Rows {
             "avg_pressure",
             "event_types"
         ],
-        "spark_tumbling.py's columns changed"
+        "{script}'s columns changed"
     );
-    spark["rows"]
+    result["rows"]
         .as_array()
         .unwrap()
         .iter()

@@ -264,6 +264,18 @@ fn peers(report: &Value) -> Vec<(String, String, String)> {
             format!("{r:.2} × Spark Structured Streaming, warm ({agree})"),
         ));
     }
+    if let (Some(ours), Some(duck), Some(r)) = (
+        num(spark, &["ours", "events_per_s"]),
+        num(spark, &["duckdb", "events_per_s"]),
+        num(spark, &["duckdb", "ours_over_duckdb", "wall_throughput"]),
+    ) {
+        let agree = if spark["duckdb"]["rows_agree"].as_bool() == Some(true) { "rows agree" } else { "ROWS DISAGREE" };
+        out.push((
+            "5-minute tumbling view, events/s (a batch engine's ceiling)".into(),
+            format!("{} (DuckDB batch GROUP BY, warm: {})", fmt(ours), fmt(duck)),
+            format!("{r:.2} of DuckDB's batch rate ({agree})"),
+        ));
+    }
     if let (Some(bridge), Some(ours)) = (
         num(report, &["mqtt_bridge_bytes", "both_directions_bytes_per_reading"]),
         num(report, &["wire_bytes", "columnar", "wire_bytes_per_reading"]),
