@@ -84,7 +84,18 @@ async fn cut_the_power(targets: &[Target], edge_log: &str, cloud_log: &str, sett
         }
     }
     let truth = Fleet::finish(&mut sim, dir.path()).await;
-    assert_eq!(truth.acked, 50 * readings, "every reading should have been acknowledged in the end");
+    // A device keeps 128 samples while the agent is down (4 s at this rate);
+    // an outage longer than that on a loaded machine drops the oldest on the
+    // device, counted there, never acknowledged: not owed by the pipeline.
+    assert_eq!(truth.sampled, 50 * readings, "every device should have taken all its samples");
+    assert_eq!(truth.acked + truth.dropped_on_device, truth.sampled, "a sample neither acknowledged nor dropped");
+    assert!(
+        truth.acked >= truth.sampled * 9 / 10,
+        "most readings should have been acknowledged: {} of {} ({} dropped on devices)",
+        truth.acked,
+        truth.sampled,
+        truth.dropped_on_device
+    );
     wait_for("the agent's backlog to drain", SETTLE, || async {
         (edge.metric("kappa_edge_backlog_readings").await == Some(0.0)).then_some(())
     })
