@@ -60,6 +60,7 @@ pub struct CloudMetrics {
     pub archive_lag_records: Family<PartitionLabel, Gauge>,
     pub archive_skipped_records: Gauge,
     pub log_records_deleted: Counter,
+    pub log_hole_offsets: Counter,
     pub state_rows: Family<PipelineLabel, Gauge>,
     pub heartbeats: Counter,
     pub alert_transitions: Family<PairLabel, Counter>,
@@ -175,6 +176,7 @@ impl CloudMetrics {
             archive_lag_records: Family::default(),
             archive_skipped_records: Gauge::default(),
             log_records_deleted: Counter::default(),
+            log_hole_offsets: Counter::default(),
             state_rows: Family::default(),
             heartbeats: Counter::default(),
             alert_transitions: Family::default(),
@@ -322,6 +324,11 @@ impl CloudMetrics {
             "log_records_deleted",
             "Log records deleted by retention (archived and processed)",
             m.log_records_deleted.clone(),
+        );
+        r.register(
+            "log_hole_offsets",
+            "Offsets the embedded log recorded as a hole at startup: commits it lost after its readers had read them",
+            m.log_hole_offsets.clone(),
         );
         r.register(
             "watermark_timestamp_seconds",

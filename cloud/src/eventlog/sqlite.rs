@@ -10,6 +10,12 @@
 //!   ever appended, written in the same transaction as its records, so a
 //!   resent batch is recognised and not appended twice.
 //! * `meta(key, value)`: `schema_version`, `partitions` (fixed at creation).
+//! * `holes(partition, start, end, found_ms)`: offsets `start..end` that will
+//!   never hold a record. A log that lost its last commits (a power cut under
+//!   `durability = "normal"`) can end before offsets its readers already
+//!   checkpointed; the node then appends after them and records the hole
+//!   ([`SqliteLog::append_after`]), so a reader neither skips new records
+//!   nor stops at the missing ones.
 //!
 //! The writer takes every append request waiting, commits them in one
 //! transaction (one fsync under `durability = "full"`), and only then answers
@@ -44,7 +50,23 @@ CREATE TABLE IF NOT EXISTS batches (
     PRIMARY KEY (gateway, batch_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS holes (
+    partition INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    end INTEGER NOT NULL,
+    found_ms INTEGER NOT NULL,
+    PRIMARY KEY (partition, start)
+) WITHOUT ROWID;
 ";
+
+/// Offsets `start..end` of `partition` that hold no record and never will:
+/// they were handed out by commits the log lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hole {
+    pub partition: Partition,
+    pub start: Offset,
+    pub end: Offset,
+}
 
 /// Most append requests folded into one transaction.
 const MAX_REQUESTS_PER_COMMIT: usize = 256;
@@ -175,6 +197,48 @@ impl SqliteLog {
         next_offsets(&conn, partitions).map(|v| v.into_iter().enumerate().map(|(p, o)| (p as Partition, o)).collect())
     }
 
+    /// Makes every partition append at or after `readers_at[partition]`, the
+    /// furthest any reader (a pipeline's checkpoint, the archive) has already
+    /// got. A log that ends before that lost commits after its readers saw
+    /// them (a power cut under `durability = "normal"`): records appended at
+    /// those offsets again would be skipped by the readers. The offsets
+    /// between the log's end and the readers are recorded as a hole,
+    /// durably (`synchronous=FULL`) before anything is appended after it,
+    /// and returned. Call before [`Self::start_writer`].
+    pub fn append_after(&self, readers_at: &BTreeMap<Partition, Offset>) -> Result<Vec<Hole>, EventLogError> {
+        let mut conn = connect(&self.path, Durability::Full)?;
+        let next = next_offsets(&conn, self.partitions)?;
+        let holes: Vec<Hole> = next
+            .iter()
+            .enumerate()
+            .filter_map(|(p, &start)| {
+                let end = readers_at.get(&(p as Partition)).copied().unwrap_or(0);
+                (end > start).then_some(Hole { partition: p as Partition, start, end })
+            })
+            .collect();
+        if holes.is_empty() {
+            return Ok(holes);
+        }
+        let tx = conn.transaction().map_err(unavailable)?;
+        for h in &holes {
+            tx.execute(
+                "INSERT INTO holes (partition, start, end, found_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![h.partition, h.start as i64, h.end as i64, crate::now_ms()],
+            )
+            .map_err(unavailable)?;
+        }
+        tx.commit().map_err(unavailable)?;
+        for h in &holes {
+            tracing::error!(
+                partition = h.partition,
+                log_end = h.start,
+                readers_at = h.end,
+                "The event log ends before offsets its readers already processed: it lost commits (a power cut under durability = \"normal\" does that). New records go after them; the offsets between are recorded as a hole."
+            );
+        }
+        Ok(holes)
+    }
+
     /// Starts the writer thread; at most `queue` appends wait for it.
     pub fn start_writer(&self, queue: usize) -> Result<SqliteAppender, EventLogError> {
         let mut conn = connect(&self.path, self.durability)?;
@@ -200,6 +264,7 @@ impl SqliteLog {
             at_end: vec![false; self.partitions as usize],
             next_partition: 0,
             signal: self.signal.clone(),
+            hole_offsets_passed: 0,
         })
     }
 }
@@ -216,14 +281,35 @@ fn unavailable(e: rusqlite::Error) -> EventLogError {
     EventLogError::Unavailable(e.to_string())
 }
 
+/// The offset the next record of each partition gets: after its newest
+/// record and after its last hole.
 fn next_offsets(conn: &Connection, partitions: u32) -> Result<Vec<Offset>, EventLogError> {
     let mut stmt = conn.prepare("SELECT max(offset) FROM log WHERE partition = ?1").map_err(unavailable)?;
+    let holes = holes(conn)?;
     (0..partitions)
         .map(|p| {
             let max: Option<i64> = stmt.query_row([p], |r| r.get(0)).map_err(unavailable)?;
-            Ok(max.map_or(0, |m| m as u64 + 1))
+            let after_holes = holes.iter().filter(|h| h.partition == p).map(|h| h.end).max().unwrap_or(0);
+            Ok(max.map_or(0, |m| m as u64 + 1).max(after_holes))
         })
         .collect()
+}
+
+/// Every recorded hole (none in a log from before holes were recorded).
+fn holes(conn: &Connection) -> Result<Vec<Hole>, EventLogError> {
+    let recorded: bool = conn
+        .query_row("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'holes'", [], |r| r.get(0))
+        .map_err(unavailable)?;
+    if !recorded {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare("SELECT partition, start, end FROM holes").map_err(unavailable)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(Hole { partition: r.get(0)?, start: r.get::<_, i64>(1)? as u64, end: r.get::<_, i64>(2)? as u64 })
+        })
+        .map_err(unavailable)?;
+    rows.collect::<Result<_, _>>().map_err(unavailable)
 }
 
 struct AppendRequest {
@@ -341,9 +427,16 @@ pub struct SqliteSource {
     at_end: Vec<bool>,
     next_partition: usize,
     signal: Arc<Signal>,
+    /// Offsets of recorded holes read past so far.
+    hole_offsets_passed: u64,
 }
 
 impl SqliteSource {
+    /// Offsets of recorded holes (commits the log lost) this source read past.
+    pub fn hole_offsets_passed(&self) -> u64 {
+        self.hole_offsets_passed
+    }
+
     fn read(&mut self, max: usize) -> Result<Vec<ConsumedRecord>, EventLogError> {
         let n = self.positions.len().max(1);
         // Fair share per partition, starting from a rotating partition.
@@ -362,12 +455,24 @@ impl SqliteSource {
             let mut got = 0;
             while let Some(row) = rows.next().map_err(unavailable)? {
                 let offset = row.get::<_, i64>(0).map_err(unavailable)? as u64;
-                // Offsets are dense: a record past the next one means the
-                // ones between were deleted (retention) before this reader
-                // read them. Never skip them silently.
+                // Offsets are dense but for recorded holes: a record past the
+                // next one means the ones between were deleted (retention)
+                // before this reader read them. Never skip them silently.
                 let expected = self.positions[idx].1;
                 if offset != expected {
-                    return Err(EventLogError::Gap { partition: p, expected, found: offset });
+                    let hole = holes(&self.conn)?
+                        .into_iter()
+                        .find(|h| h.partition == p && h.start <= expected && expected < h.end && offset <= h.end);
+                    if hole.is_none() {
+                        return Err(EventLogError::Gap { partition: p, expected, found: offset });
+                    }
+                    self.hole_offsets_passed += offset - expected;
+                    tracing::warn!(
+                        partition = p,
+                        from = expected,
+                        to = offset,
+                        "A reader passed a hole in the event log: offsets the log lost in a power cut, recorded when the node started."
+                    );
                 }
                 let value: Vec<u8> = row.get(1).map_err(unavailable)?;
                 self.positions[idx].1 = offset + 1;
@@ -512,6 +617,75 @@ mod tests {
         src.seek(0, 6);
         let offsets: Vec<u64> = src.poll(100, Duration::from_millis(10)).unwrap().iter().map(|r| r.offset).collect();
         assert_eq!(offsets, [6, 7, 8, 9]);
+    }
+
+    /// A log of one partition that lost its last commit: offsets 0..6 kept,
+    /// 6..10 (batch 2) gone, as a power cut under `synchronous=NORMAL`
+    /// leaves it while the view store's checkpoint says 10 were read.
+    fn log_that_lost_its_last_commit(path: &Path, rt: &tokio::runtime::Runtime) -> SqliteLog {
+        let log = SqliteLog::open(path, 1, Durability::Normal).unwrap();
+        {
+            let a = log.start_writer(8).unwrap();
+            rt.block_on(a.append(batch("gw", 1, &["k0", "k1", "k2", "k3", "k4", "k5"]))).unwrap();
+            rt.block_on(a.append(batch("gw", 2, &["k6", "k7", "k8", "k9"]))).unwrap();
+        }
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch("DELETE FROM log WHERE offset >= 6; DELETE FROM batches WHERE batch_id = 2;").unwrap();
+        log
+    }
+
+    fn offsets(src: &mut SqliteSource) -> Vec<u64> {
+        src.poll(100, Duration::from_millis(10)).unwrap().iter().map(|r| r.offset).collect()
+    }
+
+    #[test]
+    fn records_appended_after_the_log_lost_commits_its_readers_saw_reach_those_readers() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let readers_at = BTreeMap::from([(0, 10)]);
+
+        // Negative control: appending where the log ends puts the new
+        // records at offsets the readers have passed, and they never see them.
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_that_lost_its_last_commit(&dir.path().join("log.sqlite"), &rt);
+        let a = log.start_writer(8).unwrap();
+        rt.block_on(a.append(batch("gw", 3, &["n0", "n1", "n2"]))).unwrap();
+        let mut reader = log.source().unwrap();
+        reader.seek(0, 10);
+        assert_eq!(offsets(&mut reader), Vec::<u64>::new(), "the unprotected log hides new records from its readers");
+
+        // With the readers' positions: a hole 6..10, new records from 10.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.sqlite");
+        let log = log_that_lost_its_last_commit(&path, &rt);
+        assert_eq!(log.append_after(&readers_at).unwrap(), [Hole { partition: 0, start: 6, end: 10 }]);
+        assert_eq!(log.append_after(&readers_at).unwrap(), [], "the hole is recorded once");
+        let a = log.start_writer(8).unwrap();
+        rt.block_on(a.append(batch("gw", 3, &["n0", "n1", "n2"]))).unwrap();
+        let mut reader = log.source().unwrap();
+        reader.seek(0, 10);
+        assert_eq!(offsets(&mut reader), [10, 11, 12]);
+        assert_eq!(reader.end_offsets().unwrap(), [(0, 13)]);
+        // A reader from the start (a replay) passes the hole, counted; so
+        // does one positioned inside it.
+        let mut replay = log.source().unwrap();
+        assert_eq!(offsets(&mut replay), [0, 1, 2, 3, 4, 5, 10, 11, 12]);
+        assert_eq!(replay.hole_offsets_passed(), 4);
+        let mut inside = log.source().unwrap();
+        inside.seek(0, 8);
+        assert_eq!(offsets(&mut inside), [10, 11, 12]);
+        // The hole survives a restart: the writer goes on after it even
+        // if the records after it are gone too.
+        drop(a);
+        Connection::open(&path).unwrap().execute_batch("DELETE FROM log WHERE offset >= 10").unwrap();
+        assert_eq!(SqliteLog::end_offsets_at(&path).unwrap(), [(0, 10)]);
+        // A hole does not excuse other missing records: retention's gap still stops a reader.
+        let a = SqliteLog::open(&path, 1, Durability::Normal).unwrap().start_writer(8).unwrap();
+        rt.block_on(a.append(batch("gw", 4, &["m0", "m1", "m2"]))).unwrap();
+        Connection::open(&path).unwrap().execute_batch("DELETE FROM log WHERE offset = 11").unwrap();
+        let mut reader = log.source().unwrap();
+        reader.seek(0, 10);
+        let err = reader.poll(100, Duration::from_millis(10)).unwrap_err();
+        assert!(matches!(err, EventLogError::Gap { partition: 0, expected: 11, found: 12 }), "{err}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! A single-node cloud: embedded event log, processor, serving store and HTTP
 //! (ingest, query API, metrics), supervised together.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,7 +34,7 @@ use crate::archive::archiver::{Archiver, ArchiverSettings, Retention};
 use crate::archive::source::{ArchiveSource, ChainSource};
 use crate::archive::store::ArchiveStore;
 use crate::config::CloudConfig;
-use crate::eventlog::{EventLog, EventLogError, LogAppender, LogSource};
+use crate::eventlog::{EventLog, EventLogError, LogAppender, LogSource, Offset, Partition};
 use crate::ingest::{self, IngestState};
 use crate::metrics::CloudMetrics;
 use crate::processor::{Operator, Processor, ProcessorSettings};
@@ -66,7 +66,6 @@ impl Node {
         let metrics = Arc::new(CloudMetrics::new(&mut registry));
         let log = EventLog::open(&cfg.log, &cfg.data_dir).await?;
         metrics.log_available.set(1);
-        let appender = log.appender(cfg.ingest.queue_capacity)?;
         let store_path = cfg.data_dir.join("views.sqlite");
         let mut store = ViewStore::open(&store_path)?;
         let specs = cfg.view_specs().map_err(|e| NodeError::Config(e.join("\n  ")))?;
@@ -99,6 +98,11 @@ impl Node {
         } else {
             None
         };
+        if let EventLog::Sqlite(l) = &log {
+            let holes = l.append_after(&readers_at(&store, archive.as_deref())?)?;
+            metrics.log_hole_offsets.inc_by(holes.iter().map(|h| h.end - h.start).sum());
+        }
+        let appender = log.appender(cfg.ingest.queue_capacity)?;
 
         let listener = TcpListener::bind(cfg.http.listen)
             .await
@@ -380,6 +384,27 @@ pub(crate) async fn serve_http(listener: TcpListener, router: Router, http: Http
 enum Replay {
     Archive(Processor<ChainSource<Box<dyn LogSource>>>),
     Log(Processor<Box<dyn LogSource>>),
+}
+
+/// How far each partition's readers already are: the furthest checkpointed
+/// position of any pipeline and the end of the archive. The embedded log
+/// appends at or after it ([`crate::eventlog::sqlite::SqliteLog::append_after`]).
+fn readers_at(store: &ViewStore, archive: Option<&dyn ArchiveStore>) -> Result<BTreeMap<Partition, Offset>, NodeError> {
+    let mut at: BTreeMap<Partition, Offset> = BTreeMap::new();
+    for positions in store.pipeline_positions()?.into_values() {
+        for (p, o) in positions {
+            let e = at.entry(p).or_insert(o);
+            *e = (*e).max(o);
+        }
+    }
+    if let Some(archive) = archive {
+        let index = crate::archive::ArchiveIndex::load(archive).map_err(|e| NodeError::Bind(e.to_string()))?;
+        for &p in index.partitions.keys() {
+            let e = at.entry(p).or_insert(0);
+            *e = (*e).max(index.next_offset(p));
+        }
+    }
+    Ok(at)
 }
 
 /// Why the node could not start or had to stop.
