@@ -69,18 +69,7 @@ fn example_views() -> String {
 async fn two_workers_compute_the_same_views_as_an_embedded_node() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Tansu::start(dir.path()).await;
-    let batches = scenario(true);
-    let processor = "[processor]\npoll_records = 500\ncheckpoint_interval = \"200ms\"\nmax_out_of_orderness = \"2m\"\n";
-    let views = format!("{processor}{}", example_views());
-
-    let mut embedded = Cloud::start_with(dir.path(), "embedded", &format!("[log]\npartitions = 6\n{views}"), &[]).await;
-    let records = ingest(&embedded, &batches).await;
-    crate::processor::until_processed(&embedded, records).await;
-    wait_for("the embedded alert pipeline to catch up", Duration::from_secs(60), || async {
-        (embedded.checkpointed_offsets_of("alerts") >= records).then_some(())
-    })
-    .await;
-    assert!(embedded.proc.terminate().await.success());
+    let (batches, views, embedded) = embedded_reference(dir.path()).await;
     let expected = embedded.dump_with(&["--alerts"]).await;
     assert!(
         expected.lines().count() > 100 && expected.contains("\tlate\n"),
@@ -132,6 +121,78 @@ async fn two_workers_compute_the_same_views_as_an_embedded_node() {
     let served = kappa_tests::alert_kit::fetch_alerts(&cloud.url(), &[]).await;
     let served: BTreeSet<&str> = served.iter().filter_map(|a| a["id"].as_str()).collect();
     assert_eq!(served, alert_ids, "the node's API serves the cluster's alerts from PostgreSQL");
+}
+
+/// The reference scenario (with the first ten batches sent twice) and the
+/// example cluster config's views, processed by a node on the embedded log,
+/// which is then stopped: the batches, the views' config and the node, whose
+/// dump is what a cluster must reproduce.
+async fn embedded_reference(dir: &std::path::Path) -> (Vec<kappa_common::batch::EdgeBatch>, String, Cloud) {
+    let batches = scenario(true);
+    let processor = "[processor]\npoll_records = 500\ncheckpoint_interval = \"200ms\"\nmax_out_of_orderness = \"2m\"\n";
+    let views = format!("{processor}{}", example_views());
+    let mut embedded = Cloud::start_with(dir, "embedded", &format!("[log]\npartitions = 6\n{views}"), &[]).await;
+    let records = ingest(&embedded, &batches).await;
+    crate::processor::until_processed(&embedded, records).await;
+    wait_for("the embedded alert pipeline to catch up", Duration::from_secs(60), || async {
+        (embedded.checkpointed_offsets_of("alerts") >= records).then_some(())
+    })
+    .await;
+    assert!(embedded.proc.terminate().await.success());
+    (batches, views, embedded)
+}
+
+/// The cluster issue's scaling goal keeps the views exact at every worker
+/// count: the reference scenario (ten batches twice) processed by 1, 4 and 8
+/// workers (2 are above), each count on a topic, a group and a PostgreSQL
+/// schema of its own, with every worker in the group before the first batch
+/// arrives. The rows and late events each count leaves in PostgreSQL are
+/// byte-identical to the embedded node's. (8 workers over 6 partitions leave
+/// two with nothing, as a group does.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_four_and_eight_workers_compute_the_same_views_as_an_embedded_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Tansu::start(dir.path()).await;
+    let (batches, views, embedded) = embedded_reference(dir.path()).await;
+    let expected = embedded.dump().await;
+    assert!(expected.lines().count() > 100 && expected.contains("\tlate\n"), "the scenario fills the views");
+
+    for n in [1, 4, 8] {
+        let config = cluster_config(&broker, &fresh_schema(&format!("scale{n}")), &views)
+            .replace("topic = \"events\"", &format!("topic = \"events-{n}\""));
+        let cloud = Cloud::start_with(dir.path(), &format!("cloud{n}"), &config, &[]).await;
+        let mut workers = Vec::new();
+        for i in 0..n {
+            workers.push(Worker::start(dir.path(), &format!("w{n}-{i}"), &config, &[]).await);
+        }
+        ingest(&cloud, &batches[..10]).await;
+        ingest(&cloud, &batches).await;
+        let mut last = String::new();
+        let converged = tokio::time::timeout(Duration::from_secs(180), async {
+            loop {
+                last = cloud.dump().await;
+                if last == expected {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+        .await;
+        let logs = workers.iter().map(|w| w.proc.tail()).collect::<Vec<_>>().join("\n");
+        assert!(
+            converged.is_ok(),
+            "{n} workers' views differ from the embedded node's:\n{}\n{logs}",
+            first_difference(&expected, &last)
+        );
+        let mut sharing = 0;
+        for w in &workers {
+            sharing += usize::from(w.processed().await > 0.0);
+        }
+        assert!(sharing >= n.min(2), "{n} workers: {sharing} computed a share\n{logs}");
+        for w in &mut workers {
+            assert!(w.proc.terminate().await.success(), "{n} workers: a worker stops cleanly\n{logs}");
+        }
+    }
 }
 
 /// Tests 1 and 2 of the cluster issue: three workers, exact views; `kill -9`

@@ -295,6 +295,20 @@ fn next_offsets(conn: &Connection, partitions: u32) -> Result<Vec<Offset>, Event
         .collect()
 }
 
+/// Whether recorded holes of `partition` (one, or several end to end: a log
+/// that lost commits at more than one start) cover every offset of `from..to`.
+fn holes_cover(holes: &[Hole], partition: Partition, from: Offset, to: Offset) -> bool {
+    let mut mine: Vec<&Hole> = holes.iter().filter(|h| h.partition == partition).collect();
+    mine.sort_by_key(|h| h.start);
+    let mut at = from;
+    for h in mine {
+        if h.start <= at && at < h.end {
+            at = h.end;
+        }
+    }
+    at >= to
+}
+
 /// Every recorded hole (none in a log from before holes were recorded).
 fn holes(conn: &Connection) -> Result<Vec<Hole>, EventLogError> {
     let recorded: bool = conn
@@ -460,10 +474,7 @@ impl SqliteSource {
                 // before this reader read them. Never skip them silently.
                 let expected = self.positions[idx].1;
                 if offset != expected {
-                    let hole = holes(&self.conn)?
-                        .into_iter()
-                        .find(|h| h.partition == p && h.start <= expected && expected < h.end && offset <= h.end);
-                    if hole.is_none() {
+                    if !holes_cover(&holes(&self.conn)?, p, expected, offset) {
                         return Err(EventLogError::Gap { partition: p, expected, found: offset });
                     }
                     self.hole_offsets_passed += offset - expected;
@@ -674,18 +685,29 @@ mod tests {
         inside.seek(0, 8);
         assert_eq!(offsets(&mut inside), [10, 11, 12]);
         // The hole survives a restart: the writer goes on after it even
-        // if the records after it are gone too.
+        // if the records after it are gone too; losing them while readers
+        // were at 13 adds a second hole right after the first, and a reader
+        // from before both passes them together.
         drop(a);
         Connection::open(&path).unwrap().execute_batch("DELETE FROM log WHERE offset >= 10").unwrap();
         assert_eq!(SqliteLog::end_offsets_at(&path).unwrap(), [(0, 10)]);
+        assert_eq!(log.append_after(&BTreeMap::from([(0, 13)])).unwrap(), [Hole { partition: 0, start: 10, end: 13 }]);
+        let a = log.start_writer(8).unwrap();
+        rt.block_on(a.append(batch("gw", 5, &["o0"]))).unwrap();
+        let mut replay = log.source().unwrap();
+        replay.seek(0, 6);
+        assert_eq!(offsets(&mut replay), [13]);
+        assert_eq!(replay.hole_offsets_passed(), 7);
+        drop(a);
+        Connection::open(&path).unwrap().execute_batch("DELETE FROM log WHERE offset >= 13").unwrap();
         // A hole does not excuse other missing records: retention's gap still stops a reader.
         let a = SqliteLog::open(&path, 1, Durability::Normal).unwrap().start_writer(8).unwrap();
         rt.block_on(a.append(batch("gw", 4, &["m0", "m1", "m2"]))).unwrap();
-        Connection::open(&path).unwrap().execute_batch("DELETE FROM log WHERE offset = 11").unwrap();
+        Connection::open(&path).unwrap().execute_batch("DELETE FROM log WHERE offset = 14").unwrap();
         let mut reader = log.source().unwrap();
-        reader.seek(0, 10);
+        reader.seek(0, 13);
         let err = reader.poll(100, Duration::from_millis(10)).unwrap_err();
-        assert!(matches!(err, EventLogError::Gap { partition: 0, expected: 11, found: 12 }), "{err}");
+        assert!(matches!(err, EventLogError::Gap { partition: 0, expected: 14, found: 15 }), "{err}");
     }
 
     #[test]

@@ -118,6 +118,83 @@ pub fn svg(report: &Value) -> String {
     )
 }
 
+/// The cluster's scaling curve (`cluster_workers`): readings/s against the
+/// number of workers, measured from start and once every worker held its
+/// share, each beside its ideal line (one worker's rate times the count),
+/// on linear axes. `None` when the run did not measure two counts or more.
+pub fn scaling_svg(report: &Value) -> Option<String> {
+    const SERIES: [(&str, &str, &str); 2] = [
+        ("once every worker held its share", "readings_per_second_after_last_assignment", "#4a7ab5"),
+        ("from process start", "readings_per_second", "#d08a2e"),
+    ];
+    let section = &report["cluster_workers"];
+    let counts: Vec<u32> =
+        (1..=64).filter(|n| section.get(format!("workers_{n}")).is_some_and(|v| v.is_object())).collect();
+    if counts.len() < 2 {
+        return None;
+    }
+    let rate = |n: u32, key: &str| num(&section[format!("workers_{n}")], &[key]);
+    let max_n = f64::from(*counts.last()?);
+    let one = SERIES.iter().filter_map(|(_, k, _)| rate(1, k)).fold(0.0, f64::max);
+    let top = (one * max_n)
+        .max(SERIES.iter().flat_map(|(_, k, _)| counts.iter().filter_map(|&n| rate(n, k))).fold(0.0, f64::max));
+    let (left, bottom, w, h) = (70.0, 330.0, 560.0, 280.0);
+    let x = |n: f64| left + n / max_n * w;
+    let y = |v: f64| bottom - v / top * h;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"860\" height=\"380\" font-family=\"sans-serif\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"15\" font-weight=\"bold\">Processor workers of {} core each: readings/s against workers (dashed: ideal)</text>\n\
+         <line x1=\"{left}\" y1=\"{bottom}\" x2=\"{:.1}\" y2=\"{bottom}\" stroke=\"#333\"/>\n\
+         <line x1=\"{left}\" y1=\"{bottom}\" x2=\"{left}\" y2=\"{:.1}\" stroke=\"#333\"/>\n",
+        section["worker_cpu_budget_cores"].as_f64().map_or("unbudgeted".to_string(), |c| format!("{c}")),
+        left + w,
+        bottom - h
+    );
+    svg += &format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">workers</text>\n\
+         <text x=\"{left}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">readings/s</text>\n",
+        left + w / 2.0,
+        bottom + 32.0,
+        bottom - h - 8.0
+    );
+    for &n in &counts {
+        svg += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">{n}</text>\n",
+            x(f64::from(n)),
+            bottom + 16.0
+        );
+    }
+    for i in 0..=4 {
+        let v = top * f64::from(i) / 4.0;
+        svg += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\" fill=\"#666\">{}</text>\n",
+            left - 6.0,
+            y(v) + 4.0,
+            human(v)
+        );
+    }
+    for (i, (label, key, colour)) in SERIES.iter().enumerate() {
+        let Some(base) = rate(1, key) else { continue };
+        let points: Vec<String> =
+            counts.iter().filter_map(|&n| Some(format!("{:.1},{:.1}", x(f64::from(n)), y(rate(n, key)?)))).collect();
+        svg += &format!(
+            "<line x1=\"{:.1}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"{colour}\" stroke-dasharray=\"5,4\"/>\n\
+             <polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"/>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"12\" fill=\"{colour}\">{}</text>\n",
+            x(1.0),
+            y(base),
+            x(max_n),
+            y(base * max_n),
+            points.join(" "),
+            left + w + 12.0,
+            bottom - h + 16.0 * i as f64,
+            escape(label)
+        );
+    }
+    Some(svg + "</svg>\n")
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -133,5 +210,15 @@ mod tests {
         assert!(svg.contains("edge log commit") && svg.contains("250k /s"), "{svg}");
         assert!(svg.contains("window emit") && svg.contains("12 ms"), "{svg}");
         assert!(!svg.contains("Spark"), "{svg}");
+    }
+
+    #[test]
+    fn the_scaling_curve_needs_two_worker_counts() {
+        let one = json!({ "readings_per_second": 100.0, "readings_per_second_after_last_assignment": 110.0 });
+        let two = json!({ "readings_per_second": 180.0, "readings_per_second_after_last_assignment": 210.0 });
+        assert!(super::scaling_svg(&json!({ "cluster_workers": { "workers_1": one.clone() } })).is_none());
+        let svg = super::scaling_svg(&json!({ "cluster_workers": { "workers_1": one, "workers_2": two } })).unwrap();
+        assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
+        assert!(svg.contains("from process start") && svg.contains("unbudgeted"), "{svg}");
     }
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use super::cgroup::Cgroup;
 use super::{bucket_quantile, cpu_seconds, free_port, scrape, scrape_buckets, wait_port};
 
 pub fn run(dir: &Path, scale: f64) -> Value {
@@ -72,51 +73,6 @@ fn status_mib(pid: u32, field: &str) -> f64 {
     kb / 1024.0
 }
 
-/// A cgroup (v1: `cpu` and `memory` hierarchies) holding one process, removed when dropped.
-struct Cgroup {
-    dirs: Vec<std::path::PathBuf>,
-}
-
-impl Cgroup {
-    /// `None` (and why) when cgroups cannot be made here.
-    fn new(name: &str, cpu_quota_us: u64, memory_bytes: u64) -> Result<Cgroup, String> {
-        let cpu = Path::new("/sys/fs/cgroup/cpu").join(name);
-        let mem = Path::new("/sys/fs/cgroup/memory").join(name);
-        let made = Cgroup { dirs: vec![cpu.clone(), mem.clone()] };
-        let write = |p: &Path, v: String| std::fs::write(p, v).map_err(|e| format!("{}: {e}", p.display()));
-        for d in &made.dirs {
-            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-        }
-        write(&cpu.join("cpu.cfs_period_us"), "100000".into())?;
-        write(&cpu.join("cpu.cfs_quota_us"), cpu_quota_us.to_string())?;
-        write(&mem.join("memory.limit_in_bytes"), memory_bytes.to_string())?;
-        Ok(made)
-    }
-
-    fn add(&self, pid: u32) -> Result<(), String> {
-        for d in &self.dirs {
-            std::fs::write(d.join("cgroup.procs"), pid.to_string()).map_err(|e| format!("{}: {e}", d.display()))?;
-        }
-        Ok(())
-    }
-
-    /// How often the memory limit was hit, and whether the OOM killer acted.
-    fn memory_events(&self) -> (u64, bool) {
-        let read = |f: &str| std::fs::read_to_string(self.dirs[1].join(f)).unwrap_or_default();
-        let failcnt = read("memory.failcnt").trim().parse().unwrap_or(0);
-        let killed = read("memory.oom_control").lines().any(|l| l.starts_with("oom_kill ") && !l.ends_with(" 0"));
-        (failcnt, killed)
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        for d in &self.dirs {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
-}
-
 impl Run {
     fn name(&self) -> String {
         let mode = if self.external { "external" } else { "default" };
@@ -160,7 +116,7 @@ impl Run {
         .unwrap();
         let cgroup = self
             .cgroup
-            .map(|(quota, memory)| Cgroup::new(&format!("kappa-bench-{}", std::process::id()), quota, memory));
+            .map(|(quota, memory)| Cgroup::new(&format!("kappa-bench-{}", std::process::id()), quota, Some(memory)));
         let (mut edge_cmd, binary) = edge_command();
         let mut edge = edge_cmd
             .args(["run", "--config", cfg.to_str().unwrap()])

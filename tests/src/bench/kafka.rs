@@ -26,7 +26,7 @@ const PARTITIONS: u32 = 8;
 const BATCH_READINGS: usize = 5000;
 const IN_FLIGHT: usize = 4;
 
-fn log_config(brokers: &str, topic: &str) -> KafkaLogConfig {
+pub(super) fn log_config(brokers: &str, topic: &str) -> KafkaLogConfig {
     KafkaLogConfig {
         brokers: brokers.into(),
         topic: topic.into(),
@@ -124,9 +124,13 @@ pub fn ingest(dir: &Path, scale: f64) -> Value {
 }
 
 /// rdkafka's producer, configured as the log's (idempotent, `acks=all`).
-async fn baseline_producer(brokers: &str) -> FutureProducer {
-    // Creates the topic with the same partitioning as the log's.
-    KafkaLog::connect(log_config(brokers, "bench-producer"), PARTITIONS).await.unwrap();
+pub(super) async fn baseline_producer(brokers: &str) -> FutureProducer {
+    baseline_producer_on(brokers, "bench-producer", PARTITIONS).await
+}
+
+/// [`baseline_producer`], creating `topic` with `partitions` first.
+pub(super) async fn baseline_producer_on(brokers: &str, topic: &str, partitions: u32) -> FutureProducer {
+    KafkaLog::connect(log_config(brokers, topic), partitions).await.unwrap();
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")

@@ -9,15 +9,19 @@
 //! CPU-second, cloud processor throughput, bytes per reading on the
 //! edge-to-cloud link including HTTP framing, and ingest into the log on
 //! Kafka beside rdkafka's own producer, and the views computed from Kafka
-//! into PostgreSQL by 1 and then 2 workers in a consumer group; beside the
+//! into PostgreSQL by 1, 2, 4 and 8 workers of a fixed CPU budget in a
+//! consumer group (and how long the group takes to rebalance), and 1, 2 and
+//! 4 ingest nodes of a fixed budget appending to Kafka; beside the
 //! peers, in the same run, Spark Structured Streaming on the same tumbling
 //! view (rows compared) and a Mosquitto bridge's bytes per reading; the highest end-to-end rate whose
 //! p99 event-to-view latency stays within 1 s; the criterion
 //! micro-benchmarks; binary sizes. It first measures the machine's
 //! limits (fsync, memory bandwidth, loopback TCP) and writes, next to the
 //! JSON, a Markdown summary with each figure bounded by one of them as a
-//! ratio to it, and an SVG chart of throughput and p99 latency per stage.
-//! JSON goes to `target/bench/baseline.json` (or `--out`).
+//! ratio to it, and an SVG chart of throughput and p99 latency per stage
+//! (and the workers' scaling curve, `.scaling.svg`).
+//! JSON goes to `target/bench/baseline.json` (or `--out`); `--render
+//! REPORT.json` writes a report's summary and charts again.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -44,9 +48,11 @@ use serde_json::{Value, json};
 
 mod alerts;
 mod bridge;
+mod cgroup;
 mod chart;
 mod e2e;
 mod edge_ingest;
+mod ingest_nodes;
 mod kafka;
 mod micro;
 mod pipeline;
@@ -59,6 +65,16 @@ pub use crate::harness::free_port;
 
 /// Runs the benchmark with the command line's arguments (after the program name).
 pub fn run(args: Vec<String>) -> ExitCode {
+    // `--render REPORT.json`: only write the summary and charts of a report again.
+    if let Some(path) = args.iter().position(|a| a == "--render").and_then(|i| args.get(i + 1)) {
+        let report = std::fs::read_to_string(path).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok());
+        let Some(report) = report else {
+            eprintln!("--render: {path} is not a kappa-bench report");
+            return ExitCode::FAILURE;
+        };
+        write_summaries(Path::new(path), &report);
+        return ExitCode::SUCCESS;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let out = args
         .iter()
@@ -81,7 +97,7 @@ pub fn run(args: Vec<String>) -> ExitCode {
     machine["limits"] = summary::limits(scale);
     report.insert("machine", machine);
     type Section = fn(&Path, f64) -> Value;
-    let sections: [(&str, Section); 16] = [
+    let sections: [(&str, Section); 17] = [
         ("edge_log_commit", edge_log_commit),
         ("edge_ingest_mqtt", edge_ingest::run),
         ("cloud_processor", cloud_processor),
@@ -93,6 +109,7 @@ pub fn run(args: Vec<String>) -> ExitCode {
         ("alert_latency", alerts::latency),
         ("kafka_ingest", kafka::ingest),
         ("cluster_workers", workers::run),
+        ("cluster_ingest_nodes", ingest_nodes::run),
         ("spark_tumbling", spark::run),
         ("mqtt_bridge_bytes", |_, scale| bridge::run(scale)),
         ("end_to_end", e2e::run),
@@ -128,13 +145,23 @@ pub fn run(args: Vec<String>) -> ExitCode {
         std::fs::create_dir_all(parent).unwrap();
     }
     std::fs::write(&out, format!("{json}\n")).unwrap();
-    let md = out.with_extension("md");
-    let value = serde_json::to_value(&report).unwrap();
-    std::fs::write(&md, summary::markdown(&value)).unwrap();
-    let svg = out.with_extension("svg");
-    std::fs::write(&svg, chart::svg(&value)).unwrap();
-    println!("\nwrote {}, {} and {}", out.display(), md.display(), svg.display());
+    write_summaries(&out, &serde_json::to_value(&report).unwrap());
     ExitCode::SUCCESS
+}
+
+/// The report's summary (`.md`) and charts (`.svg`, and `.scaling.svg`
+/// when the cluster's workers were measured) next to its JSON at `out`.
+fn write_summaries(out: &Path, report: &Value) {
+    let md = out.with_extension("md");
+    std::fs::write(&md, summary::markdown(report)).unwrap();
+    let svg = out.with_extension("svg");
+    std::fs::write(&svg, chart::svg(report)).unwrap();
+    println!("\nwrote {}, {} and {}", out.display(), md.display(), svg.display());
+    if let Some(curve) = chart::scaling_svg(report) {
+        let path = out.with_extension("scaling.svg");
+        std::fs::write(&path, curve).unwrap();
+        println!("wrote {}", path.display());
+    }
 }
 
 /// A fleet's readings as a gateway receives them: every device at t, then at t+1 s, ...

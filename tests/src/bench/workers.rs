@@ -1,22 +1,33 @@
 //! Processor workers as a Kafka consumer group (docs/cluster.md): the same
-//! pre-loaded log processed by one `kappa-cloud worker` process and then by
-//! two, each time into a fresh PostgreSQL schema under a fresh group, with
-//! the default views (both keyed by the device).
+//! pre-loaded log processed by 1, 2, 4 and 8 `kappa-cloud worker` processes
+//! (1 and 2 with `--quick`), each count into a fresh PostgreSQL schema
+//! under a fresh group, with the default views (both keyed by the device).
+//! Each worker runs in a cgroup of its own with the same CPU budget (an
+//! eighth of a core: nodes of a fixed size, so that the machine's two cores
+//! are not what limits the experiment); the broker (tansu, in memory) and
+//! PostgreSQL run outside the budgets, and their CPU is reported. Without
+//! root (no cgroups) the workers run unbudgeted, and the report says so.
 //!
 //! Throughput is readings / wall seconds from spawning the workers until
 //! every partition's checkpointed position in PostgreSQL reaches the end of
 //! the topic (found by reading it back, untimed). That wall time includes
-//! what a real start pays: process start, joining the group, the rebalance
-//! when the second worker joins (and any records re-read after a handover),
-//! and up to one checkpoint interval (1 s, the default) plus one poll
-//! (200 ms) before the last position is seen. Worker CPU is their utime +
-//! stime up to that moment. The broker (tansu, in memory), PostgreSQL and
-//! the workers share the machine's cores.
+//! what a real start pays: process start, joining the group, the rebalances
+//! while the workers join (and any records re-read after a handover), and
+//! up to one checkpoint interval (1 s, the default) plus one poll (200 ms)
+//! before the last position is seen. Separately, the rate from the moment
+//! the last worker got its share until the last reading was processed: the
+//! group's pace once every worker holds its share. Worker CPU is their
+//! utime + stime up to the end.
 //!
-//! It measures; it checks no views. What it sees of correctness it reports:
-//! readings processed against readings loaded, and how often a worker,
-//! seeking to a checkpoint, was served records from a later offset and
-//! skipped ahead (`log_skips`).
+//! Then, at the default settings, how long a running group of two takes to
+//! give every partition to a worker again when a third joins, and when that
+//! one is killed (`rebalance`).
+//!
+//! It measures; it checks no views (tests/e2e/cluster.rs does, at 1, 2, 4
+//! and 8 workers). What it sees of correctness it reports: readings
+//! processed against readings loaded, and how often a worker, seeking to a
+//! checkpoint, was served records from a later offset and skipped ahead
+//! (`log_skips`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -31,9 +42,15 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::FutureProducer;
 use serde_json::{Value, json};
 
+use super::cgroup::Cgroup;
 use super::{cpu_seconds, free_port, scrape, wait_port};
 
-const PARTITIONS: u32 = 6;
+const PARTITIONS: u32 = 16;
+/// Each worker's CPU budget: microseconds of CPU per 100 ms period (an
+/// eighth of a core; eight such workers use one of this machine's two
+/// cores, the other is left to the broker, PostgreSQL and this harness).
+/// `KAPPA_BENCH_WORKER_QUOTA_US` overrides it.
+const WORKER_QUOTA_US: u64 = 12_500;
 const TOPIC: &str = "events";
 /// As in the cluster e2e tests; librdkafka heartbeats every third of it, which
 /// bounds how soon the first worker notices the second joining.
@@ -47,13 +64,13 @@ const SKIPPED: &str = "The log no longer holds records this source had not read"
 const PROCESSED: &str = "kappa_cloud_readings_processed_total{pipeline=\"main\"}";
 
 /// Runs `sql` on a connection of its own (never on a tokio runtime thread).
-fn pg_execute(url: &str, sql: &str) -> Result<(), postgres::Error> {
+pub(super) fn pg_execute(url: &str, sql: &str) -> Result<(), postgres::Error> {
     postgres::Client::connect(url, postgres::NoTls)?.batch_execute(sql)
 }
 
 /// A child process killed and reaped when dropped: a failed run leaves none behind.
 #[derive(Debug)]
-struct Reaped(Child);
+pub(super) struct Reaped(pub(super) Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
@@ -95,7 +112,7 @@ impl WorkerProc {
 }
 
 /// CPU seconds the machine spent busy (everything but idle and iowait), all cores.
-fn machine_busy_seconds() -> f64 {
+pub(super) fn machine_busy_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let f: Vec<f64> =
         stat.lines().next().unwrap_or_default().split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0.0)).collect();
@@ -106,7 +123,7 @@ fn machine_busy_seconds() -> f64 {
 /// CPU seconds of PostgreSQL's processes: the live ones' own, plus what the
 /// exited ones (backends whose connection closed) left in their parent's
 /// children's times.
-fn postgres_cpu_seconds() -> f64 {
+pub(super) fn postgres_cpu_seconds() -> f64 {
     let Ok(procs) = std::fs::read_dir("/proc") else { return 0.0 };
     let mut ticks = 0.0;
     for entry in procs.flatten() {
@@ -139,15 +156,18 @@ fn log_config(brokers: &str) -> KafkaLogConfig {
     }
 }
 
-pub fn run(dir: &Path, scale: f64) -> Value {
+/// A tansu broker in memory on a port of its own and the PostgreSQL URL,
+/// for a section that needs both; `Err` (the section's JSON, and a line
+/// printed) when either is missing.
+pub(super) fn broker_and_postgres(section: &str) -> Result<(Reaped, String, String), Value> {
     let Some(bin) = crate::tansu_binary() else {
-        println!("cluster workers: skipped (no tansu broker; .ci/run builds it, or set KAPPA_TANSU)");
-        return json!({ "skipped": "no tansu broker" });
+        println!("{section}: skipped (no tansu broker; .ci/run builds it, or set KAPPA_TANSU)");
+        return Err(json!({ "skipped": "no tansu broker" }));
     };
     let url = crate::harness::postgres();
     if let Err(e) = pg_execute(&url, "SELECT 1") {
-        println!("cluster workers: skipped (no PostgreSQL at KAPPA_TEST_POSTGRES or 127.0.0.1:5432: {e})");
-        return json!({ "skipped": "no PostgreSQL" });
+        println!("{section}: skipped (no PostgreSQL at KAPPA_TEST_POSTGRES or 127.0.0.1:5432: {e})");
+        return Err(json!({ "skipped": "no PostgreSQL" }));
     }
     let port = free_port();
     let listener = format!("tcp://127.0.0.1:{port}");
@@ -155,16 +175,25 @@ pub fn run(dir: &Path, scale: f64) -> Value {
         Command::new(bin)
             .args(["broker", "--listener-url", &listener, "--advertised-listener-url", &listener])
             .args(["--storage-engine", "memory://tansu/"])
+            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
     wait_port(port);
-    let brokers = format!("127.0.0.1:{port}");
+    Ok((broker, format!("127.0.0.1:{port}"), url))
+}
 
-    // 1,000 devices, 1,000 readings each (50 with --quick), 1 s apart.
-    let per_device = ((1000.0 * scale) as u64).max(20);
+pub fn run(dir: &Path, scale: f64) -> Value {
+    let (broker, brokers, url) = match broker_and_postgres("cluster workers") {
+        Ok(started) => started,
+        Err(skipped) => return skipped,
+    };
+
+    // 1,000 devices, 4,000 readings each, 1 s apart (50 each with --quick).
+    let per_device = if scale >= 1.0 { 4000 } else { ((1000.0 * scale) as u64).max(20) };
+    let counts: &[usize] = if scale >= 1.0 { &[1, 2, 4, 8] } else { &[1, 2] };
     let records = log_records(per_device);
     let n = records.len();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -183,44 +212,73 @@ pub fn run(dir: &Path, scale: f64) -> Value {
     let highs = end_offsets(&log_config(&brokers), PARTITIONS).unwrap();
     let broker_end_total: u64 = highs.iter().map(|(_, o)| o).sum();
 
-    let one = measure(dir, &brokers, &url, 1, &ends, n, broker.0.id());
-    let two = measure(dir, &brokers, &url, 2, &ends, n, broker.0.id());
+    let quota =
+        std::env::var("KAPPA_BENCH_WORKER_QUOTA_US").ok().and_then(|v| v.parse().ok()).unwrap_or(WORKER_QUOTA_US);
+    let budget = match Cgroup::new(&format!("kappa-bench-probe-{}", std::process::id()), quota, None) {
+        Ok(_) => Some(quota),
+        Err(e) => {
+            println!("  cluster workers: no cgroup ({e}); the workers run without a CPU budget (needs root)");
+            None
+        }
+    };
+    let kill_deadline = Duration::from_secs(if scale >= 1.0 { 60 } else { 20 });
+    let run = Run { dir, brokers: &brokers, url: &url, budget, broker_pid: broker.0.id(), kill_deadline };
+    let measured: Vec<(usize, Value)> = counts.iter().map(|&w| (w, run.measure(w, &ends, n))).collect();
+    let rebalance = run.rebalance();
     drop(broker);
 
-    let rate = |v: &Value| v["readings_per_second"].as_f64().unwrap_or(f64::NAN);
-    let per_cpu = |v: &Value| v["readings_per_cpu_second"].as_f64().unwrap_or(f64::NAN);
-    let secs = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let speedup = rate(&two) / rate(&one);
-    let settled = |v: &Value| v["readings_per_second_after_last_assignment"].as_f64().unwrap_or(f64::NAN);
-    let settled_speedup = settled(&two) / settled(&one);
-    println!(
-        "cluster workers ({n} readings of 1,000 devices, {PARTITIONS} partitions on tansu in memory, default views into PostgreSQL): \
-         1 worker {:.0} readings/s ({:.0} per worker CPU-second, {:.1} s); 2 workers {:.0} readings/s ({:.0} per worker CPU-second, \
-         {:.1} s, last rebalance at {:.1} s); speedup {speedup:.2} \
-         (after the last assignment: {:.0} vs {:.0} readings/s, {settled_speedup:.2}); machine busy {:.2} / {:.2} cores; \
-         a bare consumer reads the topic at {read_per_s:.0} records/s",
-        rate(&one),
-        per_cpu(&one),
-        secs(&one, "seconds"),
-        rate(&two),
-        per_cpu(&two),
-        secs(&two, "seconds"),
-        secs(&two, "last_assignment_s"),
-        settled(&two),
-        settled(&one),
-        secs(&one, "machine_busy_cores"),
-        secs(&two, "machine_busy_cores"),
-    );
-    json!({
+    let rate = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let one = &measured[0].1;
+    let mut out = json!({
         "readings": n, "partitions": PARTITIONS, "log_records": in_log, "broker_high_watermarks_total": broker_end_total,
         "broker": "tansu 0.6.0, memory storage", "views": "default (device_windows, device_totals)",
         "checkpoint_interval_s": 1, "session_timeout": SESSION_TIMEOUT,
+        // Each worker's CPU budget in cores (its cgroup's quota); null: none (not root).
+        "worker_cpu_budget_cores": budget.map(|q| q as f64 / 100_000.0),
         "load_records_per_s": load_per_s,
         // One consumer reading the topic and doing nothing else: what fetching from the broker allows.
         "read_back_records_per_s": read_per_s,
-        "workers_1": one, "workers_2": two, "speedup": speedup,
-        "speedup_after_last_assignment": settled_speedup,
-    })
+        "rebalance": rebalance,
+    });
+    println!(
+        "cluster workers ({n} readings of 1,000 devices, {PARTITIONS} partitions on tansu in memory, default views into \
+         PostgreSQL, each worker budgeted {}); a bare consumer reads the topic at {read_per_s:.0} records/s",
+        budget.map_or("nothing (no cgroups)".to_string(), |q| format!("{:.3} of a core", q as f64 / 100_000.0)),
+    );
+    for (w, v) in &measured {
+        let speedup = rate(v, "readings_per_second") / rate(one, "readings_per_second");
+        let settled = rate(v, "readings_per_second_after_last_assignment")
+            / rate(one, "readings_per_second_after_last_assignment");
+        println!(
+            "  {w} worker(s): {:.0} readings/s from start ({:.1} s; speedup {speedup:.2}), {:.0} readings/s once \
+             every worker held its share (at {:.1} s; speedup {settled:.2}); {:.0} per worker CPU-second; \
+             tansu {:.1} / PostgreSQL {:.1} CPU-s; checkpoint commit mean {:.1} ms; machine busy {:.2} cores",
+            rate(v, "readings_per_second"),
+            rate(v, "seconds"),
+            rate(v, "readings_per_second_after_last_assignment"),
+            rate(v, "last_assignment_s"),
+            rate(v, "readings_per_cpu_second"),
+            rate(v, "broker_cpu_seconds"),
+            rate(v, "postgres_cpu_seconds"),
+            rate(v, "checkpoint_commit_mean_ms"),
+            rate(v, "machine_busy_cores"),
+        );
+        out[format!("workers_{w}")] = v.clone();
+        if *w > 1 {
+            out["speedups"][w.to_string()] = json!(speedup);
+            out["speedups_after_last_assignment"][w.to_string()] = json!(settled);
+        }
+    }
+    // The 2-over-1 figures under their old names (the summary's line).
+    out["speedup"] = out["speedups"]["2"].clone();
+    out["speedup_after_last_assignment"] = out["speedups_after_last_assignment"]["2"].clone();
+    println!(
+        "  rebalance at the default settings: a third worker joins → every partition assigned again in {:.1} s; \
+         it is killed → {:.1} s",
+        rebalance["join_s"].as_f64().unwrap_or(f64::NAN),
+        rebalance["kill_s"].as_f64().unwrap_or(f64::NAN),
+    );
+    out
 }
 
 /// The fleet's readings as ingest appends them: (device, encoded log record).
@@ -282,145 +340,235 @@ fn read_back(brokers: &str, n: usize) -> (Vec<(u32, u64)>, u64, f64) {
     ((0..PARTITIONS).zip(ends).collect(), records, records as f64 / last_record.as_secs_f64().max(1e-3))
 }
 
-/// `workers` worker processes over the whole topic, from spawn until every
-/// partition's checkpointed position reaches `ends`.
-fn measure(
-    dir: &Path,
-    brokers: &str,
-    url: &str,
-    workers: usize,
-    ends: &[(u32, u64)],
-    n: usize,
+/// What every measurement shares: where the broker and PostgreSQL are, the
+/// workers' CPU budget (`None`: no cgroups here), the broker's pid.
+struct Run<'a> {
+    dir: &'a Path,
+    brokers: &'a str,
+    url: &'a str,
+    budget: Option<u64>,
     broker_pid: u32,
-) -> Value {
-    let pid = std::process::id();
-    let schema = format!("kappa_bench_w{workers}_{pid}");
-    let group = format!("bench-w{workers}-{pid}");
-    pg_execute(url, &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).unwrap();
-    // Creates the schema's tables before the workers start; then only reads positions.
-    let store =
-        PgStore::connect(&PgSettings { url: url.into(), schema: schema.clone(), ca_file: None }, PARTITIONS).unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let spawn = |i: usize| {
+    /// How long to wait for a killed worker's partitions to move (shorter with `--quick`).
+    kill_deadline: Duration,
+}
+
+/// A worker process and the cgroup that holds it (dropped after it).
+struct Budgeted {
+    proc: WorkerProc,
+    cgroup: Option<Cgroup>,
+}
+
+impl Run<'_> {
+    /// Spawns worker `name` into `schema` and `group` (and `session_timeout`
+    /// if given, else the default), in a cgroup of its own when budgeted.
+    fn spawn(&self, name: &str, schema: &str, group: &str, session_timeout: Option<&str>) -> Budgeted {
+        let (brokers, url) = (self.brokers, self.url);
         let port = free_port();
-        let name = format!("worker-{workers}-{i}");
-        let cfg = dir.join(format!("{name}.toml"));
+        let cfg = self.dir.join(format!("{name}.toml"));
+        let timeout = session_timeout.map_or(String::new(), |t| format!("session_timeout = \"{t}\"\n"));
         std::fs::write(
             &cfg,
             format!(
                 "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nbackend = \"kafka\"\npartitions = {PARTITIONS}\n\
                  [log.kafka]\nbrokers = \"{brokers}\"\ntopic = \"{TOPIC}\"\ncreate_topic = false\n\
-                 [cluster]\npostgres = {url:?}\nschema = \"{schema}\"\ngroup = \"{group}\"\nsession_timeout = \"{SESSION_TIMEOUT}\"\n",
-                dir.join(format!("{name}-data"))
+                 [cluster]\npostgres = {url:?}\nschema = \"{schema}\"\ngroup = \"{group}\"\n{timeout}",
+                self.dir.join(format!("{name}-data"))
             ),
         )
         .unwrap();
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(&exe)
+        let log = self.dir.join(format!("{name}.log"));
+        let child = Command::new(std::env::current_exe().unwrap())
             .args(["cloud", "worker", "--config", cfg.to_str().unwrap()])
             .env("RUST_LOG", "warn,kappa_cloud::cluster=info")
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        WorkerProc { child: Reaped(child), port, log }
-    };
-    let timeout = Duration::from_secs(60 + n as u64 / 2000);
-    let (broker_cpu0, pg_cpu0, busy0) = (cpu_seconds(broker_pid), postgres_cpu_seconds(), machine_busy_seconds());
-    let t0 = Instant::now();
-    let mut procs: Vec<WorkerProc> = (0..workers).map(spawn).collect();
-    for w in &procs {
-        wait_port(w.port); // inside the timing: /metrics opens once the worker has joined
+        let cgroup = self.budget.map(|quota| {
+            let cg = Cgroup::new(&format!("kappa-bench-{name}-{}", std::process::id()), quota, None).unwrap();
+            cg.add(child.id()).unwrap();
+            cg
+        });
+        Budgeted { proc: WorkerProc { child: Reaped(child), port, log }, cgroup }
     }
-    let (mut assignments, mut last_assignment, mut at_last_assignment) = (0, 0.0, 0.0);
-    // (seconds since the start, readings processed by then), every poll.
-    let mut history: Vec<(f64, f64)> = Vec::new();
-    loop {
-        std::thread::sleep(POLL);
-        let positions = store.positions(kappa_cloud::store::MAIN_PIPELINE).unwrap();
-        let done = ends.iter().all(|(p, end)| positions.get(p).is_some_and(|o| o >= end));
-        let now = t0.elapsed().as_secs_f64();
-        let processed_now: f64 = procs.iter().map(|w| scrape(w.port, PROCESSED)).sum();
-        history.push((now, processed_now));
-        let seen: usize = procs.iter().map(|w| w.log_text().matches(ASSIGNED).count()).sum();
-        if seen != assignments {
-            (assignments, last_assignment, at_last_assignment) = (seen, now, processed_now);
+
+    /// `workers` worker processes over the whole topic, from spawn until every
+    /// partition's checkpointed position reaches `ends`.
+    fn measure(&self, workers: usize, ends: &[(u32, u64)], n: usize) -> Value {
+        let (url, broker_pid) = (self.url, self.broker_pid);
+        let pid = std::process::id();
+        let schema = format!("kappa_bench_w{workers}_{pid}");
+        let group = format!("bench-w{workers}-{pid}");
+        pg_execute(url, &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).unwrap();
+        // Creates the schema's tables before the workers start; then only reads positions.
+        let store =
+            PgStore::connect(&PgSettings { url: url.into(), schema: schema.clone(), ca_file: None }, PARTITIONS)
+                .unwrap();
+        let timeout = Duration::from_secs(120 + n as u64 / 1000);
+        let (broker_cpu0, pg_cpu0, busy0) = (cpu_seconds(broker_pid), postgres_cpu_seconds(), machine_busy_seconds());
+        let t0 = Instant::now();
+        let mut budgeted: Vec<Budgeted> = (0..workers)
+            .map(|i| self.spawn(&format!("worker-{workers}-{i}"), &schema, &group, Some(SESSION_TIMEOUT)))
+            .collect();
+        let mut procs: Vec<&mut WorkerProc> = budgeted.iter_mut().map(|b| &mut b.proc).collect();
+        for w in &procs {
+            wait_port(w.port); // inside the timing: /metrics opens once the worker has joined
         }
-        if done {
-            break;
+        let (mut assignments, mut last_assignment, mut at_last_assignment) = (0, 0.0, 0.0);
+        // (seconds since the start, readings processed by then), every poll.
+        let mut history: Vec<(f64, f64)> = Vec::new();
+        loop {
+            std::thread::sleep(POLL);
+            let positions = store.positions(kappa_cloud::store::MAIN_PIPELINE).unwrap();
+            let done = ends.iter().all(|(p, end)| positions.get(p).is_some_and(|o| o >= end));
+            let now = t0.elapsed().as_secs_f64();
+            let processed_now: f64 = procs.iter().map(|w| scrape(w.port, PROCESSED)).sum();
+            history.push((now, processed_now));
+            let seen: usize = procs.iter().map(|w| w.log_text().matches(ASSIGNED).count()).sum();
+            if seen != assignments {
+                (assignments, last_assignment, at_last_assignment) = (seen, now, processed_now);
+            }
+            if done {
+                break;
+            }
+            let exited = procs.iter_mut().find_map(|w| w.child.0.try_wait().ok().flatten());
+            let logs = || procs.iter().map(|w| w.log_text()).collect::<Vec<_>>().join("\n");
+            if let Some(status) = exited {
+                panic!("a worker exited ({status}) before the views caught up:\n{}", logs());
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "{workers} worker(s) did not reach the end offsets within {timeout:?}: positions {positions:?}, ends {ends:?}\n{}",
+                logs()
+            );
         }
-        let exited = procs.iter_mut().find_map(|w| w.child.0.try_wait().ok().flatten());
-        let logs = || procs.iter().map(WorkerProc::log_text).collect::<Vec<_>>().join("\n");
-        if let Some(status) = exited {
-            panic!("a worker exited ({status}) before the views caught up:\n{}", logs());
+        let seconds = t0.elapsed().as_secs_f64();
+        let cpu: f64 = procs.iter().map(|w| cpu_seconds(w.child.0.id())).sum();
+        let broker_cpu = cpu_seconds(broker_pid) - broker_cpu0;
+        let pg_cpu = postgres_cpu_seconds() - pg_cpu0;
+        let busy_cores = (machine_busy_seconds() - busy0) / seconds;
+        let processed: Vec<f64> = procs.iter().map(|w| scrape(w.port, PROCESSED)).collect();
+        let sum = |name: &str| procs.iter().map(|w| scrape(w.port, name)).sum::<f64>();
+        let (checkpoints, commit_s) =
+            (sum("kappa_cloud_checkpoints_total"), sum("kappa_cloud_checkpoint_commit_seconds_sum"));
+        let skips: usize = procs.iter().map(|w| w.log_text().matches(SKIPPED).count()).sum();
+        let duplicates: f64 = procs.iter().map(|w| scrape(w.port, "kappa_cloud_readings_duplicate_total")).sum();
+        let throttled: u64 = budgeted.iter().filter_map(|b| b.cgroup.as_ref()).map(Cgroup::throttled_periods).sum();
+        for w in budgeted.iter_mut().map(|b| &mut b.proc) {
+            if !w.terminate() {
+                println!("  cluster workers: a worker did not exit cleanly after SIGTERM; its log:\n{}", w.log_text());
+            }
         }
-        assert!(
-            t0.elapsed() < timeout,
-            "{workers} worker(s) did not reach the end offsets within {timeout:?}: positions {positions:?}, ends {ends:?}\n{}",
-            logs()
-        );
-    }
-    let seconds = t0.elapsed().as_secs_f64();
-    let cpu: f64 = procs.iter().map(|w| cpu_seconds(w.child.0.id())).sum();
-    let broker_cpu = cpu_seconds(broker_pid) - broker_cpu0;
-    let pg_cpu = postgres_cpu_seconds() - pg_cpu0;
-    let busy_cores = (machine_busy_seconds() - busy0) / seconds;
-    let processed: Vec<f64> = procs.iter().map(|w| scrape(w.port, PROCESSED)).collect();
-    let sum = |name: &str| procs.iter().map(|w| scrape(w.port, name)).sum::<f64>();
-    let (checkpoints, commit_s) =
-        (sum("kappa_cloud_checkpoints_total"), sum("kappa_cloud_checkpoint_commit_seconds_sum"));
-    let skips: usize = procs.iter().map(|w| w.log_text().matches(SKIPPED).count()).sum();
-    let duplicates: f64 = procs.iter().map(|w| scrape(w.port, "kappa_cloud_readings_duplicate_total")).sum();
-    for w in &mut procs {
-        if !w.terminate() {
-            println!("  cluster workers: a worker did not exit cleanly after SIGTERM; its log:\n{}", w.log_text());
-        }
-    }
-    drop(procs);
-    drop(store);
-    pg_execute(url, &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).unwrap();
-    let total: f64 = processed.iter().sum();
-    // When the last reading was processed (not yet checkpointed), to a poll;
-    // and the rate from the last assignment until then: the workers' steady
-    // pace once the group settled, without start-up, rebalance or the wait
-    // for the last checkpoint.
-    let processing_s = history.iter().find(|(_, p)| *p >= total).map_or(seconds, |(t, _)| *t);
-    let settled_per_s = if processing_s > last_assignment {
-        (total - at_last_assignment) / (processing_s - last_assignment)
-    } else {
-        f64::NAN
-    };
-    if total < n as f64 || skips > 0 {
-        println!(
-            "  cluster workers: {workers} worker(s) processed {total} of {n} readings; {skips} time(s) a worker found \
+        drop(budgeted);
+        drop(store);
+        pg_execute(url, &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).unwrap();
+        let total: f64 = processed.iter().sum();
+        // When the last reading was processed (not yet checkpointed), to a poll;
+        // and the rate from the last assignment until then: the workers' steady
+        // pace once the group settled, without start-up, rebalance or the wait
+        // for the last checkpoint.
+        let processing_s = history.iter().find(|(_, p)| *p >= total).map_or(seconds, |(t, _)| *t);
+        let settled_per_s = if processing_s > last_assignment {
+            (total - at_last_assignment) / (processing_s - last_assignment)
+        } else {
+            f64::NAN
+        };
+        if total < n as f64 || skips > 0 {
+            println!(
+                "  cluster workers: {workers} worker(s) processed {total} of {n} readings; {skips} time(s) a worker found \
              the log starting past its checkpoint (\"{SKIPPED}\") and skipped ahead: those readings are missing from the views"
-        );
+            );
+        }
+        json!({
+            "seconds": seconds,
+            "readings_per_second": n as f64 / seconds,
+            "worker_cpu_seconds": cpu,
+            "readings_per_cpu_second": n as f64 / cpu.max(0.01),
+            "broker_cpu_seconds": broker_cpu,
+            "postgres_cpu_seconds": pg_cpu,
+            // The whole machine, this harness's polling included: how close to all cores busy.
+            "machine_busy_cores": busy_cores,
+            // Checkpoints and the time their commits to PostgreSQL took, all
+            // workers: a checkpoint waits for the previous one's commit.
+            "checkpoints": checkpoints,
+            "checkpoint_commit_seconds": commit_s,
+            "checkpoint_commit_mean_ms": 1000.0 * commit_s / checkpoints.max(1.0),
+            // 100 ms periods in which a worker had used its budget and waited (all workers).
+            "throttled_periods": throttled,
+            "assignments": assignments,
+            "last_assignment_s": last_assignment,
+            "processing_seconds": processing_s,
+            "readings_per_second_after_last_assignment": settled_per_s,
+            // Above `readings` when a worker re-read what it had not checkpointed
+            // before a move; below when a worker skipped records (`log_skips`).
+            "readings_processed": total,
+            // Times a worker, seeking to a checkpoint, got records from a later
+            // offset (the broker skipped the rest of a producer batch) and went on from there.
+            "log_skips": skips,
+            // Readings found in the log twice (a producer retry the broker did not deduplicate).
+            "readings_duplicate": duplicates,
+            "busiest_worker_share": processed.iter().copied().fold(0.0, f64::max) / total.max(1.0),
+        })
     }
-    json!({
-        "seconds": seconds,
-        "readings_per_second": n as f64 / seconds,
-        "worker_cpu_seconds": cpu,
-        "readings_per_cpu_second": n as f64 / cpu.max(0.01),
-        "broker_cpu_seconds": broker_cpu,
-        "postgres_cpu_seconds": pg_cpu,
-        // The whole machine, this harness's polling included: how close to all cores busy.
-        "machine_busy_cores": busy_cores,
-        // Checkpoints and the time their commits to PostgreSQL took, all
-        // workers: a checkpoint waits for the previous one's commit.
-        "checkpoints": checkpoints,
-        "checkpoint_commit_seconds": commit_s,
-        "assignments": assignments,
-        "last_assignment_s": last_assignment,
-        "processing_seconds": processing_s,
-        "readings_per_second_after_last_assignment": settled_per_s,
-        // Above `readings` when a worker re-read what it had not checkpointed
-        // before a move; below when a worker skipped records (`log_skips`).
-        "readings_processed": total,
-        // Times a worker, seeking to a checkpoint, got records from a later
-        // offset (the broker skipped the rest of a producer batch) and went on from there.
-        "log_skips": skips,
-        // Readings found in the log twice (a producer retry the broker did not deduplicate).
-        "readings_duplicate": duplicates,
-        "busiest_worker_share": processed.iter().copied().fold(0.0, f64::max) / total.max(1.0),
-    })
+
+    /// At the default settings (no `session_timeout` given, checkpoint every
+    /// 1 s), two budgeted workers process the topic; a third joins, and
+    /// later it is killed with SIGKILL. Each time: the seconds until every
+    /// worker still running has been given its new share and their shares
+    /// cover every partition again (read from the workers' logs every 50 ms).
+    fn rebalance(&self) -> Value {
+        let pid = std::process::id();
+        let (schema, group) = (format!("kappa_bench_rebalance_{pid}"), format!("bench-rebalance-{pid}"));
+        pg_execute(self.url, &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).unwrap();
+        let mut workers: Vec<Budgeted> =
+            (0..2).map(|i| self.spawn(&format!("rebalance-{i}"), &schema, &group, None)).collect();
+        let deadline = Duration::from_secs(180);
+        let settled = |workers: &[Budgeted], before: &[usize]| {
+            settle_time(&workers.iter().map(|b| &b.proc).collect::<Vec<_>>(), before, deadline)
+        };
+        let start_s = settled(&workers, &[0, 0]);
+        let before: Vec<usize> = workers.iter().map(|b| shares(&b.proc.log_text()).0).chain([0]).collect();
+        workers.push(self.spawn("rebalance-2", &schema, &group, None));
+        let join_s = settled(&workers, &before);
+        let mut killed = workers.pop().map(|b| b.proc);
+        let before: Vec<usize> = workers.iter().map(|b| shares(&b.proc.log_text()).0).collect();
+        if let Some(k) = killed.as_mut() {
+            let _ = k.child.0.kill();
+        }
+        // tansu 0.6.0 may never hand a dead member's partitions on (docs/cluster.md): a minute, then NaN.
+        let kill_s = settle_time(&workers.iter().map(|b| &b.proc).collect::<Vec<_>>(), &before, self.kill_deadline);
+        drop(killed);
+        for b in &mut workers {
+            b.proc.terminate();
+        }
+        drop(workers);
+        pg_execute(self.url, &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).unwrap();
+        json!({ "first_two_share_s": start_s, "join_s": join_s, "kill_s": kill_s })
+    }
+}
+
+/// How many shares a worker's log shows it was given, and the partitions of the last one.
+fn shares(log: &str) -> (usize, Vec<u32>) {
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(ASSIGNED)).collect();
+    let last = lines.last().and_then(|l| l.split("partitions=").nth(1)).unwrap_or_default();
+    (lines.len(), last.split_whitespace().filter_map(|p| p.trim_matches('"').parse().ok()).collect())
+}
+
+/// Seconds (to 50 ms) until every worker has been given a share since it had
+/// `before[i]`, and their last shares together hold every partition; NaN
+/// if that does not happen within `deadline`.
+fn settle_time(workers: &[&WorkerProc], before: &[usize], deadline: Duration) -> f64 {
+    let t0 = Instant::now();
+    while t0.elapsed() < deadline {
+        let now: Vec<(usize, Vec<u32>)> = workers.iter().map(|w| shares(&w.log_text())).collect();
+        let all_new = now.iter().zip(before).all(|((count, _), b)| count > b);
+        let mut held: Vec<u32> = now.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+        held.sort_unstable();
+        held.dedup();
+        if all_new && held.len() == PARTITIONS as usize {
+            return t0.elapsed().as_secs_f64();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f64::NAN
 }

@@ -84,14 +84,7 @@ impl Cloud {
 
     /// `views dump` with more arguments (`--alerts`).
     pub async fn dump_with(&self, args: &[&str]) -> String {
-        let out = tokio::process::Command::new(bin())
-            .args(["cloud", "views", "dump", "--config", self.config.to_str().unwrap_or_default()])
-            .args(args)
-            .output()
-            .await
-            .expect("views dump");
-        assert!(out.status.success(), "views dump failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).expect("utf-8 dump")
+        views_dump(&self.config, args).await
     }
 
     /// Records processed so far, from the checkpoint in the store (readable while the node runs).
@@ -336,4 +329,17 @@ impl Fleet {
         assert_eq!(truth.undelivered, 0, "the simulator ended with unacknowledged readings");
         truth
     }
+}
+
+/// `kappa-cloud views dump --config <config> <args>`: the views (embedded or
+/// in PostgreSQL, as the config says), canonically ordered.
+pub async fn views_dump(config: &Path, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(bin())
+        .args(["cloud", "views", "dump", "--config", config.to_str().unwrap_or_default()])
+        .args(args)
+        .output()
+        .await
+        .expect("views dump");
+    assert!(out.status.success(), "views dump failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 dump")
 }

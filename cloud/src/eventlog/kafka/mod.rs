@@ -148,7 +148,11 @@ impl KafkaLog {
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "50")
             .set("session.timeout.ms", ms.to_string())
-            .set("heartbeat.interval.ms", (ms / 3).to_string())
+            // A member learns that the group is rebalancing (another joined
+            // or left) from its next heartbeat: every 0.5 s at most, rather
+            // than librdkafka's third of the session (3.3 s by default),
+            // which a join otherwise waits on (docs/cluster.md, "Rebalances").
+            .set("heartbeat.interval.ms", (ms / 3).min(500).to_string())
             .create_with_context(GroupContext::default())
             .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot create a group consumer: {e}")))?;
         consumer
