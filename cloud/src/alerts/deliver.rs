@@ -202,20 +202,20 @@ where
 {
     // The store may be away when delivery starts (PostgreSQL restarting):
     // wait for it as for a read that fails, never stop the node over it.
-    let mut pause = Duration::from_millis(100);
+    let mut outage = StoreOutage::default();
     let opened = loop {
         let at = outbox.clone();
         match tokio::task::spawn_blocking(move || at.outbox()).await.map_err(|e| e.to_string())? {
             Ok(store) => break store,
             Err(e) => {
-                if pause == Duration::from_millis(100) {
+                let (pause, first) = outage.failed();
+                if first {
                     tracing::warn!(target, error = %e, "Cannot open the alert outbox; retrying until it answers.");
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(pause) => {}
                 }
-                pause = (pause * 2).min(Duration::from_secs(5));
             }
         }
     };
@@ -224,6 +224,32 @@ where
     // A PostgreSQL client must not be dropped on an async thread.
     tokio::task::spawn_blocking(move || drop(store)).await.map_err(|e| e.to_string())?;
     result
+}
+
+/// While the outbox's store is away (PostgreSQL restarting): pauses that
+/// double from 100 ms to 5 s, and one warning per outage. (The soak found
+/// the reader retrying on every poll during an outage, logging each time.)
+#[derive(Debug, Default)]
+struct StoreOutage {
+    pause: Option<Duration>,
+}
+
+impl StoreOutage {
+    /// A read or open that failed: how long to wait before the next one, and
+    /// whether this failure starts an outage (the one to log).
+    fn failed(&mut self) -> (Duration, bool) {
+        let (pause, first) = match self.pause {
+            None => (Duration::from_millis(100), true),
+            Some(p) => ((p * 2).min(Duration::from_secs(5)), false),
+        };
+        self.pause = Some(pause);
+        (pause, first)
+    }
+
+    /// A read that worked: whether it ended an outage.
+    fn recovered(&mut self) -> bool {
+        self.pause.take().is_some()
+    }
 }
 
 async fn send_in_order<F, Fut>(
@@ -241,27 +267,21 @@ where
     let mut rng = crate::now_ms() as u64 | 1;
     let label = |result: &str| [("webhook", target.to_string()), ("result", result.to_string())];
     let mut last_gauge = std::time::Instant::now();
-    // While the store is away (PostgreSQL restarting), retries back off to
-    // a few seconds and the warning is logged once per outage.
-    let mut store_away: Option<Duration> = None;
+    let mut outage = StoreOutage::default();
     while !cancel.is_cancelled() {
         let wanted = target.to_string();
         let next = match with_outbox(store, move |s| s.next_delivery(&wanted)).await {
             Ok(n) => {
-                if store_away.take().is_some() {
+                if outage.recovered() {
                     tracing::info!(target, "The alert outbox is readable again.");
                 }
                 n
             }
             Err(e) => {
-                let pause = match store_away {
-                    None => {
-                        tracing::warn!(target, error = %e, "Cannot read the alert outbox; retrying until it answers.");
-                        Duration::from_millis(100)
-                    }
-                    Some(p) => (p * 2).min(Duration::from_secs(5)),
-                };
-                store_away = Some(pause);
+                let (pause, first) = outage.failed();
+                if first {
+                    tracing::warn!(target, error = %e, "Cannot read the alert outbox; retrying until it answers.");
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(pause) => continue,
@@ -337,6 +357,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (kappa-chaos seed 5, docs/reliability.md): during a
+    /// PostgreSQL outage the outbox reader retried on every 100 ms poll and
+    /// logged each failure. It backs off to 5 s and warns once per outage.
+    #[test]
+    fn an_outage_of_the_outbox_backs_off_to_five_seconds_and_warns_once() {
+        let mut outage = StoreOutage::default();
+        let (pauses, firsts): (Vec<u128>, Vec<bool>) =
+            (0..9).map(|_| outage.failed()).map(|(p, first)| (p.as_millis(), first)).unzip();
+        assert_eq!(pauses, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        assert_eq!(firsts.iter().filter(|f| **f).count(), 1, "one warning for the whole outage");
+        assert!(firsts[0], "the first failure is the one logged");
+        assert!(outage.recovered(), "a read that works ends the outage");
+        assert!(!outage.recovered(), "and only once");
+        assert_eq!(outage.failed(), (Duration::from_millis(100), true), "the next outage starts over");
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap_with_jitter() {

@@ -233,7 +233,7 @@ impl SqliteLog {
                 partition = h.partition,
                 log_end = h.start,
                 readers_at = h.end,
-                "The event log ends before offsets its readers already processed: it lost commits (a power cut under durability = \"normal\" does that). New records go after them; the offsets between are recorded as a hole."
+                "The event log ends before offsets its readers already processed: it lost commits (as a power cut does under log.durability = normal). New records go after them; the offsets between are recorded as a hole."
             );
         }
         Ok(holes)

@@ -87,6 +87,11 @@ impl KafkaLog {
             FAULT_IDEMPOTENT_LOG_PRODUCER,
             "the log's producer is idempotent; a broker that forgets producer state loses retried batches",
         );
+        self.appender_as(idempotent)
+    }
+
+    /// [`Self::appender`] with the producer idempotent or not.
+    fn appender_as(&self, idempotent: bool) -> Result<KafkaAppender, EventLogError> {
         let producer = ProducerSlot::new(self.cfg.client(), self.cfg.delivery_timeout, "log.kafka", idempotent)
             .map_err(EventLogError::Unavailable)?;
         let ack_before_delivery = kappa_runtime::fault::on(
@@ -647,6 +652,44 @@ mod tests {
         // broker answering from a later batch.
         assert_eq!(ahead(None, 1270, true), Ahead::FirstAfterPositioning);
         assert_eq!(ahead(None, 0, true), Ahead::FirstAfterPositioning);
+    }
+
+    /// Regression (kappa-chaos seed 5, docs/reliability.md): after a broker
+    /// `kill -9`, tansu answered a batch it had never stored with
+    /// DUPLICATE_SEQUENCE_NUMBER; librdkafka's idempotent producer takes that
+    /// answer for "stored before" and reports the batch delivered, and 53
+    /// acknowledged readings were lost. The log's producer is not idempotent,
+    /// so the same answer fails the append (the edge sends the batch again).
+    /// Negative control: the idempotent producer acknowledges a batch the
+    /// topic does not hold. (librdkafka's mock cluster gives that answer on
+    /// demand; a broker process cannot be made to.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_answered_with_a_duplicate_sequence_number_is_not_acknowledged_unless_stored() {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        for idempotent in [false, true] {
+            let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+            cluster.create_topic("events", 1, 1).unwrap();
+            let log = KafkaLog::connect(config(&cluster.bootstrap_servers()), 1).await.unwrap();
+            let appender = log.appender_as(idempotent).unwrap();
+            let records =
+                (0..3).map(|i| AppendRecord { key: "dev-1".into(), partition: None, value: vec![i] }).collect();
+            cluster
+                .request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_DUPLICATE_SEQUENCE_NUMBER]);
+            let acked = appender.append(AppendBatch { gateway: "gw".into(), batch_id: 1, records }).await.is_ok();
+            let mut src = log.source().unwrap();
+            let held: u64 =
+                tokio::task::spawn_blocking(move || src.end_offsets().unwrap().iter().map(|(_, o)| o).sum())
+                    .await
+                    .unwrap();
+            if idempotent {
+                assert!(
+                    acked && held == 0,
+                    "negative control: the idempotent producer acknowledged ({acked}) a batch the topic does not hold ({held} records)"
+                );
+            } else {
+                assert!(!acked, "the batch was acknowledged though the broker refused it ({held} records held)");
+            }
+        }
     }
 
     #[tokio::test]
