@@ -14,9 +14,7 @@
 //! budget: the ceiling the nodes are measured against. The broker and
 //! PostgreSQL run outside the budgets; their CPU is reported.
 
-use std::fs::File;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,11 +23,11 @@ use kappa_common::record::{self, LogEvent, LogRecord};
 use serde_json::{Value, json};
 
 use super::cgroup::Cgroup;
+use super::cluster_procs::{ClusterTarget, PARTITIONS, broker_and_postgres, pg_execute};
 use super::kafka::{baseline_producer_on, produce_all};
-use super::workers::{Reaped, broker_and_postgres, machine_busy_seconds, pg_execute};
-use super::{cpu_seconds, free_port, wait_port};
+use super::workers::machine_busy_seconds;
+use super::{cpu_seconds, wait_port};
 
-const PARTITIONS: u32 = 16;
 /// Each node's CPU budget: microseconds per 100 ms period (a quarter of a
 /// core: four nodes use one of the machine's two cores).
 const NODE_QUOTA_US: u64 = 25_000;
@@ -130,35 +128,10 @@ fn measure(
     let pid = std::process::id();
     let schema = format!("kappa_bench_ingest{nodes}_{pid}");
     pg_execute(url, &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).unwrap();
-    let mut procs = Vec::new();
-    for i in 0..nodes {
-        let port = free_port();
-        let name = format!("ingest-{nodes}-{i}");
-        let cfg = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nbackend = \"kafka\"\npartitions = {PARTITIONS}\n\
-                 [log.kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\ncreate_topic = false\n\
-                 [cluster]\npostgres = {url:?}\nschema = \"{schema}\"\nprimary = false\n",
-                dir.join(format!("{name}-data"))
-            ),
-        )
-        .unwrap();
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args(["cloud", "run", "--config", cfg.to_str().unwrap()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(File::create(dir.join(format!("{name}.log"))).unwrap())
-            .spawn()
-            .unwrap();
-        let cgroup = budget.map(|quota| {
-            let cg = Cgroup::new(&format!("kappa-bench-{name}-{pid}"), quota, None).unwrap();
-            cg.add(child.id()).unwrap();
-            cg
-        });
-        procs.push((Reaped(child), port, cgroup));
-    }
+    let target = ClusterTarget { brokers, topic, url, schema: &schema };
+    let procs: Vec<_> = (0..nodes)
+        .map(|i| target.spawn(dir, &format!("ingest-{nodes}-{i}"), "run", "primary = false\n", "warn", budget))
+        .collect();
     for (_, port, _) in &procs {
         wait_port(*port);
     }

@@ -50,6 +50,7 @@ mod alerts;
 mod bridge;
 mod cgroup;
 mod chart;
+mod cluster_procs;
 mod e2e;
 mod edge_ingest;
 mod ingest_nodes;

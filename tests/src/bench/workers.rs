@@ -29,9 +29,7 @@
 //! checkpoint, was served records from a later offset and skipped ahead
 //! (`log_skips`).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kappa_cloud::eventlog::LogSource;
@@ -43,9 +41,9 @@ use rdkafka::producer::FutureProducer;
 use serde_json::{Value, json};
 
 use super::cgroup::Cgroup;
-use super::{cpu_seconds, free_port, scrape, wait_port};
+use super::cluster_procs::{ClusterTarget, PARTITIONS, Reaped, broker_and_postgres, pg_execute};
+use super::{cpu_seconds, scrape, wait_port};
 
-const PARTITIONS: u32 = 16;
 /// Each worker's CPU budget: microseconds of CPU per 100 ms period (an
 /// eighth of a core; eight such workers use one of this machine's two
 /// cores, the other is left to the broker, PostgreSQL and this harness).
@@ -62,22 +60,6 @@ const ASSIGNED: &str = "Kafka assigned this worker its partitions";
 /// broker's first record after a seek is past the offset it asked for.
 const SKIPPED: &str = "The log no longer holds records this source had not read";
 const PROCESSED: &str = "kappa_cloud_readings_processed_total{pipeline=\"main\"}";
-
-/// Runs `sql` on a connection of its own (never on a tokio runtime thread).
-pub(super) fn pg_execute(url: &str, sql: &str) -> Result<(), postgres::Error> {
-    postgres::Client::connect(url, postgres::NoTls)?.batch_execute(sql)
-}
-
-/// A child process killed and reaped when dropped: a failed run leaves none behind.
-#[derive(Debug)]
-pub(super) struct Reaped(pub(super) Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One `kappa-bench cloud worker` process, its `/metrics` port and its log.
 #[derive(Debug)]
@@ -154,35 +136,6 @@ fn log_config(brokers: &str) -> KafkaLogConfig {
         delivery_timeout: Duration::from_secs(30),
         properties: Default::default(),
     }
-}
-
-/// A tansu broker in memory on a port of its own and the PostgreSQL URL,
-/// for a section that needs both; `Err` (the section's JSON, and a line
-/// printed) when either is missing.
-pub(super) fn broker_and_postgres(section: &str) -> Result<(Reaped, String, String), Value> {
-    let Some(bin) = crate::tansu_binary() else {
-        println!("{section}: skipped (no tansu broker; .ci/run builds it, or set KAPPA_TANSU)");
-        return Err(json!({ "skipped": "no tansu broker" }));
-    };
-    let url = crate::harness::postgres();
-    if let Err(e) = pg_execute(&url, "SELECT 1") {
-        println!("{section}: skipped (no PostgreSQL at KAPPA_TEST_POSTGRES or 127.0.0.1:5432: {e})");
-        return Err(json!({ "skipped": "no PostgreSQL" }));
-    }
-    let port = free_port();
-    let listener = format!("tcp://127.0.0.1:{port}");
-    let broker = Reaped(
-        Command::new(bin)
-            .args(["broker", "--listener-url", &listener, "--advertised-listener-url", &listener])
-            .args(["--storage-engine", "memory://tansu/"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_port(port);
-    Ok((broker, format!("127.0.0.1:{port}"), url))
 }
 
 pub fn run(dir: &Path, scale: f64) -> Value {
@@ -362,34 +315,12 @@ impl Run<'_> {
     /// Spawns worker `name` into `schema` and `group` (and `session_timeout`
     /// if given, else the default), in a cgroup of its own when budgeted.
     fn spawn(&self, name: &str, schema: &str, group: &str, session_timeout: Option<&str>) -> Budgeted {
-        let (brokers, url) = (self.brokers, self.url);
-        let port = free_port();
-        let cfg = self.dir.join(format!("{name}.toml"));
         let timeout = session_timeout.map_or(String::new(), |t| format!("session_timeout = \"{t}\"\n"));
-        std::fs::write(
-            &cfg,
-            format!(
-                "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nbackend = \"kafka\"\npartitions = {PARTITIONS}\n\
-                 [log.kafka]\nbrokers = \"{brokers}\"\ntopic = \"{TOPIC}\"\ncreate_topic = false\n\
-                 [cluster]\npostgres = {url:?}\nschema = \"{schema}\"\ngroup = \"{group}\"\n{timeout}",
-                self.dir.join(format!("{name}-data"))
-            ),
-        )
-        .unwrap();
-        let log = self.dir.join(format!("{name}.log"));
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args(["cloud", "worker", "--config", cfg.to_str().unwrap()])
-            .env("RUST_LOG", "warn,kappa_cloud::cluster=info")
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let cgroup = self.budget.map(|quota| {
-            let cg = Cgroup::new(&format!("kappa-bench-{name}-{}", std::process::id()), quota, None).unwrap();
-            cg.add(child.id()).unwrap();
-            cg
-        });
-        Budgeted { proc: WorkerProc { child: Reaped(child), port, log }, cgroup }
+        let cluster = format!("group = \"{group}\"\n{timeout}");
+        let target = ClusterTarget { brokers: self.brokers, topic: TOPIC, url: self.url, schema };
+        let (child, port, cgroup) =
+            target.spawn(self.dir, name, "worker", &cluster, "warn,kappa_cloud::cluster=info", self.budget);
+        Budgeted { proc: WorkerProc { child, port, log: self.dir.join(format!("{name}.log")) }, cgroup }
     }
 
     /// `workers` worker processes over the whole topic, from spawn until every
