@@ -95,6 +95,11 @@ pub struct ClusterConfig {
     /// How long the group waits for a silent worker before moving its partitions.
     #[serde(default = "default_session_timeout", with = "humantime_serde")]
     pub session_timeout: Duration,
+    /// Who decides which worker reads which partitions: PostgreSQL (the
+    /// default; a killed worker's partitions move as soon as its connection
+    /// closes) or Kafka's consumer group protocol (docs/cluster.md, "Assignment").
+    #[serde(default)]
+    pub assignment: Assignment,
     /// Whether `kappa-cloud run` on this node also runs the alert and edge
     /// aggregate pipelines, the alert deliveries and the archiver. Exactly
     /// one node of a cluster should; the others (`primary = false`) ingest
@@ -102,6 +107,18 @@ pub struct ClusterConfig {
     /// (fenced in PostgreSQL) and the first stops with an error.
     #[serde(default = "default_primary")]
     pub primary: bool,
+}
+
+/// `cluster.assignment`: how the workers of a group share the partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Assignment {
+    /// Members register in the store's `members` table; the live ones (a
+    /// PostgreSQL session open, a lease renewed) split the partitions.
+    #[default]
+    Postgres,
+    /// Kafka's consumer group protocol (`group.id` = `cluster.group`).
+    Kafka,
 }
 
 fn default_primary() -> bool {

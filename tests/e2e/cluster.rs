@@ -19,12 +19,48 @@ struct Run {
     logs: String,
 }
 
+/// What the processing workers' logs say once a share is restored.
+const PROCESSING: &str = "Processing these partitions from their last checkpoint.";
+
+/// Whether the last shares `logs` say their workers process hold every one
+/// of the six partitions, each once, all taken after the first `skip` such
+/// lines of each log.
+fn process_every_partition(logs: &[String], skip: &[usize]) -> bool {
+    let mut held = Vec::new();
+    for (log, skip) in logs.iter().zip(skip) {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(PROCESSING)).collect();
+        if lines.len() > *skip
+            && let Some(last) = lines.last()
+        {
+            let listed = last.split("partitions=").nth(1).unwrap_or_default();
+            held.extend(listed.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    held.sort_unstable();
+    held == (0..6).collect::<Vec<_>>()
+}
+
 /// Three workers over six partitions; one is killed with SIGKILL mid-stream
 /// and, later, a fourth joins. Returns the truth and the rows the API serves
 /// once they hold every acknowledged reading, or after `settle`.
-async fn kill_and_join(dir: &std::path::Path, name: &str, env: &[(&str, &str)], settle: Duration) -> Run {
+///
+/// With `assignment = "postgres"` the session timeout is an hour: the two
+/// survivors must take the killed worker's partitions before the fourth
+/// joins, which only its closed PostgreSQL session can tell them (Kafka's
+/// protocol, on tansu, only moves them with the join).
+async fn kill_and_join(
+    dir: &std::path::Path,
+    name: &str,
+    assignment: &str,
+    env: &[(&str, &str)],
+    settle: Duration,
+) -> Run {
     let broker = Tansu::start(dir).await;
-    let config = cluster_config(&broker, &fresh_schema(name), FLEET_PROCESSOR);
+    let mut config =
+        cluster_config(&broker, &fresh_schema(name), &format!("assignment = \"{assignment}\"\n{FLEET_PROCESSOR}"));
+    if assignment == "postgres" {
+        config = config.replace("session_timeout = \"6s\"", "session_timeout = \"1h\"");
+    }
     let cloud = Cloud::start_with(dir, "cloud", &config, &[]).await;
     let mut workers = Vec::new();
     for i in 0..3 {
@@ -35,9 +71,21 @@ async fn kill_and_join(dir: &std::path::Path, name: &str, env: &[(&str, &str)], 
     let mut sim = Fleet::new(20, 600, 10.0).start(mqtt_port, dir);
     wait_for_readings(&cloud.url(), 2_000, Duration::from_secs(90)).await;
 
+    let logs = |workers: &[Worker]| {
+        workers[1..].iter().map(|w| std::fs::read_to_string(&w.proc.log).unwrap_or_default()).collect::<Vec<_>>()
+    };
+    let before: Vec<usize> = logs(&workers).iter().map(|l| l.matches(PROCESSING).count()).collect();
     workers[0].proc.kill9().await;
-    // The group moves its partitions after the session timeout (6 s).
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    if assignment == "postgres" {
+        wait_for("the survivors to process the killed worker's partitions", Duration::from_secs(90), || {
+            let done = process_every_partition(&logs(&workers), &before);
+            async move { done.then_some(()) }
+        })
+        .await;
+    } else {
+        // The group moves its partitions after the session timeout (6 s).
+        tokio::time::sleep(Duration::from_secs(12)).await;
+    }
     workers.push(Worker::start(dir, "worker-3", &config, env).await);
 
     let truth = Fleet::finish(&mut sim, dir).await;
@@ -199,8 +247,19 @@ async fn one_four_and_eight_workers_compute_the_same_views_as_an_embedded_node()
 /// one mid-stream, its partitions move, still exact; add one, still exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_keep_the_views_exact_through_a_kill_and_a_join() {
+    exact_through_a_kill_and_a_join("postgres").await;
+}
+
+/// The same with Kafka's group protocol deciding the shares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_assigned_by_kafka_keep_the_views_exact_through_a_kill_and_a_join() {
+    exact_through_a_kill_and_a_join("kafka").await;
+}
+
+async fn exact_through_a_kill_and_a_join(assignment: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let run = kill_and_join(dir.path(), "exact", &[], Duration::from_secs(120)).await;
+    let run =
+        kill_and_join(dir.path(), &format!("exact_{assignment}"), assignment, &[], Duration::from_secs(120)).await;
     assert_eq!(run.truth.acked, run.truth.sampled, "every reading was acknowledged to its device");
     let problems = diff_against_truth(&run.truth, &run.rows);
     assert!(problems.is_empty(), "lost or double-counted readings: {problems:?}\n{}", run.logs);
@@ -213,6 +272,57 @@ async fn workers_keep_the_views_exact_through_a_kill_and_a_join() {
     );
 }
 
+/// Two workers (`assignment = "postgres"`, a session timeout of an hour)
+/// share the six partitions; one is killed with SIGKILL. Whether the
+/// survivor, within `wait`, processes every partition; and the logs.
+async fn survivor_takes_over(name: &str, env: &[(&str, &str)], wait: Duration) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Tansu::start(dir.path()).await;
+    let config = cluster_config(&broker, &fresh_schema(name), FLEET_PROCESSOR)
+        .replace("session_timeout = \"6s\"", "session_timeout = \"1h\"");
+    let mut workers =
+        vec![Worker::start(dir.path(), "a", &config, env).await, Worker::start(dir.path(), "b", &config, env).await];
+    let logs = |workers: &[Worker]| {
+        workers.iter().map(|w| std::fs::read_to_string(&w.proc.log).unwrap_or_default()).collect::<Vec<_>>()
+    };
+    wait_for("both workers to process their shares", Duration::from_secs(90), || {
+        let now = logs(&workers);
+        let done = process_every_partition(&now, &[0, 0]) && now.iter().all(|l| l.contains(PROCESSING));
+        async move { done.then_some(()) }
+    })
+    .await;
+    let before = vec![logs(&workers)[1].matches(PROCESSING).count()];
+    workers[0].proc.kill9().await;
+    let taken = tokio::time::timeout(wait, async {
+        while !process_every_partition(&logs(&workers[1..]), &before) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    (taken.is_ok(), logs(&workers).join("\n"))
+}
+
+/// A killed worker's partitions move as soon as its PostgreSQL session
+/// closes, not when its lease (an hour here) runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_partitions_move_when_its_connection_closes() {
+    let (taken, logs) = survivor_takes_over("takeover", &[], Duration::from_secs(90)).await;
+    assert!(taken, "the survivor never processed the killed worker's partitions\n{logs}");
+}
+
+/// Negative control: members counted live by their lease alone
+/// (`KAPPA_TEST_MEMBERS_BY_LEASE_ONLY`) keep a killed worker's partitions
+/// for the hour, and the check above catches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_control_a_killed_worker_counted_live_by_its_lease_keeps_its_partitions() {
+    let env = [(kappa_cloud::store::pg::members::FAULT_LEASE_ONLY, "1")];
+    let (taken, logs) = survivor_takes_over("leaseonly", &env, Duration::from_secs(20)).await;
+    assert!(
+        !taken,
+        "with liveness by lease alone, the killed worker's partitions should not move within its lease\n{logs}"
+    );
+}
+
 /// Negative control: workers that take a share without restoring its
 /// partitions' state (`KAPPA_TEST_WORKER_SKIP_RESTORE`) start those windows
 /// from nothing after each move, and the check above catches the lost counts.
@@ -221,7 +331,7 @@ async fn negative_control_workers_that_do_not_restore_state_lose_readings() {
     let dir = tempfile::tempdir().unwrap();
     let env = [(kappa_cloud::cluster::FAULT_SKIP_RESTORE, "1")];
     // Lost counts never arrive: a shorter wait than the exact run's.
-    let run = kill_and_join(dir.path(), "norestore", &env, Duration::from_secs(20)).await;
+    let run = kill_and_join(dir.path(), "norestore", "postgres", &env, Duration::from_secs(20)).await;
     let problems = diff_against_truth(&run.truth, &run.rows);
     assert!(!problems.is_empty(), "starting a moved partition from empty state should lose readings");
 }

@@ -23,6 +23,7 @@
 //! seeks there. Nothing is lost (what was not checkpointed is read again)
 //! and nothing is counted twice (state and positions move together).
 
+pub mod membership;
 pub mod partitioned;
 
 use std::sync::Arc;
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::partitioned::PartitionedView;
 use crate::archive::source::{ArchiveSource, ChainSource};
-use crate::config::CloudConfig;
+use crate::config::{Assignment, CloudConfig, ClusterConfig};
 use crate::eventlog::kafka::{GroupSource, KafkaLog};
 use crate::eventlog::{ConsumedRecord, EventLogError, LogSource, Offset, Partition};
 use crate::metrics::CloudMetrics;
@@ -116,7 +117,7 @@ impl Worker {
         let log = KafkaLog::connect(kafka, partitions).await?;
         let mut pipelines = Vec::new();
         for plan in plans {
-            let source = log.group_source(&group_of(&cluster.group, &plan.pipeline), cluster.session_timeout)?;
+            let source = join(&log, &cluster, partitions, &plan.pipeline)?;
             pipelines.push((plan, source));
         }
         let ready = pipelines.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
@@ -209,7 +210,7 @@ impl Pipeline<'_> {
             _ => None,
         };
         while let Some(share) = source.next_assignment(|| cancel.is_cancelled()) {
-            tracing::info!(pipeline, partitions = %kappa_runtime::logging::listed(&share), "Kafka assigned this worker its partitions.");
+            tracing::info!(pipeline, partitions = %kappa_runtime::logging::listed(&share), "The group gave this worker its partitions.");
             ready.store(share.is_empty(), Ordering::Relaxed);
             if share.is_empty() {
                 continue;
@@ -262,11 +263,12 @@ impl Pipeline<'_> {
                     // source went with the failed processor: join again.
                     tracing::warn!(pipeline, error = %e, "Cannot restore the share; joining the group again.");
                     retry_pause(cancel);
-                    source = log.group_source(&group_of(&cluster.group, &pipeline), cluster.session_timeout)?;
+                    source = join(log, &cluster, cfg.log.partitions, &pipeline)?;
                     continue;
                 }
             };
             ready.store(true, Ordering::Relaxed);
+            tracing::info!(pipeline, partitions = %kappa_runtime::logging::listed(&share), "Processing these partitions from their last checkpoint.");
             let outcome = loop {
                 if cancel.is_cancelled() {
                     break processor.checkpoint().and_then(|()| processor.sync());
@@ -307,7 +309,7 @@ impl Pipeline<'_> {
                             "The group still assigns partitions another worker claimed; joining it again."
                         );
                         drop(source);
-                        source = log.group_source(&group_of(&cluster.group, &pipeline), cluster.session_timeout)?;
+                        source = join(log, &cluster, cfg.log.partitions, &pipeline)?;
                         continue;
                     }
                 } else {
@@ -324,6 +326,28 @@ impl Pipeline<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Makes a group source for `pipeline` a member of its group, as
+/// `cluster.assignment` says: through Kafka's group protocol, or registered
+/// in PostgreSQL with a thread that hands it its shares ([`membership`]).
+fn join(log: &KafkaLog, cluster: &ClusterConfig, partitions: u32, pipeline: &str) -> Result<GroupSource, WorkerError> {
+    let group = group_of(&cluster.group, pipeline);
+    match cluster.assignment {
+        Assignment::Kafka => Ok(log.group_source(&group, cluster.session_timeout)?),
+        Assignment::Postgres => {
+            let source = log.handed_source(&group)?;
+            membership::Membership {
+                settings: cluster.store(),
+                log_partitions: partitions,
+                group,
+                lease: cluster.session_timeout,
+            }
+            .spawn(source.context())
+            .map_err(|e| WorkerError::Config(format!("cannot start the membership thread: {e}")))?;
+            Ok(source)
+        }
     }
 }
 

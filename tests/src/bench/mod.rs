@@ -9,8 +9,9 @@
 //! CPU-second, cloud processor throughput, bytes per reading on the
 //! edge-to-cloud link including HTTP framing, and ingest into the log on
 //! Kafka beside rdkafka's own producer, and the views computed from Kafka
-//! into PostgreSQL by 1, 2, 4 and 8 workers of a fixed CPU budget in a
-//! consumer group (and how long the group takes to rebalance), and 1, 2 and
+//! into PostgreSQL by 1, 2, 4 and 8 workers of a fixed CPU budget
+//! (and how long a join and a kill take to hand partitions over, with each
+//! `cluster.assignment`), and 1, 2 and
 //! 4 ingest nodes of a fixed budget appending to Kafka; beside the
 //! peers, in the same run, Spark Structured Streaming on the same tumbling
 //! view (rows compared) and a Mosquitto bridge's bytes per reading; the highest end-to-end rate whose
@@ -57,6 +58,7 @@ mod ingest_nodes;
 mod kafka;
 mod micro;
 mod pipeline;
+mod rebalance;
 mod spark;
 mod summary;
 mod workers;
@@ -98,7 +100,7 @@ pub fn run(args: Vec<String>) -> ExitCode {
     machine["limits"] = summary::limits(scale);
     report.insert("machine", machine);
     type Section = fn(&Path, f64) -> Value;
-    let sections: [(&str, Section); 17] = [
+    let sections: [(&str, Section); 18] = [
         ("edge_log_commit", edge_log_commit),
         ("edge_ingest_mqtt", edge_ingest::run),
         ("cloud_processor", cloud_processor),
@@ -110,6 +112,7 @@ pub fn run(args: Vec<String>) -> ExitCode {
         ("alert_latency", alerts::latency),
         ("kafka_ingest", kafka::ingest),
         ("cluster_workers", workers::run),
+        ("cluster_rebalance", rebalance::run),
         ("cluster_ingest_nodes", ingest_nodes::run),
         ("spark_tumbling", spark::run),
         ("mqtt_bridge_bytes", |_, scale| bridge::run(scale)),

@@ -19,9 +19,7 @@
 //! group's pace once every worker holds its share. Worker CPU is their
 //! utime + stime up to the end.
 //!
-//! Then, at the default settings, how long a running group of two takes to
-//! give every partition to a worker again when a third joins, and when that
-//! one is killed (`rebalance`).
+//! How long a handover takes is measured by `cluster_rebalance` (rebalance.rs).
 //!
 //! It measures; it checks no views (tests/e2e/cluster.rs does, at 1, 2, 4
 //! and 8 workers). What it sees of correctness it reports: readings
@@ -49,13 +47,14 @@ use super::{cpu_seconds, scrape, wait_port};
 /// cores, the other is left to the broker, PostgreSQL and this harness).
 /// `KAPPA_BENCH_WORKER_QUOTA_US` overrides it.
 const WORKER_QUOTA_US: u64 = 12_500;
-const TOPIC: &str = "events";
+pub(super) const TOPIC: &str = "events";
 /// As in the cluster e2e tests; librdkafka heartbeats every third of it, which
 /// bounds how soon the first worker notices the second joining.
 const SESSION_TIMEOUT: &str = "6s";
 const POLL: Duration = Duration::from_millis(200);
-/// What a worker logs (target `kappa_cloud::cluster`, info) for every share it is given.
-const ASSIGNED: &str = "Kafka assigned this worker its partitions";
+/// What a worker logs (target `kappa_cloud::cluster`, info) once it has
+/// restored a share and processes it.
+pub(super) const PROCESSING: &str = "Processing these partitions from their last checkpoint.";
 /// What a worker logs (target `kappa_cloud::eventlog::kafka`, warn) when the
 /// broker's first record after a seek is past the offset it asked for.
 const SKIPPED: &str = "The log no longer holds records this source had not read";
@@ -63,19 +62,19 @@ const PROCESSED: &str = "kappa_cloud_readings_processed_total{pipeline=\"main\"}
 
 /// One `kappa-bench cloud worker` process, its `/metrics` port and its log.
 #[derive(Debug)]
-struct WorkerProc {
-    child: Reaped,
+pub(super) struct WorkerProc {
+    pub(super) child: Reaped,
     port: u16,
     log: PathBuf,
 }
 
 impl WorkerProc {
-    fn log_text(&self) -> String {
+    pub(super) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGTERM, then up to 30 s for the graceful drain; whether it exited with success.
-    fn terminate(&mut self) -> bool {
+    pub(super) fn terminate(&mut self) -> bool {
         let child = &mut self.child.0;
         #[allow(unsafe_code)]
         // SAFETY: kill(2) on our own, not yet reaped child's pid has no memory-safety preconditions.
@@ -165,19 +164,9 @@ pub fn run(dir: &Path, scale: f64) -> Value {
     let highs = end_offsets(&log_config(&brokers), PARTITIONS).unwrap();
     let broker_end_total: u64 = highs.iter().map(|(_, o)| o).sum();
 
-    let quota =
-        std::env::var("KAPPA_BENCH_WORKER_QUOTA_US").ok().and_then(|v| v.parse().ok()).unwrap_or(WORKER_QUOTA_US);
-    let budget = match Cgroup::new(&format!("kappa-bench-probe-{}", std::process::id()), quota, None) {
-        Ok(_) => Some(quota),
-        Err(e) => {
-            println!("  cluster workers: no cgroup ({e}); the workers run without a CPU budget (needs root)");
-            None
-        }
-    };
-    let kill_deadline = Duration::from_secs(if scale >= 1.0 { 60 } else { 20 });
-    let run = Run { dir, brokers: &brokers, url: &url, budget, broker_pid: broker.0.id(), kill_deadline };
+    let budget = worker_budget("cluster workers");
+    let run = Run { dir, brokers: &brokers, url: &url, budget, broker_pid: broker.0.id() };
     let measured: Vec<(usize, Value)> = counts.iter().map(|&w| (w, run.measure(w, &ends, n))).collect();
-    let rebalance = run.rebalance();
     drop(broker);
 
     let rate = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
@@ -191,7 +180,6 @@ pub fn run(dir: &Path, scale: f64) -> Value {
         "load_records_per_s": load_per_s,
         // One consumer reading the topic and doing nothing else: what fetching from the broker allows.
         "read_back_records_per_s": read_per_s,
-        "rebalance": rebalance,
     });
     println!(
         "cluster workers ({n} readings of 1,000 devices, {PARTITIONS} partitions on tansu in memory, default views into \
@@ -225,17 +213,24 @@ pub fn run(dir: &Path, scale: f64) -> Value {
     // The 2-over-1 figures under their old names (the summary's line).
     out["speedup"] = out["speedups"]["2"].clone();
     out["speedup_after_last_assignment"] = out["speedups_after_last_assignment"]["2"].clone();
-    println!(
-        "  rebalance at the default settings: a third worker joins → every partition assigned again in {:.1} s; \
-         it is killed → {:.1} s",
-        rebalance["join_s"].as_f64().unwrap_or(f64::NAN),
-        rebalance["kill_s"].as_f64().unwrap_or(f64::NAN),
-    );
     out
 }
 
+/// Each worker's CPU budget (µs per 100 ms), if cgroups can be made here.
+pub(super) fn worker_budget(section: &str) -> Option<u64> {
+    let quota =
+        std::env::var("KAPPA_BENCH_WORKER_QUOTA_US").ok().and_then(|v| v.parse().ok()).unwrap_or(WORKER_QUOTA_US);
+    match Cgroup::new(&format!("kappa-bench-probe-{}", std::process::id()), quota, None) {
+        Ok(_) => Some(quota),
+        Err(e) => {
+            println!("  {section}: no cgroup ({e}); the workers run without a CPU budget (needs root)");
+            None
+        }
+    }
+}
+
 /// The fleet's readings as ingest appends them: (device, encoded log record).
-fn log_records(per_device: u64) -> Vec<(String, Vec<u8>)> {
+pub(super) fn log_records(per_device: u64) -> Vec<(String, Vec<u8>)> {
     super::fleet_readings(1000, per_device)
         .into_iter()
         .enumerate()
@@ -255,7 +250,7 @@ fn log_records(per_device: u64) -> Vec<(String, Vec<u8>)> {
 /// Creates the topic (admin API) and produces every record to
 /// `partition_for(device)`, idempotent with `acks=all` as the log's own
 /// appender does. Returns records per second.
-async fn load(brokers: &str, records: &[(String, Vec<u8>)]) -> f64 {
+pub(super) async fn load(brokers: &str, records: &[(String, Vec<u8>)]) -> f64 {
     KafkaLog::connect(log_config(brokers), PARTITIONS).await.unwrap();
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -295,28 +290,25 @@ fn read_back(brokers: &str, n: usize) -> (Vec<(u32, u64)>, u64, f64) {
 
 /// What every measurement shares: where the broker and PostgreSQL are, the
 /// workers' CPU budget (`None`: no cgroups here), the broker's pid.
-struct Run<'a> {
-    dir: &'a Path,
-    brokers: &'a str,
-    url: &'a str,
-    budget: Option<u64>,
-    broker_pid: u32,
-    /// How long to wait for a killed worker's partitions to move (shorter with `--quick`).
-    kill_deadline: Duration,
+pub(super) struct Run<'a> {
+    pub(super) dir: &'a Path,
+    pub(super) brokers: &'a str,
+    pub(super) url: &'a str,
+    pub(super) budget: Option<u64>,
+    pub(super) broker_pid: u32,
 }
 
 /// A worker process and the cgroup that holds it (dropped after it).
-struct Budgeted {
-    proc: WorkerProc,
+pub(super) struct Budgeted {
+    pub(super) proc: WorkerProc,
     cgroup: Option<Cgroup>,
 }
 
 impl Run<'_> {
-    /// Spawns worker `name` into `schema` and `group` (and `session_timeout`
-    /// if given, else the default), in a cgroup of its own when budgeted.
-    fn spawn(&self, name: &str, schema: &str, group: &str, session_timeout: Option<&str>) -> Budgeted {
-        let timeout = session_timeout.map_or(String::new(), |t| format!("session_timeout = \"{t}\"\n"));
-        let cluster = format!("group = \"{group}\"\n{timeout}");
+    /// Spawns worker `name` into `schema` and `group` (with `extra` lines in
+    /// its `[cluster]` section), in a cgroup of its own when budgeted.
+    pub(super) fn spawn(&self, name: &str, schema: &str, group: &str, extra: &str) -> Budgeted {
+        let cluster = format!("group = \"{group}\"\n{extra}");
         let target = ClusterTarget { brokers: self.brokers, topic: TOPIC, url: self.url, schema };
         let (child, port, cgroup) =
             target.spawn(self.dir, name, "worker", &cluster, "warn,kappa_cloud::cluster=info", self.budget);
@@ -339,7 +331,14 @@ impl Run<'_> {
         let (broker_cpu0, pg_cpu0, busy0) = (cpu_seconds(broker_pid), postgres_cpu_seconds(), machine_busy_seconds());
         let t0 = Instant::now();
         let mut budgeted: Vec<Budgeted> = (0..workers)
-            .map(|i| self.spawn(&format!("worker-{workers}-{i}"), &schema, &group, Some(SESSION_TIMEOUT)))
+            .map(|i| {
+                self.spawn(
+                    &format!("worker-{workers}-{i}"),
+                    &schema,
+                    &group,
+                    &format!("session_timeout = \"{SESSION_TIMEOUT}\"\n"),
+                )
+            })
             .collect();
         let mut procs: Vec<&mut WorkerProc> = budgeted.iter_mut().map(|b| &mut b.proc).collect();
         for w in &procs {
@@ -355,7 +354,7 @@ impl Run<'_> {
             let now = t0.elapsed().as_secs_f64();
             let processed_now: f64 = procs.iter().map(|w| scrape(w.port, PROCESSED)).sum();
             history.push((now, processed_now));
-            let seen: usize = procs.iter().map(|w| w.log_text().matches(ASSIGNED).count()).sum();
+            let seen: usize = procs.iter().map(|w| w.log_text().matches(PROCESSING).count()).sum();
             if seen != assignments {
                 (assignments, last_assignment, at_last_assignment) = (seen, now, processed_now);
             }
@@ -441,65 +440,4 @@ impl Run<'_> {
             "busiest_worker_share": processed.iter().copied().fold(0.0, f64::max) / total.max(1.0),
         })
     }
-
-    /// At the default settings (no `session_timeout` given, checkpoint every
-    /// 1 s), two budgeted workers process the topic; a third joins, and
-    /// later it is killed with SIGKILL. Each time: the seconds until every
-    /// worker still running has been given its new share and their shares
-    /// cover every partition again (read from the workers' logs every 50 ms).
-    fn rebalance(&self) -> Value {
-        let pid = std::process::id();
-        let (schema, group) = (format!("kappa_bench_rebalance_{pid}"), format!("bench-rebalance-{pid}"));
-        pg_execute(self.url, &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).unwrap();
-        let mut workers: Vec<Budgeted> =
-            (0..2).map(|i| self.spawn(&format!("rebalance-{i}"), &schema, &group, None)).collect();
-        let deadline = Duration::from_secs(180);
-        let settled = |workers: &[Budgeted], before: &[usize]| {
-            settle_time(&workers.iter().map(|b| &b.proc).collect::<Vec<_>>(), before, deadline)
-        };
-        let start_s = settled(&workers, &[0, 0]);
-        let before: Vec<usize> = workers.iter().map(|b| shares(&b.proc.log_text()).0).chain([0]).collect();
-        workers.push(self.spawn("rebalance-2", &schema, &group, None));
-        let join_s = settled(&workers, &before);
-        let mut killed = workers.pop().map(|b| b.proc);
-        let before: Vec<usize> = workers.iter().map(|b| shares(&b.proc.log_text()).0).collect();
-        if let Some(k) = killed.as_mut() {
-            let _ = k.child.0.kill();
-        }
-        // tansu 0.6.0 may never hand a dead member's partitions on (docs/cluster.md): a minute, then NaN.
-        let kill_s = settle_time(&workers.iter().map(|b| &b.proc).collect::<Vec<_>>(), &before, self.kill_deadline);
-        drop(killed);
-        for b in &mut workers {
-            b.proc.terminate();
-        }
-        drop(workers);
-        pg_execute(self.url, &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).unwrap();
-        json!({ "first_two_share_s": start_s, "join_s": join_s, "kill_s": kill_s })
-    }
-}
-
-/// How many shares a worker's log shows it was given, and the partitions of the last one.
-fn shares(log: &str) -> (usize, Vec<u32>) {
-    let lines: Vec<&str> = log.lines().filter(|l| l.contains(ASSIGNED)).collect();
-    let last = lines.last().and_then(|l| l.split("partitions=").nth(1)).unwrap_or_default();
-    (lines.len(), last.split_whitespace().filter_map(|p| p.trim_matches('"').parse().ok()).collect())
-}
-
-/// Seconds (to 50 ms) until every worker has been given a share since it had
-/// `before[i]`, and their last shares together hold every partition; NaN
-/// if that does not happen within `deadline`.
-fn settle_time(workers: &[&WorkerProc], before: &[usize], deadline: Duration) -> f64 {
-    let t0 = Instant::now();
-    while t0.elapsed() < deadline {
-        let now: Vec<(usize, Vec<u32>)> = workers.iter().map(|w| shares(&w.log_text())).collect();
-        let all_new = now.iter().zip(before).all(|((count, _), b)| count > b);
-        let mut held: Vec<u32> = now.iter().flat_map(|(_, p)| p.iter().copied()).collect();
-        held.sort_unstable();
-        held.dedup();
-        if all_new && held.len() == PARTITIONS as usize {
-            return t0.elapsed().as_secs_f64();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f64::NAN
 }

@@ -143,29 +143,51 @@ impl KafkaLog {
     /// (a killed worker) before moving its partitions.
     pub fn group_source(&self, group: &str, session_timeout: Duration) -> Result<GroupSource, EventLogError> {
         let ms = session_timeout.as_millis().max(1000);
-        let consumer: BaseConsumer<GroupContext> = self
-            .cfg
-            .client()
+        let consumer = self.group_consumer(group, |c| {
+            c.set("session.timeout.ms", ms.to_string())
+                // A member learns that the group is rebalancing (another joined
+                // or left) from its next heartbeat: every 0.5 s at most, rather
+                // than librdkafka's third of the session (3.3 s by default),
+                // which a join otherwise waits on (docs/cluster.md, "Rebalances").
+                .set("heartbeat.interval.ms", (ms / 3).min(500).to_string());
+        })?;
+        consumer
+            .subscribe(&[&self.cfg.topic])
+            .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot join group {group}: {e}")))?;
+        Ok(Self::group_member(consumer, &self.cfg.topic))
+    }
+
+    /// A source whose share something else hands it through
+    /// [`GroupContext::hand`] (the workers' PostgreSQL membership): it never
+    /// joins a Kafka group; `group` only names it to the broker.
+    pub fn handed_source(&self, group: &str) -> Result<GroupSource, EventLogError> {
+        let consumer = self.group_consumer(group, |_| {})?;
+        Ok(Self::group_member(consumer, &self.cfg.topic))
+    }
+
+    fn group_consumer(
+        &self,
+        group: &str,
+        settings: impl FnOnce(&mut ClientConfig),
+    ) -> Result<BaseConsumer<GroupContext>, EventLogError> {
+        let mut client = self.cfg.client();
+        client
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "50")
-            .set("session.timeout.ms", ms.to_string())
-            // A member learns that the group is rebalancing (another joined
-            // or left) from its next heartbeat: every 0.5 s at most, rather
-            // than librdkafka's third of the session (3.3 s by default),
-            // which a join otherwise waits on (docs/cluster.md, "Rebalances").
-            .set("heartbeat.interval.ms", (ms / 3).min(500).to_string())
+            .set("fetch.wait.max.ms", "50");
+        settings(&mut client);
+        client
             .create_with_context(GroupContext::default())
-            .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot create a group consumer: {e}")))?;
-        consumer
-            .subscribe(&[&self.cfg.topic])
-            .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot join group {group}: {e}")))?;
-        Ok(KafkaSource {
+            .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot create a group consumer: {e}")))
+    }
+
+    fn group_member(consumer: BaseConsumer<GroupContext>, topic: &str) -> GroupSource {
+        KafkaSource {
             consumer,
-            topic: self.cfg.topic.clone(),
+            topic: topic.to_string(),
             positions: BTreeMap::new(),
             at_end: BTreeSet::new(),
             reassign: false,
@@ -176,7 +198,7 @@ impl KafkaLog {
             rewind: BTreeMap::new(),
             delivered: BTreeMap::new(),
             holes: 0,
-        })
+        }
     }
 }
 
@@ -221,19 +243,33 @@ impl ConsumerContext for ReaderContext {}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let assignment = match rebalance {
-            Rebalance::Assign(tpl) => Some(tpl.elements().iter().map(|e| e.partition() as Partition).collect()),
-            Rebalance::Revoke(_) => None,
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                self.hand(Some(tpl.elements().iter().map(|e| e.partition() as Partition).collect()))
+            }
+            Rebalance::Revoke(_) => self.hand(None),
             Rebalance::Error(e) => {
                 tracing::warn!(error = %e, "The consumer group failed to rebalance; librdkafka retries.");
-                return;
             }
-        };
+        }
+    }
+}
+
+impl GroupContext {
+    /// The share last handed (`None` before the first or after a revocation).
+    pub fn share(&self) -> Option<Vec<Partition>> {
+        self.assignment.lock().ok().and_then(|a| a.clone())
+    }
+
+    /// Gives the member a new share (`None`: it holds nothing until the
+    /// next): the source stops reading its partitions at once, and the next
+    /// [`GroupSource::next_assignment`] takes the share.
+    pub fn hand(&self, share: Option<Vec<Partition>>) {
         let partitions =
-            assignment.as_ref().map(|a: &Vec<Partition>| tracing::field::display(kappa_runtime::logging::listed(a)));
+            share.as_ref().map(|a: &Vec<Partition>| tracing::field::display(kappa_runtime::logging::listed(a)));
         tracing::info!(partitions, "The consumer group moved partitions.");
         if let Ok(mut a) = self.assignment.lock() {
-            *a = assignment;
+            *a = share;
         }
         self.moved.store(true, Ordering::SeqCst);
     }
@@ -243,6 +279,12 @@ impl ConsumerContext for GroupContext {
 pub type GroupSource = KafkaSource<GroupContext>;
 
 impl GroupSource {
+    /// The context shares are handed through ([`GroupContext::hand`]),
+    /// held weakly: it goes with the source.
+    pub fn context(&self) -> std::sync::Weak<GroupContext> {
+        std::sync::Arc::downgrade(self.consumer.context())
+    }
+
     /// Whether the group moved partitions since [`GroupSource::next_assignment`]:
     /// the worker must checkpoint and take its new share.
     pub fn moved(&self) -> bool {

@@ -21,6 +21,7 @@
 //! | `dedup(pipeline, part, device, boot, state)` | sequence numbers seen per device boot (CBOR); `part` is the device's partition |
 //! | `partitions(pipeline, part, next_offset, max_ts, epoch, caught_up)` | where each partition resumes, its max event time, the epoch of its owner's claim, and whether a replay of it reached the log's end |
 //! | `late_events(view_id, part, log_offset, window_start, device, boot, seq, ts_ms, watermark_ms, reason)` | readings too late for a window, with the reason |
+//! | `members(id, grp, backend_pid, backend_start, lease_until)` | the workers of each group, with the PostgreSQL session that keeps each alive (see [`members`]) |
 //! | `alerts`, `alert_events`, `alert_state`, `alert_outbox`, `alert_acks`, `edge_aggregates`, `edge_aggregate_parts`, `pipeline_meta` | see [`alerts`] |
 //!
 //! `part` is the log partition and `log_offset` a record's offset (`partition`
@@ -90,6 +91,8 @@ use crate::views::spec::ViewSpec;
 /// Alerts, edge aggregates and global watermarks.
 mod alerts;
 mod checkpoint;
+/// Workers registered in a group, for `cluster.assignment = "postgres"`.
+pub mod members;
 /// Pages, the view list and dumps, for the API and `views dump`.
 mod read;
 mod schema;
@@ -200,6 +203,20 @@ pub(crate) fn client_config(settings: &PgSettings) -> Result<(postgres::Config, 
     Ok((config, verified))
 }
 
+/// A connection to the store's server (TLS when `settings` name a CA),
+/// without touching the schema.
+pub(crate) fn open_client(settings: &PgSettings) -> Result<Client, StoreError> {
+    let (config, verified) = client_config(settings)?;
+    let connected = match verified {
+        Some(tls) => config.connect(tls),
+        None => config.connect(NoTls),
+    };
+    connected.map_err(|e| {
+        let StoreError(msg) = e.into();
+        StoreError(format!("cannot connect to PostgreSQL ({}): {msg}", describe_hosts(&config)))
+    })
+}
+
 impl PgStore {
     /// Connects and creates the schema and its tables if missing.
     ///
@@ -221,15 +238,7 @@ impl PgStore {
         if log_partitions == 0 {
             return Err(StoreError("the event log needs at least one partition".into()));
         }
-        let (config, verified) = client_config(settings)?;
-        let connected = match verified {
-            Some(tls) => config.connect(tls),
-            None => config.connect(NoTls),
-        };
-        let mut client = connected.map_err(|e| {
-            let StoreError(msg) = e.into();
-            StoreError(format!("cannot connect to PostgreSQL ({}): {msg}", describe_hosts(&config)))
-        })?;
+        let mut client = open_client(settings)?;
         let s = format!("\"{}\"", settings.schema);
         let mut tx = client.transaction().context("starting to create the schema")?;
         // Each CREATE ... IF NOT EXISTS of an existing table sends a notice.

@@ -61,4 +61,8 @@ CREATE TABLE IF NOT EXISTS {s}.late_events (
     watermark_ms int8 NOT NULL, reason text NOT NULL,
     PRIMARY KEY (view_id, part, log_offset, window_start));
 CREATE INDEX IF NOT EXISTS late_events_by_time ON {s}.late_events (ts_ms);
+CREATE TABLE IF NOT EXISTS {s}.members (
+    id int8 GENERATED ALWAYS AS IDENTITY PRIMARY KEY, grp text COLLATE "C" NOT NULL,
+    backend_pid int4 NOT NULL, backend_start timestamptz, lease_until timestamptz NOT NULL);
+CREATE INDEX IF NOT EXISTS members_by_group ON {s}.members (grp);
 "#;
