@@ -1,9 +1,11 @@
-//! Processor workers: the views computed by a Kafka consumer group into
-//! PostgreSQL (docs/cluster.md).
+//! Processor workers: the views computed by a group of workers over the
+//! Kafka log into PostgreSQL (docs/cluster.md).
 //!
-//! Any number of `kappa-cloud worker` processes join one consumer group on
-//! the log's topic, and Kafka decides which partitions each reads. A worker
-//! runs the same [`Processor`] a single node runs, over its share, with:
+//! Any number of `kappa-cloud worker` processes join one group, and the
+//! group decides which partitions each reads: through PostgreSQL
+//! ([`membership`], the default) or Kafka's consumer group protocol
+//! (`cluster.assignment = "kafka"`). A worker runs the same [`Processor`] a
+//! single node runs, over its share, with:
 //!
 //! * **state per partition** ([`partitioned::PartitionedView`]): open
 //!   windows, dedup state, positions and watermarks belong to one partition,
@@ -16,12 +18,13 @@
 //!   the ones it claimed. A worker that was killed, paused or is slow to give
 //!   a partition up can never write after its successor restored.
 //!
-//! When the group moves partitions (a worker joins, leaves or is declared
-//! dead after `cluster.session_timeout`), each worker checkpoints what it
-//! has (refused if its partitions were already claimed), takes its new share,
-//! claims it, restores every partition's state from its last checkpoint and
-//! seeks there. Nothing is lost (what was not checkpointed is read again)
-//! and nothing is counted twice (state and positions move together).
+//! When the group moves partitions (a worker joins, leaves or dies), each
+//! worker that only gains partitions checkpoints what it has; one that
+//! loses some to another hands over without (the new owner's claim would
+//! refuse it). Then it takes its new share, claims it, restores every
+//! partition's state from its last checkpoint and seeks there. Nothing is
+//! lost (what was not checkpointed is read again) and nothing is counted
+//! twice (state and positions move together).
 
 pub mod membership;
 pub mod partitioned;
@@ -276,8 +279,22 @@ impl Pipeline<'_> {
                 if let Err(e) = processor.step(Duration::from_millis(100)) {
                     break Err(e);
                 }
-                if processor.source().group().moved() {
-                    // Hand over what is done; refused if a successor already claimed.
+                let group = processor.source().group();
+                if group.loses_partitions() {
+                    // Their new owner claims them at once, which would refuse
+                    // this checkpoint, and building one takes a worker of a
+                    // small budget most of a second: hand over as a crash
+                    // would. The new owner, and this worker for what it
+                    // keeps, read again from the last checkpoint.
+                    tracing::info!(
+                        pipeline,
+                        "Handing partitions over without a checkpoint; they are read again from the last one."
+                    );
+                    break Ok(());
+                }
+                if group.moved() {
+                    // Only gained partitions (or Kafka revoked the share):
+                    // hand over what is done; refused if a successor already claimed.
                     break processor.checkpoint().and_then(|()| processor.sync());
                 }
             };

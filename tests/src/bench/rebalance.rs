@@ -15,7 +15,8 @@
 //! partition in exactly one worker's current share and no worker waiting
 //! on a share it was given. A join is timed from the new worker's spawn and,
 //! with `postgres`, also from its registration in the group (its log says
-//! when); a kill from just before the SIGKILL.
+//! when); a kill from just before the SIGKILL. `KAPPA_BENCH_KEEP_LOGS=DIR`
+//! keeps the workers' logs there, to see where a handover's time went.
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -98,6 +99,13 @@ fn handovers(run: &Run<'_>, mode: &str, deadline: Duration) -> Value {
         let _ = k.child.0.kill();
     }
     let kill_s = settled(&procs(&workers), at, deadline);
+    if let Some(keep) = std::env::var_os("KAPPA_BENCH_KEEP_LOGS") {
+        // To see where a handover's time went: every worker's log, killed one included.
+        let all = workers.iter().map(|b| &b.proc).chain(killed.as_ref());
+        for (i, w) in all.enumerate() {
+            let _ = std::fs::write(Path::new(&keep).join(format!("rebalance-{mode}-{i}.log")), w.log_text());
+        }
+    }
     drop(killed);
     for b in &mut workers {
         b.proc.terminate();

@@ -24,11 +24,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use kappa_common::partition::partition_for;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Message, TopicPartitionList};
@@ -36,9 +34,12 @@ use serde::Deserialize;
 
 mod appender;
 mod config;
+/// Group members: shares assigned by Kafka or handed by PostgreSQL.
+mod group;
 
 pub use self::appender::{FAULT_ACK_BEFORE_DELIVERY, FAULT_IDEMPOTENT_LOG_PRODUCER, KafkaAppender};
 pub use self::config::KafkaLogConfig;
+pub use self::group::{GroupContext, GroupSource};
 use super::{AppendBatch, AppendOutcome, ConsumedRecord, EventLogError, LogAppender, LogSource, Offset, Partition};
 use crate::kafka::{ProducerSlot, TopicSpec, client_config, ensure_topic, topic_problem};
 
@@ -119,101 +120,10 @@ impl KafkaLog {
             .set("fetch.wait.max.ms", "50")
             .create_with_context(ReaderContext)
             .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot create a consumer: {e}")))?;
-        let mut src = KafkaSource {
-            consumer,
-            topic: self.cfg.topic.clone(),
-            positions: (0..self.partitions).map(|p| (p, 0)).collect(),
-            at_end: BTreeSet::new(),
-            reassign: true,
-            ends: (0..self.partitions).map(|p| (p, 0)).collect(),
-            last_warning: None,
-            positioned: BTreeMap::new(),
-            fresh: BTreeSet::new(),
-            rewind: BTreeMap::new(),
-            delivered: BTreeMap::new(),
-            holes: 0,
-        };
+        let all: Vec<Partition> = (0..self.partitions).collect();
+        let mut src = KafkaSource::over(consumer, &self.cfg.topic, &all);
         src.assign()?;
         Ok(src)
-    }
-
-    /// A source that joins consumer group `group` on the topic: Kafka
-    /// decides which partitions it reads ([`GroupSource::next_assignment`]).
-    /// `session_timeout` is how long the group waits for a silent member
-    /// (a killed worker) before moving its partitions.
-    pub fn group_source(&self, group: &str, session_timeout: Duration) -> Result<GroupSource, EventLogError> {
-        let ms = session_timeout.as_millis().max(1000);
-        let consumer = self.group_consumer(group, |c| {
-            c.set("session.timeout.ms", ms.to_string())
-                // A member learns that the group is rebalancing (another joined
-                // or left) from its next heartbeat: every 0.5 s at most, rather
-                // than librdkafka's third of the session (3.3 s by default),
-                // which a join otherwise waits on (docs/cluster.md, "Rebalances").
-                .set("heartbeat.interval.ms", (ms / 3).min(500).to_string());
-        })?;
-        consumer
-            .subscribe(&[&self.cfg.topic])
-            .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot join group {group}: {e}")))?;
-        Ok(Self::group_member(consumer, &self.cfg.topic))
-    }
-
-    /// A source whose share something else hands it through
-    /// [`GroupContext::hand`] (the workers' PostgreSQL membership): it never
-    /// joins a Kafka group; `group` only names it to the broker.
-    pub fn handed_source(&self, group: &str) -> Result<GroupSource, EventLogError> {
-        let consumer = self.group_consumer(group, |_| {})?;
-        Ok(Self::group_member(consumer, &self.cfg.topic))
-    }
-
-    fn group_consumer(
-        &self,
-        group: &str,
-        settings: impl FnOnce(&mut ClientConfig),
-    ) -> Result<BaseConsumer<GroupContext>, EventLogError> {
-        let mut client = self.cfg.client();
-        client
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "50");
-        settings(&mut client);
-        client
-            .create_with_context(GroupContext::default())
-            .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot create a group consumer: {e}")))
-    }
-
-    fn group_member(consumer: BaseConsumer<GroupContext>, topic: &str) -> GroupSource {
-        KafkaSource {
-            consumer,
-            topic: topic.to_string(),
-            positions: BTreeMap::new(),
-            at_end: BTreeSet::new(),
-            reassign: false,
-            ends: BTreeMap::new(),
-            last_warning: None,
-            positioned: BTreeMap::new(),
-            fresh: BTreeSet::new(),
-            rewind: BTreeMap::new(),
-            delivered: BTreeMap::new(),
-            holes: 0,
-        }
-    }
-}
-
-/// What a consumer group told this member, from librdkafka's rebalance callbacks.
-#[derive(Debug, Default)]
-pub struct GroupContext {
-    /// The partitions Kafka assigned last; `None` after a revocation.
-    assignment: Mutex<Option<Vec<Partition>>>,
-    /// The assignment changed since the source last took it.
-    moved: AtomicBool,
-}
-
-impl ClientContext for GroupContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        log_client_error(error, reason);
     }
 }
 
@@ -241,116 +151,6 @@ impl ClientContext for ReaderContext {
 
 impl ConsumerContext for ReaderContext {}
 
-impl ConsumerContext for GroupContext {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                self.hand(Some(tpl.elements().iter().map(|e| e.partition() as Partition).collect()))
-            }
-            Rebalance::Revoke(_) => self.hand(None),
-            Rebalance::Error(e) => {
-                tracing::warn!(error = %e, "The consumer group failed to rebalance; librdkafka retries.");
-            }
-        }
-    }
-}
-
-impl GroupContext {
-    /// The share last handed (`None` before the first or after a revocation).
-    pub fn share(&self) -> Option<Vec<Partition>> {
-        self.assignment.lock().ok().and_then(|a| a.clone())
-    }
-
-    /// Gives the member a new share (`None`: it holds nothing until the
-    /// next): the source stops reading its partitions at once, and the next
-    /// [`GroupSource::next_assignment`] takes the share.
-    pub fn hand(&self, share: Option<Vec<Partition>>) {
-        let partitions =
-            share.as_ref().map(|a: &Vec<Partition>| tracing::field::display(kappa_runtime::logging::listed(a)));
-        tracing::info!(partitions, "The consumer group moved partitions.");
-        if let Ok(mut a) = self.assignment.lock() {
-            *a = share;
-        }
-        self.moved.store(true, Ordering::SeqCst);
-    }
-}
-
-/// A member of a consumer group, reading the share Kafka assigns it.
-pub type GroupSource = KafkaSource<GroupContext>;
-
-impl GroupSource {
-    /// The context shares are handed through ([`GroupContext::hand`]),
-    /// held weakly: it goes with the source.
-    pub fn context(&self) -> std::sync::Weak<GroupContext> {
-        std::sync::Arc::downgrade(self.consumer.context())
-    }
-
-    /// Whether the group moved partitions since [`GroupSource::next_assignment`]:
-    /// the worker must checkpoint and take its new share.
-    pub fn moved(&self) -> bool {
-        self.consumer.context().moved.load(Ordering::SeqCst)
-    }
-
-    /// Makes the next [`GroupSource::next_assignment`] take the current
-    /// share again (after a failure that did not move partitions).
-    pub fn retake(&self) {
-        self.consumer.context().moved.store(true, Ordering::SeqCst);
-    }
-
-    /// Waits (serving the group protocol) until Kafka assigns this member
-    /// its share, and reads exactly that share from offset 0 until seeked.
-    /// `None` if `stop` returned true first. An empty share is possible
-    /// (more members than partitions).
-    pub fn next_assignment(&mut self, stop: impl Fn() -> bool) -> Option<Vec<Partition>> {
-        let ctx = self.consumer.context().clone();
-        while self.wait_for_move(&stop) {
-            if !ctx.moved.swap(false, Ordering::SeqCst) {
-                continue;
-            }
-            // After a revocation there is no share yet: wait for the assignment.
-            let share = ctx.assignment.lock().ok().and_then(|a| a.clone());
-            if let Some(share) = share {
-                self.positions = share.iter().map(|p| (*p, 0)).collect();
-                self.ends = share.iter().map(|p| (*p, 0)).collect();
-                self.at_end.clear();
-                self.reassign = !share.is_empty();
-                return Some(share);
-            }
-        }
-        None
-    }
-
-    /// Serves the group protocol once, without waiting. A share that reads
-    /// the archive first calls it with every batch: a member that does not
-    /// poll for `max.poll.interval.ms` is dropped from the group. Records
-    /// fetched meanwhile are dropped: the log is positioned again when the
-    /// share reaches it.
-    pub fn serve_group(&mut self) {
-        if let Some(Err(e)) = self.consumer.poll(Duration::ZERO)
-            && !matches!(e, KafkaError::PartitionEOF(_))
-        {
-            self.warn(&e);
-        }
-    }
-
-    /// Serves the group protocol until the group moves partitions (true) or
-    /// `stop` returns true (false). Records fetched meanwhile are dropped:
-    /// they are read again after the seek to the checkpoint.
-    pub fn wait_for_move(&mut self, stop: impl Fn() -> bool) -> bool {
-        while !stop() {
-            if self.moved() {
-                return true;
-            }
-            if let Some(Err(e)) = self.consumer.poll(Duration::from_millis(100))
-                && !matches!(e, KafkaError::PartitionEOF(_))
-            {
-                self.warn(&e);
-            }
-        }
-        false
-    }
-}
-
 /// The contexts a [`KafkaSource`] runs with: fixed partitions or a group.
 pub trait SourceContext: ConsumerContext + 'static {
     /// The partitions the source holds are no longer its own.
@@ -360,12 +160,6 @@ pub trait SourceContext: ConsumerContext + 'static {
 impl SourceContext for ReaderContext {
     fn stale(&self) -> bool {
         false
-    }
-}
-
-impl SourceContext for GroupContext {
-    fn stale(&self) -> bool {
-        self.moved.load(Ordering::SeqCst)
     }
 }
 
@@ -402,6 +196,25 @@ impl<C: SourceContext> std::fmt::Debug for KafkaSource<C> {
 }
 
 impl<C: SourceContext> KafkaSource<C> {
+    /// A source reading `partitions` of `topic` from offset 0 (assigned at
+    /// the first poll); none yet for a group member.
+    fn over(consumer: BaseConsumer<C>, topic: &str, partitions: &[Partition]) -> Self {
+        KafkaSource {
+            consumer,
+            topic: topic.to_string(),
+            positions: partitions.iter().map(|p| (*p, 0)).collect(),
+            at_end: BTreeSet::new(),
+            reassign: !partitions.is_empty(),
+            ends: partitions.iter().map(|p| (*p, 0)).collect(),
+            last_warning: None,
+            positioned: BTreeMap::new(),
+            fresh: BTreeSet::new(),
+            rewind: BTreeMap::new(),
+            delivered: BTreeMap::new(),
+            holes: 0,
+        }
+    }
+
     fn assign(&mut self) -> Result<(), EventLogError> {
         if self.consumer.context().stale() {
             // The group moved these partitions away: never read them again.

@@ -904,7 +904,7 @@ aggregates = [{ name = "n", fn = "count" }]
             .query_one("SELECT count(*) FROM information_schema.tables WHERE table_schema = $1", &[&db.settings.schema])
             .unwrap()
             .get(0);
-        assert_eq!(tables, 20, "store_meta and the nineteen tables of the module docs");
+        assert_eq!(tables, 21, "store_meta and the twenty tables of the module docs");
     }
 
     #[test]
