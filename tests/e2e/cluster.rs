@@ -323,6 +323,51 @@ async fn negative_control_a_killed_worker_counted_live_by_its_lease_keeps_its_pa
     );
 }
 
+/// A worker stopped with SIGSTOP (its PostgreSQL session stays open) is
+/// counted gone once its lease (the 6 s session timeout) runs out, and the
+/// other takes its partitions; woken with SIGCONT, it finds its lease had
+/// run out, takes its share again and the other hands it back. The views
+/// stay exact throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_loses_its_partitions_after_its_lease_and_takes_them_again_when_it_wakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let broker = Tansu::start(dir).await;
+    let config = cluster_config(&broker, &fresh_schema("stopped"), FLEET_PROCESSOR);
+    let cloud = Cloud::start_with(dir, "cloud", &config, &[]).await;
+    let workers = [Worker::start(dir, "a", &config, &[]).await, Worker::start(dir, "b", &config, &[]).await];
+    let logs = |workers: &[Worker]| {
+        workers.iter().map(|w| std::fs::read_to_string(&w.proc.log).unwrap_or_default()).collect::<Vec<_>>()
+    };
+    let mqtt_port = free_port();
+    let edge = Edge::start(dir, Mqtt::Embedded(mqtt_port), &cloud.url()).await;
+    let mut sim = Fleet::new(20, 600, 10.0).start(mqtt_port, dir);
+    wait_for_readings(&cloud.url(), 2_000, Duration::from_secs(90)).await;
+
+    let before = vec![logs(&workers)[1].matches(PROCESSING).count()];
+    workers[0].proc.signal(libc::SIGSTOP);
+    wait_for("the other worker to process the stopped one's partitions", Duration::from_secs(90), || {
+        let done = process_every_partition(&logs(&workers[1..]), &before);
+        async move { done.then_some(()) }
+    })
+    .await;
+    let before: Vec<usize> = logs(&workers).iter().map(|l| l.matches(PROCESSING).count()).collect();
+    workers[0].proc.signal(libc::SIGCONT);
+    wait_for("both workers to process their shares again", Duration::from_secs(90), || {
+        let now = logs(&workers);
+        let done = process_every_partition(&now, &before) && now[0].contains("lease had run out");
+        async move { done.then_some(()) }
+    })
+    .await;
+
+    let truth = Fleet::finish(&mut sim, dir).await;
+    wait_for_readings(&cloud.url(), truth.acked, Duration::from_secs(120)).await;
+    let rows = fetch_rows(&cloud.url(), "device_windows").await;
+    let all = workers.iter().map(|w| w.proc.tail()).chain([cloud.proc.tail(), edge.proc.tail()]).collect::<Vec<_>>();
+    let problems = diff_against_truth(&truth, &rows);
+    assert!(problems.is_empty(), "lost or double-counted readings: {problems:?}\n{}", all.join("\n"));
+}
+
 /// Negative control: workers that take a share without restoring its
 /// partitions' state (`KAPPA_TEST_WORKER_SKIP_RESTORE`) start those windows
 /// from nothing after each move, and the check above catches the lost counts.

@@ -6,7 +6,7 @@
 //! own ([`Members`]). Every 100 ms it renews its lease, reads the group's
 //! live members and computes its share with [`share_of`], which every member
 //! computes alike from the same list; when the share changes it hands it to
-//! the source ([`GroupContext::hand`]), and the pipeline checkpoints and
+//! the source ([`GroupState::hand`]), and the pipeline checkpoints and
 //! takes it exactly as it takes a share Kafka assigned. Members never
 //! coordinate a handover: for a moment two members may both believe they
 //! hold a partition, and the store's claims and epochs (see
@@ -17,10 +17,10 @@ use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use crate::eventlog::Partition;
-use crate::eventlog::kafka::GroupContext;
+use crate::eventlog::kafka::GroupState;
 use crate::store::StoreError;
 use crate::store::pg::PgSettings;
-use crate::store::pg::members::Members;
+use crate::store::pg::members::{Members, Renewed};
 
 /// How often a member looks at the group.
 const POLL: Duration = Duration::from_millis(100);
@@ -78,20 +78,20 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Starts the thread that keeps the source behind `source` a member of
-    /// the group and hands it its shares; it leaves the group when the
-    /// source is dropped.
-    pub fn spawn(self, source: Weak<GroupContext>) -> std::io::Result<()> {
+    /// Starts the thread that keeps the sources over `source` a member of
+    /// the group and hands them their shares; it leaves the group once
+    /// nothing holds `source` any more.
+    pub fn spawn(self, source: Weak<GroupState>) -> std::io::Result<()> {
         let name = format!("members:{}", self.group);
         std::thread::Builder::new().name(name).spawn(move || self.run(&source)).map(|_| ())
     }
 
-    fn run(self, source: &Weak<GroupContext>) {
+    fn run(self, source: &Weak<GroupState>) {
         // What this member last handed its source: `None` holds nothing.
         let mut handed: Option<Vec<Partition>> = None;
         let mut failing = false;
         while source.strong_count() > 0 {
-            match self.session(source, &mut handed) {
+            match self.session(source, &mut handed, &mut failing) {
                 Ok(()) => return,
                 Err(e) => {
                     // The others see this session gone and take its
@@ -117,9 +117,15 @@ impl Membership {
 
     /// One PostgreSQL session as a member, until the source is dropped
     /// (`Ok`) or PostgreSQL fails.
-    fn session(&self, source: &Weak<GroupContext>, handed: &mut Option<Vec<Partition>>) -> Result<(), StoreError> {
+    fn session(
+        &self,
+        source: &Weak<GroupState>,
+        handed: &mut Option<Vec<Partition>>,
+        failing: &mut bool,
+    ) -> Result<(), StoreError> {
         let mut members = Members::connect(&self.settings, self.log_partitions, &self.group, self.lease)?;
         let mut me = members.register()?;
+        *failing = false;
         tracing::info!(group = %self.group, member = me, "Joined the group in PostgreSQL.");
         let mut cleaned = Instant::now();
         loop {
@@ -127,9 +133,20 @@ impl Membership {
                 members.leave();
                 return Ok(());
             };
-            if !members.renew()? {
-                me = members.register()?;
-                tracing::warn!(group = %self.group, member = me, "This worker's membership was removed; joined the group again.");
+            match members.renew()? {
+                Renewed::Held => {}
+                Renewed::Lapsed => {
+                    // The others counted this member gone (it was stopped,
+                    // or could not renew) and claimed its partitions: hand
+                    // its share again, to be claimed and restored afresh.
+                    tracing::warn!(group = %self.group, member = me, "This worker's lease had run out; it takes its share again.");
+                    *handed = None;
+                }
+                Renewed::Gone => {
+                    me = members.register()?;
+                    tracing::warn!(group = %self.group, member = me, "This worker's membership was removed; joined the group again.");
+                    *handed = None;
+                }
             }
             let live = members.live()?;
             let share = if live.contains(&me) { share_of(&live, me, self.log_partitions) } else { Vec::new() };

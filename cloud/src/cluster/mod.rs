@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use self::partitioned::PartitionedView;
 use crate::archive::source::{ArchiveSource, ChainSource};
 use crate::config::{Assignment, CloudConfig, ClusterConfig};
-use crate::eventlog::kafka::{GroupSource, KafkaLog};
+use crate::eventlog::kafka::{GroupSource, GroupState, KafkaLog};
 use crate::eventlog::{ConsumedRecord, EventLogError, LogSource, Offset, Partition};
 use crate::metrics::CloudMetrics;
 use crate::processor::{Operator, Processor, ProcessorError};
@@ -73,7 +73,7 @@ pub struct Worker {
     cfg: CloudConfig,
     log: KafkaLog,
     /// Each pipeline with the group member that reads its share.
-    pipelines: Vec<(PipelinePlan, GroupSource)>,
+    pipelines: Vec<(PipelinePlan, Seat, GroupSource)>,
     metrics: Arc<CloudMetrics>,
     /// Per pipeline: holds its share, restored (or has none to hold); `/readyz`.
     ready: Vec<Arc<AtomicBool>>,
@@ -81,7 +81,7 @@ pub struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pipelines: Vec<&str> = self.pipelines.iter().map(|(p, _)| p.pipeline.as_str()).collect();
+        let pipelines: Vec<&str> = self.pipelines.iter().map(|(p, ..)| p.pipeline.as_str()).collect();
         f.debug_struct("Worker").field("pipelines", &pipelines).finish()
     }
 }
@@ -120,8 +120,9 @@ impl Worker {
         let log = KafkaLog::connect(kafka, partitions).await?;
         let mut pipelines = Vec::new();
         for plan in plans {
-            let source = join(&log, &cluster, partitions, &plan.pipeline)?;
-            pipelines.push((plan, source));
+            let seat = Seat::take(&cluster, partitions, &plan.pipeline)?;
+            let source = seat.source(&log)?;
+            pipelines.push((plan, seat, source));
         }
         let ready = pipelines.iter().map(|_| Arc::new(AtomicBool::new(false))).collect();
         Ok(Self { cfg, log, pipelines, metrics, ready })
@@ -135,7 +136,7 @@ impl Worker {
         let restore = !kappa_runtime::fault::on(FAULT_SKIP_RESTORE, "moved partitions lose their window state");
         std::thread::scope(|scope| {
             let mut threads = Vec::new();
-            for ((plan, source), ready) in pipelines.into_iter().zip(ready) {
+            for ((plan, seat, source), ready) in pipelines.into_iter().zip(ready) {
                 let (cfg, cancel, log) = (&cfg, &cancel, &log);
                 // A replay's counters would be taken for the live pipeline's:
                 // like a node's replays, it gets a registry of its own.
@@ -148,7 +149,7 @@ impl Worker {
                 let thread = std::thread::Builder::new().name(name).spawn_scoped(scope, move || {
                     let pipeline = plan.pipeline.clone();
                     let result =
-                        Pipeline { cfg, log, plan, metrics, ready: ready.clone(), restore }.run(source, cancel);
+                        Pipeline { cfg, log, plan, seat, metrics, ready: ready.clone(), restore }.run(source, cancel);
                     if result.is_err() {
                         // A failed replay holds nothing: it does not keep the worker unready.
                         ready.store(true, Ordering::Relaxed);
@@ -188,9 +189,11 @@ impl Worker {
 /// One pipeline of a worker: its views over the shares its group assigns.
 struct Pipeline<'a> {
     cfg: &'a CloudConfig,
-    /// To join the group again after a share could not be restored.
+    /// To make the source again after a share could not be restored.
     log: &'a KafkaLog,
     plan: PipelinePlan,
+    /// Its place in its group.
+    seat: Seat,
     metrics: Arc<CloudMetrics>,
     ready: Arc<AtomicBool>,
     restore: bool,
@@ -201,7 +204,7 @@ impl Pipeline<'_> {
     /// group moves partitions again, and checkpoints on the way out. A
     /// replay's share reads the archive first, then the log.
     fn run(self, mut source: GroupSource, cancel: &CancellationToken) -> Result<(), WorkerError> {
-        let Self { cfg, log, plan, metrics, ready, restore } = self;
+        let Self { cfg, log, plan, seat, metrics, ready, restore } = self;
         let cluster = cfg.cluster.clone().ok_or_else(|| WorkerError::Config("a worker needs [cluster]".into()))?;
         let settings = cfg.processor_settings();
         let pipeline = plan.pipeline.clone();
@@ -266,7 +269,7 @@ impl Pipeline<'_> {
                     // source went with the failed processor: join again.
                     tracing::warn!(pipeline, error = %e, "Cannot restore the share; joining the group again.");
                     retry_pause(cancel);
-                    source = join(log, &cluster, cfg.log.partitions, &pipeline)?;
+                    source = seat.source(log)?;
                     continue;
                 }
             };
@@ -309,7 +312,16 @@ impl Pipeline<'_> {
                 if cancel.is_cancelled() {
                     break;
                 }
-                if e.to_string().contains("fenced:") {
+                if e.to_string().contains("fenced:") && seat.shared.is_some() {
+                    // Another worker claimed some of these partitions. The
+                    // members all compute the split from the same list, so
+                    // it was moving them, or it acted on a list of a moment
+                    // ago (this worker had stopped, say): give the split a
+                    // look or two to say so, then take the share it says
+                    // (claiming them back if they are still this worker's).
+                    let until = Instant::now() + Duration::from_millis(300);
+                    source.wait_for_move(|| cancel.is_cancelled() || Instant::now() >= until);
+                } else if e.to_string().contains("fenced:") {
                     // Another worker claimed some of these partitions: the
                     // group is moving them. Wait for it to say so (at most a
                     // session) rather than claiming them back.
@@ -326,7 +338,7 @@ impl Pipeline<'_> {
                             "The group still assigns partitions another worker claimed; joining it again."
                         );
                         drop(source);
-                        source = join(log, &cluster, cfg.log.partitions, &pipeline)?;
+                        source = seat.source(log)?;
                         continue;
                     }
                 } else {
@@ -346,25 +358,45 @@ impl Pipeline<'_> {
     }
 }
 
-/// Makes a group source for `pipeline` a member of its group, as
-/// `cluster.assignment` says: through Kafka's group protocol, or registered
-/// in PostgreSQL with a thread that hands it its shares ([`membership`]).
-fn join(log: &KafkaLog, cluster: &ClusterConfig, partitions: u32, pipeline: &str) -> Result<GroupSource, WorkerError> {
-    let group = group_of(&cluster.group, pipeline);
-    match cluster.assignment {
-        Assignment::Kafka => Ok(log.group_source(&group, cluster.session_timeout)?),
-        Assignment::Postgres => {
-            let source = log.handed_source(&group)?;
-            membership::Membership {
-                settings: cluster.store(),
-                log_partitions: partitions,
-                group,
-                lease: cluster.session_timeout,
+/// A pipeline's place in its group, as `cluster.assignment` says: a member
+/// of a Kafka consumer group (each source a member of its own), or a member
+/// registered in PostgreSQL whose thread ([`membership`]) hands its shares
+/// for as long as the seat lives, to every source made over it.
+struct Seat {
+    group: String,
+    session_timeout: Duration,
+    /// Where the PostgreSQL membership hands shares (`None`: Kafka's protocol).
+    shared: Option<Arc<GroupState>>,
+}
+
+impl Seat {
+    fn take(cluster: &ClusterConfig, partitions: u32, pipeline: &str) -> Result<Self, WorkerError> {
+        let group = group_of(&cluster.group, pipeline);
+        let shared = match cluster.assignment {
+            Assignment::Kafka => None,
+            Assignment::Postgres => {
+                let shared = Arc::new(GroupState::default());
+                membership::Membership {
+                    settings: cluster.store(),
+                    log_partitions: partitions,
+                    group: group.clone(),
+                    lease: cluster.session_timeout,
+                }
+                .spawn(Arc::downgrade(&shared))
+                .map_err(|e| WorkerError::Config(format!("cannot start the membership thread: {e}")))?;
+                Some(shared)
             }
-            .spawn(source.context())
-            .map_err(|e| WorkerError::Config(format!("cannot start the membership thread: {e}")))?;
-            Ok(source)
-        }
+        };
+        Ok(Self { group, session_timeout: cluster.session_timeout, shared })
+    }
+
+    /// A source in this seat: with Kafka's protocol a new member of the
+    /// group; over PostgreSQL the same member, taking its current share.
+    fn source(&self, log: &KafkaLog) -> Result<GroupSource, WorkerError> {
+        Ok(match &self.shared {
+            None => log.group_source(&self.group, self.session_timeout)?,
+            Some(shared) => log.handed_source(&self.group, shared.clone())?,
+        })
     }
 }
 

@@ -2,8 +2,8 @@
 //! assigned by Kafka's group protocol or handed by the workers' PostgreSQL
 //! membership (`crate::cluster::membership`).
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -21,7 +21,7 @@ impl KafkaLog {
     /// (a killed worker) before moving its partitions.
     pub fn group_source(&self, group: &str, session_timeout: Duration) -> Result<GroupSource, EventLogError> {
         let ms = session_timeout.as_millis().max(1000);
-        let consumer = self.group_consumer(group, |c| {
+        let consumer = self.group_consumer(group, Arc::default(), |c| {
             c.set("session.timeout.ms", ms.to_string())
                 // A member learns that the group is rebalancing (another joined
                 // or left) from its next heartbeat: every 0.5 s at most, rather
@@ -35,17 +35,20 @@ impl KafkaLog {
         Ok(KafkaSource::over(consumer, &self.cfg.topic, &[]))
     }
 
-    /// A source whose share something else hands it through
-    /// [`GroupContext::hand`] (the workers' PostgreSQL membership): it never
-    /// joins a Kafka group; `group` only names it to the broker.
-    pub fn handed_source(&self, group: &str) -> Result<GroupSource, EventLogError> {
-        let consumer = self.group_consumer(group, |_| {})?;
+    /// A source whose share something else hands it through `state`
+    /// ([`GroupState::hand`]; the workers' PostgreSQL membership): it never
+    /// joins a Kafka group; `group` only names it to the broker. A source
+    /// made again over the same state takes the share it holds at once.
+    pub fn handed_source(&self, group: &str, state: Arc<GroupState>) -> Result<GroupSource, EventLogError> {
+        let consumer = self.group_consumer(group, state.clone(), |_| {})?;
+        state.moved.store(true, Ordering::SeqCst);
         Ok(KafkaSource::over(consumer, &self.cfg.topic, &[]))
     }
 
     fn group_consumer(
         &self,
         group: &str,
+        state: Arc<GroupState>,
         settings: impl FnOnce(&mut ClientConfig),
     ) -> Result<BaseConsumer<GroupContext>, EventLogError> {
         let mut client = self.cfg.client();
@@ -58,15 +61,24 @@ impl KafkaLog {
             .set("fetch.wait.max.ms", "50");
         settings(&mut client);
         client
-            .create_with_context(GroupContext::default())
+            .create_with_context(GroupContext { state })
             .map_err(|e| EventLogError::Unavailable(format!("log.kafka: cannot create a group consumer: {e}")))
     }
 }
 
-/// What a consumer group told this member, from librdkafka's rebalance callbacks.
-#[derive(Debug, Default)]
+/// A group source's librdkafka context: Kafka's rebalance callbacks write
+/// its [`GroupState`].
+#[derive(Debug)]
 pub struct GroupContext {
-    /// The partitions Kafka assigned last; `None` after a revocation.
+    state: Arc<GroupState>,
+}
+
+/// What the group told this member: from Kafka's rebalance callbacks, or
+/// handed by the PostgreSQL membership (which keeps it across the sources
+/// a pipeline makes, so that making one again is not a new member).
+#[derive(Debug, Default)]
+pub struct GroupState {
+    /// The partitions assigned last; `None` after a revocation.
     assignment: Mutex<Option<Vec<Partition>>>,
     /// The assignment changed since the source last took it.
     moved: AtomicBool,
@@ -82,9 +94,9 @@ impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                self.hand(Some(tpl.elements().iter().map(|e| e.partition() as Partition).collect()))
+                self.state.hand(Some(tpl.elements().iter().map(|e| e.partition() as Partition).collect()))
             }
-            Rebalance::Revoke(_) => self.hand(None),
+            Rebalance::Revoke(_) => self.state.hand(None),
             Rebalance::Error(e) => {
                 tracing::warn!(error = %e, "The consumer group failed to rebalance; librdkafka retries.");
             }
@@ -92,7 +104,7 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-impl GroupContext {
+impl GroupState {
     /// The share last handed (`None` before the first or after a revocation).
     pub fn share(&self) -> Option<Vec<Partition>> {
         self.assignment.lock().ok().and_then(|a| a.clone())
@@ -116,16 +128,15 @@ impl GroupContext {
 pub type GroupSource = KafkaSource<GroupContext>;
 
 impl GroupSource {
-    /// The context shares are handed through ([`GroupContext::hand`]),
-    /// held weakly: it goes with the source.
-    pub fn context(&self) -> std::sync::Weak<GroupContext> {
-        std::sync::Arc::downgrade(self.consumer.context())
+    /// Where shares are handed ([`GroupState::hand`]), held weakly.
+    pub fn state(&self) -> Weak<GroupState> {
+        Arc::downgrade(&self.consumer.context().state)
     }
 
     /// Whether the group moved partitions since [`GroupSource::next_assignment`]:
     /// the worker must checkpoint and take its new share.
     pub fn moved(&self) -> bool {
-        self.consumer.context().moved.load(Ordering::SeqCst)
+        self.consumer.context().state.moved.load(Ordering::SeqCst)
     }
 
     /// Whether the group moved partitions and the share it gave next is
@@ -133,13 +144,18 @@ impl GroupSource {
     /// claims it) now. Unknown after Kafka's revocation: false.
     pub fn loses_partitions(&self) -> bool {
         self.moved()
-            && self.consumer.context().share().is_some_and(|next| self.positions.keys().any(|p| !next.contains(p)))
+            && self
+                .consumer
+                .context()
+                .state
+                .share()
+                .is_some_and(|next| self.positions.keys().any(|p| !next.contains(p)))
     }
 
     /// Makes the next [`GroupSource::next_assignment`] take the current
     /// share again (after a failure that did not move partitions).
     pub fn retake(&self) {
-        self.consumer.context().moved.store(true, Ordering::SeqCst);
+        self.consumer.context().state.moved.store(true, Ordering::SeqCst);
     }
 
     /// Waits (serving the group protocol) until Kafka assigns this member
@@ -147,7 +163,7 @@ impl GroupSource {
     /// `None` if `stop` returned true first. An empty share is possible
     /// (more members than partitions).
     pub fn next_assignment(&mut self, stop: impl Fn() -> bool) -> Option<Vec<Partition>> {
-        let ctx = self.consumer.context().clone();
+        let ctx = self.consumer.context().state.clone();
         while self.wait_for_move(&stop) {
             if !ctx.moved.swap(false, Ordering::SeqCst) {
                 continue;
@@ -200,6 +216,6 @@ impl GroupSource {
 
 impl SourceContext for GroupContext {
     fn stale(&self) -> bool {
-        self.moved.load(Ordering::SeqCst)
+        self.state.moved.load(Ordering::SeqCst)
     }
 }

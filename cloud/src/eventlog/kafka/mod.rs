@@ -39,7 +39,7 @@ mod group;
 
 pub use self::appender::{FAULT_ACK_BEFORE_DELIVERY, FAULT_IDEMPOTENT_LOG_PRODUCER, KafkaAppender};
 pub use self::config::KafkaLogConfig;
-pub use self::group::{GroupContext, GroupSource};
+pub use self::group::{GroupContext, GroupSource, GroupState};
 use super::{AppendBatch, AppendOutcome, ConsumedRecord, EventLogError, LogAppender, LogSource, Offset, Partition};
 use crate::kafka::{ProducerSlot, TopicSpec, client_config, ensure_topic, topic_problem};
 

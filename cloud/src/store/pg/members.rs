@@ -44,6 +44,17 @@ const FORGET_DEAD: &str = "DELETE FROM {s}.members m
     WHERE m.grp = $1 AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = m.backend_pid
                   AND (a.backend_start IS NULL OR a.backend_start = m.backend_start))";
 
+/// What renewing a member's lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewed {
+    /// Renewed in time.
+    Held,
+    /// Renewed, but it had run out: the others may have taken its partitions.
+    Lapsed,
+    /// Its row is gone: it must register again.
+    Gone,
+}
+
 /// One member's connection: the session that keeps it alive.
 pub struct Members {
     client: Client,
@@ -71,7 +82,11 @@ impl Members {
     ) -> Result<Self, StoreError> {
         let store = PgStore::connect(settings, log_partitions)?;
         let s = store.s.clone();
-        let client = store.client.into_inner();
+        let mut client = store.client.into_inner();
+        // A look that cannot finish within half a lease is a failed one: the
+        // member connects again rather than being counted gone while waiting.
+        let ms = (lease.as_millis() / 2).max(1);
+        client.batch_execute(&format!("SET statement_timeout = {ms}")).context("setting statement_timeout")?;
         let lease_only =
             kappa_runtime::fault::on(FAULT_LEASE_ONLY, "a killed worker keeps its partitions for its lease");
         Ok(Self { client, s, group: group.to_string(), lease, id: None, lease_only })
@@ -108,16 +123,21 @@ impl Members {
         self.id
     }
 
-    /// Extends this member's lease; false if its row is gone (it must register again).
-    pub fn renew(&mut self) -> Result<bool, StoreError> {
-        let Some(id) = self.id else { return Ok(false) };
+    /// Extends this member's lease.
+    pub fn renew(&mut self) -> Result<Renewed, StoreError> {
+        let Some(id) = self.id else { return Ok(Renewed::Gone) };
         let sql = self.sql(
-            "UPDATE {s}.members SET lease_until = clock_timestamp() + $2::float8 * interval '1 millisecond'
-             WHERE id = $1",
+            "UPDATE {s}.members m SET lease_until = clock_timestamp() + $2::float8 * interval '1 millisecond'
+             FROM (SELECT lease_until AS was FROM {s}.members WHERE id = $1) o
+             WHERE m.id = $1 RETURNING o.was < clock_timestamp()",
         );
         let lease = self.lease_ms();
-        let n = self.client.execute(&sql, &[&id, &lease]).context("renewing the group lease")?;
-        Ok(n == 1)
+        let row = self.client.query_opt(&sql, &[&id, &lease]).context("renewing the group lease")?;
+        match row.map(|r| r.try_get::<_, bool>(0)).transpose().context("renewing the group lease")? {
+            None => Ok(Renewed::Gone),
+            Some(true) => Ok(Renewed::Lapsed),
+            Some(false) => Ok(Renewed::Held),
+        }
     }
 
     /// The live members of the group, oldest first.
@@ -155,14 +175,14 @@ mod tests {
     use super::*;
     use crate::cluster::membership::Membership;
     use crate::eventlog::Partition;
-    use crate::eventlog::kafka::GroupContext;
+    use crate::eventlog::kafka::GroupState;
 
     const GROUP: &str = "g";
     /// Far longer than any wait below: what these tests see of a member
     /// leaving is its session closing, not its lease running out.
     const HOUR: Duration = Duration::from_secs(3600);
 
-    fn member(schema: &TestSchema, ctx: &Arc<GroupContext>) {
+    fn member(schema: &TestSchema, ctx: &Arc<GroupState>) {
         let m = Membership {
             settings: schema.settings.clone(),
             log_partitions: LOG_PARTITIONS,
@@ -173,7 +193,7 @@ mod tests {
     }
 
     /// Waits (up to a minute: a loaded machine) until `ctx` holds `want` partitions.
-    fn holds(ctx: &GroupContext, want: usize) -> Vec<Partition> {
+    fn holds(ctx: &GroupState, want: usize) -> Vec<Partition> {
         let t0 = Instant::now();
         loop {
             let share = ctx.share().unwrap_or_default();
@@ -188,7 +208,7 @@ mod tests {
     #[test]
     fn members_split_the_partitions_and_take_over_when_a_session_closes_or_a_lease_runs_out() {
         let schema = TestSchema::new("members");
-        let (a, b) = (Arc::new(GroupContext::default()), Arc::new(GroupContext::default()));
+        let (a, b) = (Arc::new(GroupState::default()), Arc::new(GroupState::default()));
         member(&schema, &a);
         assert_eq!(holds(&a, 4), vec![0, 1, 2, 3], "alone, a member holds every partition");
         member(&schema, &b);
@@ -217,9 +237,14 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
         }
         holds(&a, 4);
-        // Renewed again (SIGCONT), it is back.
-        assert!(stopped.renew().unwrap());
-        holds(&a, 2);
+        // Renewing again (SIGCONT), it learns its lease had lapsed, and it is back.
+        assert_eq!(stopped.renew().unwrap(), Renewed::Lapsed);
+        let t0 = Instant::now();
+        while a.share().unwrap_or_default().len() != 2 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "the renewed member never counted again");
+            stopped.renew().unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
         stopped.leave();
         holds(&a, 4);
     }

@@ -9,7 +9,7 @@
 //!
 //! | table | holds |
 //! |---|---|
-//! | `store_meta(key, value)` | `schema_version` |
+//! | `store_meta(key, value)` | `schema_version`, and `layout`: a fingerprint of the tables this code creates (a connection to a store that has it skips the DDL) |
 //! | `views(view_id, name, version, definition, created_ms, pipeline, retired)` | every view version a worker ran, with its canonical definition, the pipeline that computes it, and whether the last worker to start still ran it |
 //! | `pipelines(pipeline, state, detail, created_ms)` | `main` (live) and one replay pipeline per version added later: `building` until every partition caught up with the log, then `live`; `failed` with the reason |
 //! | `view_aliases(name, version)` | which version the API serves for a name |
@@ -217,6 +217,90 @@ pub(crate) fn open_client(settings: &PgSettings) -> Result<Client, StoreError> {
     })
 }
 
+/// A fingerprint of the tables this code creates (`store_meta.layout`).
+fn layout_fingerprint() -> i64 {
+    fnv64([DDL, MIGRATE_1_TO_2, alerts::DDL].iter().flat_map(|t| t.bytes()))
+}
+
+/// Whether the schema holds this code's layout already.
+fn layout_is(client: &mut Client, schema: &str, s: &str, layout: i64) -> Result<bool, StoreError> {
+    // `check_schema_name` allowed letters, digits and `_` only.
+    let meta = format!("\"{schema}\".store_meta");
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&meta])
+        .and_then(|r| r.try_get(0))
+        .context("looking for the schema")?;
+    if !exists {
+        return Ok(false);
+    }
+    let found: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {s}.store_meta
+                 WHERE (key = 'schema_version' AND value = $1) OR (key = 'layout' AND value = $2)"
+            ),
+            &[&SCHEMA_VERSION, &layout],
+        )
+        .and_then(|r| r.try_get(0))
+        .context("reading the schema version")?;
+    Ok(found == 2)
+}
+
+/// Creates (or migrates to) this code's layout in one transaction, holding
+/// an advisory lock derived from the schema name so that workers starting
+/// together do not race on their `CREATE ... IF NOT EXISTS`.
+fn create_layout(client: &mut Client, settings: &PgSettings, s: &str, layout: i64) -> Result<(), StoreError> {
+    let mut tx = client.transaction().context("starting to create the schema")?;
+    // Each CREATE ... IF NOT EXISTS of an existing table sends a notice.
+    tx.batch_execute("SET LOCAL client_min_messages = warning").context("quieting notices")?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(&settings.schema)])
+        .context("waiting for the schema lock")?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.store_meta (key text COLLATE \"C\" PRIMARY KEY, value int8 NOT NULL);"
+    ))
+    .context("creating the schema")?;
+    let version: Option<i64> = tx
+        .query_opt(&format!("SELECT value FROM {s}.store_meta WHERE key = 'schema_version'"), &[])
+        .context("reading the schema version")?
+        .map(|r| r.try_get(0))
+        .transpose()
+        .context("reading the schema version")?;
+    let migrate = version == Some(1);
+    match version {
+        Some(1) => {}
+        Some(v) if v != SCHEMA_VERSION => {
+            return Err(StoreError(format!(
+                "the PostgreSQL schema {} has layout version {v}, this version needs {SCHEMA_VERSION}; \
+                     use a new schema (every view is rebuilt from the event log)",
+                settings.schema
+            )));
+        }
+        Some(_) => {}
+        None => {
+            tx.execute(
+                &format!("INSERT INTO {s}.store_meta (key, value) VALUES ('schema_version', $1)"),
+                &[&SCHEMA_VERSION],
+            )
+            .context("recording the schema version")?;
+        }
+    }
+    tx.batch_execute(&DDL.replace("{s}", s)).context("creating the tables")?;
+    if migrate {
+        tx.batch_execute(&MIGRATE_1_TO_2.replace("{s}", s)).context("migrating the layout from version 1 to 2")?;
+        tracing::info!(schema = %settings.schema, "Migrated the PostgreSQL store's layout from version 1 to 2.");
+    }
+    tx.batch_execute(&alerts::DDL.replace("{s}", s)).context("creating the alert tables")?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {s}.store_meta (key, value) VALUES ('layout', $1) ON CONFLICT (key) DO UPDATE SET value = $1"
+        ),
+        &[&layout],
+    )
+    .context("recording the layout")?;
+    tx.commit().context("creating the tables")
+}
+
 impl PgStore {
     /// Connects and creates the schema and its tables if missing.
     ///
@@ -240,48 +324,13 @@ impl PgStore {
         }
         let mut client = open_client(settings)?;
         let s = format!("\"{}\"", settings.schema);
-        let mut tx = client.transaction().context("starting to create the schema")?;
-        // Each CREATE ... IF NOT EXISTS of an existing table sends a notice.
-        tx.batch_execute("SET LOCAL client_min_messages = warning").context("quieting notices")?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(&settings.schema)])
-            .context("waiting for the schema lock")?;
-        tx.batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {s};
-             CREATE TABLE IF NOT EXISTS {s}.store_meta (key text COLLATE \"C\" PRIMARY KEY, value int8 NOT NULL);"
-        ))
-        .context("creating the schema")?;
-        let version: Option<i64> = tx
-            .query_opt(&format!("SELECT value FROM {s}.store_meta WHERE key = 'schema_version'"), &[])
-            .context("reading the schema version")?
-            .map(|r| r.try_get(0))
-            .transpose()
-            .context("reading the schema version")?;
-        let migrate = version == Some(1);
-        match version {
-            Some(1) => {}
-            Some(v) if v != SCHEMA_VERSION => {
-                return Err(StoreError(format!(
-                    "the PostgreSQL schema {} has layout version {v}, this version needs {SCHEMA_VERSION}; \
-                     use a new schema (every view is rebuilt from the event log)",
-                    settings.schema
-                )));
-            }
-            Some(_) => {}
-            None => {
-                tx.execute(
-                    &format!("INSERT INTO {s}.store_meta (key, value) VALUES ('schema_version', $1)"),
-                    &[&SCHEMA_VERSION],
-                )
-                .context("recording the schema version")?;
-            }
+        let layout = layout_fingerprint();
+        // Every share a worker takes connects: when the tables are already
+        // those of this code, skip the DDL, whose `CREATE INDEX IF NOT
+        // EXISTS` locks tables against writers until it commits.
+        if !layout_is(&mut client, &settings.schema, &s, layout)? {
+            create_layout(&mut client, settings, &s, layout)?;
         }
-        tx.batch_execute(&DDL.replace("{s}", &s)).context("creating the tables")?;
-        if migrate {
-            tx.batch_execute(&MIGRATE_1_TO_2.replace("{s}", &s)).context("migrating the layout from version 1 to 2")?;
-            tracing::info!(schema = %settings.schema, "Migrated the PostgreSQL store's layout from version 1 to 2.");
-        }
-        tx.batch_execute(&alerts::DDL.replace("{s}", &s)).context("creating the alert tables")?;
-        tx.commit().context("creating the tables")?;
         Ok(Self {
             client: RefCell::new(client),
             s,
@@ -440,8 +489,13 @@ fn check_schema_name(schema: &str) -> Result<(), StoreError> {
 /// The advisory lock of a schema: FNV-1a of its name, so every worker
 /// (whatever its build) derives the same key.
 fn lock_key(schema: &str) -> i64 {
+    fnv64("kappa-cloud schema ".bytes().chain(schema.bytes()))
+}
+
+/// FNV-1a over `bytes`, as an `int8`.
+fn fnv64(bytes: impl Iterator<Item = u8>) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in "kappa-cloud schema ".bytes().chain(schema.bytes()) {
+    for b in bytes {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -881,6 +935,34 @@ aggregates = [{ name = "n", fn = "count" }]
         want.sort();
         assert_eq!(rows_of(&a), want);
         assert_eq!(b.restore("main").unwrap().partitions, BTreeMap::from([(1, (7, Some(70)))]));
+    }
+
+    /// A worker connects for every share it takes. On a store that already
+    /// has this code's tables it runs no DDL: `CREATE INDEX IF NOT EXISTS`
+    /// would wait for every open transaction writing to the table (another
+    /// worker's checkpoint) and hold off the membership's lease renewals.
+    #[test]
+    fn connecting_to_a_store_of_this_layout_waits_for_no_writer() {
+        let db = TestSchema::new("nowait");
+        drop(db.connect());
+        let mut writer = db.raw();
+        let mut tx = writer.transaction().unwrap();
+        tx.execute(
+            &format!(
+                "INSERT INTO \"{}\".dedup (pipeline, part, device, boot, state) VALUES ('main', 0, 'd', 1, '\\x00')",
+                db.settings.schema
+            ),
+            &[],
+        )
+        .unwrap();
+        let (settings, (done, connected)) = (db.settings.clone(), std::sync::mpsc::channel());
+        std::thread::spawn(move || {
+            let _ = done.send(PgStore::connect(&settings, LOG_PARTITIONS).map(|_| ()));
+        });
+        // Generous: the connect either returns at once or waits for the writer.
+        let outcome = connected.recv_timeout(Duration::from_secs(60));
+        tx.rollback().unwrap();
+        assert!(matches!(outcome, Ok(Ok(()))), "connecting waited for another session's open write: {outcome:?}");
     }
 
     #[test]
