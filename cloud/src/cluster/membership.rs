@@ -133,28 +133,30 @@ impl Membership {
                 members.leave();
                 return Ok(());
             };
-            match members.renew()? {
-                Renewed::Held => {}
+            // Whether to hand the share even if it did not change.
+            let again = match members.renew()? {
+                Renewed::Held => false,
                 Renewed::Lapsed => {
                     // The others counted this member gone (it was stopped,
                     // or could not renew) and claimed its partitions: hand
                     // its share again, to be claimed and restored afresh.
                     tracing::warn!(group = %self.group, member = me, "This worker's lease had run out; it takes its share again.");
-                    *handed = None;
+                    true
                 }
                 Renewed::Gone => {
                     me = members.register()?;
                     tracing::warn!(group = %self.group, member = me, "This worker's membership was removed; joined the group again.");
-                    *handed = None;
+                    true
                 }
-            }
+            };
             let live = members.live()?;
             let share = if live.contains(&me) { share_of(&live, me, self.log_partitions) } else { Vec::new() };
-            if handed.as_ref() != Some(&share) {
+            if again || handed.as_ref() != Some(&share) {
                 tracing::info!(group = %self.group, members = live.len(), "The group's members changed.");
                 ctx.hand(Some(share.clone()));
                 *handed = Some(share);
             }
+            ctx.looked();
             drop(ctx);
             if cleaned.elapsed() >= CLEANUP {
                 members.forget_dead()?;

@@ -222,6 +222,9 @@ impl Pipeline<'_> {
                 continue;
             }
             let built = PgStore::connect(&cluster.store(), cfg.log.partitions).and_then(|mut store| {
+                // A worker stopped inside a checkpoint must not hold its
+                // partitions' rows from their next owner past its lease.
+                store.end_idle_transactions_after(cluster.session_timeout)?;
                 store.claim(&pipeline, &share)?;
                 Ok(store)
             });
@@ -312,15 +315,18 @@ impl Pipeline<'_> {
                 if cancel.is_cancelled() {
                     break;
                 }
-                if e.to_string().contains("fenced:") && seat.shared.is_some() {
+                if let (true, Some(shared)) = (e.to_string().contains("fenced:"), &seat.shared) {
                     // Another worker claimed some of these partitions. The
                     // members all compute the split from the same list, so
                     // it was moving them, or it acted on a list of a moment
-                    // ago (this worker had stopped, say): give the split a
-                    // look or two to say so, then take the share it says
-                    // (claiming them back if they are still this worker's).
-                    let until = Instant::now() + Duration::from_millis(300);
-                    source.wait_for_move(|| cancel.is_cancelled() || Instant::now() >= until);
+                    // ago (this worker had stopped, say): let the membership
+                    // look twice more (at most a session) to say so, then
+                    // take the share it says (claiming them back if they
+                    // are still this worker's).
+                    let (seen, until) = (shared.looks(), Instant::now() + cluster.session_timeout);
+                    source.wait_for_move(|| {
+                        cancel.is_cancelled() || shared.looks() >= seen + 2 || Instant::now() >= until
+                    });
                 } else if e.to_string().contains("fenced:") {
                     // Another worker claimed some of these partitions: the
                     // group is moving them. Wait for it to say so (at most a

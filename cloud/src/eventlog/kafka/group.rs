@@ -2,7 +2,7 @@
 //! assigned by Kafka's group protocol or handed by the workers' PostgreSQL
 //! membership (`crate::cluster::membership`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -82,6 +82,8 @@ pub struct GroupState {
     assignment: Mutex<Option<Vec<Partition>>>,
     /// The assignment changed since the source last took it.
     moved: AtomicBool,
+    /// How many times the PostgreSQL membership has looked at the group.
+    looks: AtomicU64,
 }
 
 impl ClientContext for GroupContext {
@@ -105,6 +107,16 @@ impl ConsumerContext for GroupContext {
 }
 
 impl GroupState {
+    /// The membership looked at the group (and handed any change).
+    pub fn looked(&self) {
+        self.looks.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many times the membership has looked at the group.
+    pub fn looks(&self) -> u64 {
+        self.looks.load(Ordering::SeqCst)
+    }
+
     /// The share last handed (`None` before the first or after a revocation).
     pub fn share(&self) -> Option<Vec<Partition>> {
         self.assignment.lock().ok().and_then(|a| a.clone())

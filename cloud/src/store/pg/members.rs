@@ -222,6 +222,7 @@ mod tests {
         // A member whose process dies: its connection closes without a word.
         let mut gone = Members::connect(&schema.settings, LOG_PARTITIONS, GROUP, HOUR).unwrap();
         gone.register().unwrap();
+        assert_eq!(gone.renew().unwrap(), Renewed::Held, "renewed within its lease");
         holds(&a, 2);
         drop(gone);
         holds(&a, 4);

@@ -9,7 +9,7 @@
 //!
 //! | table | holds |
 //! |---|---|
-//! | `store_meta(key, value)` | `schema_version`, and `layout`: a fingerprint of the tables this code creates (a connection to a store that has it skips the DDL) |
+//! | `store_meta(key, value)` | `schema_version`, and `layout <fingerprint>` for each version of the tables this code creates that was created (a connection to a store that has its own skips the DDL) |
 //! | `views(view_id, name, version, definition, created_ms, pipeline, retired)` | every view version a worker ran, with its canonical definition, the pipeline that computes it, and whether the last worker to start still ran it |
 //! | `pipelines(pipeline, state, detail, created_ms)` | `main` (live) and one replay pipeline per version added later: `building` until every partition caught up with the log, then `live`; `failed` with the reason |
 //! | `view_aliases(name, version)` | which version the API serves for a name |
@@ -217,13 +217,15 @@ pub(crate) fn open_client(settings: &PgSettings) -> Result<Client, StoreError> {
     })
 }
 
-/// A fingerprint of the tables this code creates (`store_meta.layout`).
-fn layout_fingerprint() -> i64 {
-    fnv64([DDL, MIGRATE_1_TO_2, alerts::DDL].iter().flat_map(|t| t.bytes()))
+/// The `store_meta` key recording that the tables this code creates are
+/// there: `layout <fingerprint of the DDL>` (one key per layout, so two
+/// versions of the code running during an upgrade do not overwrite each other's).
+fn layout_fingerprint() -> String {
+    format!("layout {:016x}", fnv64([DDL, MIGRATE_1_TO_2, alerts::DDL].iter().flat_map(|t| t.bytes())))
 }
 
 /// Whether the schema holds this code's layout already.
-fn layout_is(client: &mut Client, schema: &str, s: &str, layout: i64) -> Result<bool, StoreError> {
+fn layout_is(client: &mut Client, schema: &str, s: &str, layout: &str) -> Result<bool, StoreError> {
     // `check_schema_name` allowed letters, digits and `_` only.
     let meta = format!("\"{schema}\".store_meta");
     let exists: bool = client
@@ -233,11 +235,16 @@ fn layout_is(client: &mut Client, schema: &str, s: &str, layout: i64) -> Result<
     if !exists {
         return Ok(false);
     }
+    has_layout(client, s, layout)
+}
+
+/// Whether `store_meta` (which exists) records this code's layout.
+fn has_layout(client: &mut impl postgres::GenericClient, s: &str, layout: &str) -> Result<bool, StoreError> {
     let found: i64 = client
         .query_one(
             &format!(
                 "SELECT count(*) FROM {s}.store_meta
-                 WHERE (key = 'schema_version' AND value = $1) OR (key = 'layout' AND value = $2)"
+                 WHERE (key = 'schema_version' AND value = $1) OR key = $2"
             ),
             &[&SCHEMA_VERSION, &layout],
         )
@@ -249,7 +256,7 @@ fn layout_is(client: &mut Client, schema: &str, s: &str, layout: i64) -> Result<
 /// Creates (or migrates to) this code's layout in one transaction, holding
 /// an advisory lock derived from the schema name so that workers starting
 /// together do not race on their `CREATE ... IF NOT EXISTS`.
-fn create_layout(client: &mut Client, settings: &PgSettings, s: &str, layout: i64) -> Result<(), StoreError> {
+fn create_layout(client: &mut Client, settings: &PgSettings, s: &str, layout: &str) -> Result<(), StoreError> {
     let mut tx = client.transaction().context("starting to create the schema")?;
     // Each CREATE ... IF NOT EXISTS of an existing table sends a notice.
     tx.batch_execute("SET LOCAL client_min_messages = warning").context("quieting notices")?;
@@ -260,6 +267,10 @@ fn create_layout(client: &mut Client, settings: &PgSettings, s: &str, layout: i6
              CREATE TABLE IF NOT EXISTS {s}.store_meta (key text COLLATE \"C\" PRIMARY KEY, value int8 NOT NULL);"
     ))
     .context("creating the schema")?;
+    if has_layout(&mut tx, s, layout)? {
+        // Another worker created it while this one waited for the lock.
+        return tx.commit().context("creating the tables");
+    }
     let version: Option<i64> = tx
         .query_opt(&format!("SELECT value FROM {s}.store_meta WHERE key = 'schema_version'"), &[])
         .context("reading the schema version")?
@@ -292,9 +303,7 @@ fn create_layout(client: &mut Client, settings: &PgSettings, s: &str, layout: i6
     }
     tx.batch_execute(&alerts::DDL.replace("{s}", s)).context("creating the alert tables")?;
     tx.execute(
-        &format!(
-            "INSERT INTO {s}.store_meta (key, value) VALUES ('layout', $1) ON CONFLICT (key) DO UPDATE SET value = $1"
-        ),
+        &format!("INSERT INTO {s}.store_meta (key, value) VALUES ($1, 1) ON CONFLICT (key) DO NOTHING"),
         &[&layout],
     )
     .context("recording the layout")?;
@@ -310,11 +319,22 @@ impl PgStore {
     /// Bounds every later statement on this connection to `timeout` (the
     /// server cancels it: "canceling statement due to statement timeout").
     pub fn limit_statements(&self, timeout: Duration) -> Result<(), StoreError> {
+        self.set_ms("statement_timeout", timeout)
+    }
+
+    /// Ends this connection's session when a transaction of it sits idle
+    /// for `timeout` (a stopped process in the middle of a checkpoint):
+    /// its row locks would otherwise hold every claim of those partitions.
+    pub fn end_idle_transactions_after(&self, timeout: Duration) -> Result<(), StoreError> {
+        self.set_ms("idle_in_transaction_session_timeout", timeout)
+    }
+
+    fn set_ms(&self, setting: &str, timeout: Duration) -> Result<(), StoreError> {
         let ms = timeout.as_millis().max(1);
         self.client
             .borrow_mut()
-            .batch_execute(&format!("SET statement_timeout = {ms}"))
-            .context("setting statement_timeout")
+            .batch_execute(&format!("SET {setting} = {ms}"))
+            .with_context(|| format!("setting {setting}"))
     }
 
     pub fn connect(settings: &PgSettings, log_partitions: u32) -> Result<Self, StoreError> {
@@ -328,8 +348,8 @@ impl PgStore {
         // Every share a worker takes connects: when the tables are already
         // those of this code, skip the DDL, whose `CREATE INDEX IF NOT
         // EXISTS` locks tables against writers until it commits.
-        if !layout_is(&mut client, &settings.schema, &s, layout)? {
-            create_layout(&mut client, settings, &s, layout)?;
+        if !layout_is(&mut client, &settings.schema, &s, &layout)? {
+            create_layout(&mut client, settings, &s, &layout)?;
         }
         Ok(Self {
             client: RefCell::new(client),
