@@ -1,6 +1,6 @@
 //! Consumer group members: the share of the log's partitions a worker reads,
 //! assigned by Kafka's group protocol or handed by the workers' PostgreSQL
-//! membership (`crate::cluster::membership`).
+//! membership (the cluster module's `membership`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
