@@ -20,12 +20,12 @@ struct Run {
 }
 
 /// What the processing workers' logs say once a share is restored.
-const PROCESSING: &str = "Processing these partitions from their last checkpoint.";
+pub(crate) const PROCESSING: &str = "Processing these partitions from their last checkpoint.";
 
 /// Whether the last shares `logs` say their workers process hold every one
 /// of the six partitions, each once, all taken after the first `skip` such
 /// lines of each log.
-fn process_every_partition(logs: &[String], skip: &[usize]) -> bool {
+pub(crate) fn process_every_partition(logs: &[String], skip: &[usize]) -> bool {
     let mut held = Vec::new();
     for (log, skip) in logs.iter().zip(skip) {
         let lines: Vec<&str> = log.lines().filter(|l| l.contains(PROCESSING)).collect();

@@ -11,6 +11,7 @@ mod abuse;
 mod alerts;
 mod cli_manners;
 mod cluster;
+mod cluster_fencing;
 mod config_check;
 mod configs;
 mod dashboard;

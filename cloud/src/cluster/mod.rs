@@ -57,6 +57,12 @@ pub const FAULT_SKIP_RESTORE: &str = "KAPPA_TEST_WORKER_SKIP_RESTORE";
 /// version that misses the history before it was added.
 pub const FAULT_NO_REPLAY: &str = "KAPPA_TEST_WORKER_NO_REPLAY";
 
+/// TEST ONLY: with this environment variable set, a worker fenced out of
+/// partitions its group did not move waits for a move that never comes
+/// instead of taking its share again (or joining its group again). It
+/// exists to show that the fencing tests catch a worker that gives up.
+pub const FAULT_FENCED_WAITS: &str = "KAPPA_TEST_WORKER_FENCED_WAITS";
+
 /// Why a worker stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -134,6 +140,7 @@ impl Worker {
     pub fn run(self, cancel: CancellationToken) -> Result<(), WorkerError> {
         let Self { cfg, log, pipelines, metrics, ready } = self;
         let restore = !kappa_runtime::fault::on(FAULT_SKIP_RESTORE, "moved partitions lose their window state");
+        let recover = !kappa_runtime::fault::on(FAULT_FENCED_WAITS, "a fenced worker never takes its partitions back");
         std::thread::scope(|scope| {
             let mut threads = Vec::new();
             for ((plan, seat, source), ready) in pipelines.into_iter().zip(ready) {
@@ -148,8 +155,8 @@ impl Worker {
                 let name = format!("pipeline:{}", plan.pipeline);
                 let thread = std::thread::Builder::new().name(name).spawn_scoped(scope, move || {
                     let pipeline = plan.pipeline.clone();
-                    let result =
-                        Pipeline { cfg, log, plan, seat, metrics, ready: ready.clone(), restore }.run(source, cancel);
+                    let result = Pipeline { cfg, log, plan, seat, metrics, ready: ready.clone(), restore, recover }
+                        .run(source, cancel);
                     if result.is_err() {
                         // A failed replay holds nothing: it does not keep the worker unready.
                         ready.store(true, Ordering::Relaxed);
@@ -197,6 +204,9 @@ struct Pipeline<'a> {
     metrics: Arc<CloudMetrics>,
     ready: Arc<AtomicBool>,
     restore: bool,
+    /// Whether a fenced worker takes its share again when its group does not
+    /// move it (off only under `FAULT_FENCED_WAITS`).
+    recover: bool,
 }
 
 impl Pipeline<'_> {
@@ -204,7 +214,7 @@ impl Pipeline<'_> {
     /// group moves partitions again, and checkpoints on the way out. A
     /// replay's share reads the archive first, then the log.
     fn run(self, mut source: GroupSource, cancel: &CancellationToken) -> Result<(), WorkerError> {
-        let Self { cfg, log, plan, seat, metrics, ready, restore } = self;
+        let Self { cfg, log, plan, seat, metrics, ready, restore, recover } = self;
         let cluster = cfg.cluster.clone().ok_or_else(|| WorkerError::Config("a worker needs [cluster]".into()))?;
         let settings = cfg.processor_settings();
         let pipeline = plan.pipeline.clone();
@@ -315,7 +325,10 @@ impl Pipeline<'_> {
                 if cancel.is_cancelled() {
                     break;
                 }
-                if let (true, Some(shared)) = (e.to_string().contains("fenced:"), &seat.shared) {
+                let fenced = e.to_string().contains("fenced:");
+                if fenced && !recover {
+                    source.wait_for_move(|| cancel.is_cancelled());
+                } else if let (true, Some(shared)) = (fenced, &seat.shared) {
                     // Another worker claimed some of these partitions. The
                     // members all compute the split from the same list, so
                     // it was moving them, or it acted on a list of a moment
@@ -327,7 +340,7 @@ impl Pipeline<'_> {
                     source.wait_for_move(|| {
                         cancel.is_cancelled() || shared.looks() >= seen + 2 || Instant::now() >= until
                     });
-                } else if e.to_string().contains("fenced:") {
+                } else if fenced {
                     // Another worker claimed some of these partitions: the
                     // group is moving them. Wait for it to say so (at most a
                     // session) rather than claiming them back.

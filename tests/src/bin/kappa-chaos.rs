@@ -7,7 +7,9 @@
 //! Options: `--seed N` (default: from the clock, printed), `--duration D`
 //! (default 60s), `--devices N` (30), `--rate R` readings/s per device (10),
 //! `--kafka` (an ingest node and two workers on tansu and PostgreSQL instead
-//! of one node on the embedded log), `--dir PATH` (default: a temporary
+//! of one node on the embedded log), `--kafka-groups` (with `--kafka`: the
+//! workers share the partitions by Kafka's group protocol instead of their
+//! membership in PostgreSQL), `--dir PATH` (default: a temporary
 //! directory, kept when the run fails).
 
 use std::process::ExitCode;
@@ -47,6 +49,10 @@ fn main() -> ExitCode {
         eprintln!("kappa-chaos: --duration takes a duration (60s, 10m), --devices and --rate numbers");
         return ExitCode::from(2);
     };
+    if args.iter().any(|a| a == "--kafka-groups") && !args.iter().any(|a| a == "--kafka") {
+        eprintln!("kappa-chaos: --kafka-groups chooses how the workers of --kafka share the partitions; add --kafka");
+        return ExitCode::from(2);
+    }
     // The roles (agent, cloud, simulator) run from this very program.
     if let Ok(me) = std::env::current_exe() {
         kappa_tests::harness::set_bin(&me.to_string_lossy());
@@ -69,7 +75,17 @@ fn main() -> ExitCode {
         humantime::format_duration(duration)
     );
     let backend = if args.iter().any(|a| a == "--kafka") { Backend::Kafka } else { Backend::Embedded };
-    let opts = Options { seed, duration, devices, rate, backend, dir: dir.clone() };
+    let kafka_groups = args.iter().any(|a| a == "--kafka-groups");
+    let flags = format!(
+        "--seed {seed} --duration {}ms --devices {devices} --rate {rate}{}",
+        duration.as_millis(),
+        match (backend, kafka_groups) {
+            (Backend::Kafka, true) => " --kafka --kafka-groups",
+            (Backend::Kafka, false) => " --kafka",
+            _ => "",
+        }
+    );
+    let opts = Options { seed, duration, devices, rate, backend, kafka_groups, dir: dir.clone() };
     let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() else {
         eprintln!("kappa-chaos: no async runtime");
         return ExitCode::FAILURE;
@@ -77,14 +93,11 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async move { tokio::spawn(async move { chaos::run(&opts).await }).await });
     let ok = match outcome {
         Ok(report) => {
-            print!("{}", report.summary(seed, backend));
+            print!("{}", report.summary(seed, backend, &flags));
             report.problems.is_empty()
         }
         Err(e) => {
-            println!(
-                "kappa-chaos seed {seed}: FAILED: {e}\n  reproduce: kappa-chaos --seed {seed}{}",
-                if backend == Backend::Kafka { " --kafka" } else { "" }
-            );
+            println!("kappa-chaos seed {seed}: FAILED: {e}\n  reproduce: kappa-chaos {flags}");
             false
         }
     };

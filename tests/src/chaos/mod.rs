@@ -46,6 +46,9 @@ pub struct Options {
     /// Readings per second per device.
     pub rate: f64,
     pub backend: Backend,
+    /// With `--kafka`: the workers share the partitions by Kafka's group
+    /// protocol (`cluster.assignment = "kafka"`) instead of PostgreSQL.
+    pub kafka_groups: bool,
     /// Where the processes keep their data and logs.
     pub dir: PathBuf,
 }
@@ -188,7 +191,9 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn summary(&self, seed: u64, backend: Backend) -> String {
+    /// The verdict; a failure's ends with `kappa-chaos {flags}`, the
+    /// command that reproduces it.
+    pub fn summary(&self, seed: u64, backend: Backend, flags: &str) -> String {
         let mut s = String::new();
         let verdict = if self.problems.is_empty() { "ok" } else { "FAILED" };
         let _ = writeln!(
@@ -206,8 +211,7 @@ impl Report {
             let _ = writeln!(s, "  problem: {p}");
         }
         if !self.problems.is_empty() {
-            let backend = if backend == Backend::Kafka { " --kafka" } else { "" };
-            let _ = writeln!(s, "  reproduce: kappa-chaos --seed {seed}{backend}");
+            let _ = writeln!(s, "  reproduce: kappa-chaos {flags}");
         }
         s
     }
@@ -244,7 +248,9 @@ impl Rig {
                 let moto = Moto::start(dir).await;
                 let broker = Tansu::start_on_s3(dir, &moto).await;
                 let schema = fresh_schema(&format!("chaos_{}", opts.seed));
-                let config = cluster_config(&broker, &schema, &cloud_config);
+                let assignment = if opts.kafka_groups { "kafka" } else { "postgres" };
+                let config =
+                    cluster_config(&broker, &schema, &format!("assignment = \"{assignment}\"\n{cloud_config}"));
                 let cloud = Cloud::start_with(dir, "cloud", &config, &[]).await;
                 let mut workers = Vec::new();
                 for i in 0..2 {
