@@ -240,6 +240,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             if let Err(e) = kappa_runtime::limits::raise_open_files() {
                 tracing::warn!(error = %e, "Cannot raise the open-file limit.");
             }
+            // Two arenas for the runtime's threads and the log's blocking
+            // calls: memory freed by one is reused by the others, not kept per thread.
+            kappa_runtime::memory::limit_arenas(2);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
                 Agent::start(cfg).await?.run_until_signal().await?;

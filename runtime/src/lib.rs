@@ -22,6 +22,7 @@ pub mod config;
 pub mod fault;
 pub mod limits;
 pub mod logging;
+pub mod memory;
 pub mod net;
 pub mod rate;
 pub mod signal;

@@ -197,9 +197,8 @@ impl EdgeLog {
         self.folding = on;
     }
 
-    /// The page cache of this connection. The writer's must hold the hot
-    /// pages of the `(device, boot, seq)` index (one per active device) or
-    /// every insert reads pages back from the file.
+    /// The page cache of this connection (its hot pages; the rest are read
+    /// back from the file, usually from the OS's cache).
     pub fn set_cache_bytes(&mut self, bytes: u64) -> Result<(), LogError> {
         self.conn.pragma_update(None, "cache_size", -((bytes / 1024) as i64))?;
         Ok(())

@@ -101,7 +101,14 @@ pub async fn bind(settings: &ListenerSettings) -> Result<Sockets, String> {
 }
 
 /// One open connection's share of the listener, counted until it drops.
-struct Open(Arc<Listener>);
+pub(super) struct Open(Arc<Listener>);
+
+impl std::ops::Deref for Open {
+    type Target = Listener;
+    fn deref(&self) -> &Listener {
+        &self.0
+    }
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
@@ -208,16 +215,16 @@ impl Listener {
             let open = Open(self.clone());
             match &tls {
                 // The session is the task itself: nothing boxed, nothing
-                // held but what the session needs.
-                None => tracker.spawn(async move {
-                    let l = &*open.0;
+                // held but what the session needs (a wrapping future would
+                // hold the stream twice).
+                None => {
                     let hello = Box::new(Hello {
                         cert_name: None,
-                        deadline: tokio::time::Instant::now() + l.settings.connect_timeout,
+                        deadline: tokio::time::Instant::now() + self.settings.connect_timeout,
                         peer: stream.peer_addr().ok(),
                     });
-                    super::session::serve(l, stream, hello).await
-                }),
+                    tracker.spawn(super::session::serve(open, stream, hello))
+                }
                 Some(acceptor) => {
                     let acceptor = acceptor.clone();
                     tracker.spawn(async move { open.0.tls_connection(stream, acceptor).await })
@@ -341,18 +348,77 @@ mod tests {
         Listener::new(settings, decoder, tx, metrics, CancellationToken::new()).unwrap()
     }
 
-    /// Each connection is one task whose future is the session: its size is
-    /// most of what an idle connection costs (10,000 of them should fit a
-    /// gateway's 32 MiB with the rest of the agent).
-    #[tokio::test]
+    /// The allocator of this crate's unit tests: the system's, noting on
+    /// each thread the size of the last allocation aligned to 128 bytes
+    /// (tokio's tasks, on x86-64).
+    struct NoteAligned;
+
+    thread_local! {
+        static LAST_ALIGNED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    // SAFETY: every call is passed on to the system allocator unchanged.
+    #[allow(unsafe_code)]
+    unsafe impl std::alloc::GlobalAlloc for NoteAligned {
+        unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+            if layout.align() == 128 {
+                // `try_with`: a thread's locals may be gone while it exits.
+                let _ = LAST_ALIGNED.try_with(|c| c.set(layout.size()));
+            }
+            // SAFETY: the caller's contract for `alloc`, passed on.
+            unsafe { std::alloc::System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+            // SAFETY: the caller's contract for `dealloc`, passed on.
+            unsafe { std::alloc::System.dealloc(ptr, layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+            // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
+            unsafe { std::alloc::System.alloc_zeroed(layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+            // SAFETY: the caller's contract for `realloc`, passed on.
+            unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: NoteAligned = NoteAligned;
+
+    /// Each connection is one task whose future is the session: the task's
+    /// allocation is most of what an idle connection costs (10,000 of them
+    /// should fit a gateway's 32 MiB with the rest of the agent). Tokio keeps
+    /// a task in one allocation aligned to 128 bytes: a session future of
+    /// 656 bytes makes one of 768 in a release build; 24 bytes more made it
+    /// 896 (1.25 MiB more for 10,000 connections).
+    #[tokio::test(flavor = "current_thread")]
+    #[cfg(target_arch = "x86_64")]
     async fn a_plain_connections_task_stays_small() {
         let l = listener();
+        l.open.fetch_add(1, Ordering::AcqRel);
         let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(socket.local_addr().unwrap()).await.unwrap();
         let (stream, _) = socket.accept().await.unwrap();
         let hello = Box::new(Hello { cert_name: None, deadline: tokio::time::Instant::now(), peer: None });
-        let task = super::super::session::serve(&l, stream, hello);
-        let size = std::mem::size_of_val(&task);
-        assert!(size <= 768, "a session's future is {size} bytes");
+        // What `accept_loop` spawns for a plain connection.
+        let task = super::super::session::serve(Open(l.clone()), stream, hello);
+        let future = std::mem::size_of_val(&task);
+        LAST_ALIGNED.with(|c| c.set(0));
+        let handle = tokio::spawn(task);
+        let allocated = LAST_ALIGNED.with(|c| c.get());
+        handle.abort();
+        assert!(allocated > 0, "spawning allocated the task with 128-byte alignment");
+        if cfg!(debug_assertions) {
+            // An unoptimised build lays futures out larger: 672 bytes here
+            // when the release build's is 656. Hold that line (the release
+            // build's task is checked below when tests run with --release).
+            assert!(future <= 672, "a session's future is {future} bytes in a debug build (its task {allocated})");
+            assert!(
+                allocated <= 896,
+                "a session's task takes {allocated} bytes in a debug build (its future {future})"
+            );
+        } else {
+            assert!(allocated <= 768, "a session's task takes {allocated} bytes (its future {future})");
+        }
     }
 }

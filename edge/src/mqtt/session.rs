@@ -53,8 +53,19 @@ pub(super) struct Hello {
 /// end are boxed futures: they are large and short-lived, and inline they
 /// would size every idle session's task (as would `hello` unboxed: an async
 /// fn keeps its arguments for its whole life).
-pub(super) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(l: &Listener, mut stream: S, hello: Box<Hello>) {
-    let Some(mut session) = Box::pin(establish(l, &mut stream, *hello)).await else { return };
+pub(super) async fn serve<L, S>(listener: L, mut stream: S, hello: Box<Hello>)
+where
+    L: std::ops::Deref<Target = Listener>,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let l = &*listener;
+    // Out of its box at once: moving out of a box frees it only where the
+    // box goes out of scope, which for `hello` would be the session's end.
+    let hello = {
+        let boxed = hello;
+        *boxed
+    };
+    let Some(mut session) = Box::pin(establish(l, &mut stream, hello)).await else { return };
     let ended = session.run(&mut stream).await;
     Box::pin(session.finish(&mut stream, ended)).await;
 }
@@ -110,7 +121,7 @@ async fn establish<'l, S: AsyncRead + AsyncWrite + Unpin>(
         connection: opened.connection,
         link,
         inflight: 0,
-        rate: l.settings.device_rate.map(|(_, burst)| Bucket::full(burst, std::time::Instant::now())),
+        rate: l.settings.device_rate.map(|(_, burst)| Box::new(Bucket::full(burst, std::time::Instant::now()))),
         will: connect.will.take().map(Box::new),
         will_requested: false,
         session_expiry: connect.session_expiry,
@@ -243,8 +254,9 @@ struct Session<'l> {
     link: Arc<Link>,
     /// QoS 1 and 2 publishes handed to the log and not yet replied to.
     inflight: usize,
-    /// The connection's own rate limit (`mqtt.max_device_rate`).
-    rate: Option<Bucket>,
+    /// The connection's own rate limit (`mqtt.max_device_rate`); boxed:
+    /// off by default, and inline it would size every session's task.
+    rate: Option<Box<Bucket>>,
     /// Boxed: few devices have one.
     will: Option<Box<Will>>,
     /// 5.0: the device's DISCONNECT asked for its will.
