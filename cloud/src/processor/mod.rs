@@ -14,6 +14,7 @@
 //! point replays exactly the records after the checkpoint onto exactly the
 //! state that excludes them.
 
+mod chunk;
 pub mod committer;
 pub mod config;
 pub mod dedup;
@@ -23,8 +24,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kappa_common::Reading;
-use kappa_common::record::{self, LogEvent, LogRecord};
+use kappa_common::record::LogRecord;
 use tokio_util::sync::CancellationToken;
 
 use self::committer::{Committer, Done, Job};
@@ -47,6 +47,14 @@ pub trait Operator: Send + std::fmt::Debug {
     }
     /// One reading (already deduplicated).
     fn process(&mut self, ev: &Event<'_>, late: &mut Vec<LateEvent>);
+    /// Readings in log order, with no other record between them: the same
+    /// as [`Operator::process`] for each in turn (operators that can do
+    /// better by seeing them together override it).
+    fn process_batch(&mut self, evs: &[Event<'_>], late: &mut Vec<LateEvent>) {
+        for ev in evs {
+            self.process(ev, late);
+        }
+    }
     /// A gateway's heartbeat or progress marker, as it appears in
     /// `partition`, appended at `ingest_ms` (cloud clock).
     fn on_gateway_clock(&mut self, _partition: Partition, _gateway: &str, _clock: GatewayClock, _ingest_ms: i64) {}
@@ -89,6 +97,10 @@ impl Operator for ViewOperator {
 
     fn process(&mut self, ev: &Event<'_>, late: &mut Vec<LateEvent>) {
         ViewOperator::process(self, ev, late);
+    }
+
+    fn process_batch(&mut self, evs: &[Event<'_>], late: &mut Vec<LateEvent>) {
+        ViewOperator::process_batch(self, evs, late);
     }
 
     fn on_watermark(&mut self, watermark: i64) {
@@ -185,8 +197,8 @@ pub struct Processor<S: LogSource> {
     /// This pipeline's `readings_processed`, created at its first reading
     /// (a pipeline of aggregates never has one).
     processed: Option<prometheus_client::metrics::counter::Counter>,
-    /// The record being processed, decoded into the buffers of the last one.
-    scratch: LogRecord,
+    /// Records being processed, decoded into the buffers of the last chunk's.
+    decoded: Vec<LogRecord>,
 }
 
 impl<S: LogSource> Processor<S> {
@@ -288,12 +300,7 @@ impl<S: LogSource> Processor<S> {
             event_ts: Vec::new(),
             spare_ts: Vec::new(),
             processed: None,
-            scratch: LogRecord {
-                gateway: String::new(),
-                batch_id: 0,
-                ingest_ms: 0,
-                event: LogEvent::Reading(Reading::default()),
-            },
+            decoded: Vec::new(),
         })
     }
 
@@ -335,70 +342,11 @@ impl<S: LogSource> Processor<S> {
         let records = self.source.poll(self.settings.poll_records, wait)?;
         let n = records.len();
         let now = Instant::now();
-        for rec in records {
-            self.positions.insert(rec.partition, rec.offset + 1);
-            // Decoded into the record kept from the last one, reusing its buffers.
-            if let Err(e) = record::decode_into(&rec.value, &mut self.scratch) {
-                self.metrics.records_undecodable.inc();
-                tracing::error!(partition = rec.partition, offset = rec.offset, error = %e, "Skipping an undecodable log record.");
-                continue;
-            }
-            let r = &self.scratch;
-            self.newest_ingest_ms = self.newest_ingest_ms.max(r.ingest_ms);
-            let reading = match &r.event {
-                LogEvent::Reading(reading) => reading,
-                LogEvent::Heartbeat { ts_ms } => {
-                    for op in &mut self.ops {
-                        op.on_gateway_clock(rec.partition, &r.gateway, GatewayClock::Heartbeat(*ts_ms), r.ingest_ms);
-                    }
-                    continue;
-                }
-                LogEvent::Progress { ts_ms } => {
-                    for op in &mut self.ops {
-                        op.on_gateway_clock(
-                            rec.partition,
-                            &r.gateway,
-                            GatewayClock::NewestReading(*ts_ms),
-                            r.ingest_ms,
-                        );
-                    }
-                    continue;
-                }
-                LogEvent::Aggregate(a) => {
-                    for op in &mut self.ops {
-                        op.on_aggregate(&r.gateway, r.batch_id, a);
-                    }
-                    self.metrics.aggregates_processed.inc();
-                    continue;
-                }
-            };
-            let (gateway, ingest_ms) = (&r.gateway, r.ingest_ms);
-            if !self.dedup.first_sighting(reading) {
-                self.metrics.readings_duplicate.inc();
-                continue;
-            }
-            let nulls = reading.metrics.values().filter(|v| v.is_none()).count();
-            self.metrics.null_metric_values.inc_by(nulls as u64);
-            let ev = Event {
-                partition: rec.partition,
-                offset: rec.offset,
-                gateway,
-                ingest_ms,
-                reading,
-                watermark: self.marks.partition(rec.partition),
-            };
-            for op in &mut self.ops {
-                op.process(&ev, &mut self.late);
-            }
-            self.marks.observe(rec.partition, reading.ts_ms, now);
-            self.event_ts.push(reading.ts_ms);
-            let (metrics, pipeline) = (&self.metrics, &self.pipeline);
-            self.processed
-                .get_or_insert_with(|| {
-                    metrics.readings_processed.get_or_create(&[("pipeline", pipeline.clone())]).clone()
-                })
-                .inc();
+        let mut decoded = std::mem::take(&mut self.decoded);
+        for chunk in records.chunks(chunk::CHUNK) {
+            self.process_chunk(chunk, &mut decoded, now);
         }
+        self.decoded = decoded;
         if n > 0 {
             self.tell_partition_watermarks();
         }

@@ -182,6 +182,13 @@ impl Moments {
         self.q.add_product(x, x);
     }
 
+    /// Adds `x` to the count and the sum only: for sums and averages,
+    /// whose outputs never read the sum of squares.
+    pub fn add_without_squares(&mut self, x: f64) {
+        self.n += 1;
+        self.s.add(x);
+    }
+
     pub fn merge(&mut self, o: &Moments) {
         self.n += o.n;
         self.s.merge(&o.s);
@@ -359,11 +366,17 @@ impl AggState {
         };
         match self {
             AggState::Count(n) => *n += 1,
-            AggState::Sum(m) | AggState::Moments(m) => {
+            // A sum or an average needs no sum of squares (variance does).
+            AggState::Sum(m) => {
                 if let Some(x) = num {
-                    m.add(x);
+                    m.add_without_squares(x);
                 }
             }
+            AggState::Moments(m) => match (num, spec.func) {
+                (Some(x), AggFn::Avg) => m.add_without_squares(x),
+                (Some(x), _) => m.add(x),
+                (None, _) => {}
+            },
             AggState::Min(cur) => {
                 if let Some(x) = num {
                     *cur = Some(cur.map_or(x, |c| c.min(x)));

@@ -7,3 +7,4 @@ pub mod operator;
 pub mod reference;
 pub mod spec;
 pub mod syntax;
+pub mod table;

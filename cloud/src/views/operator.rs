@@ -22,16 +22,15 @@
 //! with reason `window_closed`.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 use kappa_common::Reading;
 use kappa_common::window::tumbling_start;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use super::agg::{AggState, Val, field_value};
-/// A view's key: stored inline when short (device and user ids are).
-type Key = compact_str::CompactString;
 use super::spec::{Condition, Literal, Op, OutputMode, ViewSpec, WindowSpec};
+use super::table::{Key, KeyTable, prefetch_slice};
 use crate::eventlog::{Offset, Partition};
 
 /// The state of one window of one key.
@@ -48,6 +47,12 @@ struct Slot {
     win: WinState,
     dirty: bool,
 }
+
+/// One key's open windows, sorted by start (usually one, kept in place).
+type Windows = SmallVec<[Slot; 1]>;
+
+/// How far ahead of the reading being applied its successors' state is prefetched.
+const PREFETCH_AHEAD: usize = 4;
 
 /// A reading as an operator sees it.
 #[derive(Debug, Clone, Copy)]
@@ -82,8 +87,10 @@ pub struct ViewOperator {
     id: String,
     /// key -> its open windows (sessions too), sorted by start. Looked up by
     /// `&str`, so a reading for a known key allocates nothing here; a short
-    /// key is stored inline in the table, compared without a pointer chase.
-    slots: HashMap<Key, Vec<Slot>, foldhash::fast::RandomState>,
+    /// key is stored inline, compared without a pointer chase.
+    slots: KeyTable<Windows>,
+    /// The entry of each reading of the batch being processed (reused).
+    batch_at: Vec<Option<u32>>,
     /// The global watermark at the last close.
     closed_through: Option<i64>,
     /// No open window closes before this watermark (a lower bound: a
@@ -105,7 +112,8 @@ impl ViewOperator {
             by_name,
             id: spec.id(),
             spec,
-            slots: HashMap::default(),
+            slots: KeyTable::default(),
+            batch_at: Vec::new(),
             closed_through: None,
             next_close: i64::MAX,
             pending: Changes::default(),
@@ -138,7 +146,8 @@ impl ViewOperator {
             let win: WinState = serde_cbor::from_slice(&blob)
                 .map_err(|e| format!("state of {} key {key:?} does not decode: {e}", self.id))?;
             self.next_close = self.next_close.min(close_at(&self.spec, &win));
-            let list = self.slots.entry(Key::from(key)).or_default();
+            let at = self.slots.slot(&key);
+            let list = self.slots.entry_mut(at).1;
             list.push(Slot { win, dirty: false });
             list.sort_by_key(|s| s.win.start);
         }
@@ -153,24 +162,64 @@ impl ViewOperator {
 
     /// Windows held in memory.
     pub fn state_len(&self) -> usize {
-        self.slots.values().map(Vec::len).sum()
+        self.slots.values().map(|l| l.len()).sum()
     }
 
     /// Adds a reading to its windows; late windows go to `late`.
     pub fn process(&mut self, ev: &Event<'_>, late: &mut Vec<LateEvent>) {
-        let r = ev.reading;
+        self.process_batch(std::slice::from_ref(ev), late);
+    }
+
+    /// Adds readings to their windows, in order; late windows go to `late`.
+    /// The same as [`ViewOperator::process`] for each in turn, but every
+    /// reading's key is looked up first, so that the lookups' cache misses
+    /// overlap, and state is then updated by index with the next readings'
+    /// entries already on their way into the cache.
+    pub fn process_batch(&mut self, evs: &[Event<'_>], late: &mut Vec<LateEvent>) {
+        let mut at = std::mem::take(&mut self.batch_at);
+        at.clear();
+        at.extend(evs.iter().map(|ev| self.resolve(ev.reading)));
+        for i in at.iter().take(PREFETCH_AHEAD).flatten() {
+            self.slots.prefetch(*i);
+        }
+        for (n, ev) in evs.iter().enumerate() {
+            if let Some(Some(next)) = at.get(n + PREFETCH_AHEAD) {
+                self.slots.prefetch(*next);
+            }
+            // The aggregates of the next reading's newest window (its entry was prefetched).
+            if let Some(Some(next)) = at.get(n + 1)
+                && let Some(w) = self.slots.get(*next).and_then(|l| l.last())
+            {
+                prefetch_slice(&w.win.aggs);
+            }
+            if let Some(slot) = at[n] {
+                self.apply(slot, ev, late);
+            }
+        }
+        self.batch_at = at;
+    }
+
+    /// The entry of the reading's key; `None` (counted) when the filter
+    /// rejects the reading or it has no key.
+    fn resolve(&mut self, r: &Reading) -> Option<u32> {
         if !self.spec.filter.iter().all(|c| holds(c, r)) {
             self.tally.filtered += 1;
-            return;
+            return None;
         }
         let key: Cow<'_, str> = match field_value(&self.spec.key, r) {
             Some(Val::Str(s)) => Cow::Borrowed(s),
             Some(Val::Num(n)) => Cow::Owned(n.to_string()),
             None => {
                 self.tally.missing_key += 1;
-                return;
+                return None;
             }
         };
+        Some(self.slots.slot(&key))
+    }
+
+    /// Adds a reading whose key has entry `slot` to its windows.
+    fn apply(&mut self, slot: u32, ev: &Event<'_>, late: &mut Vec<LateEvent>) {
+        let r = ev.reading;
         let lateness = self.spec.allowed_lateness_ms;
         let late_window = |id: &str, start: i64, reason: &'static str| LateEvent {
             view: id.to_string(),
@@ -194,7 +243,7 @@ impl ViewOperator {
                     late.push(late_window(&self.id, r.ts_ms, "window_closed"));
                     self.tally.late += 1;
                 } else {
-                    self.add_to_session(&key, r, gap_ms);
+                    self.add_to_session(slot, r, gap_ms);
                     self.tally.applied += 1;
                 }
             }
@@ -216,10 +265,7 @@ impl ViewOperator {
                         continue;
                     }
                     let Self { spec, slots, tally, next_close, .. } = self;
-                    let list = match slots.get_mut(key.as_ref()) {
-                        Some(l) => l,
-                        None => slots.entry(Key::from(key.as_ref())).or_default(),
-                    };
+                    let list = slots.entry_mut(slot).1;
                     let at = match list.binary_search_by_key(&start, |s| s.win.start) {
                         Ok(i) => i,
                         Err(i) => {
@@ -244,12 +290,9 @@ impl ViewOperator {
         }
     }
 
-    fn add_to_session(&mut self, key: &str, r: &Reading, gap_ms: i64) {
+    fn add_to_session(&mut self, slot: u32, r: &Reading, gap_ms: i64) {
         let Self { spec, slots, tally, pending, next_close, .. } = self;
-        let list = match slots.get_mut(key) {
-            Some(l) => l,
-            None => slots.entry(Key::from(key)).or_default(),
-        };
+        let (key, list) = slots.entry_mut(slot);
         let (lo, hi) = (r.ts_ms, r.ts_ms + gap_ms);
         let overlaps = |s: &Slot| s.win.start < hi && lo < s.win.last_ts + gap_ms;
         let mut hits = list.iter().enumerate().filter(|(_, s)| overlaps(s)).map(|(i, _)| i);
@@ -291,7 +334,7 @@ impl ViewOperator {
                     },
                     dirty: true,
                 };
-                let mut kept = Vec::with_capacity(list.len());
+                let mut kept = Windows::with_capacity(list.len());
                 let mut absorbed = Vec::new();
                 for s in list.drain(..) {
                     if overlaps(&s) {
@@ -343,6 +386,7 @@ impl ViewOperator {
             });
         }
         self.next_close = next_close;
+        // Keys left without windows go (a late reading's key can have made one).
         self.slots.retain(|_, l| !l.is_empty());
         closing.sort_by(|a, b| (&a.0, a.1.win.start).cmp(&(&b.0, b.1.win.start)));
         for (key, slot) in closing {
@@ -373,8 +417,7 @@ impl ViewOperator {
         let update = self.spec.output == OutputMode::Update;
         let partials = self.partials;
         let Self { spec, slots, by_name, .. } = self;
-        let mut keys: Vec<(&Key, &mut Vec<Slot>)> =
-            slots.iter_mut().filter(|(_, l)| l.iter().any(|s| s.dirty)).collect();
+        let mut keys: Vec<(&Key, &mut Windows)> = slots.iter_mut().filter(|(_, l)| l.iter().any(|s| s.dirty)).collect();
         keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let mut alive: std::collections::HashSet<(String, i64)> = std::collections::HashSet::new();
         for (key, list) in keys {
@@ -570,6 +613,66 @@ mod tests {
             &mut late,
         );
         late
+    }
+
+    proptest::proptest! {
+        /// Readings handed over in batches of any size leave the same rows,
+        /// state, late log and counters as one at a time: several keys,
+        /// readings late and on time, sessions merging, windows closing
+        /// between batches (and keys leaving and coming back).
+        #[test]
+        fn batches_of_any_size_process_as_one_reading_at_a_time(
+            readings in proptest::collection::vec((0u8..4, 0i64..400, 0u8..3), 1..120),
+            cuts in proptest::collection::vec(1usize..9, 1..40),
+            session in proptest::bool::ANY,
+        ) {
+            let window = if session { WindowSpec::Session { gap_ms: 30 } } else { WindowSpec::Tumbling { size_ms: 50 } };
+            let (mut one, mut batched) = (
+                ViewOperator::new(spec(window, OutputMode::Update, 10)),
+                ViewOperator::new(spec(window, OutputMode::Update, 10)),
+            );
+            let rs: Vec<Reading> = readings
+                .iter()
+                .enumerate()
+                .map(|(i, (k, ts, _))| Reading { device: format!("d{k}"), ..reading(*ts, i as u64) })
+                .collect();
+            // The partition watermark trails the newest time by 40 ms; some readings are late.
+            let mut newest = i64::MIN;
+            let evs: Vec<Event<'_>> = rs
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let watermark = (newest != i64::MIN).then(|| newest - 40);
+                    newest = newest.max(r.ts_ms);
+                    Event { partition: 0, offset: i as u64, gateway: "gw", ingest_ms: 0, reading: r, watermark }
+                })
+                .collect();
+            let (mut late_one, mut late_batched) = (Vec::new(), Vec::new());
+            let (mut at, mut cut) = (0, cuts.iter().cycle());
+            let mut changes = (Vec::new(), Vec::new());
+            while at < evs.len() {
+                let end = (at + cut.next().copied().unwrap_or(1)).min(evs.len());
+                for ev in &evs[at..end] {
+                    one.process(ev, &mut late_one);
+                }
+                batched.process_batch(&evs[at..end], &mut late_batched);
+                // Now and then the global watermark closes windows, and a checkpoint takes the changes.
+                if readings[end - 1].2 == 0 {
+                    let g = evs[end - 1].watermark.unwrap_or(i64::MIN);
+                    one.on_watermark(g);
+                    batched.on_watermark(g);
+                    changes.0.push(one.take_changes());
+                    changes.1.push(batched.take_changes());
+                }
+                at = end;
+            }
+            changes.0.push(one.take_changes());
+            changes.1.push(batched.take_changes());
+            proptest::prop_assert_eq!(format!("{:?}", changes.0), format!("{:?}", changes.1));
+            proptest::prop_assert_eq!(late_one, late_batched);
+            proptest::prop_assert_eq!(one.state_len(), batched.state_len());
+            proptest::prop_assert_eq!(format!("{:?}", one.tally), format!("{:?}", batched.tally));
+        }
     }
 
     #[test]
