@@ -35,6 +35,46 @@ pub fn field_value<'r>(field: &Field, r: &'r Reading) -> Option<Val<'r>> {
     }
 }
 
+/// The distinct fields a view's aggregates read, each looked up once per
+/// reading (metric and tag lookups compare names), and which one each
+/// aggregate reads.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    fields: Vec<Field>,
+    of: Vec<Option<usize>>,
+}
+
+/// A reading's values of a view's [`Inputs`] (inline for up to 8 fields).
+pub type Values<'r> = SmallVec<[Option<Val<'r>>; 8]>;
+
+impl Inputs {
+    pub fn new(aggregates: &[AggSpec]) -> Self {
+        let mut fields: Vec<Field> = Vec::new();
+        let of = aggregates
+            .iter()
+            .map(|a| {
+                let f = a.of.as_ref()?;
+                Some(fields.iter().position(|x| x == f).unwrap_or_else(|| {
+                    fields.push(f.clone());
+                    fields.len() - 1
+                }))
+            })
+            .collect();
+        Self { fields, of }
+    }
+
+    /// Each field's value in `r`.
+    pub fn read<'r>(&self, r: &'r Reading) -> Values<'r> {
+        self.fields.iter().map(|f| field_value(f, r)).collect()
+    }
+
+    /// What aggregate `i` reads from `values`: `None` when it reads no
+    /// field (a count of readings), `Some(None)` when its field is null or missing.
+    pub fn of<'r>(&self, i: usize, values: &Values<'r>) -> Option<Option<Val<'r>>> {
+        self.of.get(i).copied().flatten().map(|k| values[k])
+    }
+}
+
 /// A stored value (short text inline: no allocation per reading).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -350,14 +390,20 @@ impl AggState {
     /// Adds a reading. Returns false when the input was null or missing
     /// (skipped, for the caller to count).
     pub fn add(&mut self, spec: &AggSpec, r: &Reading) -> bool {
-        let value = match &spec.of {
+        self.add_value(spec, spec.of.as_ref().map(|f| field_value(f, r)), r)
+    }
+
+    /// [`AggState::add`] with the value of the aggregate's field already
+    /// read from `r` (`None` when it reads no field).
+    pub fn add_value(&mut self, spec: &AggSpec, value: Option<Option<Val<'_>>>, r: &Reading) -> bool {
+        let value = match value {
             None => {
                 if let AggState::Count(n) = self {
                     *n += 1;
                 }
                 return true;
             }
-            Some(field) => field_value(field, r),
+            Some(v) => v,
         };
         let Some(v) = value else { return false };
         let num = match v {

@@ -28,7 +28,7 @@ use kappa_common::window::tumbling_start;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
-use super::agg::{AggState, Val, field_value};
+use super::agg::{AggState, Inputs, Val, Values, field_value};
 use super::spec::{Condition, Literal, Op, OutputMode, ViewSpec, WindowSpec};
 use super::table::{Key, KeyTable, prefetch_slice};
 use crate::eventlog::{Offset, Partition};
@@ -91,6 +91,8 @@ pub struct ViewOperator {
     slots: KeyTable<Windows>,
     /// The entry of each reading of the batch being processed (reused).
     batch_at: Vec<Option<u32>>,
+    /// The fields the aggregates read, each read once per reading.
+    inputs: Inputs,
     /// The global watermark at the last close.
     closed_through: Option<i64>,
     /// No open window closes before this watermark (a lower bound: a
@@ -111,6 +113,7 @@ impl ViewOperator {
         Self {
             by_name,
             id: spec.id(),
+            inputs: Inputs::new(&spec.aggregates),
             spec,
             slots: KeyTable::default(),
             batch_at: Vec::new(),
@@ -249,6 +252,8 @@ impl ViewOperator {
             }
             window => {
                 let mut applied = false;
+                // Read once, for the first window that is on time.
+                let mut values = None;
                 for start in window_starts(window, r.ts_ms) {
                     let end = match window {
                         WindowSpec::Tumbling { size_ms } | WindowSpec::Hopping { size_ms, .. } => start + size_ms,
@@ -264,7 +269,8 @@ impl ViewOperator {
                         self.tally.late += 1;
                         continue;
                     }
-                    let Self { spec, slots, tally, next_close, .. } = self;
+                    let Self { spec, slots, tally, next_close, inputs, .. } = self;
+                    let values = values.get_or_insert_with(|| inputs.read(r));
                     let list = slots.entry_mut(slot).1;
                     let at = match list.binary_search_by_key(&start, |s| s.win.start) {
                         Ok(i) => i,
@@ -279,7 +285,7 @@ impl ViewOperator {
                             i
                         }
                     };
-                    add_reading(spec, &mut list[at].win, r, tally);
+                    add_reading(spec, inputs, values, &mut list[at].win, r, tally);
                     list[at].dirty = true;
                     applied = true;
                 }
@@ -291,7 +297,8 @@ impl ViewOperator {
     }
 
     fn add_to_session(&mut self, slot: u32, r: &Reading, gap_ms: i64) {
-        let Self { spec, slots, tally, pending, next_close, .. } = self;
+        let Self { spec, slots, tally, pending, next_close, inputs, .. } = self;
+        let values = inputs.read(r);
         let (key, list) = slots.entry_mut(slot);
         let (lo, hi) = (r.ts_ms, r.ts_ms + gap_ms);
         let overlaps = |s: &Slot| s.win.start < hi && lo < s.win.last_ts + gap_ms;
@@ -303,7 +310,7 @@ impl ViewOperator {
                 let old_start = list[i].win.start;
                 let slot = &mut list[i];
                 slot.win.start = slot.win.start.min(r.ts_ms);
-                add_reading(spec, &mut slot.win, r, tally);
+                add_reading(spec, inputs, &values, &mut slot.win, r, tally);
                 slot.dirty = true;
                 if slot.win.start != old_start {
                     pending.state_deletes.push((key.to_string(), old_start));
@@ -318,7 +325,7 @@ impl ViewOperator {
                     aggs: spec.aggregates.iter().map(AggState::new).collect(),
                 };
                 let mut slot = Slot { win, dirty: true };
-                add_reading(spec, &mut slot.win, r, tally);
+                add_reading(spec, inputs, &values, &mut slot.win, r, tally);
                 // A session only ever closes later as readings extend or merge it.
                 *next_close = (*next_close).min(close_at(spec, &slot.win));
                 let at = list.partition_point(|s| s.win.start < slot.win.start);
@@ -353,7 +360,7 @@ impl ViewOperator {
                     pending.state_deletes.push((key.to_string(), start));
                     pending.row_deletes.push((key.to_string(), start));
                 }
-                add_reading(spec, &mut merged.win, r, tally);
+                add_reading(spec, inputs, &values, &mut merged.win, r, tally);
                 kept.push(merged);
                 kept.sort_by_key(|s| s.win.start);
                 *list = kept;
@@ -531,10 +538,17 @@ fn end_of(window: WindowSpec, w: &WinState) -> i64 {
     }
 }
 
-fn add_reading(spec: &ViewSpec, win: &mut WinState, r: &Reading, tally: &mut Tally) {
+fn add_reading(
+    spec: &ViewSpec,
+    inputs: &Inputs,
+    values: &Values<'_>,
+    win: &mut WinState,
+    r: &Reading,
+    tally: &mut Tally,
+) {
     win.last_ts = win.last_ts.max(r.ts_ms);
-    for (a, s) in win.aggs.iter_mut().zip(&spec.aggregates) {
-        if !a.add(s, r) {
+    for (i, (a, s)) in win.aggs.iter_mut().zip(&spec.aggregates).enumerate() {
+        if !a.add_value(s, inputs.of(i, values), r) {
             tally.null_inputs += 1;
         }
     }
