@@ -381,16 +381,17 @@ impl ViewOperator {
         let mut next_close = i64::MAX;
         let Self { spec, slots, .. } = self;
         for (key, list) in slots.iter_mut() {
-            list.retain(|s| {
-                let at = close_at(spec, &s.win);
-                let done = at <= watermark;
-                if done {
-                    closing.push((key.to_string(), s.clone()));
+            // Closed windows move out (lists are short): no copy of their state.
+            let mut i = 0;
+            while i < list.len() {
+                let at = close_at(spec, &list[i].win);
+                if at <= watermark {
+                    closing.push((key.to_string(), list.remove(i)));
                 } else {
                     next_close = next_close.min(at);
+                    i += 1;
                 }
-                !done
-            });
+            }
         }
         self.next_close = next_close;
         // Keys left without windows go (a late reading's key can have made one).
