@@ -8,8 +8,6 @@
 //! `(event time, device, boot, seq)`. Hence a view computed live, after a
 //! crash, or by replaying the log is the same to the last bit.
 
-use std::collections::BTreeSet;
-
 use compact_str::CompactString;
 use kappa_common::Reading;
 use serde::{Deserialize, Serialize};
@@ -262,6 +260,38 @@ impl Moments {
     }
 }
 
+/// Distinct texts in byte order, the first two inline: most sets a window
+/// keeps are small, and are then searched without a pointer chase. Encoded
+/// as the sorted list of texts, as the `BTreeSet<String>` before it was.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TextSet(SmallVec<[CompactString; 2]>);
+
+impl TextSet {
+    pub fn insert(&mut self, text: &str) {
+        if let Err(at) = self.0.binary_search_by(|t| t.as_str().cmp(text)) {
+            self.0.insert(at, CompactString::from(text));
+        }
+    }
+
+    /// Keeps the `max` smallest texts.
+    pub fn keep_first(&mut self, max: usize) {
+        self.0.truncate(max);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(CompactString::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// HyperLogLog with 2^12 registers, sparse while small. Small cardinalities
 /// are estimated by linear counting and come out exact in practice.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -366,7 +396,7 @@ pub enum AggState {
     First(Option<(OrderKey, OwnedVal)>),
     Last(Option<(OrderKey, OwnedVal)>),
     Distinct(Hll),
-    Set { items: BTreeSet<String>, max: usize },
+    Set { items: TextSet, max: usize },
     List { items: Vec<(OrderKey, OwnedVal)>, max: usize },
 }
 
@@ -382,7 +412,7 @@ impl AggState {
             AggFn::First => AggState::First(None),
             AggFn::Last => AggState::Last(None),
             AggFn::ApproxDistinct => AggState::Distinct(Hll::default()),
-            AggFn::Set => AggState::Set { items: BTreeSet::new(), max: spec.max },
+            AggFn::Set => AggState::Set { items: TextSet::default(), max: spec.max },
             AggFn::List => AggState::List { items: Vec::new(), max: spec.max },
         }
     }
@@ -445,16 +475,11 @@ impl AggState {
             }
             AggState::Distinct(h) => h.add_hash(stable_hash(v)),
             AggState::Set { items, max } => {
-                let present = match v {
-                    Val::Str(s) => items.contains(s),
-                    Val::Num(_) => false,
-                };
-                if !present {
-                    items.insert(text(v));
-                    while items.len() > *max {
-                        items.pop_last();
-                    }
+                match v {
+                    Val::Str(s) => items.insert(s),
+                    Val::Num(_) => items.insert(&text(v)),
                 }
+                items.keep_first(*max);
             }
             AggState::List { items, max } => {
                 let at = items.partition_point(|(c, _)| !c.cmp_reading(r).is_lt());
@@ -491,10 +516,8 @@ impl AggState {
             }
             (AggState::Distinct(a), AggState::Distinct(b)) => a.merge(b),
             (AggState::Set { items: a, max }, AggState::Set { items: b, .. }) => {
-                a.extend(b.iter().cloned());
-                while a.len() > *max {
-                    a.pop_last();
-                }
+                b.iter().for_each(|t| a.insert(t));
+                a.keep_first(*max);
             }
             (AggState::List { items: a, max }, AggState::List { items: b, .. }) => {
                 a.extend(b.iter().cloned());
@@ -532,7 +555,7 @@ impl AggState {
             },
             AggState::First(v) | AggState::Last(v) => v.as_ref().map_or(Json::Null, |(_, v)| v.to_json()),
             AggState::Distinct(h) => Json::from(h.estimate()),
-            AggState::Set { items, .. } => Json::Array(items.iter().map(|s| Json::String(s.clone())).collect()),
+            AggState::Set { items, .. } => Json::Array(items.iter().map(|s| Json::String(s.to_string())).collect()),
             AggState::List { items, .. } => Json::Array(items.iter().map(|(_, v)| v.to_json()).collect()),
         }
     }
@@ -561,6 +584,23 @@ fn min_opt(a: Option<f64>, b: Option<f64>, f: fn(f64, f64) -> f64) -> Option<f64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_text_set_is_the_sorted_set_it_replaced_and_reads_its_state() {
+        let words = ["status", "telemetry", "alarm", "status", "a-much-longer-text-than-fits-inline", "boot"];
+        let mut set = TextSet::default();
+        let mut old = std::collections::BTreeSet::new();
+        for w in words {
+            set.insert(w);
+            old.insert(w.to_string());
+        }
+        assert_eq!(set.iter().collect::<Vec<_>>(), old.iter().map(String::as_str).collect::<Vec<_>>());
+        let (new_bytes, old_bytes) = (serde_cbor::to_vec(&set).unwrap(), serde_cbor::to_vec(&old).unwrap());
+        assert_eq!(new_bytes, old_bytes, "checkpointed state encodes as before");
+        assert_eq!(serde_cbor::from_slice::<TextSet>(&old_bytes).unwrap(), set, "earlier state decodes");
+        set.keep_first(2);
+        assert_eq!(set.iter().collect::<Vec<_>>(), ["a-much-longer-text-than-fits-inline", "alarm"]);
+    }
 
     #[test]
     fn exact_sums_do_not_depend_on_order() {
