@@ -221,11 +221,11 @@ impl SegmentReader {
             &crate::frame::FrameLimits { max_compressed: len, max_decompressed: MAX_BLOCK_BYTES, max_ratio: 1000 },
         )
         .map_err(|e| e.to_string())
-        .and_then(|cbor| serde_cbor::from_slice::<Vec<Entry>>(&cbor).map_err(|e| e.to_string()));
+        .and_then(|cbor| block_entries(cbor.into()));
         match decoded {
             Ok(entries) if entries.len() == records as usize => {
                 self.next_offset = entries.last().map_or(self.next_offset, |e| e.0 + 1);
-                Some(Block::Records(entries.into_iter().map(|Entry(o, v)| (o, v.into())).collect()))
+                Some(Block::Records(entries))
             }
             Ok(_) | Err(_) => Some(Block::Damaged {
                 position,
@@ -235,6 +235,54 @@ impl SegmentReader {
             }),
         }
     }
+}
+
+/// A decompressed block's entries, each record a slice of `cbor` (no copy)
+/// when the block is in the definite-length form the writer produces;
+/// through the general CBOR decoder otherwise.
+fn block_entries(cbor: bytes::Bytes) -> Result<Vec<(u64, bytes::Bytes)>, String> {
+    if let Some(entries) = entries_in_place(&cbor) {
+        return Ok(entries);
+    }
+    let entries = serde_cbor::from_slice::<Vec<Entry>>(&cbor).map_err(|e| e.to_string())?;
+    Ok(entries.into_iter().map(|Entry(o, v)| (o, v.into())).collect())
+}
+
+/// `[[offset, bytes], ...]` with definite lengths, read in place; `None`
+/// for anything else (the caller decodes it the general way).
+fn entries_in_place(cbor: &bytes::Bytes) -> Option<Vec<(u64, bytes::Bytes)>> {
+    let mut at = 0;
+    let n = usize::try_from(cbor_head(cbor, &mut at, 4)?).ok()?;
+    // Each entry takes at least 3 bytes: no allocation beyond what the block can hold.
+    let mut out = Vec::with_capacity(n.min(cbor.len() / 3));
+    for _ in 0..n {
+        (cbor_head(cbor, &mut at, 4)? == 2).then_some(())?;
+        let offset = cbor_head(cbor, &mut at, 0)?;
+        let len = usize::try_from(cbor_head(cbor, &mut at, 2)?).ok()?;
+        let end = at.checked_add(len).filter(|e| *e <= cbor.len())?;
+        out.push((offset, cbor.slice(at..end)));
+        at = end;
+    }
+    (at == cbor.len()).then_some(out)
+}
+
+/// The argument of the CBOR item of major type `major` at `*at` (definite
+/// lengths only), moving `*at` past its head.
+fn cbor_head(bytes: &[u8], at: &mut usize, major: u8) -> Option<u64> {
+    let b = *bytes.get(*at)?;
+    *at += 1;
+    (b >> 5 == major).then_some(())?;
+    let width = match b & 0x1f {
+        n @ 0..=23 => return Some(u64::from(n)),
+        24 => 1,
+        25 => 2,
+        26 => 4,
+        27 => 8,
+        _ => return None,
+    };
+    let arg = bytes.get(*at..*at + width)?;
+    *at += width;
+    Some(arg.iter().fold(0u64, |n, b| n << 8 | u64::from(*b)))
 }
 
 /// Segment-level failures.
@@ -252,6 +300,33 @@ pub enum SegmentError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_read_in_place_as_the_general_decoder_reads_them() {
+        let entries = vec![
+            Entry(0, vec![]),
+            Entry(23, vec![1; 23]),
+            Entry(24, vec![2; 24]),
+            Entry(300, vec![3; 300]),
+            Entry(70_000, vec![4; 70_000]),
+            Entry(u64::MAX, vec![5]),
+        ];
+        let cbor = bytes::Bytes::from(serde_cbor::to_vec(&entries).unwrap());
+        let fast = entries_in_place(&cbor).expect("the writer's form is read in place");
+        let general: Vec<(u64, bytes::Bytes)> = entries.into_iter().map(|Entry(o, v)| (o, v.into())).collect();
+        assert_eq!(fast, general);
+        // Truncated or trailing bytes: not read in place (the general decoder then refuses them).
+        assert!(entries_in_place(&cbor.slice(..cbor.len() - 1)).is_none());
+        let mut longer = cbor.to_vec();
+        longer.push(0);
+        assert!(entries_in_place(&bytes::Bytes::from(longer.clone())).is_none());
+        assert!(block_entries(bytes::Bytes::from(longer)).is_err());
+        // An indefinite-length array is valid CBOR the general decoder reads.
+        let mut indefinite = vec![0x9f];
+        indefinite.extend_from_slice(&serde_cbor::to_vec(&Entry(7, vec![9])).unwrap());
+        indefinite.push(0xff);
+        assert_eq!(block_entries(bytes::Bytes::from(indefinite)).unwrap(), [(7, bytes::Bytes::from(vec![9]))]);
+    }
 
     fn segment(n: u64) -> Vec<u8> {
         let mut w = SegmentWriter::new(3, 100, 200);
