@@ -29,9 +29,8 @@ pub fn decode_into(bytes: &[u8], into: &mut LogRecord) -> Result<(), RecordError
         let mut names = Names::default();
         if let Some(head) = read_record(&mut cur, reading, &mut names)
             && cur.at == bytes.len()
+            && set_text(&mut into.gateway, head.gateway)
         {
-            into.gateway.clear();
-            into.gateway.push_str(head.gateway);
             into.batch_id = head.batch_id;
             into.ingest_ms = head.ingest_ms;
             return Ok(());
@@ -43,7 +42,7 @@ pub fn decode_into(bytes: &[u8], into: &mut LogRecord) -> Result<(), RecordError
 
 /// The record's own fields, borrowed from the bytes.
 struct Head<'a> {
-    gateway: &'a str,
+    gateway: &'a [u8],
     batch_id: u64,
     ingest_ms: i64,
 }
@@ -52,8 +51,8 @@ struct Head<'a> {
 /// stack for readings of up to 16 metrics and 8 tags).
 #[derive(Default)]
 struct Names<'a> {
-    metrics: SmallVec<[(&'a str, Option<f64>); 16]>,
-    tags: SmallVec<[(&'a str, &'a str); 8]>,
+    metrics: SmallVec<[(&'a [u8], Option<f64>); 16]>,
+    tags: SmallVec<[(&'a [u8], &'a [u8]); 8]>,
 }
 
 /// `None`: not the plain packed form of a record holding a reading (the
@@ -63,12 +62,12 @@ fn read_record<'a>(cur: &mut Cursor<'a>, reading: &mut Reading, names: &mut Name
     let (mut gateway, mut batch_id, mut ingest_ms, mut event) = (None, None, None, false);
     for _ in 0..fields {
         match cur.uint()? {
-            0 => gateway = Some(cur.text()?),
+            0 => gateway = Some(cur.raw_text()?),
             1 => batch_id = Some(cur.uint()?),
             2 => ingest_ms = Some(cur.int()?),
             3 => {
                 // `LogEvent::Reading`, as a one-entry map keyed by its name.
-                if cur.map_len()? != 1 || cur.text()? != "Reading" {
+                if cur.map_len()? != 1 || cur.raw_text()? != b"Reading" {
                     return None;
                 }
                 read_reading(cur, reading, names)?;
@@ -93,9 +92,7 @@ fn read_reading<'a>(cur: &mut Cursor<'a>, r: &mut Reading, names: &mut Names<'a>
         }
         match field {
             0 => {
-                let device = cur.text()?;
-                r.device.clear();
-                r.device.push_str(device);
+                set_text(&mut r.device, cur.raw_text()?).then_some(())?;
             }
             1 => r.boot = u32::try_from(cur.uint()?).ok()?,
             2 => r.seq = cur.uint()?,
@@ -103,12 +100,12 @@ fn read_reading<'a>(cur: &mut Cursor<'a>, r: &mut Reading, names: &mut Names<'a>
             4 => r.schema = u16::try_from(cur.uint()?).ok()?,
             5 => {
                 for _ in 0..cur.map_len()? {
-                    names.metrics.push((cur.text()?, cur.float_or_null()?));
+                    names.metrics.push((cur.raw_text()?, cur.float_or_null()?));
                 }
             }
             _ => {
                 for _ in 0..cur.map_len()? {
-                    names.tags.push((cur.text()?, cur.text()?));
+                    names.tags.push((cur.raw_text()?, cur.raw_text()?));
                 }
             }
         }
@@ -120,15 +117,19 @@ fn read_reading<'a>(cur: &mut Cursor<'a>, r: &mut Reading, names: &mut Names<'a>
     if same_names(r.metrics.keys(), names.metrics.iter().map(|e| e.0)) {
         r.metrics.values_mut().zip(&names.metrics).for_each(|(v, e)| *v = e.1);
     } else {
-        r.metrics = names.metrics.iter().map(|&(k, v)| (k.to_string(), v)).collect::<BTreeMap<_, _>>();
+        r.metrics =
+            names.metrics.iter().map(|&(k, v)| Some((utf8(k)?.to_string(), v))).collect::<Option<BTreeMap<_, _>>>()?;
     }
     if same_names(r.tags.keys(), names.tags.iter().map(|e| e.0)) {
         for (v, e) in r.tags.values_mut().zip(&names.tags) {
-            v.clear();
-            v.push_str(e.1);
+            set_text(v, e.1).then_some(())?;
         }
     } else {
-        r.tags = names.tags.iter().map(|&(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+        r.tags = names
+            .tags
+            .iter()
+            .map(|&(k, v)| Some((utf8(k)?.to_string(), utf8(v)?.to_string())))
+            .collect::<Option<BTreeMap<_, _>>>()?;
     }
     Some(())
 }
@@ -137,9 +138,26 @@ fn read_reading<'a>(cur: &mut Cursor<'a>, r: &mut Reading, names: &mut Names<'a>
 /// decoded entries are sorted and unique, as a map built from them would be).
 fn same_names<'k>(
     have: impl ExactSizeIterator<Item = &'k String>,
-    got: impl ExactSizeIterator<Item = &'k str>,
+    got: impl ExactSizeIterator<Item = &'k [u8]>,
 ) -> bool {
-    have.len() == got.len() && have.zip(got).all(|(a, b)| a == b)
+    have.len() == got.len() && have.zip(got).all(|(a, b)| a.as_bytes() == b)
+}
+
+/// Makes `into` the text `bytes` holds; false when they are not UTF-8.
+/// Bytes equal to what `into` holds (the last record's text, most often)
+/// are known to be UTF-8 and are not checked again.
+fn set_text(into: &mut String, bytes: &[u8]) -> bool {
+    if into.as_bytes() == bytes {
+        return true;
+    }
+    let Some(text) = utf8(bytes) else { return false };
+    into.clear();
+    into.push_str(text);
+    true
+}
+
+fn utf8(bytes: &[u8]) -> Option<&str> {
+    std::str::from_utf8(bytes).ok()
 }
 
 /// Reads the CBOR items the packed form uses; `None` for anything else.
@@ -198,9 +216,10 @@ impl<'a> Cursor<'a> {
         usize::try_from(self.head(5)?).ok()
     }
 
-    fn text(&mut self) -> Option<&'a str> {
+    /// A text string's bytes, not yet checked to be UTF-8.
+    fn raw_text(&mut self) -> Option<&'a [u8]> {
         let len = usize::try_from(self.head(3)?).ok()?;
-        std::str::from_utf8(self.take(len)?).ok()
+        self.take(len)
     }
 
     /// A float (half, single or double precision) or null.
@@ -361,6 +380,41 @@ mod tests {
         assert_eq!(into, second);
         let LogEvent::Reading(r) = &into.event else { unreachable!() };
         assert_eq!(r.device.as_ptr(), device_buffer, "the device id was written into the same buffer");
+    }
+
+    /// Text is checked to be UTF-8 unless it equals what the record being
+    /// reused holds: a byte that breaks UTF-8 anywhere is refused as `decode` refuses it.
+    #[test]
+    fn text_that_is_not_utf8_is_refused_wherever_it_is() {
+        let rec = LogRecord {
+            gateway: "gw-1".into(),
+            batch_id: 1,
+            ingest_ms: 5,
+            event: LogEvent::Reading(reading(
+                "dev-1".into(),
+                1,
+                10,
+                vec![("humidity".into(), Some(40.5))],
+                vec![("user".into(), "u-1".into())],
+            )),
+        };
+        let good = encode(&rec);
+        for text in [&b"gw-1"[..], b"dev-1", b"humidity", b"user", b"u-1"] {
+            let at = good.windows(text.len()).position(|w| w == text).unwrap();
+            let mut bad = good.clone();
+            bad[at] = 0xff;
+            assert!(decode(&bad).is_err());
+            // Reused after the good record (the other texts equal), and fresh.
+            let mut into = decode(&good).unwrap();
+            assert!(decode_into(&bad, &mut into).is_err(), "{}", String::from_utf8_lossy(text));
+            let mut fresh = LogRecord {
+                gateway: String::new(),
+                batch_id: 0,
+                ingest_ms: 0,
+                event: LogEvent::Reading(reading("x".into(), 0, 0, vec![], vec![])),
+            };
+            assert!(decode_into(&bad, &mut fresh).is_err(), "{}", String::from_utf8_lossy(text));
+        }
     }
 
     #[test]
