@@ -44,15 +44,18 @@ impl PartitionedView {
         let merged = spec.key != Field::Device;
         let mut view = Self { id: spec.id(), spec, parts: BTreeMap::new(), merged, restore: true };
         for p in partitions {
-            let op = view.operator();
-            view.parts.insert(*p, op);
+            view.part(*p);
         }
         view
     }
 
-    fn operator(&self) -> ViewOperator {
-        let op = ViewOperator::new(self.spec.clone());
-        if self.merged { op.keeping_partials() } else { op }
+    /// The operator of `partition`, made the first time it is asked for.
+    fn part(&mut self, partition: Partition) -> &mut ViewOperator {
+        let (spec, merged) = (&self.spec, self.merged);
+        self.parts.entry(partition).or_insert_with(|| {
+            let op = ViewOperator::new(spec.clone());
+            if merged { op.keeping_partials() } else { op }
+        })
     }
 
     /// Whether [`Operator::on_start`] restores state (see `cluster::FAULT_SKIP_RESTORE`).
@@ -79,12 +82,14 @@ impl Operator for PartitionedView {
     }
 
     fn process(&mut self, ev: &Event<'_>, late: &mut Vec<LateEvent>) {
-        if !self.parts.contains_key(&ev.partition) {
-            let op = self.operator();
-            self.parts.insert(ev.partition, op);
-        }
-        if let Some(op) = self.parts.get_mut(&ev.partition) {
-            op.process(ev, late);
+        self.part(ev.partition).process(ev, late);
+    }
+
+    /// Each run of consecutive readings of one partition goes to that
+    /// partition's operator together (a poll returns partitions in runs).
+    fn process_batch(&mut self, evs: &[Event<'_>], late: &mut Vec<LateEvent>) {
+        for run in evs.chunk_by(|a, b| a.partition == b.partition) {
+            self.part(run[0].partition).process_batch(run, late);
         }
     }
 

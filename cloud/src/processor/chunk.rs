@@ -35,9 +35,13 @@ impl<S: LogSource> Processor<S> {
         for (rec, into) in chunk.iter().zip(decoded.iter_mut()) {
             self.positions.insert(rec.partition, rec.offset + 1);
             let ok = record::decode_into(&rec.value, into);
-            if let Err(e) = &ok {
-                self.metrics.records_undecodable.inc();
-                tracing::error!(partition = rec.partition, offset = rec.offset, error = %e, "Skipping an undecodable log record.");
+            match &ok {
+                // Every record that decodes counts for the lag, repeated readings too.
+                Ok(()) => self.newest_ingest_ms = self.newest_ingest_ms.max(into.ingest_ms),
+                Err(e) => {
+                    self.metrics.records_undecodable.inc();
+                    tracing::error!(partition = rec.partition, offset = rec.offset, error = %e, "Skipping an undecodable log record.");
+                }
             }
             usable.push(ok.is_ok());
         }
@@ -54,7 +58,6 @@ impl<S: LogSource> Processor<S> {
         let mut run: Vec<Event<'_>> = Vec::with_capacity(chunk.len());
         let mut readings = 0;
         for ((rec, r), _) in chunk.iter().zip(decoded.iter()).zip(&usable).filter(|(_, ok)| **ok) {
-            self.newest_ingest_ms = self.newest_ingest_ms.max(r.ingest_ms);
             let LogEvent::Reading(reading) = &r.event else {
                 // The readings before it reach the operators first.
                 self.hand_over(&mut run);

@@ -263,9 +263,20 @@ impl Moments {
 /// Distinct texts in byte order, the first two inline: most sets a window
 /// keeps are small, and are then searched without a pointer chase. Encoded
 /// as the sorted list of texts, as the `BTreeSet<String>` before it was.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 #[serde(transparent)]
 pub struct TextSet(SmallVec<[CompactString; 2]>);
+
+/// Sorted and deduplicated as it is read: a search relies on the order,
+/// and state written by hand (or damaged) need not keep it.
+impl<'de> Deserialize<'de> for TextSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut texts = SmallVec::<[CompactString; 2]>::deserialize(d)?;
+        texts.sort_unstable();
+        texts.dedup();
+        Ok(TextSet(texts))
+    }
+}
 
 impl TextSet {
     pub fn insert(&mut self, text: &str) {
@@ -598,6 +609,9 @@ mod tests {
         let (new_bytes, old_bytes) = (serde_cbor::to_vec(&set).unwrap(), serde_cbor::to_vec(&old).unwrap());
         assert_eq!(new_bytes, old_bytes, "checkpointed state encodes as before");
         assert_eq!(serde_cbor::from_slice::<TextSet>(&old_bytes).unwrap(), set, "earlier state decodes");
+        let unsorted = serde_cbor::to_vec(&["status", "alarm", "status"]).unwrap();
+        let read: TextSet = serde_cbor::from_slice(&unsorted).unwrap();
+        assert_eq!(read.iter().collect::<Vec<_>>(), ["alarm", "status"], "read sorted, once each");
         set.keep_first(2);
         assert_eq!(set.iter().collect::<Vec<_>>(), ["a-much-longer-text-than-fits-inline", "alarm"]);
     }
