@@ -46,7 +46,33 @@ pub fn bin() -> &'static str {
 }
 
 /// A port nobody is listening on right now.
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`), so
+/// that no outgoing connection's source port (the 10,000-device tests make
+/// thousands at once) can take it between this call and the server's bind;
+/// a counter per process hands each port out once. Where that range starts
+/// too low to leave room, the kernel picks, as before.
 pub fn free_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(FIRST);
+    if span >= 1_000 {
+        // Test processes side by side start at different places.
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let port = FIRST + start.wrapping_add(n) % span;
+            if let Ok(port) = u16::try_from(port)
+                && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            {
+                return port;
+            }
+        }
+    }
     kappa_runtime::net::free_port().expect("no free port")
 }
 
