@@ -293,14 +293,6 @@ impl TextSet {
     pub fn iter(&self) -> impl Iterator<Item = &str> {
         self.0.iter().map(CompactString::as_str)
     }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// HyperLogLog with 2^12 registers, sparse while small. Small cardinalities
@@ -428,14 +420,10 @@ impl AggState {
         }
     }
 
-    /// Adds a reading. Returns false when the input was null or missing
-    /// (skipped, for the caller to count).
-    pub fn add(&mut self, spec: &AggSpec, r: &Reading) -> bool {
-        self.add_value(spec, spec.of.as_ref().map(|f| field_value(f, r)), r)
-    }
-
-    /// [`AggState::add`] with the value of the aggregate's field already
-    /// read from `r` (`None` when it reads no field).
+    /// Adds reading `r`, whose value of the aggregate's field is `value`
+    /// (read once per reading by [`Inputs`]; `None` when the aggregate reads
+    /// no field). Returns false when the input was null or missing (skipped,
+    /// for the caller to count).
     pub fn add_value(&mut self, spec: &AggSpec, value: Option<Option<Val<'_>>>, r: &Reading) -> bool {
         let value = match value {
             None => {

@@ -346,33 +346,27 @@ mod tests {
         }
     }
 
+    /// `r` as gateway `gw-1` forwarded it.
+    fn from_gateway(batch_id: u64, ingest_ms: i64, r: Reading) -> LogRecord {
+        LogRecord { gateway: "gw-1".into(), batch_id, ingest_ms, event: LogEvent::Reading(r) }
+    }
+
     #[test]
     fn a_reading_like_the_last_reuses_every_buffer() {
         let metrics = vec![("humidity".to_string(), Some(40.5)), ("temperature".to_string(), Some(21.25))];
-        let first = LogRecord {
-            gateway: "gw-1".into(),
-            batch_id: 1,
-            ingest_ms: 5,
-            event: LogEvent::Reading(reading(
-                "dev-1".into(),
-                1,
-                10,
-                metrics.clone(),
-                vec![("user".into(), "u-1".into())],
-            )),
-        };
-        let second = LogRecord {
-            gateway: "gw-1".into(),
-            batch_id: 2,
-            ingest_ms: 6,
-            event: LogEvent::Reading(reading(
+        let first =
+            from_gateway(1, 5, reading("dev-1".into(), 1, 10, metrics.clone(), vec![("user".into(), "u-1".into())]));
+        let second = from_gateway(
+            2,
+            6,
+            reading(
                 "dev-2".into(),
                 2,
                 20,
                 vec![("humidity".into(), None), ("temperature".into(), Some(1e300))],
                 vec![("user".into(), "u-2".into())],
-            )),
-        };
+            ),
+        );
         let mut into = decode(&encode(&first)).unwrap();
         let LogEvent::Reading(r) = &into.event else { unreachable!() };
         let device_buffer = r.device.as_ptr();
@@ -386,18 +380,11 @@ mod tests {
     /// reused holds: a byte that breaks UTF-8 anywhere is refused as `decode` refuses it.
     #[test]
     fn text_that_is_not_utf8_is_refused_wherever_it_is() {
-        let rec = LogRecord {
-            gateway: "gw-1".into(),
-            batch_id: 1,
-            ingest_ms: 5,
-            event: LogEvent::Reading(reading(
-                "dev-1".into(),
-                1,
-                10,
-                vec![("humidity".into(), Some(40.5))],
-                vec![("user".into(), "u-1".into())],
-            )),
-        };
+        let rec = from_gateway(
+            1,
+            5,
+            reading("dev-1".into(), 1, 10, vec![("humidity".into(), Some(40.5))], vec![("user".into(), "u-1".into())]),
+        );
         let good = encode(&rec);
         for text in [&b"gw-1"[..], b"dev-1", b"humidity", b"user", b"u-1"] {
             let at = good.windows(text.len()).position(|w| w == text).unwrap();
